@@ -1,0 +1,257 @@
+import CTENGraDHeader
+import TENGraD
+
+// The C ABI of include/tengrad.h: thin @_cdecl thunks over the Swift core. No math lives here.
+// Rules of this file: nothing may trap (a trap kills the host process), so no `!`, no `try!`;
+// every pointer is checked for NULL and every size comes overflow-checked from the core before a
+// buffer is formed; each error becomes a status in `run` and the handle's message.
+
+/// What a `tengrad_preconditioner *` points to: the core object and the last message.
+final class Handle {
+    let core = Preconditioner()
+    /// NUL-terminated copy of the last message, owned here; valid until the next call.
+    private var message: UnsafeMutablePointer<CChar>?
+
+    var messagePointer: UnsafePointer<CChar> {
+        if let message { return UnsafePointer(message) }
+        return staticText("")
+    }
+
+    func setMessage(_ text: String) {
+        message?.deallocate()
+        message = nil
+        if text.isEmpty { return }
+        var bytes = Array(text.utf8CString)
+        let copy = UnsafeMutablePointer<CChar>.allocate(capacity: bytes.count)
+        copy.initialize(from: &bytes, count: bytes.count)
+        message = copy
+    }
+
+    deinit { message?.deallocate() }
+}
+
+@inline(__always)
+private func handle(_ p: OpaquePointer) -> Handle {
+    Unmanaged<Handle>.fromOpaque(UnsafeRawPointer(p)).takeUnretainedValue()
+}
+
+private let statusOK: Int32 = 0
+private let statusInvalid: Int32 = TENGraDError.Code.invalidArgument.rawValue
+
+/// Runs `body` on the handle, mapping success and every error to a status and the handle's message.
+@inline(__always)
+private func run(_ p: OpaquePointer?, _ body: (Handle) throws(TENGraDError) -> Void) -> Int32 {
+    guard let p else { return statusInvalid }
+    let h = handle(p)
+    do {
+        try body(h)
+        h.setMessage("")
+        return statusOK
+    } catch {
+        h.setMessage(error.message)
+        return error.code.rawValue
+    }
+}
+
+@inline(__always)
+private func required<T>(_ p: T?, _ name: String) throws(TENGraDError) -> T {
+    guard let p else { throw TENGraDError(.invalidArgument, "\(name) is NULL") }
+    return p
+}
+
+private func staticText(_ s: StaticString) -> UnsafePointer<CChar> {
+    UnsafeRawPointer(s.utf8Start).assumingMemoryBound(to: CChar.self)
+}
+
+// MARK: - Version and status
+
+@_cdecl("tengrad_version_number")
+public func tengrad_version_number() -> Int32 {
+    Int32(TENGRAD_VERSION_MAJOR * 10000 + TENGRAD_VERSION_MINOR * 100 + TENGRAD_VERSION_PATCH)
+}
+
+@_cdecl("tengrad_status_string")
+public func tengrad_status_string(_ status: Int32) -> UnsafePointer<CChar> {
+    switch status {
+    case 0: return staticText("ok")
+    case 1: return staticText("invalid argument")
+    case 2: return staticText("shape mismatch or size overflow")
+    case 3: return staticText("input contains NaN or Inf")
+    case 4: return staticText("numerical failure")
+    case 5: return staticText("out of memory")
+    case 6: return staticText("call out of order")
+    case 7: return staticText("corrupt serialized state")
+    default: return staticText("unknown status")
+    }
+}
+
+// MARK: - Handle
+
+@_cdecl("tengrad_create")
+public func tengrad_create(_ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
+    guard let out else { return statusInvalid }
+    out.pointee = OpaquePointer(Unmanaged.passRetained(Handle()).toOpaque())
+    return statusOK
+}
+
+@_cdecl("tengrad_destroy")
+public func tengrad_destroy(_ p: OpaquePointer?) {
+    guard let p else { return }
+    Unmanaged<Handle>.fromOpaque(UnsafeRawPointer(p)).release()
+}
+
+@_cdecl("tengrad_last_error")
+public func tengrad_last_error(_ p: OpaquePointer?) -> UnsafePointer<CChar> {
+    guard let p else { return staticText("NULL tengrad_preconditioner handle") }
+    return handle(p).messagePointer
+}
+
+// MARK: - Settings
+
+@_cdecl("tengrad_set_damping")
+public func tengrad_set_damping(_ p: OpaquePointer?, _ damping: Double) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in try h.core.setDamping(damping) }
+}
+
+@_cdecl("tengrad_get_damping")
+public func tengrad_get_damping(_ p: OpaquePointer?, _ out: UnsafeMutablePointer<Double>?) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in try required(out, "out").pointee = h.core.damping }
+}
+
+@_cdecl("tengrad_set_memory_limit")
+public func tengrad_set_memory_limit(_ p: OpaquePointer?, _ bytes: Int64) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in try h.core.setMemoryLimit(Int(bytes)) }
+}
+
+@_cdecl("tengrad_get_memory_limit")
+public func tengrad_get_memory_limit(_ p: OpaquePointer?, _ out: UnsafeMutablePointer<Int64>?) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in try required(out, "out").pointee = Int64(h.core.memoryLimit) }
+}
+
+// MARK: - Layers
+
+@_cdecl("tengrad_add_linear")
+public func tengrad_add_linear(
+    _ p: OpaquePointer?, _ inFeatures: Int64, _ outFeatures: Int64, _ hasBias: Int32,
+    _ outLayer: UnsafeMutablePointer<Int32>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let out = try required(outLayer, "out_layer")
+        guard hasBias == 0 || hasBias == 1 else {
+            throw TENGraDError(.invalidArgument, "has_bias must be 0 or 1, got \(hasBias)")
+        }
+        let id = try h.core.addLinear(inFeatures: Int(inFeatures), outFeatures: Int(outFeatures), bias: hasBias == 1)
+        out.pointee = Int32(truncatingIfNeeded: id)
+    }
+}
+
+@_cdecl("tengrad_add_conv2d")
+public func tengrad_add_conv2d(
+    _ p: OpaquePointer?, _ shape: UnsafePointer<tengrad_conv2d_shape>?, _ outLayer: UnsafeMutablePointer<Int32>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        _ = try required(shape, "shape")
+        _ = try required(outLayer, "out_layer")
+        throw TENGraDError(.invalidArgument, "conv2d layers are not yet supported by this version")
+    }
+}
+
+@_cdecl("tengrad_layer_count")
+public func tengrad_layer_count(_ p: OpaquePointer?, _ out: UnsafeMutablePointer<Int32>?) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        try required(out, "out").pointee = Int32(truncatingIfNeeded: h.core.layerCount)
+    }
+}
+
+// MARK: - Preconditioning
+
+@_cdecl("tengrad_update_curvature")
+public func tengrad_update_curvature(
+    _ p: OpaquePointer?, _ layer: Int32, _ batch: Int64, _ activations: UnsafePointer<Float>?,
+    _ outputGrads: UnsafePointer<Float>?, _ gradScale: Float
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let counts = try h.core.arrayCounts(layer: Int(layer), batch: Int(batch))
+        let a = try required(activations, "activations")
+        let g = try required(outputGrads, "output_grads")
+        try h.core.updateCurvature(
+            layer: Int(layer), batch: Int(batch),
+            activations: UnsafeBufferPointer(start: a, count: counts.activations),
+            outputGrads: UnsafeBufferPointer(start: g, count: counts.outputGrads), gradScale: gradScale)
+    }
+}
+
+@_cdecl("tengrad_precondition")
+public func tengrad_precondition(
+    _ p: OpaquePointer?, _ layer: Int32, _ weightGrad: UnsafePointer<Float>?, _ biasGrad: UnsafePointer<Float>?,
+    _ weightUpdate: UnsafeMutablePointer<Float>?, _ biasUpdate: UnsafeMutablePointer<Float>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let counts = try h.core.arrayCounts(layer: Int(layer), batch: 0)
+        let w = try required(weightGrad, "weight_grad")
+        let wu = try required(weightUpdate, "weight_update")
+        try h.core.precondition(
+            layer: Int(layer), weightGrad: UnsafeBufferPointer(start: w, count: counts.weight),
+            biasGrad: biasGrad.map { UnsafeBufferPointer(start: $0, count: counts.bias) },
+            weightUpdate: UnsafeMutableBufferPointer(start: wu, count: counts.weight),
+            biasUpdate: biasUpdate.map { UnsafeMutableBufferPointer(start: $0, count: counts.bias) })
+    }
+}
+
+@_cdecl("tengrad_natural_gradient")
+public func tengrad_natural_gradient(
+    _ p: OpaquePointer?, _ layer: Int32, _ batch: Int64, _ activations: UnsafePointer<Float>?,
+    _ outputGrads: UnsafePointer<Float>?, _ gradScale: Float,
+    _ weightUpdate: UnsafeMutablePointer<Float>?, _ biasUpdate: UnsafeMutablePointer<Float>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let counts = try h.core.arrayCounts(layer: Int(layer), batch: Int(batch))
+        let a = try required(activations, "activations")
+        let g = try required(outputGrads, "output_grads")
+        let wu = try required(weightUpdate, "weight_update")
+        try h.core.naturalGradient(
+            layer: Int(layer), batch: Int(batch),
+            activations: UnsafeBufferPointer(start: a, count: counts.activations),
+            outputGrads: UnsafeBufferPointer(start: g, count: counts.outputGrads), gradScale: gradScale,
+            weightUpdate: UnsafeMutableBufferPointer(start: wu, count: counts.weight),
+            biasUpdate: biasUpdate.map { UnsafeMutableBufferPointer(start: $0, count: counts.bias) })
+    }
+}
+
+// MARK: - KL clipping and diagnostics
+
+@_cdecl("tengrad_kl_clip_factor")
+public func tengrad_kl_clip_factor(
+    _ p: OpaquePointer?, _ learningRate: Double, _ klClip: Double, _ outNu: UnsafeMutablePointer<Double>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let out = try required(outNu, "out_nu")
+        out.pointee = try h.core.klClipFactor(learningRate: learningRate, klClip: klClip)
+    }
+}
+
+@_cdecl("tengrad_get_layer_stats")
+public func tengrad_get_layer_stats(
+    _ p: OpaquePointer?, _ layer: Int32, _ out: UnsafeMutablePointer<tengrad_layer_stats>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let o = try required(out, "out")
+        let s = try h.core.stats(layer: Int(layer))
+        var c = tengrad_layer_stats()
+        c.kind = s.kind.rawValue
+        c.conv_strategy = s.convStrategy.rawValue
+        c.batch = Int64(s.batch)
+        c.parameters = Int64(s.parameters)
+        c.snapshot_bytes = Int64(s.snapshotBytes)
+        c.workspace_bytes = Int64(s.workspaceBytes)
+        c.damping = s.damping
+        c.jitter = s.jitter
+        c.rcond = s.rcond
+        c.curvature_flops = s.curvatureFlops
+        c.curvature_seconds = s.curvatureSeconds
+        c.update_flops = s.updateFlops
+        c.update_seconds = s.updateSeconds
+        c.update_dot_grad = s.updateDotGrad
+        o.pointee = c
+    }
+}

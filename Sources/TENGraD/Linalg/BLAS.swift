@@ -1,0 +1,56 @@
+import COpenBLAS
+
+// The one seam to BLAS/LAPACK. Every call into OpenBLAS or LAPACKE goes through this file.
+// Matrices are row-major (the C ABI's layout) for BLAS; LAPACK sees the symmetric m×m system,
+// which is the same in either layout, and is called column-major (its native, faster layout).
+// Callers validate that every dimension fits a 32-bit BLAS index (`BLAS.maxDimension`).
+
+enum BLAS {
+    /// The largest dimension OpenBLAS's 32-bit `blasint` accepts.
+    static let maxDimension = Int(Int32.max)
+
+    @inline(__always) static func i(_ n: Int) -> Int32 { Int32(truncatingIfNeeded: n) }
+
+    /// C[m×n] = alpha · op(A) · op(B) + beta · C, row-major.
+    static func sgemm(
+        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+        alpha: Float, a: UnsafePointer<Float>, lda: Int,
+        b: UnsafePointer<Float>, ldb: Int,
+        beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int
+    ) {
+        cblas_sgemm(
+            CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
+            i(m), i(n), i(k), alpha, a, i(lda), b, i(ldb), beta, c, i(ldc))
+    }
+
+    /// Lower triangle of C[n×n] = A · Aᵀ for row-major A[n×k].
+    static func gramLower(n: Int, k: Int, a: UnsafePointer<Float>, c: UnsafeMutablePointer<Float>) {
+        cblas_ssyrk(CblasRowMajor, CblasLower, CblasNoTrans, i(n), i(k), 1, a, i(k), 0, c, i(n))
+    }
+
+    /// y[m] = alpha · A · x + beta · y for row-major A[m×n]; `trans` uses Aᵀ (y has n entries).
+    static func sgemv(
+        trans: Bool, m: Int, n: Int, alpha: Float, a: UnsafePointer<Float>,
+        x: UnsafePointer<Float>, beta: Float, y: UnsafeMutablePointer<Float>
+    ) {
+        cblas_sgemv(CblasRowMajor, trans ? CblasTrans : CblasNoTrans, i(m), i(n), alpha, a, i(n), x, 1, beta, y, 1)
+    }
+
+    /// Cholesky factorization in place (lower triangle) of the symmetric positive definite n×n
+    /// matrix. Returns LAPACK's info: 0 on success, > 0 when a leading minor is not positive.
+    static func choleskyFactor(n: Int, a: UnsafeMutablePointer<Double>) -> Int {
+        Int(LAPACKE_dpotrf(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "L")), i(n), a, i(n)))
+    }
+
+    /// Solves (L Lᵀ) X = B in place for B[n×nrhs] column-major, with L from `choleskyFactor`.
+    static func choleskySolve(n: Int, nrhs: Int, factor: UnsafePointer<Double>, b: UnsafeMutablePointer<Double>) -> Int {
+        Int(LAPACKE_dpotrs(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "L")), i(n), i(nrhs), factor, i(n), b, i(n)))
+    }
+
+    /// Reciprocal 1-norm condition estimate of an SPD matrix from its Cholesky factor.
+    static func choleskyRcond(n: Int, factor: UnsafePointer<Double>, anorm: Double) -> Double {
+        var rcond = 0.0
+        let info = LAPACKE_dpocon(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "L")), i(n), factor, i(n), anorm, &rcond)
+        return info == 0 ? rcond : .nan
+    }
+}

@@ -1,0 +1,91 @@
+/// The m×m Woodbury system of one curvature snapshot: the Gram `K = UᵀU` of the per-sample
+/// gradients (kept, so a new damping re-factorizes without new data) and the Cholesky factor of
+///
+///     K + (mλ + jitter) I
+///
+/// in float64. `K + mλI` is symmetric positive definite for every λ > 0 in exact arithmetic; in
+/// floating point its smallest eigenvalue can round away when mλ is tiny next to ‖K‖, so a failed
+/// factorization is retried with a growing diagonal jitter (relative to the largest diagonal
+/// entry, 1e-15 up to 1e-6) before giving up with `.numerical`.
+final class DampedSystem {
+    let m: Int
+    /// K = UᵀU, full symmetric, m×m (layout-independent).
+    let gram: Storage<Double>
+    private(set) var factor: Storage<Double>
+    private(set) var damping: Double
+    private(set) var jitter: Double
+    private(set) var rcond: Double
+
+    /// Factorizes `gram + mλI`. `gram` must be symmetric and finite.
+    init(gram: Storage<Double>, m: Int, damping: Double, budget: MemoryBudget) throws(TENGraDError) {
+        self.m = m
+        self.gram = gram
+        let (factor, jitter, rcond) = try DampedSystem.factorize(gram: gram, m: m, damping: damping, budget: budget)
+        self.factor = factor
+        self.damping = damping
+        self.jitter = jitter
+        self.rcond = rcond
+    }
+
+    /// Re-factorizes for a new λ from the kept Gram; on failure the old factor stays.
+    func refactor(damping newDamping: Double, budget: MemoryBudget) throws(TENGraDError) {
+        if newDamping == damping { return }
+        let (f, j, r) = try DampedSystem.factorize(gram: gram, m: m, damping: newDamping, budget: budget)
+        factor = f
+        damping = newDamping
+        jitter = j
+        rcond = r
+    }
+
+    /// x ← (K + (mλ + jitter) I)⁻¹ x for `nrhs` column-major right-hand sides of length m.
+    func solve(_ x: UnsafeMutablePointer<Double>, nrhs: Int = 1) {
+        _ = BLAS.choleskySolve(n: m, nrhs: nrhs, factor: factor.base, b: x)
+    }
+
+    /// Bytes held (Gram and factor).
+    var bytes: Int { gram.bytes + factor.bytes }
+
+    /// Flops of one factorization (m³/3) plus the condition estimate (≈ 4m²·iterations, ignored).
+    var factorFlops: Double { Double(m) * Double(m) * Double(m) / 3 }
+
+    private static func factorize(
+        gram: Storage<Double>, m: Int, damping: Double, budget: MemoryBudget
+    ) throws(TENGraDError) -> (Storage<Double>, Double, Double) {
+        let n = m * m  // m×m already allocated once as `gram`, so this cannot overflow
+        let factor = try Storage<Double>(count: n, budget: budget, what: "Cholesky factor (\(m)×\(m) doubles)")
+        let k = gram.base, l = factor.base
+        let shift = Double(m) * damping
+        var maxDiagonal = 0.0
+        for i in 0..<m { maxDiagonal = max(maxDiagonal, k[i * m + i]) }
+        let scale = maxDiagonal + shift
+        var jitter = 0.0
+        for attempt in 0...10 {
+            if attempt > 0 { jitter = scale * 1e-16 * pow10(attempt) }
+            // Copy K + (mλ + jitter) I, and its 1-norm for the condition estimate.
+            var anorm = 0.0
+            for j in 0..<m {
+                var column = 0.0
+                for i in 0..<m {
+                    var v = k[j * m + i]
+                    if i == j { v += shift + jitter }
+                    l[j * m + i] = v
+                    column += abs(v)
+                }
+                anorm = max(anorm, column)
+            }
+            if BLAS.choleskyFactor(n: m, a: l) == 0 {
+                let rcond = BLAS.choleskyRcond(n: m, factor: l, anorm: anorm)
+                return (factor, jitter, rcond)
+            }
+        }
+        throw TENGraDError(
+            .numerical,
+            "Cholesky factorization of the \(m)×\(m) system K + mλI failed (λ = \(damping)) even with jitter \(jitter)")
+    }
+}
+
+@inline(__always) private func pow10(_ k: Int) -> Double {
+    var p = 1.0
+    for _ in 0..<k { p *= 10 }
+    return p
+}

@@ -1,0 +1,90 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Counts the bytes a preconditioner holds and enforces its optional cap.
+final class MemoryBudget {
+    /// Cap in bytes; 0 means none.
+    var limit: Int = 0
+    private(set) var inUse: Int = 0
+
+    func reserve(_ bytes: Int, for what: @autoclosure () -> String) throws(TENGraDError) {
+        let (total, overflow) = inUse.addingReportingOverflow(bytes)
+        if overflow || (limit > 0 && total > limit) {
+            throw TENGraDError(
+                .outOfMemory,
+                "\(what()) needs \(bytes) bytes; \(inUse) in use, memory limit \(limit) bytes")
+        }
+        inUse = total
+    }
+
+    func release(_ bytes: Int) { inUse -= bytes }
+}
+
+/// A fixed-size array of trivial numbers on the C heap, counted against a budget. Allocation
+/// failure is a thrown `.outOfMemory`, never a trap (Swift's own arrays trap when malloc fails).
+final class Storage<Element: BitwiseCopyable> {
+    let base: UnsafeMutablePointer<Element>
+    let count: Int
+    let bytes: Int
+    private let budget: MemoryBudget
+
+    init(count: Int, budget: MemoryBudget, what: @autoclosure () -> String) throws(TENGraDError) {
+        let bytes = try checkedProduct(max(count, 1), MemoryLayout<Element>.stride, what: what())
+        try budget.reserve(bytes, for: what())
+        guard let raw = malloc(bytes) else {
+            budget.release(bytes)
+            throw TENGraDError(.outOfMemory, "\(what()): malloc of \(bytes) bytes failed")
+        }
+        self.base = raw.bindMemory(to: Element.self, capacity: max(count, 1))
+        self.count = count
+        self.bytes = bytes
+        self.budget = budget
+    }
+
+    deinit {
+        free(base)
+        budget.release(bytes)
+    }
+
+    var buffer: UnsafeMutableBufferPointer<Element> { UnsafeMutableBufferPointer(start: base, count: count) }
+}
+
+/// Scratch space shared by all layers of one preconditioner (a handle is used by one thread at a
+/// time). It grows to the largest request and is kept, so steady-state steps allocate nothing.
+final class Workspace {
+    private var floats: Storage<Float>?
+    private var doubles: Storage<Double>?
+    private let budget: MemoryBudget
+
+    init(budget: MemoryBudget) { self.budget = budget }
+
+    var bytes: Int { (floats?.bytes ?? 0) + (doubles?.bytes ?? 0) }
+
+    func floats(_ count: Int) throws(TENGraDError) -> UnsafeMutablePointer<Float> {
+        if let f = floats, f.count >= count { return f.base }
+        floats = nil  // release first, so the memory limit counts only the new size
+        let grown = try Storage<Float>(count: count, budget: budget, what: "workspace")
+        floats = grown
+        return grown.base
+    }
+
+    func doubles(_ count: Int) throws(TENGraDError) -> UnsafeMutablePointer<Double> {
+        if let d = doubles, d.count >= count { return d.base }
+        doubles = nil
+        let grown = try Storage<Double>(count: count, budget: budget, what: "workspace")
+        doubles = grown
+        return grown.base
+    }
+}
+
+/// Monotonic wall-clock seconds, for diagnostics.
+func monotonicSeconds() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) * 1e-9
+}

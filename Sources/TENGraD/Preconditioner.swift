@@ -1,0 +1,245 @@
+/// An exact block-diagonal natural-gradient preconditioner (TENGraD, Soori et al., 2021).
+///
+/// Register the model's layers once, then per step hand each layer the batch's inputs
+/// (activations) and the gradients of the loss with respect to its outputs:
+///
+/// * `naturalGradient` — empirical Fisher in one call: takes a curvature snapshot from the batch
+///   and returns `(F + λI)⁻¹` of the batch's mean gradient, as `U (UᵀU + mλI)⁻¹ 1`;
+/// * `updateCurvature` then `precondition` — the reuse path: a snapshot (e.g. from sampled labels,
+///   or refreshed every T steps) applied to any gradient, `(1/λ)(v − U (UᵀU + mλI)⁻¹ Uᵀv)`.
+///
+/// Every method validates its input first and throws a `TENGraDError`; a call that throws leaves
+/// the preconditioner exactly as it was. An instance is used by one thread at a time.
+public final class Preconditioner {
+    /// Default λ: a common starting damping of KFAC-style optimizers for unit-scale losses.
+    public static let defaultDamping = 0.1
+
+    /// λ of `F + λI`, for every layer.
+    public private(set) var damping: Double = Preconditioner.defaultDamping
+
+    private var layers: [any PreconditionedLayer] = []
+    private let budget = MemoryBudget()
+    private let workspace: Workspace
+
+    public init() {
+        workspace = Workspace(budget: budget)
+    }
+
+    // MARK: - Settings
+
+    /// Sets λ (finite, > 0). Snapshots are kept; the next update re-factorizes `UᵀU + mλI` from the
+    /// kept Gram. Call it between steps to schedule the damping.
+    public func setDamping(_ newValue: Double) throws(TENGraDError) {
+        guard newValue.isFinite, newValue > 0 else {
+            throw .invalid("damping must be finite and > 0, got \(newValue)")
+        }
+        damping = newValue
+    }
+
+    /// Cap on the bytes this preconditioner holds (snapshots and workspace); 0 = none (default).
+    public var memoryLimit: Int { budget.limit }
+
+    /// Bytes currently held (snapshots and workspace).
+    public var memoryInUse: Int { budget.inUse }
+
+    public func setMemoryLimit(_ bytes: Int) throws(TENGraDError) {
+        guard bytes >= 0 else { throw .invalid("memory limit must be >= 0 (0 = none), got \(bytes)") }
+        budget.limit = bytes
+    }
+
+    // MARK: - Layers
+
+    public var layerCount: Int { layers.count }
+
+    /// Registers a linear layer `y = W a (+ b)`, `W` of shape [out][in]. Returns its id (0, 1, …).
+    @discardableResult
+    public func addLinear(inFeatures: Int, outFeatures: Int, bias: Bool) throws(TENGraDError) -> Int {
+        try append(LinearLayer(inFeatures: inFeatures, outFeatures: outFeatures, hasBias: bias))
+    }
+
+    private func append(_ layer: any PreconditionedLayer) throws(TENGraDError) -> Int {
+        guard layers.count < Int(Int32.max) else { throw .invalid("too many layers") }
+        layers.append(layer)
+        return layers.count - 1
+    }
+
+    private func layer(_ id: Int) throws(TENGraDError) -> any PreconditionedLayer {
+        guard id >= 0, id < layers.count else {
+            throw .invalid("unknown layer id \(id) (\(layers.count) layers registered)")
+        }
+        return layers[id]
+    }
+
+    /// Element counts of every array a call on `layer` with `batch` samples reads or writes.
+    public struct ArrayCounts: Sendable, Equatable {
+        public var activations: Int
+        public var outputGrads: Int
+        public var weight: Int
+        /// 0 when the layer has no bias (its bias pointers must then be absent).
+        public var bias: Int
+    }
+
+    /// Overflow-checked sizes of the arrays of a call; `batch` 0 gives the parameter sizes only.
+    public func arrayCounts(layer id: Int, batch: Int) throws(TENGraDError) -> ArrayCounts {
+        let l = try layer(id)
+        let inputs = batch == 0 ? (0, 0) : try l.inputCounts(batch: batch)
+        return ArrayCounts(activations: inputs.0, outputGrads: inputs.1, weight: l.weightCount, bias: l.biasCount)
+    }
+
+    /// Diagnostics of one layer.
+    public func stats(layer id: Int) throws(TENGraDError) -> LayerStats {
+        try layer(id).stats
+    }
+
+    // MARK: - Preconditioning
+
+    private var context: LayerContext { LayerContext(damping: damping, budget: budget, workspace: workspace) }
+
+    private static func checkScale(_ s: Float) throws(TENGraDError) {
+        guard s.isFinite, s > 0 else { throw .invalid("grad_scale must be finite and > 0, got \(s)") }
+    }
+
+    private static func base<T>(_ buffer: UnsafeBufferPointer<T>, count: Int, _ name: String) throws(TENGraDError) -> UnsafePointer<T> {
+        guard buffer.count == count else { throw .shape("\(name) has \(buffer.count) elements, the layer needs \(count)") }
+        guard let p = buffer.baseAddress else { throw .invalid("\(name) is NULL") }
+        return p
+    }
+
+    private static func bias<T>(_ buffer: UnsafeBufferPointer<T>?, count: Int, _ name: String) throws(TENGraDError) -> UnsafePointer<T>? {
+        guard let buffer else {
+            if count > 0 { throw .invalid("\(name) is missing but the layer has a bias") }
+            return nil
+        }
+        guard count > 0 else { throw .invalid("\(name) is given but the layer has no bias") }
+        return try base(buffer, count: count, name)
+    }
+
+    /// Takes a curvature snapshot of `layer` from a batch, replacing the previous one.
+    /// `activations` is [batch][in] (linear), `outputGrads` [batch][out]; `gradScale` s makes the
+    /// output gradients per-sample ones (mean-reduced loss: s = batch; sum-reduced: s = 1).
+    public func updateCurvature(
+        layer id: Int, batch: Int, activations: UnsafeBufferPointer<Float>,
+        outputGrads: UnsafeBufferPointer<Float>, gradScale: Float
+    ) throws(TENGraDError) {
+        let l = try layer(id)
+        let counts = try l.inputCounts(batch: batch)
+        try Self.checkScale(gradScale)
+        let a = try Self.base(activations, count: counts.activations, "activations")
+        let g = try Self.base(outputGrads, count: counts.outputGrads, "output_grads")
+        try l.updateCurvature(batch: batch, activations: a, outputGrads: g, scale: gradScale, context: context)
+    }
+
+    /// `update = (F + λI)⁻¹ grad` with F from the layer's current snapshot. The update buffers may
+    /// be the gradient buffers themselves (in place).
+    public func precondition(
+        layer id: Int, weightGrad: UnsafeBufferPointer<Float>, biasGrad: UnsafeBufferPointer<Float>?,
+        weightUpdate: UnsafeMutableBufferPointer<Float>, biasUpdate: UnsafeMutableBufferPointer<Float>?
+    ) throws(TENGraDError) {
+        let l = try layer(id)
+        let w = try Self.base(weightGrad, count: l.weightCount, "weight_grad")
+        let b = try Self.bias(biasGrad, count: l.biasCount, "bias_grad")
+        let wu = try Self.base(UnsafeBufferPointer(weightUpdate), count: l.weightCount, "weight_update")
+        let bu = try Self.bias(biasUpdate.map { UnsafeBufferPointer($0) }, count: l.biasCount, "bias_update")
+        try l.precondition(
+            weightGrad: w, biasGrad: b, weightUpdate: UnsafeMutablePointer(mutating: wu),
+            biasUpdate: bu.map { UnsafeMutablePointer(mutating: $0) }, context: context)
+    }
+
+    /// Empirical Fisher in one call: snapshot from this batch, and the update of this batch's mean
+    /// gradient, `(F + λI)⁻¹ (1/m) Σ_i u_i = U (UᵀU + mλI)⁻¹ 1`, written to the update buffers.
+    public func naturalGradient(
+        layer id: Int, batch: Int, activations: UnsafeBufferPointer<Float>,
+        outputGrads: UnsafeBufferPointer<Float>, gradScale: Float,
+        weightUpdate: UnsafeMutableBufferPointer<Float>, biasUpdate: UnsafeMutableBufferPointer<Float>?
+    ) throws(TENGraDError) {
+        let l = try layer(id)
+        let counts = try l.inputCounts(batch: batch)
+        try Self.checkScale(gradScale)
+        let a = try Self.base(activations, count: counts.activations, "activations")
+        let g = try Self.base(outputGrads, count: counts.outputGrads, "output_grads")
+        let wu = try Self.base(UnsafeBufferPointer(weightUpdate), count: l.weightCount, "weight_update")
+        let bu = try Self.bias(biasUpdate.map { UnsafeBufferPointer($0) }, count: l.biasCount, "bias_update")
+        try l.naturalGradient(
+            batch: batch, activations: a, outputGrads: g, scale: gradScale,
+            weightUpdate: UnsafeMutablePointer(mutating: wu), biasUpdate: bu.map { UnsafeMutablePointer(mutating: $0) },
+            context: context)
+    }
+
+    // MARK: - KL clipping
+
+    /// `ν = min(1, sqrt(κ / (lr² Σ_layers ⟨update, grad⟩)))` over every layer's most recent update;
+    /// multiply all updates of the step by ν. 1 when the sum is not positive.
+    public func klClipFactor(learningRate: Double, klClip: Double) throws(TENGraDError) -> Double {
+        guard learningRate.isFinite, learningRate > 0 else { throw .invalid("learning_rate must be finite and > 0, got \(learningRate)") }
+        guard klClip.isFinite, klClip > 0 else { throw .invalid("kl_clip must be finite and > 0, got \(klClip)") }
+        var total = 0.0
+        for l in layers where l.stats.hasUpdate { total += l.stats.updateDotGrad }
+        guard total > 0, total.isFinite else { return 1 }
+        return min(1, (klClip / (learningRate * learningRate * total)).squareRoot())
+    }
+}
+
+// MARK: - Array conveniences
+
+extension Preconditioner {
+    /// `updateCurvature` with arrays.
+    public func updateCurvature(layer: Int, batch: Int, activations: [Float], outputGrads: [Float], gradScale: Float) throws(TENGraDError) {
+        try activations.withUnsafeBufferPointer { (a) throws(TENGraDError) in
+            try outputGrads.withUnsafeBufferPointer { (g) throws(TENGraDError) in
+                try updateCurvature(layer: layer, batch: batch, activations: a, outputGrads: g, gradScale: gradScale)
+            }
+        }
+    }
+
+    /// `precondition` with arrays; returns the weight update and the bias update (nil without bias).
+    public func precondition(layer: Int, weightGrad: [Float], biasGrad: [Float]?) throws(TENGraDError) -> (weight: [Float], bias: [Float]?) {
+        let counts = try arrayCounts(layer: layer, batch: 0)
+        var weight = [Float](repeating: 0, count: counts.weight)
+        var bias: [Float]? = counts.bias > 0 ? [Float](repeating: 0, count: counts.bias) : nil
+        try weightGrad.withUnsafeBufferPointer { (w) throws(TENGraDError) in
+            try withOptionalBuffer(biasGrad) { (b) throws(TENGraDError) in
+                try weight.withUnsafeMutableBufferPointer { (wu) throws(TENGraDError) in
+                    try withOptionalMutableBuffer(&bias) { (bu) throws(TENGraDError) in
+                        try precondition(layer: layer, weightGrad: w, biasGrad: b, weightUpdate: wu, biasUpdate: bu)
+                    }
+                }
+            }
+        }
+        return (weight, bias)
+    }
+
+    /// `naturalGradient` with arrays; returns the weight update and the bias update (nil without bias).
+    public func naturalGradient(
+        layer: Int, batch: Int, activations: [Float], outputGrads: [Float], gradScale: Float
+    ) throws(TENGraDError) -> (weight: [Float], bias: [Float]?) {
+        let counts = try arrayCounts(layer: layer, batch: 0)
+        var weight = [Float](repeating: 0, count: counts.weight)
+        var bias: [Float]? = counts.bias > 0 ? [Float](repeating: 0, count: counts.bias) : nil
+        try activations.withUnsafeBufferPointer { (a) throws(TENGraDError) in
+            try outputGrads.withUnsafeBufferPointer { (g) throws(TENGraDError) in
+                try weight.withUnsafeMutableBufferPointer { (wu) throws(TENGraDError) in
+                    try withOptionalMutableBuffer(&bias) { (bu) throws(TENGraDError) in
+                        try naturalGradient(
+                            layer: layer, batch: batch, activations: a, outputGrads: g, gradScale: gradScale,
+                            weightUpdate: wu, biasUpdate: bu)
+                    }
+                }
+            }
+        }
+        return (weight, bias)
+    }
+}
+
+private func withOptionalBuffer<R>(
+    _ array: [Float]?, _ body: (UnsafeBufferPointer<Float>?) throws(TENGraDError) -> R
+) throws(TENGraDError) -> R {
+    guard let array else { return try body(nil) }
+    return try array.withUnsafeBufferPointer { (p) throws(TENGraDError) in try body(p) }
+}
+
+private func withOptionalMutableBuffer<R>(
+    _ array: inout [Float]?, _ body: (UnsafeMutableBufferPointer<Float>?) throws(TENGraDError) -> R
+) throws(TENGraDError) -> R {
+    guard array != nil else { return try body(nil) }
+    return try array!.withUnsafeMutableBufferPointer { (p) throws(TENGraDError) in try body(p) }
+}

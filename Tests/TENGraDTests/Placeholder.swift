@@ -1,0 +1,3 @@
+import Testing
+@testable import TENGraD
+@Test func placeholder() {}

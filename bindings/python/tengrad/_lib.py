@@ -1,0 +1,180 @@
+"""ctypes declarations of every C function of include/tengrad.h, next to its C prototype.
+
+The shared library is found through, in order: the ``TENGRAD_LIBRARY`` environment variable (a
+path to libtengrad.so), the package's own build output (``.build/release`` then ``.build/debug``
+of the repository this binding lives in), then the system's library path.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from ctypes import POINTER, c_char_p, c_double, c_float, c_int32, c_int64, c_void_p
+
+OK = 0
+ERROR_INVALID_ARGUMENT = 1
+ERROR_SHAPE = 2
+ERROR_NOT_FINITE = 3
+ERROR_NUMERICAL = 4
+ERROR_OUT_OF_MEMORY = 5
+ERROR_STATE = 6
+ERROR_CORRUPT = 7
+
+LAYER_LINEAR = 1
+LAYER_CONV2D = 2
+
+
+class Conv2dShape(ctypes.Structure):
+    """typedef struct tengrad_conv2d_shape { ... } tengrad_conv2d_shape;"""
+
+    _fields_ = [
+        ("in_channels", c_int64), ("out_channels", c_int64),
+        ("in_height", c_int64), ("in_width", c_int64),
+        ("kernel_height", c_int64), ("kernel_width", c_int64),
+        ("stride_height", c_int64), ("stride_width", c_int64),
+        ("padding_height", c_int64), ("padding_width", c_int64),
+        ("dilation_height", c_int64), ("dilation_width", c_int64),
+        ("groups", c_int64),
+        ("has_bias", c_int32),
+    ]
+
+
+class LayerStats(ctypes.Structure):
+    """typedef struct tengrad_layer_stats { ... } tengrad_layer_stats;"""
+
+    _fields_ = [
+        ("kind", c_int32), ("conv_strategy", c_int32),
+        ("batch", c_int64), ("parameters", c_int64),
+        ("snapshot_bytes", c_int64), ("workspace_bytes", c_int64),
+        ("damping", c_double), ("jitter", c_double), ("rcond", c_double),
+        ("curvature_flops", c_double), ("curvature_seconds", c_double),
+        ("update_flops", c_double), ("update_seconds", c_double),
+        ("update_dot_grad", c_double),
+    ]
+
+
+class TengradError(Exception):
+    """Any failure reported by libtengrad: ``status`` is the tengrad_status value, ``message`` the
+    handle's explanation (tengrad_last_error) or the static text of the status."""
+
+    def __init__(self, status: int, message: str):
+        self.status = int(status)
+        self.message = message
+        super().__init__(f"{status_name(status)}: {message}")
+
+
+_STATUS_NAMES = {
+    OK: "TENGRAD_OK",
+    ERROR_INVALID_ARGUMENT: "TENGRAD_ERROR_INVALID_ARGUMENT",
+    ERROR_SHAPE: "TENGRAD_ERROR_SHAPE",
+    ERROR_NOT_FINITE: "TENGRAD_ERROR_NOT_FINITE",
+    ERROR_NUMERICAL: "TENGRAD_ERROR_NUMERICAL",
+    ERROR_OUT_OF_MEMORY: "TENGRAD_ERROR_OUT_OF_MEMORY",
+    ERROR_STATE: "TENGRAD_ERROR_STATE",
+    ERROR_CORRUPT: "TENGRAD_ERROR_CORRUPT",
+}
+
+
+def status_name(status: int) -> str:
+    return _STATUS_NAMES.get(int(status), f"status {int(status)}")
+
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.normpath(os.path.join(_HERE, "..", "..", ".."))
+
+
+def library_path() -> str:
+    """Path of the libtengrad.so this binding loads (see the module docstring for the order)."""
+    env = os.environ.get("TENGRAD_LIBRARY")
+    if env:
+        if not os.path.isfile(env):
+            raise OSError(f"TENGRAD_LIBRARY={env!r} is not a file")
+        return env
+    for config in ("release", "debug"):
+        candidate = os.path.join(_REPO, ".build", config, "libtengrad.so")
+        if os.path.isfile(candidate):
+            return candidate
+    found = ctypes.util.find_library("tengrad")
+    if found:
+        return found
+    raise OSError(
+        "libtengrad.so not found: build it with `swift build -c release` (or `make build`) "
+        "or set TENGRAD_LIBRARY to its path")
+
+
+lib = ctypes.CDLL(library_path())
+
+_handle = c_void_p
+_f32p = POINTER(c_float)
+
+
+def _check_status(status, fn, args):
+    """errcheck of every status-returning function: raise TengradError unless TENGRAD_OK.
+    Functions whose first argument is a handle report the handle's message."""
+    if status == OK:
+        return status
+    message = None
+    if fn.argtypes and fn.argtypes[0] is _handle and args and args[0]:
+        message = lib.tengrad_last_error(args[0])
+    if not message:
+        message = lib.tengrad_status_string(status)
+    raise TengradError(status, message.decode("utf-8", "replace"))
+
+
+def _declare(name, restype, *argtypes):
+    fn = getattr(lib, name)
+    fn.restype = restype
+    fn.argtypes = list(argtypes)
+    if restype is c_int32 and name != "tengrad_version_number" and name != "tengrad_status_string":
+        fn.errcheck = _check_status
+    return fn
+
+
+# int32_t tengrad_version_number(void);
+tengrad_version_number = _declare("tengrad_version_number", c_int32)
+# const char *tengrad_last_error(const tengrad_preconditioner *p);
+tengrad_last_error = _declare("tengrad_last_error", c_char_p, _handle)
+# const char *tengrad_status_string(tengrad_status status);
+tengrad_status_string = _declare("tengrad_status_string", c_char_p, c_int32)
+# tengrad_status tengrad_create(tengrad_preconditioner **out);
+tengrad_create = _declare("tengrad_create", c_int32, POINTER(c_void_p))
+# void tengrad_destroy(tengrad_preconditioner *p);
+tengrad_destroy = _declare("tengrad_destroy", None, _handle)
+# tengrad_status tengrad_set_damping(tengrad_preconditioner *p, double damping);
+tengrad_set_damping = _declare("tengrad_set_damping", c_int32, _handle, c_double)
+# tengrad_status tengrad_get_damping(const tengrad_preconditioner *p, double *out);
+tengrad_get_damping = _declare("tengrad_get_damping", c_int32, _handle, POINTER(c_double))
+# tengrad_status tengrad_set_memory_limit(tengrad_preconditioner *p, int64_t bytes);
+tengrad_set_memory_limit = _declare("tengrad_set_memory_limit", c_int32, _handle, c_int64)
+# tengrad_status tengrad_get_memory_limit(const tengrad_preconditioner *p, int64_t *out);
+tengrad_get_memory_limit = _declare("tengrad_get_memory_limit", c_int32, _handle, POINTER(c_int64))
+# tengrad_status tengrad_add_linear(p, int64_t in_features, int64_t out_features,
+#                                   int32_t has_bias, int32_t *out_layer);
+tengrad_add_linear = _declare(
+    "tengrad_add_linear", c_int32, _handle, c_int64, c_int64, c_int32, POINTER(c_int32))
+# tengrad_status tengrad_add_conv2d(p, const tengrad_conv2d_shape *shape, int32_t *out_layer);
+tengrad_add_conv2d = _declare(
+    "tengrad_add_conv2d", c_int32, _handle, POINTER(Conv2dShape), POINTER(c_int32))
+# tengrad_status tengrad_layer_count(const tengrad_preconditioner *p, int32_t *out);
+tengrad_layer_count = _declare("tengrad_layer_count", c_int32, _handle, POINTER(c_int32))
+# tengrad_status tengrad_update_curvature(p, int32_t layer, int64_t batch, const float *activations,
+#                                         const float *output_grads, float grad_scale);
+tengrad_update_curvature = _declare(
+    "tengrad_update_curvature", c_int32, _handle, c_int32, c_int64, _f32p, _f32p, c_float)
+# tengrad_status tengrad_precondition(p, int32_t layer, const float *weight_grad,
+#                                     const float *bias_grad, float *weight_update, float *bias_update);
+tengrad_precondition = _declare(
+    "tengrad_precondition", c_int32, _handle, c_int32, _f32p, _f32p, _f32p, _f32p)
+# tengrad_status tengrad_natural_gradient(p, int32_t layer, int64_t batch, const float *activations,
+#                                         const float *output_grads, float grad_scale,
+#                                         float *weight_update, float *bias_update);
+tengrad_natural_gradient = _declare(
+    "tengrad_natural_gradient", c_int32, _handle, c_int32, c_int64, _f32p, _f32p, c_float, _f32p, _f32p)
+# tengrad_status tengrad_kl_clip_factor(const tengrad_preconditioner *p, double learning_rate,
+#                                       double kl_clip, double *out_nu);
+tengrad_kl_clip_factor = _declare(
+    "tengrad_kl_clip_factor", c_int32, _handle, c_double, c_double, POINTER(c_double))
+# tengrad_status tengrad_get_layer_stats(const tengrad_preconditioner *p, int32_t layer,
+#                                        tengrad_layer_stats *out);
+tengrad_get_layer_stats = _declare(
+    "tengrad_get_layer_stats", c_int32, _handle, c_int32, POINTER(LayerStats))

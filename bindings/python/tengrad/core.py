@@ -1,0 +1,228 @@
+"""numpy API over libtengrad: the Preconditioner class.
+
+Arrays go in and out as float32, C-contiguous numpy arrays in the layouts of include/tengrad.h
+(linear: activations [batch, in], output_grads [batch, out], weight [out, in], bias [out]).
+They are checked (dtype, contiguity, shape) before the call, naming the offending argument, and
+handed to the library without copies.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+from . import _lib
+from ._lib import TengradError
+
+_F32P = ctypes.POINTER(ctypes.c_float)
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    in_features: int
+    out_features: int
+    bias: bool
+
+    @property
+    def weight_shape(self) -> Tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def bias_shape(self) -> Optional[Tuple[int, ...]]:
+        return (self.out_features,) if self.bias else None
+
+    def input_shapes(self, batch: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        return (batch, self.in_features), (batch, self.out_features)
+
+
+def _ptr(array: Optional[np.ndarray]):
+    return None if array is None else array.ctypes.data_as(_F32P)
+
+
+def _check(name: str, array, shape: Tuple[int, ...]) -> np.ndarray:
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(array).__name__}")
+    if array.dtype != np.float32:
+        raise TypeError(f"{name} must have dtype float32, got {array.dtype}")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (use numpy.ascontiguousarray)")
+    if tuple(array.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(array.shape)}, expected {tuple(shape)}")
+    return array
+
+
+def _check_out(name: str, array, shape: Tuple[int, ...]) -> np.ndarray:
+    _check(name, array, shape)
+    if not array.flags.writeable:
+        raise ValueError(f"{name} must be writeable")
+    return array
+
+
+class Preconditioner:
+    """Exact block-diagonal natural-gradient preconditioner (TENGraD).
+
+    >>> with Preconditioner(damping=0.1) as p:
+    ...     layer = p.add_linear(784, 128, bias=True)
+    ...     dw, db = p.natural_gradient(layer, activations, output_grads, grad_scale=batch)
+
+    The object owns one C handle; ``close()`` releases it (idempotent; also on garbage collection
+    and at interpreter exit). A Preconditioner is used by one thread at a time.
+    """
+
+    def __init__(self, damping: float = 0.1, memory_limit: int = 0):
+        handle = ctypes.c_void_p()
+        _lib.tengrad_create(ctypes.byref(handle))
+        self._handle = handle
+        self._layers = []
+        try:
+            self.damping = damping
+            self.memory_limit = memory_limit
+        except BaseException:
+            self.close()
+            raise
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def close(self) -> None:
+        handle, self._handle = getattr(self, "_handle", None), None
+        if handle:
+            destroy = getattr(_lib, "tengrad_destroy", None)  # None during interpreter teardown
+            if destroy is not None:
+                destroy(handle)
+
+    def __enter__(self) -> "Preconditioner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @property
+    def _h(self):
+        if not self._handle:
+            raise ValueError("this Preconditioner is closed")
+        return self._handle
+
+    # -- settings ------------------------------------------------------------------------------
+    @property
+    def damping(self) -> float:
+        """λ of F + λI (finite, > 0; default 0.1). Setting it keeps the snapshots."""
+        out = ctypes.c_double()
+        _lib.tengrad_get_damping(self._h, ctypes.byref(out))
+        return out.value
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        _lib.tengrad_set_damping(self._h, float(value))
+
+    @property
+    def memory_limit(self) -> int:
+        """Cap on the bytes the handle holds; 0 = no cap (default)."""
+        out = ctypes.c_int64()
+        _lib.tengrad_get_memory_limit(self._h, ctypes.byref(out))
+        return out.value
+
+    @memory_limit.setter
+    def memory_limit(self, value: int) -> None:
+        _lib.tengrad_set_memory_limit(self._h, int(value))
+
+    # -- layers --------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        out = ctypes.c_int32()
+        _lib.tengrad_layer_count(self._h, ctypes.byref(out))
+        return out.value
+
+    def add_linear(self, in_features: int, out_features: int, bias: bool = True) -> int:
+        """Register a linear layer (weight [out, in], bias [out]); returns its id."""
+        out = ctypes.c_int32()
+        _lib.tengrad_add_linear(self._h, int(in_features), int(out_features), int(bool(bias)),
+                                ctypes.byref(out))
+        self._layers.append(LinearSpec(int(in_features), int(out_features), bool(bias)))
+        return out.value
+
+    def layer_spec(self, layer: int):
+        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < len(self._layers):
+            raise TengradError(_lib.ERROR_INVALID_ARGUMENT,
+                               f"unknown layer id {layer!r} ({len(self._layers)} layers registered)")
+        return self._layers[int(layer)]
+
+    def _inputs(self, layer, activations, output_grads):
+        spec = self.layer_spec(layer)
+        if not isinstance(activations, np.ndarray) or activations.ndim < 1:
+            raise TypeError("activations must be a numpy.ndarray with a leading batch dimension")
+        batch = activations.shape[0]
+        a_shape, g_shape = spec.input_shapes(batch)
+        _check("activations", activations, a_shape)
+        _check("output_grads", output_grads, g_shape)
+        return spec, batch
+
+    def _outputs(self, spec, out):
+        if out is None:
+            weight = np.empty(spec.weight_shape, dtype=np.float32)
+            bias = np.empty(spec.bias_shape, dtype=np.float32) if spec.bias else None
+            return weight, bias
+        weight, bias = out
+        _check_out("weight_update", weight, spec.weight_shape)
+        if spec.bias:
+            if bias is None:
+                raise ValueError("bias_update is required: the layer has a bias")
+            _check_out("bias_update", bias, spec.bias_shape)
+        elif bias is not None:
+            raise ValueError("bias_update must be None: the layer has no bias")
+        return weight, bias
+
+    # -- preconditioning -----------------------------------------------------------------------
+    def update_curvature(self, layer: int, activations: np.ndarray, output_grads: np.ndarray,
+                         grad_scale: float) -> None:
+        """Take this layer's curvature snapshot from a batch (replaces the previous one).
+        grad_scale: batch size for a mean-reduced loss, 1 for a sum-reduced one."""
+        _, batch = self._inputs(layer, activations, output_grads)
+        _lib.tengrad_update_curvature(self._h, int(layer), batch, _ptr(activations),
+                                      _ptr(output_grads), float(grad_scale))
+
+    def precondition(self, layer: int, weight_grad: np.ndarray, bias_grad: Optional[np.ndarray] = None,
+                     out=None):
+        """(F + λI)^-1 grad with F from the layer's snapshot. Returns (weight_update, bias_update);
+        ``out=(w, b)`` writes into given arrays, which may be the gradients themselves."""
+        spec = self.layer_spec(layer)
+        _check("weight_grad", weight_grad, spec.weight_shape)
+        if spec.bias:
+            if bias_grad is None:
+                raise ValueError("bias_grad is required: the layer has a bias")
+            _check("bias_grad", bias_grad, spec.bias_shape)
+        elif bias_grad is not None:
+            raise ValueError("bias_grad must be None: the layer has no bias")
+        weight, bias = self._outputs(spec, out)
+        _lib.tengrad_precondition(self._h, int(layer), _ptr(weight_grad), _ptr(bias_grad),
+                                  _ptr(weight), _ptr(bias))
+        return weight, bias
+
+    def natural_gradient(self, layer: int, activations: np.ndarray, output_grads: np.ndarray,
+                         grad_scale: float, out=None):
+        """Empirical Fisher in one call: snapshot from this batch and (F + λI)^-1 of the batch's
+        mean gradient. Returns (weight_update, bias_update); ``out=(w, b)`` writes into given arrays."""
+        spec, batch = self._inputs(layer, activations, output_grads)
+        weight, bias = self._outputs(spec, out)
+        _lib.tengrad_natural_gradient(self._h, int(layer), batch, _ptr(activations),
+                                      _ptr(output_grads), float(grad_scale), _ptr(weight), _ptr(bias))
+        return weight, bias
+
+    # -- KL clipping and diagnostics -----------------------------------------------------------
+    def kl_clip_factor(self, learning_rate: float, kl_clip: float) -> float:
+        """ν = min(1, sqrt(kl_clip / (lr² Σ_layers ⟨update, grad⟩))) over each layer's last update."""
+        out = ctypes.c_double()
+        _lib.tengrad_kl_clip_factor(self._h, float(learning_rate), float(kl_clip), ctypes.byref(out))
+        return out.value
+
+    def layer_stats(self, layer: int) -> dict:
+        """Diagnostics of one layer as a dict (fields of tengrad_layer_stats)."""
+        out = _lib.LayerStats()
+        _lib.tengrad_get_layer_stats(self._h, int(layer), ctypes.byref(out))
+        return {name: getattr(out, name) for name, _ in _lib.LayerStats._fields_}

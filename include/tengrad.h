@@ -1,0 +1,211 @@
+/*
+ * tengrad.h — C interface of TENGraD, exact natural-gradient preconditioning.
+ *
+ * TENGraD (Soori et al., 2021) preconditions each layer's gradient with the inverse of that layer's
+ * exact, damped Fisher block, (F + λI)^-1, through the Woodbury identity: the only matrix ever
+ * factorized is m×m, m = the number of samples in the batch. This header is the authority for the
+ * C ABI of libtengrad.so; it is C11 and C++ clean and uses only <stdint.h>/<stddef.h> types.
+ *
+ * Mathematics (per layer, batch of m samples, s = grad_scale, λ = damping):
+ *   per-sample gradient   u_i = s · g_i ⊗ ã_i    (linear; ã_i = [a_i; 1] when the layer has a bias)
+ *   Fisher block          F   = (1/m) Σ_i u_i u_iᵀ = (1/m) U Uᵀ
+ *   update                (F + λI)^-1 v = (1/λ) (v − U (UᵀU + mλI)^-1 Uᵀ v)
+ * The bias, when present, is part of the same ("joint") block as the weight: its gradient is the
+ * last input column of ones. U is never formed; UᵀU is the Hadamard product of the Gram matrices of
+ * the inputs and of the output gradients, built in float64 and factorized by Cholesky.
+ *
+ * Conventions, for every function below:
+ *  - Arrays are dense, C-contiguous (row-major), float32, owned by the caller. The library reads
+ *    (or writes) them only during the call and keeps no pointer to them.
+ *  - Layouts. linear: activations [batch][in], output_grads [batch][out], weight [out][in],
+ *    bias [out]. conv2d: activations [batch][C_in][H][W], output_grads [batch][C_out][H_out][W_out],
+ *    weight [C_out][C_in/groups][kh][kw], bias [C_out];
+ *    H_out = (H + 2*pad_h - dil_h*(kh-1) - 1)/stride_h + 1, likewise W_out.
+ *  - Bias pointers are NULL exactly when the layer has no bias.
+ *  - Every fallible function returns a tengrad_status. Out-parameters are written only on
+ *    success; a call that fails leaves the handle exactly as it was (snapshots, settings, layers),
+ *    and tengrad_last_error() then says why.
+ *  - Threading: a handle is used by one thread at a time (calls on one handle must not overlap);
+ *    distinct handles are fully independent and may be used from different threads at once.
+ *    The library keeps no global mutable state and no thread-local state.
+ *  - BLAS threading is OpenBLAS's own (OPENBLAS_NUM_THREADS).
+ */
+#ifndef TENGRAD_H
+#define TENGRAD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define TENGRAD_NODISCARD __attribute__((warn_unused_result))
+#else
+#define TENGRAD_NODISCARD
+#endif
+
+/* ---- Version ---------------------------------------------------------------------------- */
+
+#define TENGRAD_VERSION_MAJOR 0
+#define TENGRAD_VERSION_MINOR 1
+#define TENGRAD_VERSION_PATCH 0
+#define TENGRAD_VERSION_NUMBER \
+    (TENGRAD_VERSION_MAJOR * 10000 + TENGRAD_VERSION_MINOR * 100 + TENGRAD_VERSION_PATCH)
+
+/* Version of the library actually loaded: MAJOR*10000 + MINOR*100 + PATCH. Compare with
+   TENGRAD_VERSION_NUMBER to detect a header/library mismatch. */
+int32_t tengrad_version_number(void);
+
+/* ---- Status ----------------------------------------------------------------------------- */
+
+typedef int32_t tengrad_status;
+enum {
+    TENGRAD_OK = 0,
+    TENGRAD_ERROR_INVALID_ARGUMENT = 1, /* NULL pointer, non-positive size, unknown layer id, bad value */
+    TENGRAD_ERROR_SHAPE = 2,            /* sizes inconsistent with the layer, or size overflow */
+    TENGRAD_ERROR_NOT_FINITE = 3,       /* NaN or Inf in an input; nothing was changed */
+    TENGRAD_ERROR_NUMERICAL = 4,        /* factorization failed even with jitter, or overflow inside */
+    TENGRAD_ERROR_OUT_OF_MEMORY = 5,    /* allocation failed or the memory limit would be exceeded */
+    TENGRAD_ERROR_STATE = 6,            /* call out of order, e.g. precondition before any curvature */
+    TENGRAD_ERROR_CORRUPT = 7           /* serialized state is damaged or of another format */
+};
+
+/* Static English text for a status ("unknown status" for values outside the enum); never NULL. */
+const char *tengrad_status_string(tengrad_status status);
+
+/* ---- Handle ----------------------------------------------------------------------------- */
+
+typedef struct tengrad_preconditioner tengrad_preconditioner;
+
+/* Create a preconditioner with no layers; damping 0.1. *out receives the handle.
+   Release it with tengrad_destroy(). */
+TENGRAD_NODISCARD tengrad_status tengrad_create(tengrad_preconditioner **out);
+
+/* Release the handle and everything it owns. NULL is a no-op. */
+void tengrad_destroy(tengrad_preconditioner *p);
+
+/* Message describing the outcome of the last fallible call on p ("" after a success).
+   The text is owned by p and valid until the next call on p. p == NULL gives a static text. */
+const char *tengrad_last_error(const tengrad_preconditioner *p);
+
+/* ---- Settings --------------------------------------------------------------------------- */
+
+/* Damping λ of the damped block F + λI, for every layer. Finite and > 0; default 0.1.
+   λ is in the units of the Fisher, i.e. of squared per-sample gradients. Changing it keeps every
+   snapshot: the next precondition re-factorizes UᵀU + mλI from the kept Gram, without new data.
+   A schedule is the caller calling this between steps. */
+TENGRAD_NODISCARD tengrad_status tengrad_set_damping(tengrad_preconditioner *p, double damping);
+TENGRAD_NODISCARD tengrad_status tengrad_get_damping(const tengrad_preconditioner *p, double *out);
+
+/* Cap on the bytes the handle allocates (snapshots plus workspaces); 0 means no cap (default).
+   A call that would exceed it fails with TENGRAD_ERROR_OUT_OF_MEMORY and changes nothing. */
+TENGRAD_NODISCARD tengrad_status tengrad_set_memory_limit(tengrad_preconditioner *p, int64_t bytes);
+TENGRAD_NODISCARD tengrad_status tengrad_get_memory_limit(const tengrad_preconditioner *p,
+                                                          int64_t *out);
+
+/* ---- Layers ----------------------------------------------------------------------------- */
+
+/* Register a linear layer y = W a (+ b), W [out_features][in_features]. *out_layer receives its id;
+   ids are 0, 1, 2, ... in registration order. has_bias is 0 or 1. */
+TENGRAD_NODISCARD tengrad_status tengrad_add_linear(tengrad_preconditioner *p, int64_t in_features,
+                                                    int64_t out_features, int32_t has_bias,
+                                                    int32_t *out_layer);
+
+typedef struct tengrad_conv2d_shape {
+    int64_t in_channels, out_channels;
+    int64_t in_height, in_width;
+    int64_t kernel_height, kernel_width;
+    int64_t stride_height, stride_width;
+    int64_t padding_height, padding_width; /* zero padding, both sides */
+    int64_t dilation_height, dilation_width;
+    int64_t groups;
+    int32_t has_bias;
+} tengrad_conv2d_shape;
+
+/* Register a 2-D convolution (PyTorch semantics). The shape is read during the call only. */
+TENGRAD_NODISCARD tengrad_status tengrad_add_conv2d(tengrad_preconditioner *p,
+                                                    const tengrad_conv2d_shape *shape,
+                                                    int32_t *out_layer);
+
+/* Number of registered layers. */
+TENGRAD_NODISCARD tengrad_status tengrad_layer_count(const tengrad_preconditioner *p, int32_t *out);
+
+/* ---- Preconditioning -------------------------------------------------------------------- */
+
+/* grad_scale s: the factor by which the caller's output gradients must be multiplied to give each
+   sample's own gradient. A mean-reduced loss (PyTorch's default) hands each sample (1/m) of its
+   gradient, so pass s = batch; a sum-reduced loss passes s = 1. Finite and > 0. */
+
+/* Take a curvature snapshot of this layer from a batch (replaces the previous one).
+   The snapshot keeps copies of the activations and output gradients, their m×m Gram, and the
+   Cholesky factor of UᵀU + mλI: about m·(in + out + 1) floats + 2·m² doubles for a linear layer. */
+TENGRAD_NODISCARD tengrad_status tengrad_update_curvature(tengrad_preconditioner *p, int32_t layer,
+                                                          int64_t batch, const float *activations,
+                                                          const float *output_grads,
+                                                          float grad_scale);
+
+/* update = (F + λI)^-1 grad, with F from the layer's current snapshot (reuse path: sampled-label
+   Fisher, or curvature refreshed every T steps). weight_update may be the same pointer as
+   weight_grad and bias_update as bias_grad (in place); other partial overlaps are not allowed.
+   TENGRAD_ERROR_STATE when the layer has no snapshot yet. */
+TENGRAD_NODISCARD tengrad_status tengrad_precondition(tengrad_preconditioner *p, int32_t layer,
+                                                      const float *weight_grad,
+                                                      const float *bias_grad, float *weight_update,
+                                                      float *bias_update);
+
+/* Empirical Fisher in one call: snapshot from this batch, and update = (F + λI)^-1 of this
+   batch's mean gradient (the mean of the per-sample gradients defined by the same inputs).
+   Computed as U (UᵀU + mλI)^-1 1: no gradient has to be passed and no Uᵀv product is formed.
+   The snapshot is kept, so later tengrad_precondition calls reuse it. */
+TENGRAD_NODISCARD tengrad_status tengrad_natural_gradient(tengrad_preconditioner *p, int32_t layer,
+                                                          int64_t batch, const float *activations,
+                                                          const float *output_grads,
+                                                          float grad_scale, float *weight_update,
+                                                          float *bias_update);
+
+/* ---- KL clipping ------------------------------------------------------------------------ */
+
+/* KL clipping across all layers of a step, as in KFAC implementations:
+     ν = min(1, sqrt(kl_clip / (learning_rate² · Σ_layers ⟨update, grad⟩)))
+   where each layer contributes the ⟨update, grad⟩ of its most recent tengrad_precondition or
+   tengrad_natural_gradient call (for the latter, grad is the batch mean gradient; the product is
+   computed exactly from the m×m system). Layers never preconditioned contribute nothing.
+   The caller multiplies every layer's update by *out_nu. learning_rate and kl_clip finite, > 0.
+   ν is 1 when the sum is not positive. */
+TENGRAD_NODISCARD tengrad_status tengrad_kl_clip_factor(const tengrad_preconditioner *p,
+                                                        double learning_rate, double kl_clip,
+                                                        double *out_nu);
+
+/* ---- Diagnostics ------------------------------------------------------------------------ */
+
+enum { TENGRAD_LAYER_LINEAR = 1, TENGRAD_LAYER_CONV2D = 2 };
+enum { TENGRAD_CONV_AUTO = 0, TENGRAD_CONV_FACTORED = 1, TENGRAD_CONV_EXPLICIT = 2 };
+
+typedef struct tengrad_layer_stats {
+    int32_t kind;              /* TENGRAD_LAYER_* */
+    int32_t conv_strategy;     /* TENGRAD_CONV_FACTORED/EXPLICIT chosen for the last snapshot; 0 linear */
+    int64_t batch;             /* m of the current snapshot; 0 before the first */
+    int64_t parameters;        /* numbers in weight (+ bias) */
+    int64_t snapshot_bytes;    /* bytes held by the current snapshot */
+    int64_t workspace_bytes;   /* peak workspace bytes of the last curvature update */
+    double damping;            /* λ of the current factorization */
+    double jitter;             /* diagonal jitter added to UᵀU + mλI by the last factorization */
+    double rcond;              /* LAPACK reciprocal 1-norm condition estimate of the factorized matrix */
+    double curvature_flops;    /* flops of the last curvature update (Grams, factorization) */
+    double curvature_seconds;  /* wall seconds of the last curvature update */
+    double update_flops;       /* flops of the last precondition / natural_gradient update part */
+    double update_seconds;     /* wall seconds of that update part */
+    double update_dot_grad;    /* ⟨update, grad⟩ of the last update (see KL clipping) */
+} tengrad_layer_stats;
+
+/* Diagnostics of one layer. */
+TENGRAD_NODISCARD tengrad_status tengrad_get_layer_stats(const tengrad_preconditioner *p,
+                                                         int32_t layer, tengrad_layer_stats *out);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* TENGRAD_H */
