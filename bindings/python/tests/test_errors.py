@@ -1,0 +1,168 @@
+"""Bad input through the binding: each status is raised as TengradError with the handle's message,
+or caught in Python before the call (naming the argument); a rejected call changes nothing."""
+import ctypes
+
+import numpy as np
+import pytest
+
+import tengrad
+from tengrad import _lib
+
+
+@pytest.fixture
+def ready():
+    """A preconditioner with one linear layer (5 -> 3, bias) holding a snapshot, and the update
+    it gives for a fixed gradient, to check that rejected calls leave the state intact."""
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((6, 5)).astype(np.float32)
+    g = rng.standard_normal((6, 3)).astype(np.float32)
+    v = (rng.standard_normal((3, 5)).astype(np.float32), rng.standard_normal(3).astype(np.float32))
+    p = tengrad.Preconditioner(damping=0.1)
+    layer = p.add_linear(5, 3, bias=True)
+    p.update_curvature(layer, a, g, 1.0)
+    before = p.precondition(layer, *v)
+    yield p, layer, a, g, v, before
+    p.close()
+
+
+def assert_unchanged(p, layer, v, before):
+    after = p.precondition(layer, *v)
+    np.testing.assert_array_equal(after[0], before[0])
+    np.testing.assert_array_equal(after[1], before[1])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["activations", "output_grads"])
+def test_non_finite_inputs_are_rejected_and_change_nothing(ready, bad, where):
+    p, layer, a, g, v, before = ready
+    a2, g2 = a.copy() * 3, g.copy()
+    (a2 if where == "activations" else g2)[2, 1] = bad
+    with pytest.raises(tengrad.TengradError) as e:
+        p.update_curvature(layer, a2, g2, 1.0)
+    assert e.value.status == tengrad.ERROR_NOT_FINITE and where in e.value.message
+    w = np.full((3, 5), 7, np.float32)
+    b = np.full(3, 7, np.float32)
+    with pytest.raises(tengrad.TengradError):
+        p.natural_gradient(layer, a2, g2, 1.0, out=(w, b))
+    assert (w == 7).all() and (b == 7).all()  # outputs are written only on success
+    assert_unchanged(p, layer, v, before)
+
+
+def test_non_finite_gradient_is_rejected(ready):
+    p, layer, a, g, v, before = ready
+    w = v[0].copy()
+    w[0, 0] = np.nan
+    with pytest.raises(tengrad.TengradError) as e:
+        p.precondition(layer, w, v[1])
+    assert e.value.status == tengrad.ERROR_NOT_FINITE and "weight_grad" in e.value.message
+    assert_unchanged(p, layer, v, before)
+
+
+def test_precondition_before_curvature_is_a_state_error():
+    with tengrad.Preconditioner() as p:
+        layer = p.add_linear(4, 2, bias=False)
+        with pytest.raises(tengrad.TengradError) as e:
+            p.precondition(layer, np.zeros((2, 4), np.float32))
+        assert e.value.status == tengrad.ERROR_STATE
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_damping_is_rejected(ready, value):
+    p, layer, a, g, v, before = ready
+    with pytest.raises(tengrad.TengradError) as e:
+        p.damping = value
+    assert e.value.status == tengrad.ERROR_INVALID_ARGUMENT and "damping" in e.value.message
+    assert p.damping == 0.1
+    assert_unchanged(p, layer, v, before)
+
+
+@pytest.mark.parametrize("scale", [0.0, -2.0, float("nan"), float("inf")])
+def test_bad_grad_scale_is_rejected(ready, scale):
+    p, layer, a, g, v, before = ready
+    with pytest.raises(tengrad.TengradError) as e:
+        p.update_curvature(layer, a * 2, g, scale)
+    assert e.value.status == tengrad.ERROR_INVALID_ARGUMENT and "grad_scale" in e.value.message
+    assert_unchanged(p, layer, v, before)
+
+
+def test_bad_layer_definitions():
+    with tengrad.Preconditioner() as p:
+        for args, status in [((0, 3), tengrad.ERROR_INVALID_ARGUMENT),
+                             ((3, -1), tengrad.ERROR_INVALID_ARGUMENT),
+                             ((2**40, 2**40), tengrad.ERROR_SHAPE),   # in·out overflows
+                             ((2**33, 1), tengrad.ERROR_SHAPE)]:     # beyond 32-bit BLAS
+            with pytest.raises(tengrad.TengradError) as e:
+                p.add_linear(*args)
+            assert e.value.status == status
+        assert p.num_layers == 0
+
+
+def test_unknown_layer_id_and_overflowing_batch_through_the_c_functions(ready):
+    p, layer, a, g, v, before = ready
+    f = ctypes.POINTER(ctypes.c_float)
+    ptr = a.ctypes.data_as(f)
+    with pytest.raises(tengrad.TengradError) as e:
+        _lib.tengrad_update_curvature(p._h, 7, 6, ptr, ptr, 1.0)
+    assert e.value.status == tengrad.ERROR_INVALID_ARGUMENT and "layer" in e.value.message
+    with pytest.raises(tengrad.TengradError) as e:
+        _lib.tengrad_update_curvature(p._h, layer, 2**62, ptr, ptr, 1.0)
+    assert e.value.status == tengrad.ERROR_SHAPE
+    with pytest.raises(tengrad.TengradError) as e:
+        _lib.tengrad_update_curvature(p._h, layer, 0, ptr, ptr, 1.0)
+    assert e.value.status == tengrad.ERROR_INVALID_ARGUMENT
+    with pytest.raises(tengrad.TengradError) as e:
+        _lib.tengrad_update_curvature(p._h, layer, 6, None, ptr, 1.0)
+    assert e.value.status == tengrad.ERROR_INVALID_ARGUMENT and "activations" in e.value.message
+    with pytest.raises(tengrad.TengradError) as e:  # bias pointers must match the layer
+        _lib.tengrad_precondition(p._h, layer, ptr, None, ptr, None)
+    assert e.value.status == tengrad.ERROR_INVALID_ARGUMENT and "bias" in e.value.message
+    assert_unchanged(p, layer, v, before)
+
+
+def test_overflow_inside_is_numerical_and_changes_nothing(ready):
+    p, layer, a, g, v, before = ready
+    with pytest.raises(tengrad.TengradError) as e:
+        p.update_curvature(layer, a * np.float32(1e30), g, 1.0)
+    assert e.value.status == tengrad.ERROR_NUMERICAL
+    assert_unchanged(p, layer, v, before)
+
+
+def test_memory_limit(ready):
+    p, layer, a, g, v, before = ready
+    p.memory_limit = 1
+    with pytest.raises(tengrad.TengradError) as e:
+        p.update_curvature(layer, np.ones((50, 5), np.float32), np.ones((50, 3), np.float32), 1.0)
+    assert e.value.status == tengrad.ERROR_OUT_OF_MEMORY and "bytes" in e.value.message
+    p.memory_limit = 0
+    assert_unchanged(p, layer, v, before)
+
+
+def test_python_side_checks_name_the_argument(ready):
+    p, layer, a, g, v, before = ready
+    with pytest.raises(TypeError, match="activations"):
+        p.update_curvature(layer, a.astype(np.float64), g, 1.0)
+    with pytest.raises(ValueError, match="output_grads"):
+        p.update_curvature(layer, a, g[:, :2].copy(), 1.0)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        p.precondition(layer, np.asfortranarray(v[0]), v[1])
+    with pytest.raises(ValueError, match="bias_grad"):
+        p.precondition(layer, v[0], None)
+    with pytest.raises(tengrad.TengradError) as e:
+        p.precondition(9, *v)
+    assert e.value.status == tengrad.ERROR_INVALID_ARGUMENT
+    assert_unchanged(p, layer, v, before)
+
+
+def test_close_is_idempotent_and_closed_handles_refuse_calls():
+    p = tengrad.Preconditioner()
+    p.close()
+    p.close()
+    with pytest.raises(ValueError, match="closed"):
+        p.add_linear(2, 2)
+
+
+def test_status_strings_and_version():
+    for status in range(8):
+        assert _lib.tengrad_status_string(status)
+    assert _lib.tengrad_status_string(99) == b"unknown status"
+    assert tengrad.version().count(".") == 2
