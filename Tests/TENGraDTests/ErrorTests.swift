@@ -1,0 +1,105 @@
+import Testing
+@testable import TENGraD
+
+/// Every rejected call throws the documented code and leaves the preconditioner as it was: the
+/// update of a fixed gradient is bit-identical before and after.
+@Suite struct ErrorTests {
+    let a: [Float], g: [Float], vw: [Float], vb: [Float]
+    let p = Preconditioner()
+    let layer: Int
+
+    init() throws {
+        var rng = SeededRandom(21)
+        a = rng.array(6 * 5)
+        g = rng.array(6 * 3)
+        vw = rng.array(15)
+        vb = rng.array(3)
+        layer = try p.addLinear(inFeatures: 5, outFeatures: 3, bias: true)
+        try p.updateCurvature(layer: layer, batch: 6, activations: a, outputGrads: g, gradScale: 1)
+    }
+
+    func update() throws -> [Float] {
+        let (w, b) = try p.precondition(layer: layer, weightGrad: vw, biasGrad: vb)
+        return w + (b ?? [])
+    }
+
+    func expectCode(_ code: TENGraDError.Code, _ body: () throws -> Void) throws {
+        let before = try update()
+        #expect(throws: TENGraDError.self) { try body() }
+        do { try body() } catch { #expect((error as? TENGraDError)?.code == code, "\(error)") }
+        #expect(try update() == before)
+    }
+
+    @Test func nonFiniteInputs() throws {
+        for bad in [Float.nan, .infinity, -.infinity] {
+            var a2 = a
+            a2[4] = bad
+            try expectCode(.notFinite) { try p.updateCurvature(layer: layer, batch: 6, activations: a2, outputGrads: g, gradScale: 1) }
+            var g2 = g
+            g2[0] = bad
+            try expectCode(.notFinite) { _ = try p.naturalGradient(layer: layer, batch: 6, activations: a, outputGrads: g2, gradScale: 1) }
+            var v2 = vw
+            v2[14] = bad
+            try expectCode(.notFinite) { _ = try p.precondition(layer: layer, weightGrad: v2, biasGrad: vb) }
+        }
+    }
+
+    @Test func shapesAndIds() throws {
+        try expectCode(.shape) { try p.updateCurvature(layer: layer, batch: 5, activations: a, outputGrads: g, gradScale: 1) }
+        try expectCode(.shape) { _ = try p.precondition(layer: layer, weightGrad: Array(vw.dropLast()), biasGrad: vb) }
+        try expectCode(.shape) { try p.updateCurvature(layer: layer, batch: Int.max / 2, activations: a, outputGrads: g, gradScale: 1) }
+        try expectCode(.invalidArgument) { try p.updateCurvature(layer: 3, batch: 6, activations: a, outputGrads: g, gradScale: 1) }
+        try expectCode(.invalidArgument) { try p.updateCurvature(layer: -1, batch: 6, activations: a, outputGrads: g, gradScale: 1) }
+        try expectCode(.invalidArgument) { try p.updateCurvature(layer: layer, batch: 0, activations: [], outputGrads: [], gradScale: 1) }
+        try expectCode(.invalidArgument) { _ = try p.precondition(layer: layer, weightGrad: vw, biasGrad: nil) }
+        try expectCode(.invalidArgument) { try p.updateCurvature(layer: layer, batch: 6, activations: a, outputGrads: g, gradScale: -1) }
+        try expectCode(.invalidArgument) { try p.setDamping(0) }
+        try expectCode(.invalidArgument) { try p.setDamping(.nan) }
+        try expectCode(.invalidArgument) { try p.addLinear(inFeatures: 0, outFeatures: 2, bias: true) }
+        try expectCode(.shape) { try p.addLinear(inFeatures: Int.max, outFeatures: 2, bias: true) }
+        #expect(p.layerCount == 1)
+    }
+
+    @Test func overflowInsideIsNumerical() throws {
+        let huge = a.map { $0 * 1e30 }
+        try expectCode(.numerical) { try p.updateCurvature(layer: layer, batch: 6, activations: huge, outputGrads: g, gradScale: 1) }
+        // A gradient near float32's limit whose update would overflow is refused, not returned as Inf.
+        try p.setDamping(1e-3)
+        let big = vw.map { _ in Float.greatestFiniteMagnitude / 2 }
+        try expectCode(.numerical) { _ = try p.precondition(layer: layer, weightGrad: big, biasGrad: vb) }
+    }
+
+    @Test func memoryLimit() throws {
+        var rng = SeededRandom(3)
+        let bigA = rng.array(200 * 5), bigG = rng.array(200 * 3)
+        let before = try update()
+        try p.setMemoryLimit(p.memoryInUse + 1000)
+        #expect(throws: TENGraDError(.outOfMemory, "")) {
+            do { try p.updateCurvature(layer: layer, batch: 200, activations: bigA, outputGrads: bigG, gradScale: 1) }
+            catch let e as TENGraDError { throw TENGraDError(e.code, "") }
+        }
+        #expect(try update() == before)
+        try p.setMemoryLimit(0)
+        try p.updateCurvature(layer: layer, batch: 200, activations: bigA, outputGrads: bigG, gradScale: 1)
+    }
+
+    @Test func preconditionBeforeCurvature() throws {
+        let fresh = Preconditioner()
+        let l = try fresh.addLinear(inFeatures: 2, outFeatures: 2, bias: false)
+        #expect { _ = try fresh.precondition(layer: l, weightGrad: [1, 2, 3, 4], biasGrad: nil) } throws: { error in
+            (error as? TENGraDError)?.code == .state
+        }
+    }
+
+    @Test func tinyDampingStillFactorizes() throws {
+        // Duplicated samples make UᵀU singular; with λ = 1e-12 the factorization may need jitter,
+        // and the result must be finite either way.
+        let p2 = Preconditioner()
+        try p2.setDamping(1e-12)
+        let l = try p2.addLinear(inFeatures: 3, outFeatures: 2, bias: false)
+        let a1: [Float] = [1, 2, 3, 1, 2, 3, 1, 2, 3, 4, 5, 6]
+        let g1: [Float] = [1, -1, 1, -1, 1, -1, 2, 0]
+        let (w, _) = try p2.naturalGradient(layer: l, batch: 4, activations: a1, outputGrads: g1, gradScale: 1)
+        #expect(w.allSatisfy { $0.isFinite })
+    }
+}

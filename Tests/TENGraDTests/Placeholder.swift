@@ -1,3 +1,0 @@
-import Testing
-@testable import TENGraD
-@Test func placeholder() {}
