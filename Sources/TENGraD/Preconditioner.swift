@@ -173,7 +173,7 @@ public final class Preconditioner {
         guard learningRate.isFinite, learningRate > 0 else { throw .invalid("learning_rate must be finite and > 0, got \(learningRate)") }
         guard klClip.isFinite, klClip > 0 else { throw .invalid("kl_clip must be finite and > 0, got \(klClip)") }
         var total = 0.0
-        for l in layers where l.stats.hasUpdate { total += l.stats.updateDotGrad }
+        for l in layers { total += l.updateDotGrad ?? 0 }
         guard total > 0, total.isFinite else { return 1 }
         return min(1, (klClip / (learningRate * learningRate * total)).squareRoot())
     }

@@ -10,6 +10,8 @@ protocol PreconditionedLayer: AnyObject {
     func inputCounts(batch: Int) throws(TENGraDError) -> (activations: Int, outputGrads: Int)
     /// Statistics of the current snapshot and the last calls.
     var stats: LayerStats { get }
+    /// ⟨update, grad⟩ of the last update, nil before the first (cheap; for KL clipping).
+    var updateDotGrad: Double? { get }
 
     func updateCurvature(
         batch: Int, activations: UnsafePointer<Float>, outputGrads: UnsafePointer<Float>,
@@ -71,47 +73,58 @@ public struct LayerStats: Sendable, Equatable {
     public var hasUpdate: Bool = false
 }
 
-/// One pass over an input array: is every entry finite, its largest magnitude, its squared norm.
-/// Vectorized (16 lanes) because it reads every gradient once more than the GEMMs do; squares are
-/// summed in float32 over blocks of 4096 entries and the block sums in float64.
+/// One pass over an input array: is every entry finite, and its largest magnitude.
+///
+/// Works on the IEEE bit patterns: with the sign bit cleared, finite floats order like their
+/// unsigned integers and every NaN or ±Inf is ≥ 0x7F80_0000, so one integer max-reduction (which
+/// the compiler vectorizes, unlike a float one) answers both questions.
 struct ArrayScan {
-    var finite = true
-    var maxAbs: Float = 0
-    var sumSquares: Double = 0
+    let finite: Bool
+    let maxAbs: Float
 
     init(_ p: UnsafePointer<Float>, count: Int) {
-        typealias V = SIMD16<Float>
-        var poison = V()  // stays 0 unless some entry is NaN or ±Inf (x·0 is NaN then)
-        var high = V(), low = V()
-        var total = 0.0
-        var i = 0
-        let vectorEnd = count - count % V.scalarCount
-        let raw = UnsafeRawPointer(p)
-        while i < vectorEnd {
-            let blockEnd = min(vectorEnd, i + 4096)
-            var squares = V()
-            while i < blockEnd {
-                let x = raw.loadUnaligned(fromByteOffset: i * 4, as: V.self)
-                poison += x * 0
-                high = pointwiseMax(high, x)
-                low = pointwiseMin(low, x)
-                squares += x * x
-                i += V.scalarCount
-            }
-            total += Double(squares.sum())
+        let bits = UnsafeRawPointer(p).assumingMemoryBound(to: UInt32.self)
+        var high: UInt32 = 0
+        for i in 0..<count { high = max(high, bits[i] & 0x7FFF_FFFF) }
+        finite = high < 0x7F80_0000
+        maxAbs = finite ? Float(bitPattern: high) : .infinity
+    }
+}
+
+/// A gradient's finiteness, a bound on its largest magnitude, and its squared norm, in one BLAS
+/// pass when possible: OpenBLAS's dsdot (float32 products, float64 sums) is finite exactly when
+/// every entry is finite and below √FLT_MAX, and then max|v| ≤ ‖v‖. Only when it is not finite
+/// does a second pass tell NaN/Inf input from merely huge values.
+struct GradientScan {
+    let finite: Bool
+    let maxAbs: Double
+    let sumSquares: Double
+
+    init(_ p: UnsafePointer<Float>, count: Int) {
+        let fast = BLAS.sumOfSquares(n: count, x: p)
+        if fast.isFinite {
+            finite = true
+            maxAbs = fast.squareRoot()
+            sumSquares = fast
+            return
         }
-        var finite = !(poison.sum() != 0 || poison.sum().isNaN)
-        var maxAbs = max(high.max(), -low.min())
-        while i < count {
-            let x = p[i]
-            finite = finite && x.isFinite
-            maxAbs = max(maxAbs, abs(x))
-            total += Double(x) * Double(x)
-            i += 1
+        let scan = ArrayScan(p, count: count)
+        finite = scan.finite
+        maxAbs = Double(scan.maxAbs)
+        var sum = 0.0
+        if scan.finite {
+            let unit = maxAbs > 0 ? 1 / maxAbs : 1
+            for i in 0..<count { let x = Double(p[i]) * unit; sum += x * x }
+            sum = sum * maxAbs * maxAbs
         }
-        self.finite = finite && maxAbs.isFinite
-        self.maxAbs = maxAbs
-        self.sumSquares = total
+        sumSquares = sum
+    }
+
+    static let empty = GradientScan()
+    private init() {
+        finite = true
+        maxAbs = 0
+        sumSquares = 0
     }
 }
 

@@ -21,7 +21,16 @@ final class LinearLayer: PreconditionedLayer {
     let hasBias: Bool
 
     private var snapshot: Snapshot?
-    private(set) var stats: LayerStats
+    /// Statistics recorded by the calls; `stats` adds the lazily computed condition estimate.
+    private var record: LayerStats
+
+    var updateDotGrad: Double? { record.hasUpdate ? record.updateDotGrad : nil }
+
+    var stats: LayerStats {
+        var s = record
+        s.rcond = snapshot?.system.rcond ?? 0
+        return s
+    }
 
     private struct Snapshot {
         let m: Int
@@ -45,7 +54,7 @@ final class LinearLayer: PreconditionedLayer {
         self.inFeatures = inFeatures
         self.outFeatures = outFeatures
         self.hasBias = hasBias
-        self.stats = LayerStats(kind: .linear, parameters: parameters)
+        self.record = LayerStats(kind: .linear, parameters: parameters)
     }
 
     var kind: LayerKind { .linear }
@@ -134,13 +143,12 @@ final class LinearLayer: PreconditionedLayer {
         snapshot = Snapshot(
             m: p.m, activations: p.activations, outputGrads: p.outputGrads, scale: scale,
             maxActivation: p.maxActivation, maxOutputGrad: p.maxOutputGrad, system: p.system)
-        stats.batch = p.m
-        stats.snapshotBytes = p.activations.bytes + p.outputGrads.bytes + p.system.bytes
-        stats.workspaceBytes = p.workspaceBytes
-        stats.damping = p.system.damping
-        stats.jitter = p.system.jitter
-        stats.rcond = p.system.rcond
-        stats.curvatureFlops = p.flops
+        record.batch = p.m
+        record.snapshotBytes = p.activations.bytes + p.outputGrads.bytes + p.system.bytes
+        record.workspaceBytes = p.workspaceBytes
+        record.damping = p.system.damping
+        record.jitter = p.system.jitter
+        record.curvatureFlops = p.flops
     }
 
     func updateCurvature(
@@ -150,7 +158,7 @@ final class LinearLayer: PreconditionedLayer {
         let start = monotonicSeconds()
         let prepared = try prepare(batch: batch, activations: activations, outputGrads: outputGrads, scale: scale, context: context)
         commit(prepared, activations: activations, outputGrads: outputGrads, scale: scale)
-        stats.curvatureSeconds = monotonicSeconds() - start
+        record.curvatureSeconds = monotonicSeconds() - start
     }
 
     // MARK: - Updates
@@ -209,12 +217,12 @@ final class LinearLayer: PreconditionedLayer {
         commit(p, activations: activations, outputGrads: outputGrads, scale: s)
         let end = monotonicSeconds()
         let dm = Double(m)
-        stats.curvatureSeconds = middle - start
-        stats.updateSeconds = end - middle
-        stats.updateFlops = 2 * dm * Double(inFeatures) * Double(outFeatures) + dm * Double(outFeatures) * (hasBias ? 2 : 1) + 2 * dm * dm
+        record.curvatureSeconds = middle - start
+        record.updateSeconds = end - middle
+        record.updateFlops = 2 * dm * Double(inFeatures) * Double(outFeatures) + dm * Double(outFeatures) * (hasBias ? 2 : 1) + 2 * dm * dm
         // ⟨U c, U 1/m⟩ = (1/m) 1ᵀ K c = 1 − λ Σc, since (K + mλI) c = 1.
-        stats.updateDotGrad = 1 - p.system.damping * sumC
-        stats.hasUpdate = true
+        record.updateDotGrad = 1 - p.system.damping * sumC
+        record.hasUpdate = true
     }
 
     func precondition(
@@ -226,11 +234,11 @@ final class LinearLayer: PreconditionedLayer {
             throw TENGraDError(.state, "precondition before any curvature update on this layer")
         }
         let start = monotonicSeconds()
-        let scanW = ArrayScan(weightGrad, count: weightCount)
+        let scanW = GradientScan(weightGrad, count: weightCount)
         guard scanW.finite else { throw TENGraDError(.notFinite, "weight_grad contains NaN or Inf") }
-        var scanB = ArrayScan(weightGrad, count: 0)
+        var scanB = GradientScan.empty
         if let biasGrad {
-            scanB = ArrayScan(biasGrad, count: outFeatures)
+            scanB = GradientScan(biasGrad, count: outFeatures)
             guard scanB.finite else { throw TENGraDError(.notFinite, "bias_grad contains NaN or Inf") }
         }
         try snap.system.refactor(damping: context.damping, budget: context.budget)
@@ -268,7 +276,7 @@ final class LinearLayer: PreconditionedLayer {
             tDotV += tCopy[i] * x[i]
         }
         let λ = snap.system.damping
-        let maxV = Double(max(scanW.maxAbs, scanB.maxAbs))
+        let maxV = max(scanW.maxAbs, scanB.maxAbs)
         let bound = (maxV + s * Double(snap.maxOutputGrad) * Double(snap.maxActivation) * sumAbsX) / λ
         guard sumAbsX.isFinite, bound <= safeMagnitude else {
             throw TENGraDError(.numerical, "the preconditioned update would overflow float32 (bound \(bound))")
@@ -280,13 +288,12 @@ final class LinearLayer: PreconditionedLayer {
             x: x, alpha: -s / λ, m: m, a: a, g: g, beta: Float(1 / λ),
             weight: weightUpdate, bias: biasUpdate, workspace: work)
         let dm = Double(m)
-        stats.damping = λ
-        stats.jitter = snap.system.jitter
-        stats.rcond = snap.system.rcond
-        stats.updateSeconds = monotonicSeconds() - start
-        stats.updateFlops = 4 * dm * Double(inF) * Double(outF) + 2 * dm * dm + 4 * dm * Double(outF) * (hasBias ? 1 : 0)
+        record.damping = λ
+        record.jitter = snap.system.jitter
+        record.updateSeconds = monotonicSeconds() - start
+        record.updateFlops = 4 * dm * Double(inF) * Double(outF) + 2 * dm * dm + 4 * dm * Double(outF) * (hasBias ? 1 : 0)
         // ⟨update, v⟩ = (1/λ)(‖v‖² − tᵀ x).
-        stats.updateDotGrad = (scanW.sumSquares + scanB.sumSquares - tDotV) / λ
-        stats.hasUpdate = true
+        record.updateDotGrad = (scanW.sumSquares + scanB.sumSquares - tDotV) / λ
+        record.hasUpdate = true
     }
 }

@@ -36,15 +36,26 @@ enum BLAS {
         cblas_sgemv(CblasRowMajor, trans ? CblasTrans : CblasNoTrans, i(m), i(n), alpha, a, i(n), x, 1, beta, y, 1)
     }
 
-    /// Cholesky factorization in place (lower triangle) of the symmetric positive definite n×n
-    /// matrix. Returns LAPACK's info: 0 on success, > 0 when a leading minor is not positive.
+    /// Σ x_i² of float32 data, accumulated in float64.
+    static func sumOfSquares(n: Int, x: UnsafePointer<Float>) -> Double {
+        cblas_dsdot(i(n), x, 1, x, 1)
+    }
+
+    // LAPACK is called directly (not through LAPACKE, whose NaN scan of every input matrix costs
+    // as much as a small factorization): our inputs are checked finite before they get here.
+
+    /// Cholesky factorization in place (lower triangle, column-major) of the symmetric positive
+    /// definite n×n matrix. Returns LAPACK's info: 0 on success, > 0 when a minor is not positive.
     static func choleskyFactor(n: Int, a: UnsafeMutablePointer<Double>) -> Int {
-        Int(LAPACKE_dpotrf(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "L")), i(n), a, i(n)))
+        var uplo = CChar(UInt8(ascii: "L")), nn = i(n), lda = i(n), info: Int32 = 0
+        dpotrf_(&uplo, &nn, a, &lda, &info, 1)
+        return Int(info)
     }
 
     /// Solves (L Lᵀ) X = B in place for B[n×nrhs] column-major, with L from `choleskyFactor`.
-    static func choleskySolve(n: Int, nrhs: Int, factor: UnsafePointer<Double>, b: UnsafeMutablePointer<Double>) -> Int {
-        Int(LAPACKE_dpotrs(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "L")), i(n), i(nrhs), factor, i(n), b, i(n)))
+    static func choleskySolve(n: Int, nrhs: Int, factor: UnsafePointer<Double>, b: UnsafeMutablePointer<Double>) {
+        var uplo = CChar(UInt8(ascii: "L")), nn = i(n), r = i(nrhs), lda = i(n), ldb = i(n), info: Int32 = 0
+        dpotrs_(&uplo, &nn, &r, factor, &lda, b, &ldb, &info, 1)
     }
 
     /// Reciprocal 1-norm condition estimate of an SPD matrix from its Cholesky factor.

@@ -14,38 +14,50 @@ final class DampedSystem {
     private(set) var factor: Storage<Double>
     private(set) var damping: Double
     private(set) var jitter: Double
-    private(set) var rcond: Double
+    /// 1-norm of the factorized matrix, for the condition estimate.
+    private var anorm: Double
+    private var cachedRcond: Double?
 
     /// Factorizes `gram + mλI`. `gram` must be symmetric and finite.
     init(gram: Storage<Double>, m: Int, damping: Double, budget: MemoryBudget) throws(TENGraDError) {
         self.m = m
         self.gram = gram
-        let (factor, jitter, rcond) = try DampedSystem.factorize(gram: gram, m: m, damping: damping, budget: budget)
+        let (factor, jitter, anorm) = try DampedSystem.factorize(gram: gram, m: m, damping: damping, budget: budget)
         self.factor = factor
         self.damping = damping
         self.jitter = jitter
-        self.rcond = rcond
+        self.anorm = anorm
+    }
+
+    /// LAPACK's reciprocal 1-norm condition estimate of the factorized matrix; computed on first
+    /// request (it costs about as much as a small factorization, and only diagnostics need it).
+    var rcond: Double {
+        if let cachedRcond { return cachedRcond }
+        let r = BLAS.choleskyRcond(n: m, factor: factor.base, anorm: anorm)
+        cachedRcond = r
+        return r
     }
 
     /// Re-factorizes for a new λ from the kept Gram; on failure the old factor stays.
     func refactor(damping newDamping: Double, budget: MemoryBudget) throws(TENGraDError) {
         if newDamping == damping { return }
-        let (f, j, r) = try DampedSystem.factorize(gram: gram, m: m, damping: newDamping, budget: budget)
+        let (f, j, a) = try DampedSystem.factorize(gram: gram, m: m, damping: newDamping, budget: budget)
         factor = f
         damping = newDamping
         jitter = j
-        rcond = r
+        anorm = a
+        cachedRcond = nil
     }
 
     /// x ← (K + (mλ + jitter) I)⁻¹ x for `nrhs` column-major right-hand sides of length m.
     func solve(_ x: UnsafeMutablePointer<Double>, nrhs: Int = 1) {
-        _ = BLAS.choleskySolve(n: m, nrhs: nrhs, factor: factor.base, b: x)
+        BLAS.choleskySolve(n: m, nrhs: nrhs, factor: factor.base, b: x)
     }
 
     /// Bytes held (Gram and factor).
     var bytes: Int { gram.bytes + factor.bytes }
 
-    /// Flops of one factorization (m³/3) plus the condition estimate (≈ 4m²·iterations, ignored).
+    /// Flops of one factorization (m³/3).
     var factorFlops: Double { Double(m) * Double(m) * Double(m) / 3 }
 
     private static func factorize(
@@ -73,10 +85,7 @@ final class DampedSystem {
                 }
                 anorm = max(anorm, column)
             }
-            if BLAS.choleskyFactor(n: m, a: l) == 0 {
-                let rcond = BLAS.choleskyRcond(n: m, factor: l, anorm: anorm)
-                return (factor, jitter, rcond)
-            }
+            if BLAS.choleskyFactor(n: m, a: l) == 0 { return (factor, jitter, anorm) }
         }
         throw TENGraDError(
             .numerical,
