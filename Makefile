@@ -61,12 +61,20 @@ test-c: build ## C ABI tests, compiled as C11 and C++17 with warnings as errors
 test-python: build ## pytest of the Python binding
 	cd bindings/python && $(PYTHON) -m pytest -q tests
 
-test-example: $(BUILD)/mlp $(DATA)/.done ## The C trainer on real data: TENGraD's training loss must decrease
+test-example: $(BUILD)/mlp $(DATA)/.done ## The examples on real data; the C trainer checks that TENGraD lowers the loss
 	$(BUILD)/mlp --data $(DATA) --epochs 1 --train-limit 6000 --test-limit 2000 --check
+	$(BUILD)/mlp-cxx --data $(DATA) --epochs 1 --train-limit 6000 --test-limit 2000 --fisher empirical --check
+	$(PYTHON) examples/python/numpy_mlp.py --epochs 1 --train-limit 3000
+	swift build -c release --product tengrad-swift-example
+	$(RELEASE_DIR)/tengrad-swift-example $(DATA) 1
 
 bench: build ## Benchmark table (not a test): seconds, GFLOP/s, ratio to OpenBLAS sgemm
 	swift build -c release --product tengrad-bench
 	$(RELEASE_DIR)/tengrad-bench
+	@echo; echo "== TENGraD vs numpy (authors' style) vs KFAC inverse update, one BLAS thread per pool"
+	OPENBLAS_NUM_THREADS=1 $(PYTHON) benchmarks/compare.py
+	@echo; echo "== the same with two BLAS threads per pool (numpy's and ours contend for 2 cores)"
+	OPENBLAS_NUM_THREADS=2 $(PYTHON) benchmarks/compare.py
 
 clean: ## Remove build outputs
 	rm -rf .build $(BUILD)
