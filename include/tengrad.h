@@ -105,6 +105,8 @@ TENGRAD_NODISCARD tengrad_status tengrad_set_memory_limit(tengrad_preconditioner
 TENGRAD_NODISCARD tengrad_status tengrad_get_memory_limit(const tengrad_preconditioner *p,
                                                           int64_t *out);
 
+enum { TENGRAD_CONV_AUTO = 0, TENGRAD_CONV_FACTORED = 1, TENGRAD_CONV_EXPLICIT = 2 };
+
 /* ---- Layers ----------------------------------------------------------------------------- */
 
 /* Register a linear layer y = W a (+ b), W [out_features][in_features]. *out_layer receives its id;
@@ -124,10 +126,26 @@ typedef struct tengrad_conv2d_shape {
     int32_t has_bias;
 } tengrad_conv2d_shape;
 
-/* Register a 2-D convolution (PyTorch semantics). The shape is read during the call only. */
+/* Register a 2-D convolution (PyTorch's nn.Conv2d semantics; the shape is read during the call
+   only). Every size must be positive except padding (>= 0); groups must divide both channel
+   counts (groups == in_channels is depthwise); the dilated kernel must fit the padded input;
+   has_bias is 0 or 1. An invalid shape is rejected with a message naming the field.
+   The block is exact for any groups: the Gram of the layer is the sum of the per-group Grams. */
 TENGRAD_NODISCARD tengrad_status tengrad_add_conv2d(tengrad_preconditioner *p,
                                                     const tengrad_conv2d_shape *shape,
                                                     int32_t *out_layer);
+
+/* How a convolution builds its m×m Gram; both are exact and agree to float32 rounding.
+   TENGRAD_CONV_FACTORED: pairwise products of patches and of output gradients over output
+     positions, ≈ groups·m²·L²·(P + C_out/groups + 1) flops (L = H_out·W_out,
+     P = C_in/groups·kh·kw) — cheap when L is small;
+   TENGRAD_CONV_EXPLICIT: per-sample gradients formed block by block and their Gram,
+     ≈ 2·m·L·C_out·P + m²·C_out·(P + 1) flops — cheap when L is large.
+   TENGRAD_CONV_AUTO (default) picks the one with fewer flops by these formulas; the layer's
+   stats report the choice and both estimates. Workspaces are chunked over samples and output
+   channels to stay within 64 MiB, or within what the memory limit leaves. */
+TENGRAD_NODISCARD tengrad_status tengrad_set_conv_strategy(tengrad_preconditioner *p, int32_t layer,
+                                                           int32_t strategy);
 
 /* Number of registered layers. */
 TENGRAD_NODISCARD tengrad_status tengrad_layer_count(const tengrad_preconditioner *p, int32_t *out);
@@ -181,7 +199,6 @@ TENGRAD_NODISCARD tengrad_status tengrad_kl_clip_factor(const tengrad_preconditi
 /* ---- Diagnostics ------------------------------------------------------------------------ */
 
 enum { TENGRAD_LAYER_LINEAR = 1, TENGRAD_LAYER_CONV2D = 2 };
-enum { TENGRAD_CONV_AUTO = 0, TENGRAD_CONV_FACTORED = 1, TENGRAD_CONV_EXPLICIT = 2 };
 
 typedef struct tengrad_layer_stats {
     int32_t kind;              /* TENGRAD_LAYER_* */
@@ -198,6 +215,8 @@ typedef struct tengrad_layer_stats {
     double update_flops;       /* flops of the last precondition / natural_gradient update part */
     double update_seconds;     /* wall seconds of that update part */
     double update_dot_grad;    /* ⟨update, grad⟩ of the last update (see KL clipping) */
+    double conv_factored_flops; /* flop-model estimate of the factored conv Gram (0 linear) */
+    double conv_explicit_flops; /* flop-model estimate of the explicit conv Gram (0 linear) */
 } tengrad_layer_stats;
 
 /* Diagnostics of one layer. */

@@ -150,9 +150,30 @@ public func tengrad_add_conv2d(
     _ p: OpaquePointer?, _ shape: UnsafePointer<tengrad_conv2d_shape>?, _ outLayer: UnsafeMutablePointer<Int32>?
 ) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        _ = try required(shape, "shape")
-        _ = try required(outLayer, "out_layer")
-        throw TENGraDError(.invalidArgument, "conv2d layers are not yet supported by this version")
+        let s = try required(shape, "shape").pointee
+        let out = try required(outLayer, "out_layer")
+        guard s.has_bias == 0 || s.has_bias == 1 else {
+            throw TENGraDError(.invalidArgument, "has_bias must be 0 or 1, got \(s.has_bias)")
+        }
+        let id = try h.core.addConv2d(Conv2dShape(
+            inChannels: Int(s.in_channels), outChannels: Int(s.out_channels),
+            inHeight: Int(s.in_height), inWidth: Int(s.in_width),
+            kernelHeight: Int(s.kernel_height), kernelWidth: Int(s.kernel_width),
+            strideHeight: Int(s.stride_height), strideWidth: Int(s.stride_width),
+            paddingHeight: Int(s.padding_height), paddingWidth: Int(s.padding_width),
+            dilationHeight: Int(s.dilation_height), dilationWidth: Int(s.dilation_width),
+            groups: Int(s.groups), hasBias: s.has_bias == 1))
+        out.pointee = Int32(truncatingIfNeeded: id)
+    }
+}
+
+@_cdecl("tengrad_set_conv_strategy")
+public func tengrad_set_conv_strategy(_ p: OpaquePointer?, _ layer: Int32, _ strategy: Int32) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        guard let s = ConvStrategy(rawValue: strategy) else {
+            throw TENGraDError(.invalidArgument, "strategy must be TENGRAD_CONV_AUTO, _FACTORED or _EXPLICIT, got \(strategy)")
+        }
+        try h.core.setConvStrategy(layer: Int(layer), s)
     }
 }
 
@@ -252,6 +273,8 @@ public func tengrad_get_layer_stats(
         c.update_flops = s.updateFlops
         c.update_seconds = s.updateSeconds
         c.update_dot_grad = s.updateDotGrad
+        c.conv_factored_flops = s.factoredFlopsEstimate
+        c.conv_explicit_flops = s.explicitFlopsEstimate
         o.pointee = c
     }
 }

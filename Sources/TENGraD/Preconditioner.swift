@@ -57,6 +57,18 @@ public final class Preconditioner {
         try append(LinearLayer(inFeatures: inFeatures, outFeatures: outFeatures, hasBias: bias))
     }
 
+    /// Registers a 2-D convolution (PyTorch semantics; see `Conv2dShape`). Returns its id.
+    @discardableResult
+    public func addConv2d(_ shape: Conv2dShape) throws(TENGraDError) -> Int {
+        try append(Conv2dLayer(shape))
+    }
+
+    /// Forces a convolution's Gram strategy (`.auto`, the default, lets the flop model choose).
+    public func setConvStrategy(layer id: Int, _ strategy: ConvStrategy) throws(TENGraDError) {
+        guard let conv = try layer(id) as? Conv2dLayer else { throw .invalid("layer \(id) is not a convolution") }
+        conv.strategySetting = strategy
+    }
+
     private func append(_ layer: any PreconditionedLayer) throws(TENGraDError) -> Int {
         guard layers.count < Int(Int32.max) else { throw .invalid("too many layers") }
         layers.append(layer)

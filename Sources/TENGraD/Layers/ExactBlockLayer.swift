@@ -64,7 +64,7 @@ class ExactBlockLayer: PreconditionedLayer {
 
     /// Floats of workspace `projectGradient` and `applyU` need for a batch of m; reserved before
     /// any output is written, so those two cannot fail for lack of memory.
-    func updateWorkspace(m: Int) throws(TENGraDError) -> Int {
+    func updateWorkspace(m: Int, context: LayerContext) throws(TENGraDError) -> Int {
         fatalError("subclass responsibility")
     }
 
@@ -91,7 +91,7 @@ class ExactBlockLayer: PreconditionedLayer {
     var termsPerEntry: Double { 1 }
 
     /// Which conv strategy the last Gram used (none for linear).
-    var lastStrategy: ConvStrategy { .none }
+    var lastStrategy: ConvStrategy { .auto }
 
     // MARK: - Curvature
 
@@ -180,7 +180,7 @@ class ExactBlockLayer: PreconditionedLayer {
         let p = try prepare(batch: batch, activations: activations, outputGrads: outputGrads, scale: s, context: context)
         let middle = monotonicSeconds()
         let m = p.m
-        let work = try context.workspace.floats(try updateWorkspace(m: m))
+        let work = try context.workspace.floats(try updateWorkspace(m: m, context: context))
         // c = (K + mλI)⁻¹ 1; the update of the mean gradient is U c (SPEC §2, empirical fast path).
         let c = try context.workspace.doubles(m)
         for i in 0..<m { c[i] = 1 }
@@ -226,7 +226,7 @@ class ExactBlockLayer: PreconditionedLayer {
         let m = snap.m
         let a = snap.activations.base, g = snap.outputGrads.base
         let s = Double(snap.scale)
-        let work = try context.workspace.floats(try updateWorkspace(m: m))
+        let work = try context.workspace.floats(try updateWorkspace(m: m, context: context))
         let t = try context.workspace.doubles(try checkedProduct(2, m, what: "2·batch"))
         let tCopy = t + m
 

@@ -40,17 +40,24 @@ public enum LayerKind: Int32, Sendable {
     case conv2d = 2
 }
 
-/// Which exact Gram strategy a convolution uses (SPEC §2); linear layers report `.none`.
+/// Which exact Gram strategy a convolution uses (SPEC §2). As a setting, `.auto` lets the flop
+/// model choose; in `LayerStats`, `.auto` means "not a convolution".
 public enum ConvStrategy: Int32, Sendable {
-    case none = 0
+    case auto = 0
+    /// Pairwise patch and gradient products over output positions: cheap when L is small.
     case factored = 1
+    /// Per-sample gradients formed block by block, then their Gram: cheap when L is large.
     case explicit = 2
 }
 
 /// Diagnostics of one layer (mirrors `tengrad_layer_stats`).
 public struct LayerStats: Sendable, Equatable {
     public var kind: LayerKind
-    public var convStrategy: ConvStrategy = .none
+    /// Strategy the last convolution Gram used; `.auto` for linear layers.
+    public var convStrategy: ConvStrategy = .auto
+    /// Flop-model estimates of both conv strategies for the last snapshot (0 for linear layers).
+    public var factoredFlopsEstimate: Double = 0
+    public var explicitFlopsEstimate: Double = 0
     /// m of the current snapshot; 0 before the first.
     public var batch: Int = 0
     /// Numbers in weight (+ bias).

@@ -65,7 +65,7 @@ final class LinearLayer: ExactBlockLayer {
         return dm * (dm + 1) * Double(inFeatures + outFeatures) + 3 * dm * dm
     }
 
-    override func updateWorkspace(m: Int) throws(TENGraDError) -> Int {
+    override func updateWorkspace(m: Int, context: LayerContext) throws(TENGraDError) -> Int {
         try checkedProduct(m, max(inFeatures, outFeatures), what: "batch × features")
     }
 

@@ -23,6 +23,10 @@ ERROR_CORRUPT = 7
 LAYER_LINEAR = 1
 LAYER_CONV2D = 2
 
+CONV_AUTO = 0
+CONV_FACTORED = 1
+CONV_EXPLICIT = 2
+
 
 class Conv2dShape(ctypes.Structure):
     """typedef struct tengrad_conv2d_shape { ... } tengrad_conv2d_shape;"""
@@ -50,6 +54,7 @@ class LayerStats(ctypes.Structure):
         ("curvature_flops", c_double), ("curvature_seconds", c_double),
         ("update_flops", c_double), ("update_seconds", c_double),
         ("update_dot_grad", c_double),
+        ("conv_factored_flops", c_double), ("conv_explicit_flops", c_double),
     ]
 
 
@@ -155,6 +160,8 @@ tengrad_add_linear = _declare(
 # tengrad_status tengrad_add_conv2d(p, const tengrad_conv2d_shape *shape, int32_t *out_layer);
 tengrad_add_conv2d = _declare(
     "tengrad_add_conv2d", c_int32, _handle, POINTER(Conv2dShape), POINTER(c_int32))
+# tengrad_status tengrad_set_conv_strategy(tengrad_preconditioner *p, int32_t layer, int32_t strategy);
+tengrad_set_conv_strategy = _declare("tengrad_set_conv_strategy", c_int32, _handle, c_int32, c_int32)
 # tengrad_status tengrad_layer_count(const tengrad_preconditioner *p, int32_t *out);
 tengrad_layer_count = _declare("tengrad_layer_count", c_int32, _handle, POINTER(c_int32))
 # tengrad_status tengrad_update_curvature(p, int32_t layer, int64_t batch, const float *activations,

@@ -37,6 +37,55 @@ class LinearSpec:
         return (batch, self.in_features), (batch, self.out_features)
 
 
+def _pair(value, name):
+    if isinstance(value, (int, np.integer)):
+        return int(value), int(value)
+    try:
+        a, b = value
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    return int(a), int(b)
+
+
+@dataclass(frozen=True)
+class Conv2dSpec:
+    """A 2-D convolution in PyTorch's terms; activations [batch, C_in, H, W]."""
+
+    in_channels: int
+    out_channels: int
+    input_size: Tuple[int, int]
+    kernel_size: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+    bias: bool
+
+    @property
+    def output_size(self) -> Tuple[int, int]:
+        return tuple((self.input_size[d] + 2 * self.padding[d] - self.dilation[d] * (self.kernel_size[d] - 1) - 1)
+                     // self.stride[d] + 1 for d in (0, 1))
+
+    @property
+    def weight_shape(self) -> Tuple[int, ...]:
+        return (self.out_channels, self.in_channels // self.groups) + tuple(self.kernel_size)
+
+    @property
+    def bias_shape(self) -> Optional[Tuple[int, ...]]:
+        return (self.out_channels,) if self.bias else None
+
+    def input_shapes(self, batch: int):
+        return ((batch, self.in_channels) + tuple(self.input_size),
+                (batch, self.out_channels) + tuple(self.output_size))
+
+    def c_shape(self) -> _lib.Conv2dShape:
+        return _lib.Conv2dShape(self.in_channels, self.out_channels, *self.input_size, *self.kernel_size,
+                                *self.stride, *self.padding, *self.dilation, self.groups, int(self.bias))
+
+
+_STRATEGIES = {"auto": _lib.CONV_AUTO, "factored": _lib.CONV_FACTORED, "explicit": _lib.CONV_EXPLICIT}
+
+
 def _ptr(array: Optional[np.ndarray]):
     return None if array is None else array.ctypes.data_as(_F32P)
 
@@ -147,6 +196,25 @@ class Preconditioner:
         self._layers.append(LinearSpec(int(in_features), int(out_features), bool(bias)))
         return out.value
 
+    def add_conv2d(self, in_channels: int, out_channels: int, kernel_size, input_size, stride=1, padding=0,
+                   dilation=1, groups: int = 1, bias: bool = True) -> int:
+        """Register a 2-D convolution (nn.Conv2d semantics) applied to inputs of spatial size
+        ``input_size`` = (H, W); weight [C_out, C_in/groups, kh, kw]. Returns its id."""
+        spec = Conv2dSpec(int(in_channels), int(out_channels), _pair(input_size, "input_size"),
+                          _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(padding, "padding"),
+                          _pair(dilation, "dilation"), int(groups), bool(bias))
+        out = ctypes.c_int32()
+        shape = spec.c_shape()
+        _lib.tengrad_add_conv2d(self._h, ctypes.byref(shape), ctypes.byref(out))
+        self._layers.append(spec)
+        return out.value
+
+    def set_conv_strategy(self, layer: int, strategy: str) -> None:
+        """Force a convolution's Gram strategy: "auto" (default), "factored" or "explicit"."""
+        if strategy not in _STRATEGIES:
+            raise ValueError(f"strategy must be one of {sorted(_STRATEGIES)}, got {strategy!r}")
+        _lib.tengrad_set_conv_strategy(self._h, int(layer), _STRATEGIES[strategy])
+
     def layer_spec(self, layer: int):
         if not isinstance(layer, (int, np.integer)) or not 0 <= layer < len(self._layers):
             raise TengradError(_lib.ERROR_INVALID_ARGUMENT,
@@ -222,7 +290,10 @@ class Preconditioner:
         return out.value
 
     def layer_stats(self, layer: int) -> dict:
-        """Diagnostics of one layer as a dict (fields of tengrad_layer_stats)."""
+        """Diagnostics of one layer as a dict (fields of tengrad_layer_stats; conv_strategy as
+        "factored"/"explicit", None for linear layers)."""
         out = _lib.LayerStats()
         _lib.tengrad_get_layer_stats(self._h, int(layer), ctypes.byref(out))
-        return {name: getattr(out, name) for name, _ in _lib.LayerStats._fields_}
+        stats = {name: getattr(out, name) for name, _ in _lib.LayerStats._fields_}
+        stats["conv_strategy"] = {1: "factored", 2: "explicit"}.get(stats["conv_strategy"])
+        return stats
