@@ -104,6 +104,9 @@ TENGRAD_NODISCARD tengrad_status tengrad_get_damping(const tengrad_preconditione
 TENGRAD_NODISCARD tengrad_status tengrad_set_memory_limit(tengrad_preconditioner *p, int64_t bytes);
 TENGRAD_NODISCARD tengrad_status tengrad_get_memory_limit(const tengrad_preconditioner *p,
                                                           int64_t *out);
+/* Bytes the handle holds now (snapshots, their m×m systems, the shared workspace). */
+TENGRAD_NODISCARD tengrad_status tengrad_get_memory_usage(const tengrad_preconditioner *p,
+                                                          int64_t *out);
 
 enum { TENGRAD_CONV_AUTO = 0, TENGRAD_CONV_FACTORED = 1, TENGRAD_CONV_EXPLICIT = 2 };
 

@@ -128,6 +128,11 @@ public func tengrad_get_memory_limit(_ p: OpaquePointer?, _ out: UnsafeMutablePo
     run(p) { (h) throws(TENGraDError) in try required(out, "out").pointee = Int64(h.core.memoryLimit) }
 }
 
+@_cdecl("tengrad_get_memory_usage")
+public func tengrad_get_memory_usage(_ p: OpaquePointer?, _ out: UnsafeMutablePointer<Int64>?) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in try required(out, "out").pointee = Int64(h.core.memoryInUse) }
+}
+
 // MARK: - Layers
 
 @_cdecl("tengrad_add_linear")

@@ -63,7 +63,8 @@ final class Workspace {
 
     init(budget: MemoryBudget) { self.budget = budget }
 
-    var bytes: Int { (floats?.bytes ?? 0) + (doubles?.bytes ?? 0) }
+    var bytes: Int { floatBytes + (doubles?.bytes ?? 0) }
+    var floatBytes: Int { floats?.bytes ?? 0 }
 
     func floats(_ count: Int) throws(TENGraDError) -> UnsafeMutablePointer<Float> {
         if let f = floats, f.count >= count { return f.base }

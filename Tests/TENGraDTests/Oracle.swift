@@ -1,3 +1,5 @@
+import TENGraD
+
 /// Dense float64 oracle (SPEC §2): forms each per-sample gradient u_i and F + λI explicitly and
 /// solves by Gaussian elimination with partial pivoting. Independent of BLAS/LAPACK.
 struct DenseOracle {
@@ -20,6 +22,50 @@ struct DenseOracle {
             rows.append(row)
         }
         u = rows
+    }
+
+    /// From explicit per-sample gradients, one row each.
+    init(rows: [[Double]]) {
+        u = rows
+        d = rows.first?.count ?? 0
+    }
+
+    /// Per-sample conv gradients by direct summation over output positions (no unfolding):
+    /// Δ_i[o][c][ki][kj] = s Σ_{oh,ow} g_i[o][oh][ow] · x_i[γ(o)·Cg_in + c][oh·sh − ph + ki·dh][ow·sw − pw + kj·dw],
+    /// bias entry Σ g_i[o]; rows flattened per output channel as [weight row | bias].
+    init(conv s: Conv2dShape, activations x: [Float], outputGrads g: [Float], batch m: Int, scale: Double) {
+        let ho = (s.inHeight + 2 * s.paddingHeight - s.dilationHeight * (s.kernelHeight - 1) - 1) / s.strideHeight + 1
+        let wo = (s.inWidth + 2 * s.paddingWidth - s.dilationWidth * (s.kernelWidth - 1) - 1) / s.strideWidth + 1
+        let cgi = s.inChannels / s.groups, cgo = s.outChannels / s.groups
+        var rows: [[Double]] = []
+        for i in 0..<m {
+            var row: [Double] = []
+            for o in 0..<s.outChannels {
+                let grp = o / cgo
+                var biasSum = 0.0
+                for oh in 0..<ho { for ow in 0..<wo { biasSum += Double(g[((i * s.outChannels + o) * ho + oh) * wo + ow]) } }
+                for c in 0..<cgi {
+                    for ki in 0..<s.kernelHeight {
+                        for kj in 0..<s.kernelWidth {
+                            var sum = 0.0
+                            for oh in 0..<ho {
+                                for ow in 0..<wo {
+                                    let ih = oh * s.strideHeight - s.paddingHeight + ki * s.dilationHeight
+                                    let iw = ow * s.strideWidth - s.paddingWidth + kj * s.dilationWidth
+                                    guard ih >= 0, ih < s.inHeight, iw >= 0, iw < s.inWidth else { continue }
+                                    let xv = Double(x[((i * s.inChannels + grp * cgi + c) * s.inHeight + ih) * s.inWidth + iw])
+                                    sum += Double(g[((i * s.outChannels + o) * ho + oh) * wo + ow]) * xv
+                                }
+                            }
+                            row.append(scale * sum)
+                        }
+                    }
+                }
+                if s.hasBias { row.append(scale * biasSum) }
+            }
+            rows.append(row)
+        }
+        self.init(rows: rows)
     }
 
     var meanGradient: [Double] {

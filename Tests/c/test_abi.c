@@ -152,6 +152,7 @@ static void test_settings_and_layers(void) {
     memset(&shape, 0, sizeof shape);
     CHECK_STATUS(tengrad_add_conv2d(p, NULL, &id), TENGRAD_ERROR_INVALID_ARGUMENT);
     CHECK_STATUS(tengrad_add_conv2d(p, &shape, &id), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(strstr(tengrad_last_error(p), "in_channels") != NULL);
     int32_t count = -1;
     CHECK_STATUS(tengrad_layer_count(p, &count), TENGRAD_OK);
     CHECK(count == 0);
@@ -166,6 +167,84 @@ static void test_settings_and_layers(void) {
     CHECK(stats.kind == TENGRAD_LAYER_LINEAR && stats.parameters == 10 && stats.batch == 0);
     CHECK_STATUS(tengrad_get_layer_stats(p, 2, &stats), TENGRAD_ERROR_INVALID_ARGUMENT);
     CHECK_STATUS(tengrad_get_layer_stats(p, -1, &stats), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_set_conv_strategy(p, 0, TENGRAD_CONV_EXPLICIT), TENGRAD_ERROR_INVALID_ARGUMENT);
+    int64_t usage = -1;
+    CHECK_STATUS(tengrad_get_memory_usage(p, &usage), TENGRAD_OK);
+    CHECK(usage == 0); /* no snapshot yet */
+    CHECK_STATUS(tengrad_get_memory_usage(p, NULL), TENGRAD_ERROR_INVALID_ARGUMENT);
+    tengrad_destroy(p);
+}
+
+static tengrad_conv2d_shape conv_shape(int64_t cin, int64_t cout, int64_t hw, int64_t k, int64_t stride, int64_t pad,
+                                       int64_t dil, int64_t groups, int32_t bias) {
+    tengrad_conv2d_shape s;
+    memset(&s, 0, sizeof s);
+    s.in_channels = cin;
+    s.out_channels = cout;
+    s.in_height = s.in_width = hw;
+    s.kernel_height = s.kernel_width = k;
+    s.stride_height = s.stride_width = stride;
+    s.padding_height = s.padding_width = pad;
+    s.dilation_height = s.dilation_width = dil;
+    s.groups = groups;
+    s.has_bias = bias;
+    return s;
+}
+
+static void test_conv2d(void) {
+    tengrad_preconditioner *p = NULL;
+    int32_t id = -1;
+    CHECK_STATUS(tengrad_create(&p), TENGRAD_OK);
+    /* Invalid geometry, each rejected with a message naming the field. */
+    tengrad_conv2d_shape bad = conv_shape(3, 4, 8, 3, 1, 1, 1, 2, 1);
+    CHECK_STATUS(tengrad_add_conv2d(p, &bad, &id), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(strstr(tengrad_last_error(p), "in_channels") != NULL);
+    bad = conv_shape(2, 2, 4, 7, 1, 1, 1, 1, 1);
+    CHECK_STATUS(tengrad_add_conv2d(p, &bad, &id), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(strstr(tengrad_last_error(p), "kernel_height") != NULL);
+    bad = conv_shape(2, 2, 8, 3, 0, 1, 1, 1, 1);
+    CHECK_STATUS(tengrad_add_conv2d(p, &bad, &id), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(strstr(tengrad_last_error(p), "stride_height") != NULL);
+    bad = conv_shape(2, 2, 8, 3, 1, -1, 1, 1, 1);
+    CHECK_STATUS(tengrad_add_conv2d(p, &bad, &id), TENGRAD_ERROR_INVALID_ARGUMENT);
+    bad = conv_shape(2, 2, 8, 3, 1, 1, 1, 1, 3);
+    CHECK_STATUS(tengrad_add_conv2d(p, &bad, &id), TENGRAD_ERROR_INVALID_ARGUMENT);
+    bad = conv_shape(INT64_MAX / 2, INT64_MAX / 2, 8, 3, 1, 1, 1, 1, 1);
+    CHECK_STATUS(tengrad_add_conv2d(p, &bad, &id), TENGRAD_ERROR_SHAPE);
+    CHECK(id == -1);
+
+    /* Grouped, strided, dilated, padded, with bias: m = 3, C_in 4 → C_out 6, 7×7, k 3, stride 2,
+       pad 1, dilation 2, groups 2 → H_out = W_out = 3. Both strategies must agree. */
+    enum { CM = 3, CIN = 4, COUT = 6, HW = 7, HO = 3, WSZ = COUT * (CIN / 2) * 9 };
+    tengrad_conv2d_shape good = conv_shape(CIN, COUT, HW, 3, 2, 1, 2, 2, 1);
+    int32_t a = -1, b = -1;
+    CHECK_STATUS(tengrad_add_conv2d(p, &good, &a), TENGRAD_OK);
+    CHECK_STATUS(tengrad_add_conv2d(p, &good, &b), TENGRAD_OK);
+    CHECK(a == 0 && b == 1);
+    CHECK_STATUS(tengrad_set_conv_strategy(p, a, TENGRAD_CONV_FACTORED), TENGRAD_OK);
+    CHECK_STATUS(tengrad_set_conv_strategy(p, b, TENGRAD_CONV_EXPLICIT), TENGRAD_OK);
+    CHECK_STATUS(tengrad_set_conv_strategy(p, b, 7), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_set_conv_strategy(p, 9, TENGRAD_CONV_AUTO), TENGRAD_ERROR_INVALID_ARGUMENT);
+    static float x[CM * CIN * HW * HW], g[CM * COUT * HO * HO], wa[WSZ], wb[WSZ], ba[COUT], bb[COUT];
+    fill(x, CM * CIN * HW * HW, 5);
+    fill(g, CM * COUT * HO * HO, 6);
+    CHECK_STATUS(tengrad_natural_gradient(p, a, CM, x, g, 1, wa, ba), TENGRAD_OK);
+    CHECK_STATUS(tengrad_natural_gradient(p, b, CM, x, g, 1, wb, bb), TENGRAD_OK);
+    double num = 0, den = 0;
+    for (int i = 0; i < WSZ; i++) { num += (wa[i] - wb[i]) * (wa[i] - wb[i]); den += wb[i] * wb[i]; }
+    for (int i = 0; i < COUT; i++) { num += (ba[i] - bb[i]) * (ba[i] - bb[i]); den += bb[i] * bb[i]; }
+    CHECK(den > 0 && sqrt(num / den) < 1e-5);
+    tengrad_layer_stats sa, sb;
+    CHECK_STATUS(tengrad_get_layer_stats(p, a, &sa), TENGRAD_OK);
+    CHECK_STATUS(tengrad_get_layer_stats(p, b, &sb), TENGRAD_OK);
+    CHECK(sa.kind == TENGRAD_LAYER_CONV2D && sa.conv_strategy == TENGRAD_CONV_FACTORED);
+    CHECK(sb.conv_strategy == TENGRAD_CONV_EXPLICIT && sb.parameters == WSZ + COUT);
+    CHECK(sa.conv_factored_flops > 0 && sa.conv_explicit_flops > 0);
+    CHECK(sa.snapshot_bytes >= (int64_t)sizeof x + (int64_t)sizeof g);
+    /* Bias pointers must match the layer; NaN output gradients are rejected. */
+    CHECK_STATUS(tengrad_natural_gradient(p, a, CM, x, g, 1, wa, NULL), TENGRAD_ERROR_INVALID_ARGUMENT);
+    g[4] = NAN;
+    CHECK_STATUS(tengrad_update_curvature(p, a, CM, x, g, 1), TENGRAD_ERROR_NOT_FINITE);
     tengrad_destroy(p);
 }
 
@@ -270,6 +349,7 @@ int main(void) {
     test_null_handle();
     test_settings_and_layers();
     test_numerics_and_errors();
+    test_conv2d();
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }

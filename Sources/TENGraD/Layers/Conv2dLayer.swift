@@ -63,12 +63,13 @@ final class Conv2dLayer: ExactBlockLayer {
 
     // MARK: - Memory
 
-    /// Floats a workspace may take now: the target, or what the memory limit leaves (the current
-    /// workspace counts as free, since growing it releases it first).
-    private func workspaceFloats(_ context: LayerContext) -> Int {
+    /// Floats a workspace may take now: the target, or what the memory limit leaves after
+    /// `reserve` bytes still to be allocated by the call (the current float workspace counts as
+    /// free, since growing it releases it first).
+    private func workspaceFloats(_ context: LayerContext, reserve: Int) -> Int {
         var bytes = Conv2dLayer.workspaceTarget
         if context.budget.limit > 0 {
-            bytes = min(bytes, context.budget.limit - context.budget.inUse + context.workspace.bytes)
+            bytes = min(bytes, context.budget.limit - context.budget.inUse + context.workspace.floatBytes - reserve)
         }
         return max(bytes, 0) / MemoryLayout<Float>.stride
     }
@@ -90,7 +91,8 @@ final class Conv2dLayer: ExactBlockLayer {
         let pTilde = Double(geo.patch + (geo.shape.hasBias ? 1 : 0))
         factoredEstimate = groups * dm * dm * dl * dl * Double(geo.patch + geo.groupOut + 1)
         explicitEstimate = 2 * dm * dl * Double(geo.shape.outChannels * geo.patch) + dm * dm * Double(geo.shape.outChannels) * pTilde
-        let available = workspaceFloats(context)
+        // Still to come after the Gram: the Cholesky factor (m² doubles) and the solve's 2m doubles.
+        let available = workspaceFloats(context, reserve: (m * m + 2 * m) * MemoryLayout<Double>.stride)
         let plan = strategySetting != .auto ? strategySetting : (factoredEstimate < explicitEstimate ? .factored : .explicit)
         k.update(repeating: 0, count: m * m)
         let flops: Double
@@ -237,7 +239,7 @@ final class Conv2dLayer: ExactBlockLayer {
     override func updateWorkspace(m: Int, context: LayerContext) throws(TENGraDError) -> Int {
         let geo = geometry
         let perSample = try checkedProduct(geo.patch + geo.groupOut, geo.positions, what: "chunk workspace")
-        updateChunk = Conv2dLayer.chunk(m, fixed: 0, perSample: perSample, available: workspaceFloats(context))
+        updateChunk = Conv2dLayer.chunk(m, fixed: 0, perSample: perSample, available: workspaceFloats(context, reserve: 2 * m * MemoryLayout<Double>.stride))
         return try checkedProduct(updateChunk, perSample, what: "chunk workspace")
     }
 

@@ -153,6 +153,8 @@ tengrad_get_damping = _declare("tengrad_get_damping", c_int32, _handle, POINTER(
 tengrad_set_memory_limit = _declare("tengrad_set_memory_limit", c_int32, _handle, c_int64)
 # tengrad_status tengrad_get_memory_limit(const tengrad_preconditioner *p, int64_t *out);
 tengrad_get_memory_limit = _declare("tengrad_get_memory_limit", c_int32, _handle, POINTER(c_int64))
+# tengrad_status tengrad_get_memory_usage(const tengrad_preconditioner *p, int64_t *out);
+tengrad_get_memory_usage = _declare("tengrad_get_memory_usage", c_int32, _handle, POINTER(c_int64))
 # tengrad_status tengrad_add_linear(p, int64_t in_features, int64_t out_features,
 #                                   int32_t has_bias, int32_t *out_layer);
 tengrad_add_linear = _declare(

@@ -181,6 +181,13 @@ class Preconditioner:
     def memory_limit(self, value: int) -> None:
         _lib.tengrad_set_memory_limit(self._h, int(value))
 
+    @property
+    def memory_in_use(self) -> int:
+        """Bytes the handle holds now (snapshots, m×m systems, workspace)."""
+        out = ctypes.c_int64()
+        _lib.tengrad_get_memory_usage(self._h, ctypes.byref(out))
+        return out.value
+
     # -- layers --------------------------------------------------------------------------------
     @property
     def num_layers(self) -> int:

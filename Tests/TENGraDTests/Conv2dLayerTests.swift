@@ -1,0 +1,58 @@
+import Testing
+@testable import TENGraD
+
+/// Conv2d against the dense float64 oracle (per-sample gradients by direct summation), both Gram
+/// strategies forced, both entry points. Tolerance 1e-3 relative: see LinearLayerTests.
+struct ConvCase: CustomTestStringConvertible, Sendable {
+    var name: String, m: Int, shape: Conv2dShape
+    var testDescription: String { name }
+}
+
+let convCases: [ConvCase] = [
+    ConvCase(name: "3x3 pad 1", m: 3, shape: Conv2dShape(inChannels: 2, outChannels: 3, inHeight: 6, inWidth: 5, kernelHeight: 3, kernelWidth: 3, paddingHeight: 1, paddingWidth: 1)),
+    ConvCase(name: "stride 2 dilation 2 groups 2", m: 4, shape: Conv2dShape(inChannels: 4, outChannels: 6, inHeight: 8, inWidth: 7, kernelHeight: 3, kernelWidth: 3, strideHeight: 2, strideWidth: 2, paddingHeight: 1, paddingWidth: 2, dilationHeight: 2, dilationWidth: 2, groups: 2)),
+    ConvCase(name: "depthwise no bias", m: 2, shape: Conv2dShape(inChannels: 3, outChannels: 3, inHeight: 5, inWidth: 5, kernelHeight: 3, kernelWidth: 3, paddingHeight: 1, paddingWidth: 1, groups: 3, hasBias: false)),
+    ConvCase(name: "1x1", m: 5, shape: Conv2dShape(inChannels: 3, outChannels: 2, inHeight: 3, inWidth: 4, kernelHeight: 1, kernelWidth: 1)),
+    ConvCase(name: "L = 1, batch 1", m: 1, shape: Conv2dShape(inChannels: 2, outChannels: 2, inHeight: 3, inWidth: 3, kernelHeight: 3, kernelWidth: 3)),
+]
+
+@Suite struct Conv2dLayerTests {
+    @Test(arguments: convCases, [ConvStrategy.factored, .explicit])
+    func bothEntryPointsMatchOracle(_ c: ConvCase, strategy: ConvStrategy) throws {
+        let s = c.shape
+        let ho = (s.inHeight + 2 * s.paddingHeight - s.dilationHeight * (s.kernelHeight - 1) - 1) / s.strideHeight + 1
+        let wo = (s.inWidth + 2 * s.paddingWidth - s.dilationWidth * (s.kernelWidth - 1) - 1) / s.strideWidth + 1
+        var rng = SeededRandom(UInt64(c.m * 1000 + s.inChannels * 10 + s.outChannels))
+        let x = rng.array(c.m * s.inChannels * s.inHeight * s.inWidth)
+        let g = rng.array(c.m * s.outChannels * ho * wo)
+        let p = Preconditioner()
+        try p.setDamping(0.05)
+        let layer = try p.addConv2d(s)
+        try p.setConvStrategy(layer: layer, strategy)
+        let (w, b) = try p.naturalGradient(layer: layer, batch: c.m, activations: x, outputGrads: g, gradScale: 2)
+        let oracle = DenseOracle(conv: s, activations: x, outputGrads: g, batch: c.m, scale: 2)
+        let perRow = s.inChannels / s.groups * s.kernelHeight * s.kernelWidth
+        #expect(relativeError(joined(w, b, out: s.outChannels, in: perRow), oracle.solve(damping: 0.05, oracle.meanGradient)) <= tolerance)
+        #expect(try p.stats(layer: layer).convStrategy == strategy)
+
+        let vw = rng.array(w.count), vb: [Float]? = s.hasBias ? rng.array(s.outChannels) : nil
+        let (w2, b2) = try p.precondition(layer: layer, weightGrad: vw, biasGrad: vb)
+        let want = oracle.solve(damping: 0.05, joined(vw, vb, out: s.outChannels, in: perRow))
+        #expect(relativeError(joined(w2, b2, out: s.outChannels, in: perRow), want) <= tolerance)
+    }
+
+    @Test func invalidGeometryNamesTheField() throws {
+        let p = Preconditioner()
+        var bad = Conv2dShape(inChannels: 3, outChannels: 4, inHeight: 5, inWidth: 5, kernelHeight: 3, kernelWidth: 3, groups: 2)
+        #expect { try p.addConv2d(bad) } throws: { ($0 as? TENGraDError)?.message.contains("in_channels") == true }
+        bad = Conv2dShape(inChannels: 1, outChannels: 1, inHeight: 5, inWidth: 5, kernelHeight: 3, kernelWidth: 7)
+        #expect { try p.addConv2d(bad) } throws: { ($0 as? TENGraDError)?.message.contains("kernel_width") == true }
+        bad = Conv2dShape(inChannels: 1, outChannels: 1, inHeight: 5, inWidth: 5, kernelHeight: 3, kernelWidth: 3, dilationHeight: 0)
+        #expect { try p.addConv2d(bad) } throws: { ($0 as? TENGraDError)?.code == .invalidArgument }
+        bad = Conv2dShape(inChannels: Int.max / 4, outChannels: 2, inHeight: 1 << 20, inWidth: 1 << 20, kernelHeight: 1, kernelWidth: 1)
+        #expect { try p.addConv2d(bad) } throws: { ($0 as? TENGraDError)?.code == .shape }
+        #expect(p.layerCount == 0)
+        let linear = try p.addLinear(inFeatures: 2, outFeatures: 2, bias: false)
+        #expect { try p.setConvStrategy(layer: linear, .explicit) } throws: { ($0 as? TENGraDError)?.code == .invalidArgument }
+    }
+}
