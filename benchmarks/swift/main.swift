@@ -43,10 +43,13 @@ struct LCG {
 var rng = LCG()
 
 let quick = CommandLine.arguments.contains("--quick")
+let runLinear = !CommandLine.arguments.contains("--conv-only")
+let runConv = !CommandLine.arguments.contains("--linear-only")
 let batches = quick ? [32, 128] : [32, 128, 512]
 let widths = quick ? [256, 1024] : [256, 1024, 4096]
 let threads = getenv("OPENBLAS_NUM_THREADS").map { String(cString: $0) } ?? "default"
 
+if runLinear {
 print("TENGraD linear-layer benchmark (OPENBLAS_NUM_THREADS=\(threads)); bias on; λ = 0.1")
 print("GFLOP/s count the SPEC §2 algorithm: Grams m(m+1)(in+out), Cholesky m³/3, GEMMs 2·m·in·out each")
 print("sgemm = OpenBLAS sgemm GFLOP/s on (out×m)·(m×in) in this run; ratio = ours ÷ sgemm\n")
@@ -109,6 +112,86 @@ for n in widths {
         print(row.map { $0.padding(11) }.joined())
     }
 }
+}
+
+// MARK: - Convolutions
+
+/// Seconds of one curvature update with a forced strategy. When the flop model predicts more than
+/// `cap` seconds at the full batch, times a smaller batch and extrapolates by (m/m')², the Gram's
+/// growth in m (marked with "*").
+func outputPositions(_ s: Conv2dShape) -> (Int, Int) {
+    ((s.inHeight + 2 * s.paddingHeight - s.dilationHeight * (s.kernelHeight - 1) - 1) / s.strideHeight + 1,
+     (s.inWidth + 2 * s.paddingWidth - s.dilationWidth * (s.kernelWidth - 1) - 1) / s.strideWidth + 1)
+}
+
+func convCurvatureSeconds(_ shape: Conv2dShape, batch m: Int, strategy: ConvStrategy, estimate: Double, rng: inout LCG) throws -> (Double, Bool) {
+    let cap = 2e11  // flops: about a second at this machine's sgemm rate
+    var mm = m
+    while mm > 2 && estimate * Double(mm * mm) / Double(m * m) > cap { mm /= 2 }
+    let (ho, wo) = outputPositions(shape)
+    let x = (0..<(mm * shape.inChannels * shape.inHeight * shape.inWidth)).map { _ in rng.uniform() }
+    let g = (0..<(mm * shape.outChannels * ho * wo)).map { _ in rng.uniform() / Float(mm) }
+    let p = Preconditioner()
+    let layer = try p.addConv2d(shape)
+    try p.setConvStrategy(layer: layer, strategy)
+    let t = try x.withUnsafeBufferPointer { xp in
+        try g.withUnsafeBufferPointer { gp in
+            try measure { try p.updateCurvature(layer: layer, batch: mm, activations: xp, outputGrads: gp, gradScale: Float(mm)) }
+        }
+    }
+    return (t * Double(m * m) / Double(mm * mm), mm != m)
+}
+
+if runConv {
+    let m = quick ? 32 : 128
+    let layers: [(String, Conv2dShape)] = [
+        ("FMNIST conv1 1→128 28²", Conv2dShape(inChannels: 1, outChannels: 128, inHeight: 28, inWidth: 28, kernelHeight: 3, kernelWidth: 3, paddingHeight: 1, paddingWidth: 1)),
+        ("FMNIST conv2 128→128 28²", Conv2dShape(inChannels: 128, outChannels: 128, inHeight: 28, inWidth: 28, kernelHeight: 3, kernelWidth: 3, paddingHeight: 1, paddingWidth: 1)),
+        ("ResNet 64→64 32²", Conv2dShape(inChannels: 64, outChannels: 64, inHeight: 32, inWidth: 32, kernelHeight: 3, kernelWidth: 3, paddingHeight: 1, paddingWidth: 1)),
+        ("ResNet 256→256 8²", Conv2dShape(inChannels: 256, outChannels: 256, inHeight: 8, inWidth: 8, kernelHeight: 3, kernelWidth: 3, paddingHeight: 1, paddingWidth: 1)),
+        ("1×1 512→512 4²", Conv2dShape(inChannels: 512, outChannels: 512, inHeight: 4, inWidth: 4, kernelHeight: 1, kernelWidth: 1)),
+    ]
+    print("\nTENGraD conv2d benchmark, batch \(m), bias on (the paper's ConvNet uses conv2 twice: 128→128 twice)")
+    print("curvature = one update_curvature (Gram + Cholesky); precondition is the same for both strategies")
+    print("(* = measured at a smaller batch and scaled by (m/m')², the Gram's growth; the factored Gram")
+    print("   grows with L² and would take minutes on the large-L layers)\n")
+    let head = ["layer", "L", "factored s", "explicit s", "model picks", "faster", "precond s", "snapshot MB"]
+    print(head.enumerated().map { $0.element.padding($0.offset == 0 ? 27 : 13) }.joined())
+    for (name, shape) in layers {
+        let probe = Preconditioner()
+        let id = try probe.addConv2d(shape)
+        let (ho, wo) = outputPositions(shape)
+        let x = (0..<(m * shape.inChannels * shape.inHeight * shape.inWidth)).map { _ in rng.uniform() }
+        let g = (0..<(m * shape.outChannels * ho * wo)).map { _ in rng.uniform() / Float(m) }
+        let counts = try probe.arrayCounts(layer: id, batch: m)
+        let v = (0..<counts.weight).map { _ in rng.uniform() }, vb = (0..<counts.bias).map { _ in rng.uniform() }
+        var out = [Float](repeating: 0, count: counts.weight), outB = [Float](repeating: 0, count: counts.bias)
+        // The model's choice and estimates from one automatic update; then the precondition time.
+        let tPre = try x.withUnsafeBufferPointer { xp in
+            try g.withUnsafeBufferPointer { gp in
+                try probe.updateCurvature(layer: id, batch: m, activations: xp, outputGrads: gp, gradScale: Float(m))
+                return try v.withUnsafeBufferPointer { vp in
+                    try vb.withUnsafeBufferPointer { vbp in
+                        try out.withUnsafeMutableBufferPointer { op in
+                            try outB.withUnsafeMutableBufferPointer { obp in
+                                try measure { try probe.precondition(layer: id, weightGrad: vp, biasGrad: vbp, weightUpdate: op, biasUpdate: obp) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let st = try probe.stats(layer: id)
+        let (tf, fx) = try convCurvatureSeconds(shape, batch: m, strategy: .factored, estimate: st.factoredFlopsEstimate, rng: &rng)
+        let (te, ex) = try convCurvatureSeconds(shape, batch: m, strategy: .explicit, estimate: st.explicitFlopsEstimate, rng: &rng)
+        let faster: ConvStrategy = tf < te ? .factored : .explicit
+        let row = [
+            name, "\(ho * wo)", sci(tf) + (fx ? "*" : ""), sci(te) + (ex ? "*" : ""), "\(st.convStrategy)",
+            faster == st.convStrategy ? "yes" : "no (\(faster))", sci(tPre), fixed(Double(st.snapshotBytes) / 1e6, 1),
+        ]
+        print(row.enumerated().map { $0.element.padding($0.offset == 0 ? 27 : 13) }.joined())
+    }
+}
 
 func fixed(_ x: Double, _ digits: Int = 1) -> String {
     var scale = 1.0
@@ -126,6 +209,7 @@ func sci(_ x: Double) -> String {
     var e = 0
     var v = x
     while v < 1 && e > -12 { v *= 10; e -= 1 }
+    while v >= 10 { v /= 10; e += 1 }
     return "\(fixed(v, 2))e\(e)"
 }
 
