@@ -65,6 +65,7 @@ test-example: $(BUILD)/mlp $(DATA)/.done ## The examples on real data; the C tra
 	$(BUILD)/mlp --data $(DATA) --epochs 1 --train-limit 6000 --test-limit 2000 --check
 	$(BUILD)/mlp-cxx --data $(DATA) --epochs 1 --train-limit 6000 --test-limit 2000 --fisher empirical --check
 	$(PYTHON) examples/python/numpy_mlp.py --epochs 1 --train-limit 3000
+	$(PYTHON) examples/python/numpy_conv.py --epochs 1 --train-limit 2000
 	swift build -c release --product tengrad-swift-example
 	$(RELEASE_DIR)/tengrad-swift-example $(DATA) 1
 
