@@ -13,7 +13,7 @@ PYTHON       ?= python3
 CWARN        := -Wall -Wextra -Werror
 LINK_TENGRAD := -L$(RELEASE_DIR) -ltengrad -Wl,-rpath,$(abspath $(RELEASE_DIR))
 APT_PACKAGES := libopenblas-dev liblapacke-dev dataset-fashion-mnist
-PIP_PACKAGES := numpy pytest
+PIP_PACKAGES := numpy pytest xxhash
 export OPENBLAS_NUM_THREADS ?= 2
 
 .PHONY: help setup build test test-swift test-c test-python test-example demo bench clean
@@ -27,7 +27,7 @@ setup: ## Install the apt and pip packages a fresh machine lacks (no-op when pre
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
-	@$(PYTHON) -c "import numpy, pytest" 2>/dev/null || $(PYTHON) -m pip install -q $(PIP_PACKAGES)
+	@$(PYTHON) -c "import numpy, pytest, xxhash" 2>/dev/null || $(PYTHON) -m pip install -q $(PIP_PACKAGES)
 
 build: setup ## Build libtengrad.so and the Swift products (release)
 	swift build -c release

@@ -153,6 +153,14 @@ TENGRAD_NODISCARD tengrad_status tengrad_set_conv_strategy(tengrad_preconditione
 /* Number of registered layers. */
 TENGRAD_NODISCARD tengrad_status tengrad_layer_count(const tengrad_preconditioner *p, int32_t *out);
 
+/* Shape of a registered layer (e.g. after loading state into a fresh handle). Asking for the
+   shape of the other kind is TENGRAD_ERROR_INVALID_ARGUMENT. */
+TENGRAD_NODISCARD tengrad_status tengrad_get_linear_shape(const tengrad_preconditioner *p, int32_t layer,
+                                                          int64_t *in_features, int64_t *out_features,
+                                                          int32_t *has_bias);
+TENGRAD_NODISCARD tengrad_status tengrad_get_conv2d_shape(const tengrad_preconditioner *p, int32_t layer,
+                                                          tengrad_conv2d_shape *out);
+
 /* ---- Preconditioning -------------------------------------------------------------------- */
 
 /* grad_scale s: the factor by which the caller's output gradients must be multiplied to give each
@@ -185,6 +193,26 @@ TENGRAD_NODISCARD tengrad_status tengrad_natural_gradient(tengrad_preconditioner
                                                           const float *output_grads,
                                                           float grad_scale, float *weight_update,
                                                           float *bias_update);
+
+/* ---- State ---------------------------------------------------------------------------- */
+
+/* Save everything a resumed run needs for bit-identical updates: settings (damping, memory
+   limit, conv strategies), layers and their shapes, each layer's curvature snapshot (batch
+   copies, Gram, Cholesky factor) and last ⟨update, grad⟩. Size query then fill: with
+   buffer == NULL, *size receives the bytes needed; otherwise up to capacity bytes are written
+   and *size receives the bytes written (TENGRAD_ERROR_SHAPE if capacity is too small).
+   Format: magic "TENGRAD\x1a", u32 version (1), explicit little-endian fields, no pointers,
+   XXH64 checksum of all preceding bytes last. The blob is portable across machines. */
+TENGRAD_NODISCARD tengrad_status tengrad_save_state(const tengrad_preconditioner *p, void *buffer,
+                                                    size_t capacity, size_t *size);
+
+/* Restore state saved by tengrad_save_state. Into a handle with no layers, the saved layers are
+   created; into a handle with layers, the saved layers must match them one for one (kind and
+   shape). Magic, version, length, checksum and every field are validated, and the restored
+   snapshots allocated, before anything changes: on any failure the handle is exactly as before
+   (TENGRAD_ERROR_CORRUPT with a precise message, or TENGRAD_ERROR_OUT_OF_MEMORY). */
+TENGRAD_NODISCARD tengrad_status tengrad_load_state(tengrad_preconditioner *p, const void *buffer,
+                                                    size_t size);
 
 /* ---- KL clipping ------------------------------------------------------------------------ */
 

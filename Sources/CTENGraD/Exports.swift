@@ -189,6 +189,77 @@ public func tengrad_layer_count(_ p: OpaquePointer?, _ out: UnsafeMutablePointer
     }
 }
 
+@_cdecl("tengrad_get_linear_shape")
+public func tengrad_get_linear_shape(
+    _ p: OpaquePointer?, _ layer: Int32, _ inFeatures: UnsafeMutablePointer<Int64>?,
+    _ outFeatures: UnsafeMutablePointer<Int64>?, _ hasBias: UnsafeMutablePointer<Int32>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let i = try required(inFeatures, "in_features"), o = try required(outFeatures, "out_features")
+        let b = try required(hasBias, "has_bias")
+        guard case let .linear(inF, outF, bias) = try h.core.layerDescription(layer: Int(layer)) else {
+            throw TENGraDError(.invalidArgument, "layer \(layer) is not a linear layer")
+        }
+        i.pointee = Int64(inF)
+        o.pointee = Int64(outF)
+        b.pointee = bias ? 1 : 0
+    }
+}
+
+@_cdecl("tengrad_get_conv2d_shape")
+public func tengrad_get_conv2d_shape(
+    _ p: OpaquePointer?, _ layer: Int32, _ out: UnsafeMutablePointer<tengrad_conv2d_shape>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let o = try required(out, "out")
+        guard case let .conv2d(s) = try h.core.layerDescription(layer: Int(layer)) else {
+            throw TENGraDError(.invalidArgument, "layer \(layer) is not a conv2d layer")
+        }
+        var c = tengrad_conv2d_shape()
+        c.in_channels = Int64(s.inChannels)
+        c.out_channels = Int64(s.outChannels)
+        c.in_height = Int64(s.inHeight)
+        c.in_width = Int64(s.inWidth)
+        c.kernel_height = Int64(s.kernelHeight)
+        c.kernel_width = Int64(s.kernelWidth)
+        c.stride_height = Int64(s.strideHeight)
+        c.stride_width = Int64(s.strideWidth)
+        c.padding_height = Int64(s.paddingHeight)
+        c.padding_width = Int64(s.paddingWidth)
+        c.dilation_height = Int64(s.dilationHeight)
+        c.dilation_width = Int64(s.dilationWidth)
+        c.groups = Int64(s.groups)
+        c.has_bias = s.hasBias ? 1 : 0
+        o.pointee = c
+    }
+}
+
+// MARK: - State
+
+@_cdecl("tengrad_save_state")
+public func tengrad_save_state(
+    _ p: OpaquePointer?, _ buffer: UnsafeMutableRawPointer?, _ capacity: Int, _ size: UnsafeMutablePointer<Int>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let out = try required(size, "size")
+        guard let buffer else {
+            out.pointee = h.core.stateSize
+            return
+        }
+        guard capacity >= 0 else { throw TENGraDError(.invalidArgument, "capacity overflows") }
+        out.pointee = try h.core.saveState(into: UnsafeMutableRawBufferPointer(start: buffer, count: capacity))
+    }
+}
+
+@_cdecl("tengrad_load_state")
+public func tengrad_load_state(_ p: OpaquePointer?, _ buffer: UnsafeRawPointer?, _ size: Int) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let b = try required(buffer, "buffer")
+        guard size >= 0 else { throw TENGraDError(.invalidArgument, "size overflows") }
+        try h.core.loadState(UnsafeRawBufferPointer(start: b, count: size))
+    }
+}
+
 // MARK: - Preconditioning
 
 @_cdecl("tengrad_update_curvature")

@@ -15,10 +15,10 @@ public final class Preconditioner {
     public static let defaultDamping = 0.1
 
     /// λ of `F + λI`, for every layer.
-    public private(set) var damping: Double = Preconditioner.defaultDamping
+    public internal(set) var damping: Double = Preconditioner.defaultDamping
 
-    private var layers: [any PreconditionedLayer] = []
-    private let budget = MemoryBudget()
+    var layers: [ExactBlockLayer] = []
+    let budget = MemoryBudget()
     private let workspace: Workspace
 
     public init() {
@@ -69,13 +69,13 @@ public final class Preconditioner {
         conv.strategySetting = strategy
     }
 
-    private func append(_ layer: any PreconditionedLayer) throws(TENGraDError) -> Int {
+    private func append(_ layer: ExactBlockLayer) throws(TENGraDError) -> Int {
         guard layers.count < Int(Int32.max) else { throw .invalid("too many layers") }
         layers.append(layer)
         return layers.count - 1
     }
 
-    private func layer(_ id: Int) throws(TENGraDError) -> any PreconditionedLayer {
+    private func layer(_ id: Int) throws(TENGraDError) -> ExactBlockLayer {
         guard id >= 0, id < layers.count else {
             throw .invalid("unknown layer id \(id) (\(layers.count) layers registered)")
         }
@@ -96,6 +96,16 @@ public final class Preconditioner {
         let l = try layer(id)
         let inputs = batch == 0 ? (0, 0) : try l.inputCounts(batch: batch)
         return ArrayCounts(activations: inputs.0, outputGrads: inputs.1, weight: l.weightCount, bias: l.biasCount)
+    }
+
+    /// Kind and shape of a registered layer.
+    public enum Layer: Equatable, Sendable {
+        case linear(inFeatures: Int, outFeatures: Int, bias: Bool)
+        case conv2d(Conv2dShape)
+    }
+
+    public func layerDescription(layer id: Int) throws(TENGraDError) -> Layer {
+        Layer(try layer(id))
     }
 
     /// Diagnostics of one layer.

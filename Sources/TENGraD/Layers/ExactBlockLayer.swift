@@ -10,7 +10,7 @@
 /// and keeps every call atomic: all that can fail (input scans, Gram, factorization, allocation)
 /// happens before state or outputs are touched. Updates are written only when an a-priori bound
 /// proves them finite in float32.
-class ExactBlockLayer: PreconditionedLayer {
+class ExactBlockLayer {
     let kind: LayerKind
     let weightCount: Int
     let biasCount: Int
@@ -46,6 +46,15 @@ class ExactBlockLayer: PreconditionedLayer {
     }
 
     var updateDotGrad: Double? { record.hasUpdate ? record.updateDotGrad : nil }
+
+    /// Replaces the snapshot (restored state), keeping the statistics consistent with it.
+    func replaceSnapshot(_ snap: Snapshot?) {
+        snapshot = snap
+        record.batch = snap?.m ?? 0
+        record.snapshotBytes = snap.map { $0.activations.bytes + $0.outputGrads.bytes + $0.system.bytes } ?? 0
+        record.damping = snap?.system.damping ?? 0
+        record.jitter = snap?.system.jitter ?? 0
+    }
 
     // MARK: - Hooks for the layer kinds
 

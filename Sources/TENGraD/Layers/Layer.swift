@@ -1,33 +1,3 @@
-/// What every layer kind provides to the preconditioner. Implementations hold the layer's shape
-/// and its current curvature snapshot and do all of that layer's mathematics.
-protocol PreconditionedLayer: AnyObject {
-    var kind: LayerKind { get }
-    /// Numbers in the weight gradient.
-    var weightCount: Int { get }
-    /// Numbers in the bias gradient; 0 when the layer has no bias.
-    var biasCount: Int { get }
-    /// Element counts of the activations and output gradients of a batch (overflow-checked).
-    func inputCounts(batch: Int) throws(TENGraDError) -> (activations: Int, outputGrads: Int)
-    /// Statistics of the current snapshot and the last calls.
-    var stats: LayerStats { get }
-    /// ⟨update, grad⟩ of the last update, nil before the first (cheap; for KL clipping).
-    var updateDotGrad: Double? { get }
-
-    func updateCurvature(
-        batch: Int, activations: UnsafePointer<Float>, outputGrads: UnsafePointer<Float>,
-        scale: Float, context: LayerContext) throws(TENGraDError)
-
-    func precondition(
-        weightGrad: UnsafePointer<Float>, biasGrad: UnsafePointer<Float>?,
-        weightUpdate: UnsafeMutablePointer<Float>, biasUpdate: UnsafeMutablePointer<Float>?,
-        context: LayerContext) throws(TENGraDError)
-
-    func naturalGradient(
-        batch: Int, activations: UnsafePointer<Float>, outputGrads: UnsafePointer<Float>,
-        scale: Float, weightUpdate: UnsafeMutablePointer<Float>, biasUpdate: UnsafeMutablePointer<Float>?,
-        context: LayerContext) throws(TENGraDError)
-}
-
 /// Settings and shared resources a layer needs during one call.
 struct LayerContext {
     let damping: Double

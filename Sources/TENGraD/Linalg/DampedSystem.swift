@@ -15,7 +15,7 @@ final class DampedSystem {
     private(set) var damping: Double
     private(set) var jitter: Double
     /// 1-norm of the factorized matrix, for the condition estimate.
-    private var anorm: Double
+    private(set) var anorm: Double
     private var cachedRcond: Double?
 
     /// Factorizes `gram + mλI`. `gram` must be symmetric and finite.
@@ -23,6 +23,17 @@ final class DampedSystem {
         self.m = m
         self.gram = gram
         let (factor, jitter, anorm) = try DampedSystem.factorize(gram: gram, m: m, damping: damping, budget: budget)
+        self.factor = factor
+        self.damping = damping
+        self.jitter = jitter
+        self.anorm = anorm
+    }
+
+    /// A system restored from saved state (see Preconditioner+State), factor included, so a
+    /// resumed run computes bit-identical updates.
+    init(restoring gram: Storage<Double>, factor: Storage<Double>, m: Int, damping: Double, jitter: Double, anorm: Double) {
+        self.m = m
+        self.gram = gram
         self.factor = factor
         self.damping = damping
         self.jitter = jitter

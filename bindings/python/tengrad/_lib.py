@@ -164,6 +164,18 @@ tengrad_add_conv2d = _declare(
     "tengrad_add_conv2d", c_int32, _handle, POINTER(Conv2dShape), POINTER(c_int32))
 # tengrad_status tengrad_set_conv_strategy(tengrad_preconditioner *p, int32_t layer, int32_t strategy);
 tengrad_set_conv_strategy = _declare("tengrad_set_conv_strategy", c_int32, _handle, c_int32, c_int32)
+# tengrad_status tengrad_get_linear_shape(p, int32_t layer, int64_t *in_features, int64_t *out_features,
+#                                         int32_t *has_bias);
+tengrad_get_linear_shape = _declare(
+    "tengrad_get_linear_shape", c_int32, _handle, c_int32, POINTER(c_int64), POINTER(c_int64), POINTER(c_int32))
+# tengrad_status tengrad_get_conv2d_shape(p, int32_t layer, tengrad_conv2d_shape *out);
+tengrad_get_conv2d_shape = _declare("tengrad_get_conv2d_shape", c_int32, _handle, c_int32, POINTER(Conv2dShape))
+# tengrad_status tengrad_save_state(const tengrad_preconditioner *p, void *buffer, size_t capacity,
+#                                   size_t *size);
+tengrad_save_state = _declare("tengrad_save_state", c_int32, _handle, c_void_p, ctypes.c_size_t,
+                              POINTER(ctypes.c_size_t))
+# tengrad_status tengrad_load_state(tengrad_preconditioner *p, const void *buffer, size_t size);
+tengrad_load_state = _declare("tengrad_load_state", c_int32, _handle, c_char_p, ctypes.c_size_t)
 # tengrad_status tengrad_layer_count(const tengrad_preconditioner *p, int32_t *out);
 tengrad_layer_count = _declare("tengrad_layer_count", c_int32, _handle, POINTER(c_int32))
 # tengrad_status tengrad_update_curvature(p, int32_t layer, int64_t batch, const float *activations,

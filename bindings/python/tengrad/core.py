@@ -222,6 +222,43 @@ class Preconditioner:
             raise ValueError(f"strategy must be one of {sorted(_STRATEGIES)}, got {strategy!r}")
         _lib.tengrad_set_conv_strategy(self._h, int(layer), _STRATEGIES[strategy])
 
+    def _sync_layers(self) -> None:
+        """Rebuild the Python-side layer specs from the library (after loading state)."""
+        specs = []
+        for layer in range(self.num_layers):
+            i, o, b = ctypes.c_int64(), ctypes.c_int64(), ctypes.c_int32()
+            try:
+                _lib.tengrad_get_linear_shape(self._h, layer, ctypes.byref(i), ctypes.byref(o), ctypes.byref(b))
+                specs.append(LinearSpec(i.value, o.value, bool(b.value)))
+                continue
+            except TengradError:
+                pass
+            c = _lib.Conv2dShape()
+            _lib.tengrad_get_conv2d_shape(self._h, layer, ctypes.byref(c))
+            specs.append(Conv2dSpec(c.in_channels, c.out_channels, (c.in_height, c.in_width),
+                                    (c.kernel_height, c.kernel_width), (c.stride_height, c.stride_width),
+                                    (c.padding_height, c.padding_width), (c.dilation_height, c.dilation_width),
+                                    c.groups, bool(c.has_bias)))
+        self._layers = specs
+
+    # -- state ---------------------------------------------------------------------------------
+    def save_state(self) -> bytes:
+        """Everything a resumed run needs for bit-identical updates, as bytes (versioned,
+        checksummed, portable): settings, layers, curvature snapshots."""
+        size = ctypes.c_size_t()
+        _lib.tengrad_save_state(self._h, None, 0, ctypes.byref(size))
+        buffer = ctypes.create_string_buffer(size.value)
+        _lib.tengrad_save_state(self._h, buffer, size.value, ctypes.byref(size))
+        return buffer.raw[:size.value]
+
+    def load_state(self, data: bytes) -> None:
+        """Restore ``save_state`` bytes. A Preconditioner without layers takes the saved layers;
+        one with layers must match them. Raises TengradError(ERROR_CORRUPT) for damaged or
+        mismatched state, leaving this object unchanged."""
+        data = bytes(data)
+        _lib.tengrad_load_state(self._h, data, len(data))
+        self._sync_layers()
+
     def layer_spec(self, layer: int):
         if not isinstance(layer, (int, np.integer)) or not 0 <= layer < len(self._layers):
             raise TengradError(_lib.ERROR_INVALID_ARGUMENT,

@@ -1,0 +1,152 @@
+"""Saved state: round trips give bit-identical updates; every corruption tried is rejected with
+ERROR_CORRUPT and leaves the preconditioner working as before."""
+import struct
+
+import numpy as np
+import pytest
+
+import tengrad
+
+try:
+    import xxhash
+except ImportError:  # the checksum test then recomputes nothing
+    xxhash = None
+
+
+def build(rng, damping=0.05):
+    p = tengrad.Preconditioner(damping=damping)
+    fc = p.add_linear(12, 5, bias=True)
+    conv = p.add_conv2d(4, 6, 3, (7, 7), stride=2, padding=1, dilation=1, groups=2, bias=True)
+    p.set_conv_strategy(conv, "factored")
+    data = {
+        fc: (rng.standard_normal((9, 12)).astype(np.float32), rng.standard_normal((9, 5)).astype(np.float32)),
+        conv: (rng.standard_normal((9, 4, 7, 7)).astype(np.float32), rng.standard_normal((9, 6, 4, 4)).astype(np.float32)),
+    }
+    for layer, (a, g) in data.items():
+        p.natural_gradient(layer, a, g, 9.0)
+    return p, (fc, conv), data
+
+
+def updates(p, layers, rng):
+    out = []
+    for layer in layers:
+        spec = p.layer_spec(layer)
+        v = rng.standard_normal(spec.weight_shape).astype(np.float32)
+        b = rng.standard_normal(spec.bias_shape).astype(np.float32) if spec.bias else None
+        out.append(p.precondition(layer, v, b))
+    return out
+
+
+def assert_bit_identical(a, b):
+    for (w1, b1), (w2, b2) in zip(a, b):
+        assert w1.tobytes() == w2.tobytes()
+        assert (b1 is None and b2 is None) or b1.tobytes() == b2.tobytes()
+
+
+def test_round_trip_into_a_fresh_handle_is_bit_exact():
+    rng = np.random.default_rng(1)
+    p, layers, data = build(rng)
+    blob = p.save_state()
+    with tengrad.Preconditioner() as q:
+        q.load_state(blob)
+        assert q.num_layers == 2 and q.damping == 0.05
+        assert q.layer_spec(layers[1]) == p.layer_spec(layers[1])
+        assert q.layer_stats(layers[1])["batch"] == 9
+        assert_bit_identical(updates(p, layers, np.random.default_rng(7)), updates(q, layers, np.random.default_rng(7)))
+        assert q.kl_clip_factor(0.1, 1e-3) == p.kl_clip_factor(0.1, 1e-3)
+        # The restored snapshot keeps working: the next one-call step is identical too.
+        a, g = data[layers[1]]
+        w1, b1 = p.natural_gradient(layers[1], a * 2, g, 9.0)
+        w2, b2 = q.natural_gradient(layers[1], a * 2, g, 9.0)
+        assert w1.tobytes() == w2.tobytes() and b1.tobytes() == b2.tobytes()
+        assert q.layer_stats(layers[1])["conv_strategy"] == "factored"  # the setting was restored
+        assert q.save_state() != blob  # new snapshot, new state
+    p.close()
+
+
+def test_round_trip_into_a_matching_handle_and_without_snapshots():
+    rng = np.random.default_rng(2)
+    p, layers, _ = build(rng)
+    blob = p.save_state()
+    with tengrad.Preconditioner(damping=3.0) as q:
+        q.add_linear(12, 5, bias=True)
+        q.add_conv2d(4, 6, 3, (7, 7), stride=2, padding=1, groups=2)
+        q.load_state(blob)
+        assert q.damping == 0.05
+        assert_bit_identical(updates(p, layers, np.random.default_rng(3)), updates(q, layers, np.random.default_rng(3)))
+    with tengrad.Preconditioner(damping=0.7) as empty, tengrad.Preconditioner() as r:
+        empty.add_linear(3, 2)
+        r.load_state(empty.save_state())
+        assert r.num_layers == 1 and r.damping == 0.7 and r.layer_stats(0)["batch"] == 0
+    p.close()
+
+
+def corruptions(blob):
+    """(name, damaged blob) pairs."""
+    yield "empty", b""
+    yield "header only", blob[:20]
+    for cut in (len(blob) // 3, len(blob) - 9, len(blob) - 1):
+        yield f"truncated to {cut}", blob[:cut]
+    yield "trailing byte", blob + b"\0"
+    for at in (0, 9, 30, len(blob) // 2, len(blob) - 3):
+        damaged = bytearray(blob)
+        damaged[at] ^= 0x40
+        yield f"flipped byte {at}", bytes(damaged)
+    wrong_version = bytearray(blob)
+    struct.pack_into("<I", wrong_version, 8, 2)
+    yield "version 2", bytes(wrong_version)
+
+
+def test_every_corruption_is_rejected_and_changes_nothing():
+    rng = np.random.default_rng(4)
+    p, layers, _ = build(rng)
+    blob = p.save_state()
+    with tengrad.Preconditioner(damping=0.3) as q:
+        q.add_linear(12, 5, bias=True)
+        q.add_conv2d(4, 6, 3, (7, 7), stride=2, padding=1, groups=2)
+        q.load_state(blob)
+        before = updates(q, layers, np.random.default_rng(5))
+        for name, damaged in corruptions(blob):
+            with pytest.raises(tengrad.TengradError) as e:
+                q.load_state(damaged)
+            assert e.value.status == tengrad.ERROR_CORRUPT, name
+        assert "version 2" in _message(q, dict(corruptions(blob))["version 2"])
+        assert "checksum" in _message(q, dict(corruptions(blob))[f"flipped byte {len(blob) // 2}"])
+        assert_bit_identical(before, updates(q, layers, np.random.default_rng(5)))
+    p.close()
+
+
+def _message(p, blob):
+    try:
+        p.load_state(blob)
+    except tengrad.TengradError as e:
+        return e.message
+    return ""
+
+
+def test_wrong_shapes_are_rejected():
+    rng = np.random.default_rng(6)
+    p, layers, _ = build(rng)
+    blob = p.save_state()
+    for setup in (lambda q: q.add_linear(12, 5, bias=False),
+                  lambda q: (q.add_linear(12, 5), q.add_conv2d(4, 6, 3, (7, 7), padding=1, groups=2)),
+                  lambda q: (q.add_linear(12, 5), q.add_conv2d(4, 6, 3, (7, 7), stride=2, padding=1, groups=2),
+                             q.add_linear(1, 1))):
+        with tengrad.Preconditioner() as q:
+            setup(q)
+            n = q.num_layers
+            with pytest.raises(tengrad.TengradError) as e:
+                q.load_state(blob)
+            assert e.value.status == tengrad.ERROR_CORRUPT
+            assert q.num_layers == n
+    p.close()
+
+
+@pytest.mark.skipif(xxhash is None, reason="xxhash not installed")
+def test_checksum_is_xxh64_of_the_preceding_bytes():
+    rng = np.random.default_rng(8)
+    p, _, _ = build(rng)
+    blob = p.save_state()
+    assert blob[:8] == b"TENGRAD\x1a"
+    assert struct.unpack_from("<Q", blob, len(blob) - 8)[0] == xxhash.xxh64(blob[:-8]).intdigest()
+    p.close()
