@@ -55,8 +55,10 @@ test-c: build ## C ABI tests, compiled as C11 and C++17 with warnings as errors
 	mkdir -p $(BUILD)
 	$(CC) -std=c11 -O1 $(CWARN) -Iinclude Tests/c/test_abi.c -o $(BUILD)/test_abi $(LINK_TENGRAD) -lm
 	$(CXX) -std=c++17 -O1 $(CWARN) -Iinclude -x c++ Tests/c/test_abi.c -o $(BUILD)/test_abi_cxx $(LINK_TENGRAD) -lm
+	$(CC) -std=c11 -O1 $(CWARN) -Iinclude Tests/c/test_threads.c -o $(BUILD)/test_threads $(LINK_TENGRAD) -lpthread
 	$(BUILD)/test_abi
 	$(BUILD)/test_abi_cxx
+	$(BUILD)/test_threads
 
 test-python: build ## pytest of the Python binding
 	cd bindings/python && $(PYTHON) -m pytest -q tests

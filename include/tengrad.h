@@ -27,7 +27,10 @@
  *    and tengrad_last_error() then says why.
  *  - Threading: a handle is used by one thread at a time (calls on one handle must not overlap);
  *    distinct handles are fully independent and may be used from different threads at once.
- *    The library keeps no global mutable state and no thread-local state.
+ *    The library keeps no global mutable state and no thread-local state. A call that overlaps
+ *    another call on the same handle is detected (one atomic flag per handle) and refused with
+ *    TENGRAD_ERROR_STATE, changing nothing; tengrad_last_error and tengrad_destroy are not
+ *    guarded, so this is a safety net, not a licence to share handles.
  *  - BLAS threading is OpenBLAS's own (OPENBLAS_NUM_THREADS).
  */
 #ifndef TENGRAD_H

@@ -1,4 +1,5 @@
 import CTENGraDHeader
+import Synchronization
 import TENGraD
 
 // The C ABI of include/tengrad.h: thin @_cdecl thunks over the Swift core. No math lives here.
@@ -9,6 +10,10 @@ import TENGraD
 /// What a `tengrad_preconditioner *` points to: the core object and the last message.
 final class Handle {
     let core = Preconditioner()
+    /// Set while a call runs on this handle: a second, overlapping call (two threads sharing one
+    /// handle, which the header forbids) is refused with TENGRAD_ERROR_STATE instead of
+    /// corrupting the state. One uncontended compare-exchange per call.
+    let busy = Atomic<Bool>(false)
     /// NUL-terminated copy of the last message, owned here; valid until the next call.
     private var message: UnsafeMutablePointer<CChar>?
 
@@ -37,12 +42,19 @@ private func handle(_ p: OpaquePointer) -> Handle {
 
 private let statusOK: Int32 = 0
 private let statusInvalid: Int32 = TENGraDError.Code.invalidArgument.rawValue
+private let statusState: Int32 = TENGraDError.Code.state.rawValue
 
 /// Runs `body` on the handle, mapping success and every error to a status and the handle's message.
+/// A call that overlaps another on the same handle returns TENGRAD_ERROR_STATE and touches
+/// nothing (not even the message, which the running call owns).
 @inline(__always)
 private func run(_ p: OpaquePointer?, _ body: (Handle) throws(TENGraDError) -> Void) -> Int32 {
     guard let p else { return statusInvalid }
     let h = handle(p)
+    guard h.busy.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged else {
+        return statusState
+    }
+    defer { h.busy.store(false, ordering: .releasing) }
     do {
         try body(h)
         h.setMessage("")

@@ -1,0 +1,132 @@
+/*
+ * Concurrency: distinct handles used from several threads at once give bit-identical results to
+ * sequential use; two threads sharing one handle (forbidden by the header) get TENGRAD_OK or
+ * TENGRAD_ERROR_STATE, never a crash or a corrupted handle. Prints "N passed, N failed".
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tengrad.h"
+
+enum { THREADS = 4, STEPS = 20, M = 16, IN = 64, OUT = 32, CIN = 4, COUT = 8, HW = 10 };
+
+static int passed = 0, failed = 0;
+#define CHECK(cond)                                                                        \
+    do {                                                                                   \
+        if (cond) {                                                                        \
+            passed++;                                                                      \
+        } else {                                                                           \
+            failed++;                                                                      \
+            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);     \
+        }                                                                                  \
+    } while (0)
+
+typedef struct {
+    unsigned seed;
+    float linear_w[OUT * IN], linear_b[OUT];
+    float conv_w[COUT * CIN * 9], conv_b[COUT];
+    int status;
+} job;
+
+static void fill(float *x, int n, unsigned *seed) {
+    for (int i = 0; i < n; i++) {
+        *seed = *seed * 1103515245u + 12345u;
+        x[i] = (float)((int)((*seed >> 8) % 2001) - 1000) / 1000.0f;
+    }
+}
+
+/* A small training-like sequence on a private handle: curvature and updates every step. */
+static void *run_job(void *arg) {
+    job *j = (job *)arg;
+    static const tengrad_conv2d_shape shape = {CIN, COUT, HW, HW, 3, 3, 1, 1, 1, 1, 1, 1, 2, 1};
+    tengrad_preconditioner *p = NULL;
+    int32_t fc = -1, conv = -1;
+    unsigned seed = j->seed;
+    float *a = (float *)malloc(sizeof(float) * M * IN), *g = (float *)malloc(sizeof(float) * M * OUT);
+    float *x = (float *)malloc(sizeof(float) * M * CIN * HW * HW), *gy = (float *)malloc(sizeof(float) * M * COUT * HW * HW);
+    j->status = tengrad_create(&p);
+    if (j->status == TENGRAD_OK) j->status = tengrad_add_linear(p, IN, OUT, 1, &fc);
+    if (j->status == TENGRAD_OK) j->status = tengrad_add_conv2d(p, &shape, &conv);
+    for (int step = 0; step < STEPS && j->status == TENGRAD_OK; step++) {
+        fill(a, M * IN, &seed);
+        fill(g, M * OUT, &seed);
+        fill(x, M * CIN * HW * HW, &seed);
+        fill(gy, M * COUT * HW * HW, &seed);
+        j->status = tengrad_natural_gradient(p, fc, M, a, g, M, j->linear_w, j->linear_b);
+        if (j->status == TENGRAD_OK) j->status = tengrad_update_curvature(p, conv, M, x, gy, M);
+        if (j->status == TENGRAD_OK) j->status = tengrad_precondition(p, conv, j->conv_w, j->conv_b, j->conv_w, j->conv_b);
+        if (j->status == TENGRAD_OK && step == 0) fill(j->conv_w, COUT * CIN * 9, &seed);
+    }
+    tengrad_destroy(p);
+    free(a); free(g); free(x); free(gy);
+    return NULL;
+}
+
+typedef struct {
+    tengrad_preconditioner *p;
+    int32_t layer;
+    int ok, refused, other;
+} shared_job;
+
+static void *hammer(void *arg) {
+    shared_job *s = (shared_job *)arg;
+    static float a[M * IN], g[M * OUT], w[OUT * IN], b[OUT];
+    unsigned seed = 99;
+    fill(a, M * IN, &seed);
+    fill(g, M * OUT, &seed);
+    for (int i = 0; i < 200; i++) {
+        tengrad_status st = tengrad_natural_gradient(s->p, s->layer, M, a, g, M, w, b);
+        if (st == TENGRAD_OK) s->ok++;
+        else if (st == TENGRAD_ERROR_STATE) s->refused++;
+        else s->other++;
+    }
+    return NULL;
+}
+
+int main(void) {
+    static job sequential[THREADS], parallel[THREADS];
+    for (int t = 0; t < THREADS; t++) {
+        memset(&sequential[t], 0, sizeof(job));
+        sequential[t].seed = 1000u + (unsigned)t;
+        parallel[t] = sequential[t];
+        run_job(&sequential[t]);
+        CHECK(sequential[t].status == TENGRAD_OK);
+    }
+    pthread_t threads[THREADS];
+    for (int t = 0; t < THREADS; t++) CHECK(pthread_create(&threads[t], NULL, run_job, &parallel[t]) == 0);
+    for (int t = 0; t < THREADS; t++) pthread_join(threads[t], NULL);
+    for (int t = 0; t < THREADS; t++) {
+        CHECK(parallel[t].status == TENGRAD_OK);
+        CHECK(memcmp(parallel[t].linear_w, sequential[t].linear_w, sizeof parallel[t].linear_w) == 0);
+        CHECK(memcmp(parallel[t].linear_b, sequential[t].linear_b, sizeof parallel[t].linear_b) == 0);
+        CHECK(memcmp(parallel[t].conv_w, sequential[t].conv_w, sizeof parallel[t].conv_w) == 0);
+        CHECK(memcmp(parallel[t].conv_b, sequential[t].conv_b, sizeof parallel[t].conv_b) == 0);
+    }
+
+    /* Misuse: two threads on one handle. Every call either runs or is refused. */
+    shared_job s[2];
+    memset(s, 0, sizeof s);
+    tengrad_preconditioner *p = NULL;
+    int32_t layer = -1;
+    CHECK(tengrad_create(&p) == TENGRAD_OK);
+    CHECK(tengrad_add_linear(p, IN, OUT, 1, &layer) == TENGRAD_OK);
+    for (int t = 0; t < 2; t++) {
+        s[t].p = p;
+        s[t].layer = layer;
+        CHECK(pthread_create(&threads[t], NULL, hammer, &s[t]) == 0);
+    }
+    for (int t = 0; t < 2; t++) pthread_join(threads[t], NULL);
+    CHECK(s[0].other == 0 && s[1].other == 0);
+    CHECK(s[0].ok + s[1].ok > 0);
+    printf("shared handle: %d calls ran, %d overlapping calls refused\n", s[0].ok + s[1].ok, s[0].refused + s[1].refused);
+    static float w[OUT * IN], b[OUT];
+    CHECK(tengrad_precondition(p, layer, w, b, w, b) == TENGRAD_OK); /* the handle still works */
+    tengrad_layer_stats stats;
+    CHECK(tengrad_get_layer_stats(p, layer, &stats) == TENGRAD_OK && stats.batch == M);
+    tengrad_destroy(p);
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed == 0 ? 0 : 1;
+}
