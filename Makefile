@@ -16,7 +16,16 @@ APT_PACKAGES := libopenblas-dev liblapacke-dev dataset-fashion-mnist
 PIP_PACKAGES := numpy pytest xxhash
 export OPENBLAS_NUM_THREADS ?= 2
 
-.PHONY: help setup build test test-swift test-c test-python test-example demo bench clean
+ASAN_CC      ?= clang
+SAN_FLAGS    := -g -O1 -fsanitize=address,undefined -fno-sanitize-recover=undefined -fuse-ld=bfd
+ASAN_DIR     := .build-asan/debug
+FUZZ_DIR     := .build-fuzz/debug
+FUZZ_SECONDS ?= 60
+FUZZ_SWIFT   := -Xswiftc -sanitize=address -Xswiftc -sanitize-coverage=edge,inline-8bit-counters,pc-table,trace-cmp
+# Swift's own crash backtracer would mask the sanitizer's report.
+export SWIFT_BACKTRACE := enable=no
+
+.PHONY: help setup build test test-swift test-c test-python test-example test-asan fuzz fuzz-smoke fuzz-build demo bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -46,7 +55,7 @@ $(BUILD)/mlp: examples/c/mlp.c include/tengrad.h build
 demo: $(BUILD)/mlp $(DATA)/.done ## Main job: C 784-128-10 MLP on Fashion-MNIST, TENGraD vs SGD
 	$(BUILD)/mlp --data $(DATA)
 
-test: test-swift test-c test-python test-example ## Run every test suite (what CI runs)
+test: test-swift test-c test-python test-example test-asan fuzz-smoke ## Run every test suite (what CI runs)
 
 test-swift: setup ## Swift tests of the core against the dense float64 oracle
 	swift test
@@ -70,6 +79,40 @@ test-example: $(BUILD)/mlp $(DATA)/.done ## The examples on real data; the C tra
 	$(PYTHON) examples/python/numpy_conv.py --epochs 1 --train-limit 2000
 	swift build -c release --product tengrad-swift-example
 	$(RELEASE_DIR)/tengrad-swift-example $(DATA) 1
+
+test-asan: setup ## Swift and C tests under AddressSanitizer (+ UBSan and LeakSanitizer for C)
+	swift build --sanitize=address --scratch-path .build-asan --product tengrad
+	LSAN_OPTIONS=suppressions=$(abspath Tests/sanitizers/lsan.supp) swift test --sanitize=address --scratch-path .build-asan
+	mkdir -p $(BUILD)/asan
+	$(ASAN_CC) -std=c11 $(SAN_FLAGS) $(CWARN) -Iinclude Tests/c/test_abi.c -o $(BUILD)/asan/test_abi \
+	  -L$(ASAN_DIR) -ltengrad -Wl,-rpath,$(abspath $(ASAN_DIR)) -lm
+	$(ASAN_CC) -std=c11 $(SAN_FLAGS) $(CWARN) -Iinclude Tests/c/test_threads.c -o $(BUILD)/asan/test_threads \
+	  -L$(ASAN_DIR) -ltengrad -Wl,-rpath,$(abspath $(ASAN_DIR)) -lpthread
+	$(ASAN_CC) -std=c11 $(SAN_FLAGS) $(CWARN) -Iinclude Tests/c/leak_loop.c -o $(BUILD)/asan/leak_loop \
+	  -L$(ASAN_DIR) -ltengrad -Wl,-rpath,$(abspath $(ASAN_DIR)) -lm
+	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/asan/test_abi
+	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/asan/test_threads
+	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/asan/leak_loop
+
+fuzz-build: setup
+	swift build --scratch-path .build-fuzz --product tengrad $(FUZZ_SWIFT)
+	mkdir -p $(BUILD)/fuzz
+	for h in calls state; do \
+	  $(ASAN_CC) -g -O1 -fsanitize=fuzzer,address,undefined -fuse-ld=bfd -Iinclude Tests/fuzz/fuzz_$$h.c \
+	    -o $(BUILD)/fuzz/fuzz_$$h -L$(FUZZ_DIR) -ltengrad -Wl,-rpath,$(abspath $(FUZZ_DIR)) || exit 1; \
+	done
+
+fuzz: fuzz-build ## Run both libFuzzer harnesses for FUZZ_SECONDS each (default 60)
+	for h in calls state; do \
+	  mkdir -p $(BUILD)/fuzz/corpus-$$h; \
+	  $(BUILD)/fuzz/fuzz_$$h -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -print_final_stats=1 \
+	    -artifact_prefix=$(BUILD)/fuzz/ $(BUILD)/fuzz/corpus-$$h Tests/fuzz/corpus/$$h 2>&1 \
+	    | grep -E "DONE|stat::number_of_executed_units|ERROR|SUMMARY|deadly" ; \
+	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	done
+
+fuzz-smoke: ## Both fuzzers for 15 s each (part of `make test`)
+	$(MAKE) fuzz FUZZ_SECONDS=15
 
 bench: build ## Benchmark table (not a test): seconds, GFLOP/s, ratio to OpenBLAS sgemm
 	swift build -c release --product tengrad-bench

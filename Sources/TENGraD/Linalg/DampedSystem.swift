@@ -96,6 +96,9 @@ final class DampedSystem {
                 }
                 anorm = max(anorm, column)
             }
+            guard anorm.isFinite, scale.isFinite else {
+                throw TENGraDError(.numerical, "the \(m)×\(m) system K + mλI overflows float64 (per-sample gradients too large)")
+            }
             if BLAS.choleskyFactor(n: m, a: l) == 0 { return (factor, jitter, anorm) }
         }
         throw TENGraDError(

@@ -1,0 +1,146 @@
+/*
+ * libFuzzer harness: arbitrary sequences of C ABI calls with arbitrary sizes, layer ids, damping
+ * values, flags and float bit patterns. The library must never crash, leak or touch memory it
+ * was not given; every call must return a defined status. Data arrays are always sized to what
+ * the call may read (the harness asks the library for the layer's shape), so any out-of-bounds
+ * access ASan reports is the library's.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tengrad.h"
+
+typedef struct {
+    const uint8_t *data;
+    size_t size, at;
+} input;
+
+static uint8_t u8(input *in) { return in->at < in->size ? in->data[in->at++] : 0; }
+static uint64_t u64(input *in) {
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++) v |= (uint64_t)u8(in) << (8 * i);
+    return v;
+}
+static double f64(input *in) { uint64_t b = u64(in); double d; memcpy(&d, &b, 8); return d; }
+static float f32(input *in) { uint32_t b = (uint32_t)u64(in); float f; memcpy(&f, &b, 4); return f; }
+/* Mostly small sizes, sometimes any 64-bit value (overflow, negative). */
+static int64_t size_value(input *in) { uint8_t k = u8(in); return k < 240 ? (int64_t)(k % 9) : (int64_t)u64(in); }
+
+enum { MAX_FLOATS = 1 << 16 };
+static float pool[MAX_FLOATS], out_w[MAX_FLOATS], out_b[4096];
+
+/* Fills the pool with a mix of ordinary values and raw bit patterns (NaN, Inf, huge, tiny). */
+static void fill_pool(input *in, size_t n) {
+    uint8_t mode = u8(in);
+    for (size_t i = 0; i < n; i++) {
+        if (mode & 1) pool[i] = (float)((int)(i * 2654435761u % 2001) - 1000) / 500.0f;
+        else pool[i] = (float)((int)(i * 40503u % 201) - 100) / 100.0f;
+    }
+    for (int k = 0; k < (mode >> 4); k++) pool[u8(in) * 97 % n] = f32(in);
+}
+
+/* Element counts of a layer's arrays; 0 when the layer is unknown or too big to fuzz cheaply. */
+static void layer_sizes(tengrad_preconditioner *p, int32_t layer, int64_t batch, size_t *acts, size_t *grads,
+                        size_t *weight, size_t *bias) {
+    int64_t in = 0, out = 0;
+    int32_t has_bias = 0;
+    tengrad_conv2d_shape s;
+    *acts = *grads = *weight = *bias = 0;
+    if (batch <= 0 || batch > 16) return;
+    if (tengrad_get_linear_shape(p, layer, &in, &out, &has_bias) == TENGRAD_OK) {
+        if (in > 256 || out > 256) return;
+        *acts = (size_t)(batch * in);
+        *grads = (size_t)(batch * out);
+        *weight = (size_t)(in * out);
+        *bias = has_bias ? (size_t)out : 0;
+    } else if (tengrad_get_conv2d_shape(p, layer, &s) == TENGRAD_OK) {
+        if (s.in_channels > 16 || s.out_channels > 16 || s.in_height > 16 || s.in_width > 16) return;
+        int64_t ho = (s.in_height + 2 * s.padding_height - s.dilation_height * (s.kernel_height - 1) - 1) / s.stride_height + 1;
+        int64_t wo = (s.in_width + 2 * s.padding_width - s.dilation_width * (s.kernel_width - 1) - 1) / s.stride_width + 1;
+        *acts = (size_t)(batch * s.in_channels * s.in_height * s.in_width);
+        *grads = (size_t)(batch * s.out_channels * ho * wo);
+        *weight = (size_t)(s.out_channels * (s.in_channels / s.groups) * s.kernel_height * s.kernel_width);
+        *bias = s.has_bias ? (size_t)s.out_channels : 0;
+    }
+    if (*acts + *grads > MAX_FLOATS || *weight > MAX_FLOATS) *acts = *grads = *weight = *bias = 0;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    input in = {data, size, 0};
+    tengrad_preconditioner *p = NULL;
+    if (tengrad_create(&p) != TENGRAD_OK) abort();
+    for (int step = 0; step < 24 && in.at < in.size; step++) {
+        uint8_t op = u8(&in) % 11;
+        int32_t id = 0, layer = (int32_t)(u8(&in) % 5) - 1;
+        int64_t batch = size_value(&in);
+        size_t acts, grads, weight, bias;
+        switch (op) {
+        case 0: {
+            int64_t a = size_value(&in), b = size_value(&in);
+            (void)tengrad_add_linear(p, a, b, (int32_t)(u8(&in) % 3), &id);
+            break;
+        }
+        case 1: {
+            tengrad_conv2d_shape s;
+            int64_t *f = &s.in_channels;
+            for (int k = 0; k < 13; k++) f[k] = size_value(&in);
+            s.has_bias = (int32_t)(u8(&in) % 3);
+            (void)tengrad_add_conv2d(p, &s, &id);
+            break;
+        }
+        case 2: (void)tengrad_set_damping(p, f64(&in)); break;
+        case 3: (void)tengrad_set_memory_limit(p, (int64_t)u64(&in) % (1 << 22)); break;
+        case 4: (void)tengrad_set_conv_strategy(p, layer, (int32_t)(u8(&in) % 4)); break;
+        case 5:
+        case 6:
+        case 7:
+            layer_sizes(p, layer, batch, &acts, &grads, &weight, &bias);
+            fill_pool(&in, acts + grads > 0 ? acts + grads : 1);
+            if (acts == 0) { /* unknown or big layer: only calls the library must refuse unread */
+                (void)tengrad_update_curvature(p, layer, batch, NULL, pool, 1.0f);
+                break;
+            }
+            if (op == 5) (void)tengrad_update_curvature(p, layer, batch, pool, pool + acts, f32(&in));
+            else if (op == 6) (void)tengrad_natural_gradient(p, layer, batch, pool, pool + acts, (float)(u8(&in) + 1), out_w, bias ? out_b : NULL);
+            else {
+                memcpy(out_w, pool, sizeof(float) * (weight < acts + grads ? weight : acts + grads));
+                (void)tengrad_precondition(p, layer, out_w, bias ? out_b : NULL, out_w, bias ? out_b : NULL);
+            }
+            break;
+        case 8: {
+            double nu;
+            (void)tengrad_kl_clip_factor(p, f64(&in), f64(&in), &nu);
+            tengrad_layer_stats st;
+            (void)tengrad_get_layer_stats(p, layer, &st);
+            break;
+        }
+        case 9: { /* save, then load into a fresh handle and into this one */
+            size_t n = 0;
+            if (tengrad_save_state(p, NULL, 0, &n) != TENGRAD_OK || n > (1 << 24)) break;
+            void *blob = malloc(n);
+            if (blob && tengrad_save_state(p, blob, n, &n) == TENGRAD_OK) {
+                tengrad_preconditioner *q = NULL;
+                if (tengrad_create(&q) == TENGRAD_OK) {
+                    tengrad_status st = tengrad_load_state(q, blob, n);
+                    if (st != TENGRAD_OK) { /* its own state must load into a fresh handle */
+                        fprintf(stderr, "reload failed: %s\n", tengrad_last_error(q));
+                        abort();
+                    }
+                    tengrad_destroy(q);
+                }
+                /* Into p itself: also fine, unless p's memory limit cannot hold old and new
+                   snapshots at once (documented), which must then leave p unchanged. */
+                tengrad_status st = tengrad_load_state(p, blob, n);
+                if (st != TENGRAD_OK && st != TENGRAD_ERROR_OUT_OF_MEMORY) abort();
+            }
+            free(blob);
+            break;
+        }
+        default: (void)tengrad_last_error(p); break;
+        }
+    }
+    tengrad_destroy(p);
+    return 0;
+}
