@@ -13,7 +13,8 @@ PYTHON       ?= python3
 CWARN        := -Wall -Wextra -Werror
 LINK_TENGRAD := -L$(RELEASE_DIR) -ltengrad -Wl,-rpath,$(abspath $(RELEASE_DIR))
 APT_PACKAGES := libopenblas-dev liblapacke-dev dataset-fashion-mnist
-PIP_PACKAGES := numpy pytest xxhash
+PIP_PACKAGES := numpy pytest xxhash matplotlib tqdm
+TORCH        := torch==2.13.0+cpu
 export OPENBLAS_NUM_THREADS ?= 2
 
 ASAN_CC      ?= clang
@@ -36,7 +37,8 @@ setup: ## Install the apt and pip packages a fresh machine lacks (no-op when pre
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
-	@$(PYTHON) -c "import numpy, pytest, xxhash" 2>/dev/null || $(PYTHON) -m pip install -q $(PIP_PACKAGES)
+	@$(PYTHON) -c "import numpy, pytest, xxhash, matplotlib, tqdm" 2>/dev/null || $(PYTHON) -m pip install -q $(PIP_PACKAGES)
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH)"
 
 build: setup ## Build libtengrad.so and the Swift products (release)
 	swift build -c release

@@ -1,0 +1,367 @@
+"""TENGraD for PyTorch: exact natural-gradient preconditioning of ``nn.Linear`` and ``nn.Conv2d``.
+
+    import tengrad.torch as tt
+
+    precond = tt.TENGraD(model, damping=0.1, fisher="sampled", update_freq=1, kl_clip=1e-3, lr=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for x, y in loader:
+        optimizer.zero_grad()
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        precond.sample_fisher(logits)     # only for fisher="sampled": curvature backward, .grad untouched
+        loss.backward()
+        precond.step()                    # rewrites each layer's .grad with (F + λI)⁻¹ .grad, in place
+        optimizer.step()                  # momentum, weight decay ... as usual
+
+How it works. A forward-pre hook keeps each layer's input and a forward hook puts a tensor hook
+on its output, which keeps the gradient of the loss with respect to that output; both hand CPU
+float32 tensors to libtengrad without copies (through numpy views). Tensor hooks on the output are
+used rather than ``register_full_backward_hook`` because the latter fails when an in-place op
+(``nn.ReLU(inplace=True)``) follows the layer, which is common.
+
+Fisher types:
+
+* ``"empirical"`` — curvature from the real loss's output gradients. With ``update_freq=1`` each
+  layer takes the one-call path (``natural_gradient``): the update of the batch's mean gradient,
+  which is ``.grad`` for a standard loss; set ``fast_path=False`` to precondition ``.grad`` as it
+  is instead (e.g. when the loss has extra terms that reach these layers).
+* ``"sampled"`` — the true Fisher of the paper: ``sample_fisher(logits)`` draws labels from the
+  model's softmax and backpropagates their (sum-reduced) cross-entropy with ``torch.autograd.grad``
+  — hooks capture the output gradients, ``.grad`` stays untouched — and ``step()`` preconditions
+  ``.grad`` with that curvature (reuse path).
+
+``update_freq`` T refreshes the curvature every T steps and reuses the snapshot in between.
+``kl_clip`` scales all updates of a step by ``ν = min(1, sqrt(kl_clip / (lr² Σ⟨update, grad⟩)))``.
+``loss_reduction`` ("mean" or "sum", or a number) gives the per-sample scale of the real loss's
+output gradients (``grad_scale``): mean-reduced losses hand out 1/m of each sample's gradient.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .core import Conv2dSpec, LinearSpec, Preconditioner
+from ._lib import TengradError
+
+__all__ = ["TENGraD"]
+
+
+class _Layer:
+    """Bookkeeping of one hooked module."""
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name = name
+        self.module = module
+        self.id: Optional[int] = None
+        self.spec = None
+        self.inputs: Optional[torch.Tensor] = None
+        self.grads: Optional[torch.Tensor] = None
+        self.calls = 0
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class TENGraD:
+    """Exact block-diagonal natural-gradient preconditioner for a PyTorch model.
+
+    Args:
+        model: the network; every ``nn.Linear`` and ``nn.Conv2d`` in it is preconditioned unless
+            skipped.
+        damping: λ of ``F + λI`` (> 0). Change it later with ``set_damping`` (schedules).
+        fisher: ``"empirical"`` or ``"sampled"`` (see the module docstring).
+        update_freq: refresh the curvature every this many steps (reuse path in between).
+        kl_clip: KL clipping constant κ, or None for no clipping; needs ``lr``.
+        lr: the learning rate KL clipping assumes (update it with ``set_lr`` when it changes).
+        loss_reduction: ``"mean"``, ``"sum"`` or a per-sample scale for the real loss.
+        skip: module names (as in ``named_modules``) or module types not to precondition.
+        fast_path: allow the one-call path for the empirical Fisher refreshed every step.
+        memory_limit: byte cap of the underlying handle (0: none).
+        conv_strategy: ``"auto"``, ``"factored"`` or ``"explicit"`` for every conv layer.
+    """
+
+    def __init__(self, model: nn.Module, damping: float = 0.1, fisher: str = "empirical", update_freq: int = 1,
+                 kl_clip: Optional[float] = None, lr: Optional[float] = None,
+                 loss_reduction: Union[str, float] = "mean",
+                 skip: Iterable[Union[str, type]] = (), fast_path: bool = True, memory_limit: int = 0,
+                 conv_strategy: str = "auto"):
+        if fisher not in ("empirical", "sampled"):
+            raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
+        if int(update_freq) < 1:
+            raise ValueError(f"update_freq must be >= 1, got {update_freq}")
+        if kl_clip is not None and (lr is None or lr <= 0 or kl_clip <= 0):
+            raise ValueError("kl_clip needs a positive kl_clip and a positive lr")
+        if not (loss_reduction in ("mean", "sum") or isinstance(loss_reduction, (int, float))):
+            raise ValueError(f"loss_reduction must be 'mean', 'sum' or a number, got {loss_reduction!r}")
+        self.model = model
+        self.fisher = fisher
+        self.update_freq = int(update_freq)
+        self.kl_clip = kl_clip
+        self.lr = lr
+        self.loss_reduction = loss_reduction
+        self.fast_path = fast_path
+        self.conv_strategy = conv_strategy
+        self.steps = 0
+        self.last_nu = 1.0
+        self._sampling = False
+        self._pre = Preconditioner(damping=damping, memory_limit=memory_limit)
+        skip = tuple(skip)
+        skip_names = {s for s in skip if isinstance(s, str)}
+        skip_types = tuple(s for s in skip if isinstance(s, type))
+        self._layers: List[_Layer] = []
+        self._by_name: Dict[str, _Layer] = {}
+        self._handles = []
+        for name, module in model.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Conv2d)) or name in skip_names:
+                continue
+            if skip_types and isinstance(module, skip_types):
+                continue
+            layer = _Layer(name, module)
+            self._layers.append(layer)
+            self._by_name[name] = layer
+            self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(layer)))
+            self._handles.append(module.register_forward_hook(self._make_forward_hook(layer)))
+        if not self._layers:
+            raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition")
+        self._registered: List[_Layer] = []  # in registration (= first forward) order
+
+    # -- settings ------------------------------------------------------------------------------
+    @property
+    def damping(self) -> float:
+        return self._pre.damping
+
+    def set_damping(self, damping: float) -> None:
+        """Set λ; snapshots are kept and re-factorized at their next use."""
+        self._pre.damping = damping
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate KL clipping assumes (call when a scheduler changes it)."""
+        self.lr = float(lr)
+
+    @property
+    def layer_names(self) -> List[str]:
+        return [layer.name for layer in self._layers]
+
+    def layer_stats(self, name: str) -> dict:
+        """Diagnostics of a hooked layer (see ``Preconditioner.layer_stats``)."""
+        layer = self._by_name[name]
+        if layer.id is None:
+            raise ValueError(f"layer {name!r} has not run a forward pass yet")
+        return self._pre.layer_stats(layer.id)
+
+    def remove(self) -> None:
+        """Remove the hooks and release the native handle."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._pre.close()
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _refresh_step(self) -> bool:
+        return self.steps % self.update_freq == 0
+
+    def _capturing_inputs(self, module: nn.Module) -> bool:
+        return module.training and torch.is_grad_enabled() and self._refresh_step() and not self._sampling
+
+    def _make_pre_hook(self, layer: _Layer):
+        def hook(module, inputs):
+            if not self._capturing_inputs(module):
+                return
+            x = inputs[0]
+            layer.calls += 1
+            if layer.calls > 1:
+                raise RuntimeError(f"TENGraD: layer {layer.name!r} was called twice in one forward pass; "
+                                   "a layer used more than once per step is not supported (skip it)")
+            self._check_tensor(layer, x, "input")
+            self._ensure_registered(layer, x)
+            layer.inputs = x.detach()
+        return hook
+
+    def _make_forward_hook(self, layer: _Layer):
+        def hook(module, inputs, output):
+            if layer.inputs is None or not output.requires_grad:
+                return
+
+            def grad_hook(grad):
+                if self.fisher == "sampled" and not self._sampling:
+                    return None  # the real loss's backward: curvature comes from sample_fisher
+                layer.grads = grad.detach()
+                return None
+            output.register_hook(grad_hook)
+        return hook
+
+    def _check_tensor(self, layer: _Layer, t: torch.Tensor, what: str):
+        if t.dtype != torch.float32:
+            raise TypeError(f"TENGraD: layer {layer.name!r}: {what} has dtype {t.dtype}; only float32 is supported")
+        if t.device.type != "cpu":
+            raise TypeError(f"TENGraD: layer {layer.name!r}: {what} is on {t.device}; only CPU tensors are supported")
+
+    def _spec_for(self, layer: _Layer, x: torch.Tensor):
+        m = layer.module
+        if isinstance(m, nn.Linear):
+            if x.dim() != 2:
+                raise ValueError(f"TENGraD: linear layer {layer.name!r} got a {x.dim()}-D input; only [batch, features] "
+                                 "inputs are supported (per-sample gradients of sequences are not single rows)")
+            return LinearSpec(m.in_features, m.out_features, m.bias is not None)
+        if m.padding_mode != "zeros":
+            raise ValueError(f"TENGraD: conv layer {layer.name!r} uses padding_mode={m.padding_mode!r}; only 'zeros'")
+        if x.dim() != 4:
+            raise ValueError(f"TENGraD: conv layer {layer.name!r} needs NCHW input, got {x.dim()}-D")
+        k, d = _pair(m.kernel_size), _pair(m.dilation)
+        if isinstance(m.padding, str):
+            if m.padding == "valid":
+                pad = (0, 0)
+            else:  # 'same' with stride 1: symmetric when the dilated kernel is odd
+                spans = [d[i] * (k[i] - 1) for i in (0, 1)]
+                if any(s % 2 for s in spans):
+                    raise ValueError(f"TENGraD: conv layer {layer.name!r}: padding='same' with an even kernel span "
+                                     "pads asymmetrically, which is not supported")
+                pad = (spans[0] // 2, spans[1] // 2)
+        else:
+            pad = _pair(m.padding)
+        return Conv2dSpec(m.in_channels, m.out_channels, (x.shape[2], x.shape[3]), k, _pair(m.stride), pad, d,
+                          m.groups, m.bias is not None)
+
+    def _ensure_registered(self, layer: _Layer, x: torch.Tensor):
+        spec = self._spec_for(layer, x)
+        if layer.id is not None:
+            if spec != layer.spec:
+                raise ValueError(f"TENGraD: layer {layer.name!r} changed shape ({layer.spec} -> {spec}); the input "
+                                 "size of a conv layer must stay fixed")
+            return
+        if isinstance(spec, LinearSpec):
+            layer.id = self._pre.add_linear(spec.in_features, spec.out_features, spec.bias)
+        else:
+            layer.id = self._pre.add_conv2d(spec.in_channels, spec.out_channels, spec.kernel_size, spec.input_size,
+                                            spec.stride, spec.padding, spec.dilation, spec.groups, spec.bias)
+            self._pre.set_conv_strategy(layer.id, self.conv_strategy)
+        layer.spec = spec
+        self._registered.append(layer)
+
+    # -- the sampled-label Fisher --------------------------------------------------------------
+    def sample_fisher(self, logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> None:
+        """For ``fisher="sampled"``: draw labels from softmax(logits) and backpropagate their
+        sum-reduced cross-entropy to capture the curvature, leaving ``.grad`` untouched. Call it
+        after the forward and before ``loss.backward()`` (it keeps the graph)."""
+        if self.fisher != "sampled":
+            raise RuntimeError("sample_fisher is for fisher='sampled'")
+        if not self._refresh_step():
+            return
+        with torch.no_grad():
+            probs = torch.softmax(logits.detach().float(), dim=-1)
+            labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        targets = [layer.inputs for layer in self._layers if layer.inputs is not None]
+        if not targets:
+            raise RuntimeError("TENGraD: no layer captured its input in this forward (eval mode or no_grad?)")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self._sampling = True
+        try:
+            torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        finally:
+            self._sampling = False
+
+    # -- the step ------------------------------------------------------------------------------
+    def _grad_scale(self, batch: int) -> float:
+        if self.fisher == "sampled":
+            return 1.0  # sample_fisher's loss is sum-reduced
+        if self.loss_reduction == "mean":
+            return float(batch)
+        if self.loss_reduction == "sum":
+            return 1.0
+        return float(self.loss_reduction)
+
+    @staticmethod
+    def _grad_view(param: Optional[torch.Tensor], layer: _Layer):
+        if param is None or param.grad is None:
+            return None
+        g = param.grad
+        if g.dtype != torch.float32 or g.device.type != "cpu" or not g.is_contiguous():
+            raise TypeError(f"TENGraD: layer {layer.name!r}: .grad must be a contiguous CPU float32 tensor")
+        return g.numpy()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Rewrite ``.grad`` of every hooked layer with its preconditioned update (in place), apply
+        KL clipping, and advance the step counter. Call after ``loss.backward()``."""
+        refresh = self._refresh_step()
+        one_call = refresh and self.fisher == "empirical" and self.update_freq == 1 and self.fast_path
+        for layer in self._layers:
+            w = self._grad_view(layer.module.weight, layer)
+            b = self._grad_view(layer.module.bias, layer)
+            if w is None:
+                continue
+            if refresh or layer.id is None:
+                if layer.id is None or layer.inputs is None or layer.grads is None:
+                    raise RuntimeError(
+                        f"TENGraD: no curvature captured for layer {layer.name!r} in this refresh step: was the "
+                        "model in eval mode or under no_grad during the forward"
+                        + (", or was sample_fisher not called" if self.fisher == "sampled" else "") + "?")
+                a = np.ascontiguousarray(layer.inputs.numpy())
+                g = np.ascontiguousarray(layer.grads.numpy())
+                scale = self._grad_scale(a.shape[0])
+                if one_call:
+                    self._pre.natural_gradient(layer.id, a, g, scale, out=(w, b))
+                    continue
+                self._pre.update_curvature(layer.id, a, g, scale)
+            self._pre.precondition(layer.id, w, b, out=(w, b))
+        if self.kl_clip is not None:
+            self.last_nu = self._pre.kl_clip_factor(self.lr, self.kl_clip)
+            if self.last_nu < 1:
+                for layer in self._layers:
+                    for param in (layer.module.weight, layer.module.bias):
+                        if param is not None and param.grad is not None:
+                            param.grad.mul_(self.last_nu)
+        for layer in self._layers:
+            layer.inputs = layer.grads = None
+            layer.calls = 0
+        self.steps += 1
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Settings, step counter, layer order and the native state (snapshots included)."""
+        return {
+            "format": 1,
+            "steps": self.steps,
+            "fisher": self.fisher,
+            "update_freq": self.update_freq,
+            "kl_clip": self.kl_clip,
+            "lr": self.lr,
+            "layers": [layer.name for layer in self._registered],
+            "native": self._pre.save_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``: the next updates are bit-identical to the saved run's."""
+        if state.get("format") != 1:
+            raise ValueError("not a TENGraD state_dict (format 1)")
+        names = list(state["layers"])
+        unknown = [n for n in names if n not in self._by_name]
+        if unknown:
+            raise ValueError(f"state_dict has layers this model lacks: {unknown}")
+        fresh = Preconditioner()
+        fresh.load_state(state["native"])  # validates the blob before this object changes
+        for i, name in enumerate(names):
+            known = self._by_name[name].spec
+            if known is not None and known != fresh.layer_spec(i):
+                fresh.close()
+                raise ValueError(f"state_dict layer {name!r} has shape {fresh.layer_spec(i)}, the model {known}")
+        self._pre.close()
+        self._pre = fresh
+        for layer in self._layers:
+            layer.id, layer.spec = None, None
+        self._registered = []
+        for i, name in enumerate(names):
+            layer = self._by_name[name]
+            layer.id, layer.spec = i, fresh.layer_spec(i)
+            self._registered.append(layer)
+        self.steps = int(state["steps"])
+        self.fisher = state["fisher"]
+        self.update_freq = int(state["update_freq"])
+        self.kl_clip = state["kl_clip"]
+        self.lr = state["lr"]

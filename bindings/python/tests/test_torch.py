@@ -1,0 +1,233 @@
+"""tengrad.torch against a dense float64 oracle built from per-sample gradients that PyTorch
+itself computes (torch.func.vmap over torch.func.grad). Tolerance 1e-3 relative (the contract's
+bound); observed errors are ~1e-6."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+import tengrad.torch as tt
+from oracle import damped_solve, relative_error
+
+TOL = 1e-3
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 4))
+
+
+def cnn():
+    return nn.Sequential(nn.Conv2d(2, 3, 3, stride=1, padding=1), nn.ReLU(inplace=True),
+                         nn.Conv2d(3, 4, 3, stride=2, padding=1, groups=1, bias=False), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
+
+
+def batch(model, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(model[0], nn.Conv2d):
+        return torch.randn(m, 2, 8, 8, generator=g), torch.randint(0, 3, (m,), generator=g)
+    return torch.randn(m, 6, generator=g), torch.randint(0, 4, (m,), generator=g)
+
+
+def per_sample_grads(model, x, labels):
+    """{param name: [m, *param.shape]}: gradient of each sample's own cross-entropy."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+    return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, labels)
+
+
+def block(name, module, tensors_w, tensors_b):
+    """Rows [weight row | bias] flattened, for a weight-like tensor with a leading batch dim or not."""
+    w = tensors_w.reshape(*tensors_w.shape[:-module.weight.dim()], module.weight.shape[0], -1)
+    if tensors_b is not None:
+        w = torch.cat([w, tensors_b[..., None]], dim=-1)
+    return w.reshape(*tensors_w.shape[:-module.weight.dim()], -1).double()
+
+
+def oracle_updates(model, per_sample, grads, damping):
+    """{layer name: (F + λI)⁻¹ grad} per Linear/Conv2d block, F from the per-sample gradients."""
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        pb = per_sample.get(f"{name}.bias")
+        U = block(name, module, per_sample[f"{name}.weight"], pb).numpy().T  # d × m
+        v = block(name, module, grads[f"{name}.weight"], grads.get(f"{name}.bias")).numpy()
+        out[name] = damped_solve(U, damping, v)
+    return out
+
+
+def tengrad_updates(model):
+    return {name: block(name, module, module.weight.grad, module.bias.grad if module.bias is not None else None).numpy()
+            for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))}
+
+
+@pytest.mark.parametrize("make", [mlp, cnn])
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_empirical_fisher_matches_oracle(make, fast_path):
+    torch.manual_seed(0)
+    model = make()
+    x, y = batch(model, 10, 1)
+    ps = per_sample_grads(model, x, y)
+    mean = {k: v.mean(0) for k, v in ps.items()}
+    want = oracle_updates(model, ps, mean, 0.05)
+    pre = tt.TENGraD(model, damping=0.05, fisher="empirical", fast_path=fast_path)
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    got = tengrad_updates(model)
+    for name in want:
+        assert relative_error(got[name], want[name]) <= TOL, name
+
+
+@pytest.mark.parametrize("make", [mlp, cnn])
+def test_sampled_fisher_matches_oracle(make):
+    torch.manual_seed(0)
+    model = make()
+    x, y = batch(model, 9, 2)
+    logits = model(x)
+    labels = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=torch.Generator().manual_seed(5)).squeeze(-1)
+    ps = per_sample_grads(model, x, labels)  # the sampled labels' per-sample gradients
+    real = {k: v.detach() for k, v in zip([n for n, _ in model.named_parameters()],
+                                           torch.autograd.grad(F.cross_entropy(logits, y), list(model.parameters())))}
+    want = oracle_updates(model, ps, real, 0.1)
+    pre = tt.TENGraD(model, damping=0.1, fisher="sampled")
+    logits = model(x)
+    pre.sample_fisher(logits, generator=torch.Generator().manual_seed(5))
+    assert all(p.grad is None for p in model.parameters())  # .grad untouched by the curvature pass
+    F.cross_entropy(logits, y).backward()
+    pre.step()
+    got = tengrad_updates(model)
+    for name in want:
+        assert relative_error(got[name], want[name]) <= TOL, name
+
+
+def test_refresh_interval_reuses_the_snapshot():
+    torch.manual_seed(0)
+    model = mlp()
+    plain = copy.deepcopy(model)    # per-sample gradients from an unhooked twin
+    pre = tt.TENGraD(model, damping=0.1, fisher="empirical", update_freq=2)
+    x1, y1 = batch(model, 8, 3)
+    x2, y2 = batch(model, 8, 4)
+    ps1 = per_sample_grads(plain, x1, y1)
+    F.cross_entropy(model(x1), y1).backward()
+    pre.step()                      # refresh from batch 1
+    model.zero_grad()
+    ps2 = per_sample_grads(plain, x2, y2)
+    F.cross_entropy(model(x2), y2).backward()
+    pre.step()                      # batch 2's gradient, batch 1's curvature
+    want = oracle_updates(model, ps1, {k: v.mean(0) for k, v in ps2.items()}, 0.1)
+    got = tengrad_updates(model)
+    for name in want:
+        assert relative_error(got[name], want[name]) <= TOL
+    assert pre.layer_stats("0")["batch"] == 8
+
+
+def test_kl_clip_scales_every_update_by_nu():
+    torch.manual_seed(0)
+    model = mlp()
+    reference = copy.deepcopy(model)
+    x, y = batch(model, 8, 6)
+    lr, kappa = 0.5, 1e-6
+    clipped = tt.TENGraD(model, damping=0.1, kl_clip=kappa, lr=lr)
+    unclipped = tt.TENGraD(reference, damping=0.1)
+    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(reference(x), y).backward()
+    grads = [p.grad.clone() for p in reference.parameters()]
+    clipped.step()
+    unclipped.step()
+    total = sum((p.grad.double() * g.double()).sum().item() for p, g in zip(reference.parameters(), grads))
+    expected = min(1.0, (kappa / (lr * lr * total)) ** 0.5)
+    nu = clipped.last_nu
+    assert nu < 1 and abs(nu - expected) <= 1e-4 * expected
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad * nu, rtol=1e-6, atol=0)
+
+
+def test_short_training_run_reduces_the_loss():
+    torch.manual_seed(0)
+    model = cnn()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2, 8, 8, generator=g)
+    y = (x[:, 0, :4].mean((1, 2)) > x[:, 1, 4:].mean((1, 2))).long() + (x.mean((1, 2, 3)) > 0).long()
+    pre = tt.TENGraD(model, damping=0.3, fisher="sampled", kl_clip=1e-2, lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with torch.no_grad():
+        start = F.cross_entropy(model(x), y).item()
+    for step in range(40):
+        idx = torch.randperm(64, generator=g)[:32]
+        opt.zero_grad()
+        logits = model(x[idx])
+        pre.sample_fisher(logits, generator=g)
+        F.cross_entropy(logits, y[idx]).backward()
+        pre.step()
+        opt.step()
+    with torch.no_grad():
+        end = F.cross_entropy(model(x), y).item()
+    assert end < 0.7 * start, (start, end)
+
+
+def test_state_dict_round_trip_gives_identical_steps():
+    torch.manual_seed(0)
+    model = cnn()
+    pre = tt.TENGraD(model, damping=0.2, fisher="empirical", update_freq=3)
+    for s in range(2):
+        x, y = batch(model, 6, 10 + s)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+    saved_model, saved_pre = copy.deepcopy(model.state_dict()), pre.state_dict()
+    twin = cnn()
+    twin.load_state_dict(saved_model)
+    twin_pre = tt.TENGraD(twin, damping=5.0)
+    twin_pre.load_state_dict(saved_pre)
+    assert twin_pre.damping == 0.2 and twin_pre.steps == 2
+    x, y = batch(model, 6, 20)      # step 3 reuses the snapshot of step 1: comes from the state
+    for m, p in ((model, pre), (twin, twin_pre)):
+        m.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        p.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_clear_errors():
+    torch.manual_seed(0)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(self.fc(x))
+    pre = tt.TENGraD(Twice())
+    with pytest.raises(RuntimeError, match="called twice"):
+        pre.model(torch.randn(3, 4))
+    double = mlp().double()
+    tt_double = tt.TENGraD(double)
+    with pytest.raises(TypeError, match="float32"):
+        double(torch.randn(3, 6, dtype=torch.float64))
+    model = mlp()
+    pre = tt.TENGraD(model)
+    model.eval()
+    F.cross_entropy(model(torch.randn(4, 6)), torch.zeros(4, dtype=torch.long)).backward()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        pre.step()
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        tt.TENGraD(nn.ReLU())
+    with pytest.raises(RuntimeError, match="sampled"):
+        tt.TENGraD(mlp()).sample_fisher(torch.randn(2, 4))
+    tt_double.remove()
+
+
+def test_skip_list_by_name_and_type():
+    assert tt.TENGraD(cnn(), skip=[nn.Conv2d]).layer_names == ["6"]
+    assert tt.TENGraD(cnn(), skip=["0"]).layer_names == ["2", "6"]
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        tt.TENGraD(cnn(), skip=["6", nn.Conv2d])
