@@ -111,36 +111,54 @@ final class Conv2dLayer: ExactBlockLayer {
         g + i * geometry.outputSize + group * geometry.groupOut * geometry.positions
     }
 
-    /// Explicit strategy: per-sample gradients of one group's block of output channels for all m
-    /// samples (U_blk, m × cb·P̃), then K += U_blk U_blkᵀ. Unfolds each sample once per block.
+    /// Explicit strategy: per-sample gradients of a block of output channels for all m samples
+    /// (U_blk, m × cb·P̃), then K += U_blk U_blkᵀ. When all of U (m × C_out·P̃) fits the
+    /// workspace — often, since C_out·P̃ is usually smaller than a sample's activations and output
+    /// gradients — it is formed in one piece, one syrk makes K, and it stays in the workspace for
+    /// the one-call update (`applyKeptGradients`).
     private func explicitGram(
         m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, into k: UnsafeMutablePointer<Double>,
         available: Int, context: LayerContext
     ) throws(TENGraDError) -> Double {
-        let geo = geometry, L = geo.positions, P = geo.patch, bias = geo.shape.hasBias
+        let geo = geometry, L = geo.positions, P = geo.patch, bias = geo.shape.hasBias, Cg = geo.groupOut
         let pT = P + (bias ? 1 : 0)
-        // Workspace: Kf (m²) + U_blk (m·cb·P̃) + patches of a chunk (P·mc·L). Prefer whole groups.
+        let d = geo.shape.outChannels * pT
+        // Workspace: Kf (m²) + U_blk (m·cb·P̃, or m·d whole) + patches of a chunk (P·mc·L).
         let mm = m * m
         let minimum = try checkedSum(try checkedSum(mm, try checkedProduct(m, pT, what: "batch × patch"), what: "workspace"),
                                      try checkedProduct(P, L, what: "patch matrix"), what: "workspace")
         let room = max(available, minimum)
-        let cb = max(1, min(geo.groupOut, (room - mm - P * L) / max(1, m * pT)))
-        let mc = Conv2dLayer.chunk(m, fixed: mm + m * cb * pT, perSample: P * L, available: room)
-        let work = try context.workspace.floats(mm + m * cb * pT + P * mc * L)
-        let kf = work, u = work + mm, patches = u + m * cb * pT
+        let whole = (room - mm - P * L) / m >= d  // all of U fits (m·d cannot overflow then)
+        let cb = whole ? Cg : max(1, min(Cg, (room - mm - P * L) / max(1, m * pT)))
+        let blockWidth = whole ? d : cb * pT
+        let mc = Conv2dLayer.chunk(m, fixed: mm + m * blockWidth, perSample: P * L, available: room)
+        let work = try context.workspace.floats(mm + m * blockWidth + P * mc * L)
+        let kf = work, u = work + mm, patches = u + m * blockWidth
         var flops = 0.0
+        func accumulate(width: Int) {
+            BLAS.gramLower(n: m, k: width, a: u, c: kf)
+            for i in 0..<m {
+                for j in 0...i {
+                    let v = Double(kf[i * m + j])
+                    k[i * m + j] += v
+                    if i != j { k[j * m + i] += v }
+                }
+            }
+            flops += Double(m) * Double(m + 1) * Double(width)
+        }
         for group in 0..<geo.shape.groups {
             var o0 = 0
-            while o0 < geo.groupOut {
-                let n = min(cb, geo.groupOut - o0)
-                let width = n * pT
+            while o0 < Cg {
+                let n = min(cb, Cg - o0)
+                // Column of this block inside a row of U: the whole row when U is kept entire.
+                let column = whole ? group * Cg * pT : 0
                 var i0 = 0
                 while i0 < m {
                     let c = min(mc, m - i0)
                     for li in 0..<c { geo.unfold(sample: a + (i0 + li) * geo.inputSize, group: group, into: patches + li * L, ld: c * L) }
                     for li in 0..<c {
                         let gi = gradRows(g, sample: i0 + li, group: group) + o0 * L
-                        let row = u + (i0 + li) * width
+                        let row = u + (i0 + li) * blockWidth + column
                         // Δ (n × P) = G_i[o0..<o0+n] (n × L) · Ĩ_iᵀ (L × P), rows of width P̃.
                         BLAS.sgemm(transA: false, transB: true, m: n, n: P, k: L, alpha: 1, a: gi, lda: L,
                                    b: patches + li * L, ldb: c * L, beta: 0, c: row, ldc: pT)
@@ -155,19 +173,38 @@ final class Conv2dLayer: ExactBlockLayer {
                     }
                     i0 += c
                 }
-                BLAS.gramLower(n: m, k: width, a: u, c: kf)
-                for i in 0..<m {
-                    for j in 0...i {
-                        let v = Double(kf[i * m + j])
-                        k[i * m + j] += v
-                        if i != j { k[j * m + i] += v }
-                    }
-                }
-                flops += 2 * Double(m * n * P) * Double(L) + Double(m) * Double(m + 1) * Double(width)
+                flops += 2 * Double(m * n * P) * Double(L)
+                if !whole { accumulate(width: n * pT) }
                 o0 += n
             }
         }
+        if whole { accumulate(width: d) }
+        keptGradients = whole ? UnsafePointer(u) : nil
         return flops
+    }
+
+    /// Per-sample gradients (m × C_out·P̃, unscaled) left in the workspace by the last explicit
+    /// Gram, until the workspace is used for anything else.
+    private var keptGradients: UnsafePointer<Float>?
+
+    /// The one-call update U c = s Σ_i c_i Δ_i straight from the kept per-sample gradients (one
+    /// GEMV, m·C_out·P̃ flops, instead of unfolding the batch again).
+    override func applyKeptGradients(
+        m: Int, scale s: Double, c: UnsafePointer<Double>, weight: UnsafeMutablePointer<Float>,
+        bias: UnsafeMutablePointer<Float>?, context: LayerContext
+    ) throws(TENGraDError) -> Double? {
+        guard let u = keptGradients else { return nil }
+        let geo = geometry, P = geo.patch, pT = P + (geo.shape.hasBias ? 1 : 0), d = geo.shape.outChannels * pT
+        let scratch = try Storage<Float>(count: m + d, budget: context.budget, what: "update scratch")
+        let cs = scratch.base, out = scratch.base + m
+        for i in 0..<m { cs[i] = Float(s * c[i]) }
+        BLAS.sgemv(trans: true, m: m, n: d, alpha: 1, a: u, x: cs, beta: 0, y: out)
+        for o in 0..<geo.shape.outChannels {
+            (weight + o * P).update(from: out + o * pT, count: P)
+            if let bias { bias[o] = out[o * pT + P] }
+        }
+        keptGradients = nil
+        return 2 * Double(m) * Double(d)
     }
 
     /// Factored strategy: for sample blocks I ≤ J, M_I = Ĩ_Iᵀ Ĩ_J and M_G = G_Iᵀ G_J over all
@@ -176,6 +213,7 @@ final class Conv2dLayer: ExactBlockLayer {
         m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, into k: UnsafeMutablePointer<Double>,
         available: Int, context: LayerContext
     ) throws(TENGraDError) -> Double {
+        keptGradients = nil
         let geo = geometry, L = geo.positions, P = geo.patch, Cg = geo.groupOut
         let one: Float = geo.shape.hasBias ? 1 : 0
         // Workspace per block of c samples: two patch blocks (P·c·L), two gradient blocks
@@ -237,6 +275,7 @@ final class Conv2dLayer: ExactBlockLayer {
     // MARK: - Uᵀv and U x
 
     override func updateWorkspace(m: Int, context: LayerContext) throws(TENGraDError) -> Int {
+        keptGradients = nil
         let geo = geometry
         let perSample = try checkedProduct(geo.patch + geo.groupOut, geo.positions, what: "chunk workspace")
         updateChunk = Conv2dLayer.chunk(m, fixed: 0, perSample: perSample, available: workspaceFloats(context, reserve: 2 * m * MemoryLayout<Double>.stride))

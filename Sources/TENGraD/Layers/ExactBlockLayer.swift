@@ -95,6 +95,15 @@ class ExactBlockLayer {
         fatalError("subclass responsibility")
     }
 
+    /// The one-call update `weight, bias ← U c` from per-sample gradients the layer still holds
+    /// from `buildGram` (explicit conv Gram), or nil when it holds none. Returns the flops.
+    func applyKeptGradients(
+        m: Int, scale: Double, c: UnsafePointer<Double>, weight: UnsafeMutablePointer<Float>,
+        bias: UnsafeMutablePointer<Float>?, context: LayerContext
+    ) throws(TENGraDError) -> Double? {
+        nil
+    }
+
     /// How many products g·ã add up in one entry of a per-sample gradient (1 for linear, the
     /// number of output positions L for a convolution): |(U x)_k| ≤ s · terms · max|g| · max|ã| · Σ|x_i|.
     var termsPerEntry: Double { 1 }
@@ -189,7 +198,6 @@ class ExactBlockLayer {
         let p = try prepare(batch: batch, activations: activations, outputGrads: outputGrads, scale: s, context: context)
         let middle = monotonicSeconds()
         let m = p.m
-        let work = try context.workspace.floats(try updateWorkspace(m: m, context: context))
         // c = (K + mλI)⁻¹ 1; the update of the mean gradient is U c (SPEC §2, empirical fast path).
         let c = try context.workspace.doubles(m)
         for i in 0..<m { c[i] = 1 }
@@ -203,9 +211,15 @@ class ExactBlockLayer {
         guard sumAbsC.isFinite, bound <= safeMagnitude else {
             throw TENGraDError(.numerical, "the natural-gradient update would overflow float32 (bound \(bound))")
         }
-        let flops = applyU(
-            m: m, activations: activations, outputGrads: outputGrads, scale: Double(s), x: c, alpha: 1, beta: 0,
-            weight: weightUpdate, bias: biasUpdate, workspace: work)
+        let flops: Double
+        if let kept = try applyKeptGradients(m: m, scale: Double(s), c: c, weight: weightUpdate, bias: biasUpdate, context: context) {
+            flops = kept
+        } else {
+            let work = try context.workspace.floats(try updateWorkspace(m: m, context: context))
+            flops = applyU(
+                m: m, activations: activations, outputGrads: outputGrads, scale: Double(s), x: c, alpha: 1, beta: 0,
+                weight: weightUpdate, bias: biasUpdate, workspace: work)
+        }
         commit(p, activations: activations, outputGrads: outputGrads, scale: s, context: context)
         record.curvatureSeconds = middle - start
         record.updateSeconds = monotonicSeconds() - middle
