@@ -26,7 +26,7 @@ FUZZ_SWIFT   := -Xswiftc -sanitize=address -Xswiftc -sanitize-coverage=edge,inli
 # Swift's own crash backtracer would mask the sanitizer's report.
 export SWIFT_BACKTRACE := enable=no
 
-.PHONY: help setup build test test-swift test-c test-python test-example test-asan fuzz fuzz-smoke fuzz-build demo bench clean
+.PHONY: demo-c help setup build test test-swift test-c test-python test-example test-asan fuzz fuzz-smoke fuzz-build demo bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -54,7 +54,10 @@ $(BUILD)/mlp: examples/c/mlp.c include/tengrad.h build
 	$(CC) -std=c11 -O2 $(CWARN) -Iinclude examples/c/mlp.c -o $@ $(LINK_TENGRAD) -lopenblas -lm
 	$(CXX) -std=c++17 -O2 $(CWARN) -Iinclude -x c++ examples/c/mlp.c -o $(BUILD)/mlp-cxx $(LINK_TENGRAD) -lopenblas -lm
 
-demo: $(BUILD)/mlp $(DATA)/.done ## Main job: C 784-128-10 MLP on Fashion-MNIST, TENGraD vs SGD
+demo: build ## Main job: the paper's Fashion-MNIST ConvNet in PyTorch, TENGraD vs SGD vs Adam (~10 min)
+	$(PYTHON) examples/torch/fashion_mnist.py --data $(DATA_SRC) --plot $(BUILD)/fashion_mnist.png $(DEMO_ARGS)
+
+demo-c: $(BUILD)/mlp $(DATA)/.done ## The C trainer: 784-128-10 MLP on Fashion-MNIST, TENGraD vs SGD
 	$(BUILD)/mlp --data $(DATA)
 
 test: test-swift test-c test-python test-example test-asan fuzz-smoke ## Run every test suite (what CI runs)
@@ -79,6 +82,8 @@ test-example: $(BUILD)/mlp $(DATA)/.done ## The examples on real data; the C tra
 	$(BUILD)/mlp-cxx --data $(DATA) --epochs 1 --train-limit 6000 --test-limit 2000 --fisher empirical --check
 	$(PYTHON) examples/python/numpy_mlp.py --epochs 1 --train-limit 3000
 	$(PYTHON) examples/python/numpy_conv.py --epochs 1 --train-limit 2000
+	$(PYTHON) examples/torch/fashion_mnist.py --budget 3 --train-limit 3000 --test-limit 1000 --eval-seconds 1 \
+	  --plot $(BUILD)/fashion_mnist_smoke.png
 	swift build -c release --product tengrad-swift-example
 	$(RELEASE_DIR)/tengrad-swift-example $(DATA) 1
 

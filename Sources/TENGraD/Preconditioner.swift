@@ -136,6 +136,27 @@ public final class Preconditioner {
         return try base(buffer, count: count, name)
     }
 
+    /// The checked batch arrays of a call: sizes from the layer, a valid grad scale.
+    private static func batchInputs(
+        _ l: ExactBlockLayer, batch: Int, _ activations: UnsafeBufferPointer<Float>,
+        _ outputGrads: UnsafeBufferPointer<Float>, gradScale: Float
+    ) throws(TENGraDError) -> (UnsafePointer<Float>, UnsafePointer<Float>) {
+        let counts = try l.inputCounts(batch: batch)
+        try checkScale(gradScale)
+        return (try base(activations, count: counts.activations, "activations"),
+                try base(outputGrads, count: counts.outputGrads, "output_grads"))
+    }
+
+    /// The checked update arrays of a call, as mutable pointers.
+    private static func updateOutputs(
+        _ l: ExactBlockLayer, _ weightUpdate: UnsafeMutableBufferPointer<Float>,
+        _ biasUpdate: UnsafeMutableBufferPointer<Float>?
+    ) throws(TENGraDError) -> (UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>?) {
+        let wu = try base(UnsafeBufferPointer(weightUpdate), count: l.weightCount, "weight_update")
+        let bu = try bias(biasUpdate.map { UnsafeBufferPointer($0) }, count: l.biasCount, "bias_update")
+        return (UnsafeMutablePointer(mutating: wu), bu.map { UnsafeMutablePointer(mutating: $0) })
+    }
+
     /// Takes a curvature snapshot of `layer` from a batch, replacing the previous one.
     /// `activations` is [batch][in] (linear), `outputGrads` [batch][out]; `gradScale` s makes the
     /// output gradients per-sample ones (mean-reduced loss: s = batch; sum-reduced: s = 1).
@@ -144,10 +165,7 @@ public final class Preconditioner {
         outputGrads: UnsafeBufferPointer<Float>, gradScale: Float
     ) throws(TENGraDError) {
         let l = try layer(id)
-        let counts = try l.inputCounts(batch: batch)
-        try Self.checkScale(gradScale)
-        let a = try Self.base(activations, count: counts.activations, "activations")
-        let g = try Self.base(outputGrads, count: counts.outputGrads, "output_grads")
+        let (a, g) = try Self.batchInputs(l, batch: batch, activations, outputGrads, gradScale: gradScale)
         try l.updateCurvature(batch: batch, activations: a, outputGrads: g, scale: gradScale, context: context)
     }
 
@@ -160,11 +178,8 @@ public final class Preconditioner {
         let l = try layer(id)
         let w = try Self.base(weightGrad, count: l.weightCount, "weight_grad")
         let b = try Self.bias(biasGrad, count: l.biasCount, "bias_grad")
-        let wu = try Self.base(UnsafeBufferPointer(weightUpdate), count: l.weightCount, "weight_update")
-        let bu = try Self.bias(biasUpdate.map { UnsafeBufferPointer($0) }, count: l.biasCount, "bias_update")
-        try l.precondition(
-            weightGrad: w, biasGrad: b, weightUpdate: UnsafeMutablePointer(mutating: wu),
-            biasUpdate: bu.map { UnsafeMutablePointer(mutating: $0) }, context: context)
+        let (wu, bu) = try Self.updateOutputs(l, weightUpdate, biasUpdate)
+        try l.precondition(weightGrad: w, biasGrad: b, weightUpdate: wu, biasUpdate: bu, context: context)
     }
 
     /// Empirical Fisher in one call: snapshot from this batch, and the update of this batch's mean
@@ -175,15 +190,10 @@ public final class Preconditioner {
         weightUpdate: UnsafeMutableBufferPointer<Float>, biasUpdate: UnsafeMutableBufferPointer<Float>?
     ) throws(TENGraDError) {
         let l = try layer(id)
-        let counts = try l.inputCounts(batch: batch)
-        try Self.checkScale(gradScale)
-        let a = try Self.base(activations, count: counts.activations, "activations")
-        let g = try Self.base(outputGrads, count: counts.outputGrads, "output_grads")
-        let wu = try Self.base(UnsafeBufferPointer(weightUpdate), count: l.weightCount, "weight_update")
-        let bu = try Self.bias(biasUpdate.map { UnsafeBufferPointer($0) }, count: l.biasCount, "bias_update")
+        let (a, g) = try Self.batchInputs(l, batch: batch, activations, outputGrads, gradScale: gradScale)
+        let (wu, bu) = try Self.updateOutputs(l, weightUpdate, biasUpdate)
         try l.naturalGradient(
-            batch: batch, activations: a, outputGrads: g, scale: gradScale,
-            weightUpdate: UnsafeMutablePointer(mutating: wu), biasUpdate: bu.map { UnsafeMutablePointer(mutating: $0) },
+            batch: batch, activations: a, outputGrads: g, scale: gradScale, weightUpdate: wu, biasUpdate: bu,
             context: context)
     }
 

@@ -9,18 +9,9 @@
 #include <string.h>
 
 #include "tengrad.h"
+#include "check.h"
 
-static int passed = 0, failed = 0;
 
-#define CHECK(cond)                                                                      \
-    do {                                                                                 \
-        if (cond) {                                                                      \
-            passed++;                                                                    \
-        } else {                                                                         \
-            failed++;                                                                    \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);     \
-        }                                                                                \
-    } while (0)
 
 #define CHECK_STATUS(call, expected)                                                     \
     do {                                                                                 \
@@ -350,6 +341,5 @@ int main(void) {
     test_settings_and_layers();
     test_numerics_and_errors();
     test_conv2d();
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed == 0 ? 0 : 1;
+    return report();
 }

@@ -10,19 +10,11 @@
 #include <string.h>
 
 #include "tengrad.h"
+#include "check.h"
 
 enum { THREADS = 4, STEPS = 20, M = 16, IN = 64, OUT = 32, CIN = 4, COUT = 8, HW = 10 };
 
-static int passed = 0, failed = 0;
-#define CHECK(cond)                                                                        \
-    do {                                                                                   \
-        if (cond) {                                                                        \
-            passed++;                                                                      \
-        } else {                                                                           \
-            failed++;                                                                      \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);     \
-        }                                                                                  \
-    } while (0)
+
 
 typedef struct {
     unsigned seed;
@@ -127,6 +119,5 @@ int main(void) {
     tengrad_layer_stats stats;
     CHECK(tengrad_get_layer_stats(p, layer, &stats) == TENGRAD_OK && stats.batch == M);
     tengrad_destroy(p);
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed == 0 ? 0 : 1;
+    return report();
 }
