@@ -151,7 +151,7 @@ if runConv {
         ("ResNet 256→256 8²", Conv2dShape(inChannels: 256, outChannels: 256, inHeight: 8, inWidth: 8, kernelHeight: 3, kernelWidth: 3, paddingHeight: 1, paddingWidth: 1)),
         ("1×1 512→512 4²", Conv2dShape(inChannels: 512, outChannels: 512, inHeight: 4, inWidth: 4, kernelHeight: 1, kernelWidth: 1)),
     ]
-    print("\nTENGraD conv2d benchmark, batch \(m), bias on (the paper's ConvNet uses conv2 twice: 128→128 twice)")
+    print("\nTENGraD conv2d benchmark, batch \(m), bias on (conv2 and conv3 of the paper's ConvNet are both 128→128 on 28²: listed once)")
     print("curvature = one update_curvature (Gram + Cholesky); precondition is the same for both strategies")
     print("(* = measured at a smaller batch and scaled by (m/m')², the Gram's growth; the factored Gram")
     print("   grows with L² and would take minutes on the large-L layers)\n")
