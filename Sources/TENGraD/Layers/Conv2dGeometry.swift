@@ -112,7 +112,8 @@ struct Conv2dGeometry {
                     let row = dst + ((c * s.kernelHeight + ki) * s.kernelWidth + kj) * ld
                     let colOffset = kj * s.dilationWidth - s.paddingWidth
                     // Output columns whose input column lies inside the image: iw = ow·sw + colOffset.
-                    let first = colOffset >= 0 ? 0 : (-colOffset + s.strideWidth - 1) / s.strideWidth
+                    // ⌈−colOffset / stride⌉ without forming −colOffset + stride (which may overflow).
+                    let first = colOffset >= 0 ? 0 : (-colOffset - 1) / s.strideWidth + 1
                     let lastExclusive = min(ow, colOffset >= w ? 0 : (w - 1 - colOffset) / s.strideWidth + 1)
                     for oh in 0..<outHeight {
                         let out = row + oh * ow

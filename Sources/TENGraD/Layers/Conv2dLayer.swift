@@ -218,7 +218,7 @@ final class Conv2dLayer: ExactBlockLayer {
         let one: Float = geo.shape.hasBias ? 1 : 0
         // Workspace per block of c samples: two patch blocks (P·c·L), two gradient blocks
         // (Cg·c·L) and the two products ((c·L)² each).
-        let perSample = 2 * (P + Cg) * L
+        let perSample = try checkedProduct(2, P + Cg, L, what: "factored workspace per sample")
         var c = max(1, min(m, (available / 2).squareRootFloor / max(1, L)))
         while c > 1 && c * perSample + 2 * (c * L) * (c * L) > available { c -= 1 }
         let cl = try checkedProduct(c, L, what: "block positions")
