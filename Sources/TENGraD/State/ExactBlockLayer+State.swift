@@ -53,7 +53,8 @@ extension ExactBlockLayer {
             guard jitter.isFinite, jitter >= 0, anorm.isFinite, anorm >= 0 else { throw corrupt("invalid jitter or norm") }
             let mm = try checkedProduct(m, m, what: "batch²")
             // All the data must be present before anything is allocated for it.
-            let total = try checkedSum(try checkedProduct(counts.activations + counts.outputGrads, 4, what: "snapshot"),
+            let numbers = try checkedSum(counts.activations, counts.outputGrads, what: "snapshot")
+            let total = try checkedSum(try checkedProduct(numbers, 4, what: "snapshot"),
                                        try checkedProduct(mm, 16, what: "snapshot"), what: "snapshot")
             try r.require(total, size: 1, "layer \(id) snapshot")
             let a = try Storage<Float>(count: counts.activations, budget: budget, what: "restored activations")

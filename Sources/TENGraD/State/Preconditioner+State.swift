@@ -117,7 +117,11 @@ extension Preconditioner {
                     throw StateReader.corrupt("layer \(id): saved shape \(description) differs from this preconditioner's \(Layer(layer))")
                 }
             }
-            restored.append(try layer.readState(&r, layer: id, budget: budget))
+            do {
+                restored.append(try layer.readState(&r, layer: id, budget: budget))
+            } catch where error.code == .shape || error.code == .invalidArgument {
+                throw StateReader.corrupt("layer \(id): \(error.message)")  // sizes no valid state has
+            }
             targets.append(layer)
         }
         guard r.remaining == 0 else { throw StateReader.corrupt("\(r.remaining) unexpected bytes after the last layer") }

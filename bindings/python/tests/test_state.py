@@ -150,3 +150,20 @@ def test_checksum_is_xxh64_of_the_preceding_bytes():
     assert blob[:8] == b"TENGRAD\x1a"
     assert struct.unpack_from("<Q", blob, len(blob) - 8)[0] == xxhash.xxh64(blob[:-8]).intdigest()
     p.close()
+
+
+@pytest.mark.skipif(xxhash is None, reason="xxhash not installed")
+def test_hostile_sizes_behind_a_valid_checksum_are_corrupt_not_a_crash():
+    def blob(layer_bytes):
+        payload = struct.pack("<dqI", 0.1, 0, 1) + layer_bytes
+        body = b"TENGRAD\x1a" + struct.pack("<IIQ", 1, 0, len(payload)) + payload
+        return body + struct.pack("<Q", xxhash.xxh64(body).intdigest())
+    big = 2**31 - 1
+    for m in (big, 2**20, -5, 0):
+        layer = (struct.pack("<IqqI", 1, big, big, 1) + struct.pack("<II", 0, 1)
+                 + struct.pack("<qfddd", m, 1.0, 0.1, 0.0, 1.0) + b"\0" * 64)
+        with tengrad.Preconditioner() as p:
+            with pytest.raises(tengrad.TengradError) as e:
+                p.load_state(blob(layer))
+            assert e.value.status == tengrad.ERROR_CORRUPT
+            assert p.num_layers == 0
