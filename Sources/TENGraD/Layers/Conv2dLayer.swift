@@ -125,14 +125,16 @@ final class Conv2dLayer: ExactBlockLayer {
         let d = geo.shape.outChannels * pT
         // Workspace: Kf (m²) + U_blk (m·cb·P̃, or m·d whole) + patches of a chunk (P·mc·L).
         let mm = m * m
+        // The patch block has P̃ rows: with a bias, a last row of ones makes the GEMM produce the
+        // bias column Σ_l G_i[o, l] as well.
         let minimum = try checkedSum(try checkedSum(mm, try checkedProduct(m, pT, what: "batch × patch"), what: "workspace"),
-                                     try checkedProduct(P, L, what: "patch matrix"), what: "workspace")
+                                     try checkedProduct(pT, L, what: "patch matrix"), what: "workspace")
         let room = max(available, minimum)
-        let whole = (room - mm - P * L) / m >= d  // all of U fits (m·d cannot overflow then)
-        let cb = whole ? Cg : max(1, min(Cg, (room - mm - P * L) / max(1, m * pT)))
+        let whole = (room - mm - pT * L) / m >= d  // all of U fits (m·d cannot overflow then)
+        let cb = whole ? Cg : max(1, min(Cg, (room - mm - pT * L) / max(1, m * pT)))
         let blockWidth = whole ? d : cb * pT
-        let mc = Conv2dLayer.chunk(m, fixed: mm + m * blockWidth, perSample: P * L, available: room)
-        let work = try context.workspace.floats(mm + m * blockWidth + P * mc * L)
+        let mc = Conv2dLayer.chunk(m, fixed: mm + m * blockWidth, perSample: pT * L, available: room)
+        let work = try context.workspace.floats(mm + m * blockWidth + pT * mc * L)
         let kf = work, u = work + mm, patches = u + m * blockWidth
         var flops = 0.0
         func accumulate(width: Int) {
@@ -156,24 +158,16 @@ final class Conv2dLayer: ExactBlockLayer {
                 while i0 < m {
                     let c = min(mc, m - i0)
                     for li in 0..<c { geo.unfold(sample: a + (i0 + li) * geo.inputSize, group: group, into: patches + li * L, ld: c * L) }
+                    if bias { (patches + P * c * L).update(repeating: 1, count: c * L) }
                     for li in 0..<c {
                         let gi = gradRows(g, sample: i0 + li, group: group) + o0 * L
-                        let row = u + (i0 + li) * blockWidth + column
-                        // Δ (n × P) = G_i[o0..<o0+n] (n × L) · Ĩ_iᵀ (L × P), rows of width P̃.
-                        BLAS.sgemm(transA: false, transB: true, m: n, n: P, k: L, alpha: 1, a: gi, lda: L,
-                                   b: patches + li * L, ldb: c * L, beta: 0, c: row, ldc: pT)
-                        if bias {
-                            for o in 0..<n {
-                                var sum: Float = 0
-                                let go = gi + o * L
-                                for l in 0..<L { sum += go[l] }
-                                row[o * pT + P] = sum
-                            }
-                        }
+                        // [Δ | bias] (n × P̃) = G_i[o0..<o0+n] (n × L) · [Ĩ_i; 1]ᵀ (L × P̃).
+                        BLAS.sgemm(transA: false, transB: true, m: n, n: pT, k: L, alpha: 1, a: gi, lda: L,
+                                   b: patches + li * L, ldb: c * L, beta: 0, c: u + (i0 + li) * blockWidth + column, ldc: pT)
                     }
                     i0 += c
                 }
-                flops += 2 * Double(m * n * P) * Double(L)
+                flops += 2 * Double(m * n * pT) * Double(L)
                 if !whole { accumulate(width: n * pT) }
                 o0 += n
             }
