@@ -172,14 +172,7 @@ public func tengrad_add_conv2d(
         guard s.has_bias == 0 || s.has_bias == 1 else {
             throw TENGraDError(.invalidArgument, "has_bias must be 0 or 1, got \(s.has_bias)")
         }
-        let id = try h.core.addConv2d(Conv2dShape(
-            inChannels: Int(s.in_channels), outChannels: Int(s.out_channels),
-            inHeight: Int(s.in_height), inWidth: Int(s.in_width),
-            kernelHeight: Int(s.kernel_height), kernelWidth: Int(s.kernel_width),
-            strideHeight: Int(s.stride_height), strideWidth: Int(s.stride_width),
-            paddingHeight: Int(s.padding_height), paddingWidth: Int(s.padding_width),
-            dilationHeight: Int(s.dilation_height), dilationWidth: Int(s.dilation_width),
-            groups: Int(s.groups), hasBias: s.has_bias == 1))
+        let id = try h.core.addConv2d(Conv2dShape(s))
         out.pointee = Int32(truncatingIfNeeded: id)
     }
 }
@@ -227,22 +220,7 @@ public func tengrad_get_conv2d_shape(
         guard case let .conv2d(s) = try h.core.layerDescription(layer: Int(layer)) else {
             throw TENGraDError(.invalidArgument, "layer \(layer) is not a conv2d layer")
         }
-        var c = tengrad_conv2d_shape()
-        c.in_channels = Int64(s.inChannels)
-        c.out_channels = Int64(s.outChannels)
-        c.in_height = Int64(s.inHeight)
-        c.in_width = Int64(s.inWidth)
-        c.kernel_height = Int64(s.kernelHeight)
-        c.kernel_width = Int64(s.kernelWidth)
-        c.stride_height = Int64(s.strideHeight)
-        c.stride_width = Int64(s.strideWidth)
-        c.padding_height = Int64(s.paddingHeight)
-        c.padding_width = Int64(s.paddingWidth)
-        c.dilation_height = Int64(s.dilationHeight)
-        c.dilation_width = Int64(s.dilationWidth)
-        c.groups = Int64(s.groups)
-        c.has_bias = s.hasBias ? 1 : 0
-        o.pointee = c
+        o.pointee = tengrad_conv2d_shape(s)
     }
 }
 
@@ -364,5 +342,33 @@ public func tengrad_get_layer_stats(
         c.conv_factored_flops = s.factoredFlopsEstimate
         c.conv_explicit_flops = s.explicitFlopsEstimate
         o.pointee = c
+    }
+}
+
+// MARK: - Shape conversion (the header's struct ⇄ the core's type; has_bias validated by callers)
+
+extension Conv2dShape {
+    init(_ c: tengrad_conv2d_shape) {
+        self.init(
+            inChannels: Int(c.in_channels), outChannels: Int(c.out_channels),
+            inHeight: Int(c.in_height), inWidth: Int(c.in_width),
+            kernelHeight: Int(c.kernel_height), kernelWidth: Int(c.kernel_width),
+            strideHeight: Int(c.stride_height), strideWidth: Int(c.stride_width),
+            paddingHeight: Int(c.padding_height), paddingWidth: Int(c.padding_width),
+            dilationHeight: Int(c.dilation_height), dilationWidth: Int(c.dilation_width),
+            groups: Int(c.groups), hasBias: c.has_bias == 1)
+    }
+}
+
+extension tengrad_conv2d_shape {
+    init(_ s: Conv2dShape) {
+        self.init(
+            in_channels: Int64(s.inChannels), out_channels: Int64(s.outChannels),
+            in_height: Int64(s.inHeight), in_width: Int64(s.inWidth),
+            kernel_height: Int64(s.kernelHeight), kernel_width: Int64(s.kernelWidth),
+            stride_height: Int64(s.strideHeight), stride_width: Int64(s.strideWidth),
+            padding_height: Int64(s.paddingHeight), padding_width: Int64(s.paddingWidth),
+            dilation_height: Int64(s.dilationHeight), dilation_width: Int64(s.dilationWidth),
+            groups: Int64(s.groups), has_bias: s.hasBias ? 1 : 0)
     }
 }

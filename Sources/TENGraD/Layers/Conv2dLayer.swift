@@ -268,8 +268,13 @@ final class Conv2dLayer: ExactBlockLayer {
 
     // MARK: - Uᵀv and U x
 
+    /// True when `projectGradient` left the unfolded patches of the whole batch in the workspace
+    /// (one group, one chunk), so the `applyU` that follows in `precondition` need not unfold again.
+    private var patchesKept = false
+
     override func updateWorkspace(m: Int, context: LayerContext) throws(TENGraDError) -> Int {
         keptGradients = nil
+        patchesKept = false
         let geo = geometry
         let perSample = try checkedProduct(geo.patch + geo.groupOut, geo.positions, what: "chunk workspace")
         updateChunk = Conv2dLayer.chunk(m, fixed: 0, perSample: perSample, available: workspaceFloats(context, reserve: 2 * m * MemoryLayout<Double>.stride))
@@ -307,6 +312,7 @@ final class Conv2dLayer: ExactBlockLayer {
             }
             i0 += c
         }
+        patchesKept = geo.shape.groups == 1 && updateChunk >= m
         return 2 * Double(m) * Double(L) * Double(geo.shape.outChannels) * Double(P + 1)
     }
 
@@ -317,6 +323,8 @@ final class Conv2dLayer: ExactBlockLayer {
         weight: UnsafeMutablePointer<Float>, bias: UnsafeMutablePointer<Float>?, workspace: UnsafeMutablePointer<Float>
     ) -> Double {
         let geo = geometry, L = geo.positions, P = geo.patch, Cg = geo.groupOut
+        let reusePatches = patchesKept
+        patchesKept = false
         var i0 = 0
         while i0 < m {
             let c = min(updateChunk, m - i0)
@@ -324,7 +332,9 @@ final class Conv2dLayer: ExactBlockLayer {
             let firstBeta: Float = i0 == 0 ? beta : 1
             for group in 0..<geo.shape.groups {
                 for li in 0..<c {
-                    geo.unfold(sample: a + (i0 + li) * geo.inputSize, group: group, into: patches + li * L, ld: c * L)
+                    if !reusePatches {
+                        geo.unfold(sample: a + (i0 + li) * geo.inputSize, group: group, into: patches + li * L, ld: c * L)
+                    }
                     let w = Float(alpha * s * x[i0 + li])
                     let gi = gradRows(g, sample: i0 + li, group: group)
                     for o in 0..<Cg {

@@ -113,22 +113,12 @@ class ExactBlockLayer {
 
     // MARK: - Curvature
 
-    /// A checked batch, its new m×m system, and storage for the snapshot copies: everything that
-    /// can fail, done before any state or output is touched.
-    private struct Prepared {
-        let m: Int
-        let activations: Storage<Float>
-        let outputGrads: Storage<Float>
-        let maxActivation: Float
-        let maxOutputGrad: Float
-        let system: DampedSystem
-        let flops: Double
-    }
-
+    /// A checked batch made into the next snapshot (its storage not yet filled) and the flops it
+    /// took: everything that can fail, done before any state or output is touched.
     private func prepare(
         batch m: Int, activations a: UnsafePointer<Float>, outputGrads g: UnsafePointer<Float>,
         scale s: Float, context: LayerContext
-    ) throws(TENGraDError) -> Prepared {
+    ) throws(TENGraDError) -> (next: Snapshot, flops: Double) {
         let (countA, countG) = try inputCounts(batch: m)
         let scanA = ArrayScan(a, count: countA)
         guard scanA.finite else { throw TENGraDError(.notFinite, "activations contain NaN or Inf") }
@@ -155,26 +145,20 @@ class ExactBlockLayer {
         }
         let system = try DampedSystem(gram: gram, m: m, damping: context.damping, budget: context.budget)
         flops += system.factorFlops
-        return Prepared(
-            m: m, activations: activations, outputGrads: outputGrads,
-            maxActivation: max(scanA.maxAbs, biasCount > 0 ? 1 : 0), maxOutputGrad: scanG.maxAbs,
-            system: system, flops: flops)
+        let next = Snapshot(
+            m: m, activations: activations, outputGrads: outputGrads, scale: s,
+            maxActivation: max(scanA.maxAbs, biasCount > 0 ? 1 : 0), maxOutputGrad: scanG.maxAbs, system: system)
+        return (next, flops)
     }
 
-    /// Copies the batch into the snapshot and makes it current. Cannot fail.
-    private func commit(_ p: Prepared, activations a: UnsafePointer<Float>, outputGrads g: UnsafePointer<Float>, scale: Float, context: LayerContext) {
-        p.activations.base.update(from: a, count: p.activations.count)
-        p.outputGrads.base.update(from: g, count: p.outputGrads.count)
-        snapshot = Snapshot(
-            m: p.m, activations: p.activations, outputGrads: p.outputGrads, scale: scale,
-            maxActivation: p.maxActivation, maxOutputGrad: p.maxOutputGrad, system: p.system)
-        record.batch = p.m
+    /// Copies the batch into the prepared snapshot and makes it current. Cannot fail.
+    private func commit(_ next: Snapshot, flops: Double, activations a: UnsafePointer<Float>, outputGrads g: UnsafePointer<Float>, context: LayerContext) {
+        next.activations.base.update(from: a, count: next.activations.count)
+        next.outputGrads.base.update(from: g, count: next.outputGrads.count)
+        replaceSnapshot(next)
         record.convStrategy = lastStrategy
-        record.snapshotBytes = p.activations.bytes + p.outputGrads.bytes + p.system.bytes
         record.workspaceBytes = context.workspace.bytes
-        record.damping = p.system.damping
-        record.jitter = p.system.jitter
-        record.curvatureFlops = p.flops
+        record.curvatureFlops = flops
     }
 
     func updateCurvature(
@@ -182,8 +166,8 @@ class ExactBlockLayer {
         scale: Float, context: LayerContext
     ) throws(TENGraDError) {
         let start = monotonicSeconds()
-        let prepared = try prepare(batch: batch, activations: activations, outputGrads: outputGrads, scale: scale, context: context)
-        commit(prepared, activations: activations, outputGrads: outputGrads, scale: scale, context: context)
+        let (next, flops) = try prepare(batch: batch, activations: activations, outputGrads: outputGrads, scale: scale, context: context)
+        commit(next, flops: flops, activations: activations, outputGrads: outputGrads, context: context)
         record.curvatureSeconds = monotonicSeconds() - start
     }
 
@@ -195,7 +179,7 @@ class ExactBlockLayer {
         context: LayerContext
     ) throws(TENGraDError) {
         let start = monotonicSeconds()
-        let p = try prepare(batch: batch, activations: activations, outputGrads: outputGrads, scale: s, context: context)
+        let (p, curvatureFlops) = try prepare(batch: batch, activations: activations, outputGrads: outputGrads, scale: s, context: context)
         let middle = monotonicSeconds()
         let m = p.m
         // c = (K + mλI)⁻¹ 1; the update of the mean gradient is U c (SPEC §2, empirical fast path).
@@ -220,7 +204,7 @@ class ExactBlockLayer {
                 m: m, activations: activations, outputGrads: outputGrads, scale: Double(s), x: c, alpha: 1, beta: 0,
                 weight: weightUpdate, bias: biasUpdate, workspace: work)
         }
-        commit(p, activations: activations, outputGrads: outputGrads, scale: s, context: context)
+        commit(p, flops: curvatureFlops, activations: activations, outputGrads: outputGrads, context: context)
         record.curvatureSeconds = middle - start
         record.updateSeconds = monotonicSeconds() - middle
         record.updateFlops = flops + 2 * Double(m) * Double(m)

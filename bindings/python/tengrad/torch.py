@@ -37,7 +37,7 @@ output gradients (``grad_scale``): mean-reduced losses hand out 1/m of each samp
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 import numpy as np
 import torch
@@ -45,7 +45,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import Conv2dSpec, LinearSpec, Preconditioner
-from ._lib import TengradError
 
 __all__ = ["TENGraD"]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tengrad
-from oracle import damped_solve, join, linear_per_sample, relative_error, split
+from oracle import damped_solve, join, linear_per_sample, relative_error
 
 TOL = 1e-3
 

@@ -3,7 +3,6 @@ itself computes (torch.func.vmap over torch.func.grad). Tolerance 1e-3 relative 
 bound); observed errors are ~1e-6."""
 import copy
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
