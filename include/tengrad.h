@@ -52,7 +52,7 @@ extern "C" {
 /* ---- Version ---------------------------------------------------------------------------- */
 
 #define TENGRAD_VERSION_MAJOR 0
-#define TENGRAD_VERSION_MINOR 1
+#define TENGRAD_VERSION_MINOR 2
 #define TENGRAD_VERSION_PATCH 0
 #define TENGRAD_VERSION_NUMBER \
     (TENGRAD_VERSION_MAJOR * 10000 + TENGRAD_VERSION_MINOR * 100 + TENGRAD_VERSION_PATCH)
@@ -153,6 +153,25 @@ TENGRAD_NODISCARD tengrad_status tengrad_add_conv2d(tengrad_preconditioner *p,
 TENGRAD_NODISCARD tengrad_status tengrad_set_conv_strategy(tengrad_preconditioner *p, int32_t layer,
                                                            int32_t strategy);
 
+/* What a layer's curvature snapshot keeps for the reuse path (tengrad_precondition):
+   TENGRAD_SNAPSHOT_RAW: copies of the batch (activations and output gradients),
+     m·(inputs + outputs) floats per layer; each precondition recomputes Uᵀv and U x from them
+     (a convolution unfolds the batch again: ≈ 4·m·L·C_out·(P + 1) flops);
+   TENGRAD_SNAPSHOT_PER_SAMPLE: the per-sample gradients U themselves, m·(weight + bias) floats;
+     each precondition is two matrix-vector products over U (≈ 4·m·(weight + bias) flops, memory-bound).
+   TENGRAD_SNAPSHOT_AUTO (default) decides at each curvature update by a cost model: per-sample
+     when two streaming passes over U cost less than the raw products (roughly L > 10 output
+     positions; never for linear layers) and U fits the memory limit (with no limit set: at most
+     1 GiB per layer); if U does not fit, raw. Both give the same update up to float32 rounding.
+   The setting takes effect at the next curvature update (tengrad_update_curvature or
+   tengrad_natural_gradient); forcing PER_SAMPLE when U does not fit the memory limit makes those
+   calls fail with TENGRAD_ERROR_OUT_OF_MEMORY. Any layer kind accepts any setting. */
+enum { TENGRAD_SNAPSHOT_AUTO = 0, TENGRAD_SNAPSHOT_RAW = 1, TENGRAD_SNAPSHOT_PER_SAMPLE = 2 };
+
+TENGRAD_NODISCARD tengrad_status tengrad_set_snapshot_representation(tengrad_preconditioner *p,
+                                                                     int32_t layer,
+                                                                     int32_t representation);
+
 /* Number of registered layers. */
 TENGRAD_NODISCARD tengrad_status tengrad_layer_count(const tengrad_preconditioner *p, int32_t *out);
 
@@ -171,8 +190,9 @@ TENGRAD_NODISCARD tengrad_status tengrad_get_conv2d_shape(const tengrad_precondi
    gradient, so pass s = batch; a sum-reduced loss passes s = 1. Finite and > 0. */
 
 /* Take a curvature snapshot of this layer from a batch (replaces the previous one).
-   The snapshot keeps copies of the activations and output gradients, their m×m Gram, and the
-   Cholesky factor of UᵀU + mλI: about m·(in + out + 1) floats + 2·m² doubles for a linear layer. */
+   The snapshot keeps the batch in one of two representations (see tengrad_set_snapshot_representation:
+   copies of the activations and output gradients, or the per-sample gradients), their m×m Gram
+   and the Cholesky factor of UᵀU + mλI: about m·(in + out) floats + 2·m² doubles for a linear layer. */
 TENGRAD_NODISCARD tengrad_status tengrad_update_curvature(tengrad_preconditioner *p, int32_t layer,
                                                           int64_t batch, const float *activations,
                                                           const float *output_grads,
@@ -204,8 +224,9 @@ TENGRAD_NODISCARD tengrad_status tengrad_natural_gradient(tengrad_preconditioner
    copies, Gram, Cholesky factor) and last ⟨update, grad⟩. Size query then fill: with
    buffer == NULL, *size receives the bytes needed; otherwise up to capacity bytes are written
    and *size receives the bytes written (TENGRAD_ERROR_SHAPE if capacity is too small).
-   Format: magic "TENGRAD\x1a", u32 version (1), explicit little-endian fields, no pointers,
-   XXH64 checksum of all preceding bytes last. The blob is portable across machines. */
+   Format: magic "TENGRAD\x1a", u32 version (2), explicit little-endian fields, no pointers,
+   XXH64 checksum of all preceding bytes last. The blob is portable across machines.
+   Version 2 adds the snapshot representation; blobs of version 1 still load. */
 TENGRAD_NODISCARD tengrad_status tengrad_save_state(const tengrad_preconditioner *p, void *buffer,
                                                     size_t capacity, size_t *size);
 
@@ -256,6 +277,28 @@ typedef struct tengrad_layer_stats {
 /* Diagnostics of one layer. */
 TENGRAD_NODISCARD tengrad_status tengrad_get_layer_stats(const tengrad_preconditioner *p,
                                                          int32_t layer, tengrad_layer_stats *out);
+
+/* The snapshot of one layer and the representation cost model. Extensible: the caller sets
+   `size` to sizeof(tengrad_snapshot_info) (the size its header declares); the library fills the
+   fields that fit in `size` bytes and never writes beyond them. A size smaller than this first
+   version of the struct is TENGRAD_ERROR_INVALID_ARGUMENT. */
+typedef struct tengrad_snapshot_info {
+    size_t size;                       /* in: sizeof(tengrad_snapshot_info) */
+    int32_t representation;            /* TENGRAD_SNAPSHOT_RAW / _PER_SAMPLE of the current
+                                          snapshot; TENGRAD_SNAPSHOT_AUTO (0) when there is none */
+    int32_t representation_setting;    /* TENGRAD_SNAPSHOT_* set for the layer */
+    int64_t batch;                     /* m of the current snapshot; 0 when there is none */
+    int64_t representation_bytes;      /* bytes of the batch copies or of U */
+    int64_t snapshot_bytes;            /* representation + the m×m Gram and Cholesky factor */
+    double raw_bytes;                  /* cost model for the current batch: bytes of either */
+    double per_sample_bytes;           /*   representation, and the cost of one reuse step in  */
+    double raw_reuse_cost;             /*   flop-equivalents (a float streamed from memory     */
+    double per_sample_reuse_cost;      /*   counts 20 flops); 0 when there is no snapshot      */
+} tengrad_snapshot_info;
+
+TENGRAD_NODISCARD tengrad_status tengrad_get_snapshot_info(const tengrad_preconditioner *p,
+                                                           int32_t layer,
+                                                           tengrad_snapshot_info *info);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -40,9 +40,72 @@ private func handle(_ p: OpaquePointer) -> Handle {
     Unmanaged<Handle>.fromOpaque(UnsafeRawPointer(p)).takeUnretainedValue()
 }
 
-private let statusOK: Int32 = 0
-private let statusInvalid: Int32 = TENGraDError.Code.invalidArgument.rawValue
-private let statusState: Int32 = TENGraDError.Code.state.rawValue
+// MARK: - C numbers (statuses and setting codes live here, not in the core)
+
+private let statusOK = tengrad_status(TENGRAD_OK)
+private let statusInvalid = tengrad_status(TENGRAD_ERROR_INVALID_ARGUMENT)
+private let statusState = tengrad_status(TENGRAD_ERROR_STATE)
+
+extension TENGraDError.Code {
+    var status: tengrad_status {
+        switch self {
+        case .invalidArgument: tengrad_status(TENGRAD_ERROR_INVALID_ARGUMENT)
+        case .shape: tengrad_status(TENGRAD_ERROR_SHAPE)
+        case .notFinite: tengrad_status(TENGRAD_ERROR_NOT_FINITE)
+        case .numerical: tengrad_status(TENGRAD_ERROR_NUMERICAL)
+        case .outOfMemory: tengrad_status(TENGRAD_ERROR_OUT_OF_MEMORY)
+        case .state: tengrad_status(TENGRAD_ERROR_STATE)
+        case .corrupt: tengrad_status(TENGRAD_ERROR_CORRUPT)
+        }
+    }
+}
+
+extension ConvStrategy {
+    init?(code: Int32) {
+        switch Int(code) {
+        case Int(TENGRAD_CONV_AUTO): self = .auto
+        case Int(TENGRAD_CONV_FACTORED): self = .factored
+        case Int(TENGRAD_CONV_EXPLICIT): self = .explicit
+        default: return nil
+        }
+    }
+
+    var code: Int32 {
+        switch self {
+        case .auto: Int32(TENGRAD_CONV_AUTO)
+        case .factored: Int32(TENGRAD_CONV_FACTORED)
+        case .explicit: Int32(TENGRAD_CONV_EXPLICIT)
+        }
+    }
+}
+
+extension SnapshotRepresentation {
+    init?(code: Int32) {
+        switch Int(code) {
+        case Int(TENGRAD_SNAPSHOT_AUTO): self = .auto
+        case Int(TENGRAD_SNAPSHOT_RAW): self = .raw
+        case Int(TENGRAD_SNAPSHOT_PER_SAMPLE): self = .perSample
+        default: return nil
+        }
+    }
+
+    var code: Int32 {
+        switch self {
+        case .auto: Int32(TENGRAD_SNAPSHOT_AUTO)
+        case .raw: Int32(TENGRAD_SNAPSHOT_RAW)
+        case .perSample: Int32(TENGRAD_SNAPSHOT_PER_SAMPLE)
+        }
+    }
+}
+
+extension LayerKind {
+    var code: Int32 {
+        switch self {
+        case .linear: Int32(TENGRAD_LAYER_LINEAR)
+        case .conv2d: Int32(TENGRAD_LAYER_CONV2D)
+        }
+    }
+}
 
 /// Runs `body` on the handle, mapping success and every error to a status and the handle's message.
 /// A call that overlaps another on the same handle returns TENGRAD_ERROR_STATE and touches
@@ -61,7 +124,7 @@ private func run(_ p: OpaquePointer?, _ body: (Handle) throws(TENGraDError) -> V
         return statusOK
     } catch {
         h.setMessage(error.message)
-        return error.code.rawValue
+        return error.code.status
     }
 }
 
@@ -84,15 +147,15 @@ public func tengrad_version_number() -> Int32 {
 
 @_cdecl("tengrad_status_string")
 public func tengrad_status_string(_ status: Int32) -> UnsafePointer<CChar> {
-    switch status {
-    case 0: return staticText("ok")
-    case 1: return staticText("invalid argument")
-    case 2: return staticText("shape mismatch or size overflow")
-    case 3: return staticText("input contains NaN or Inf")
-    case 4: return staticText("numerical failure")
-    case 5: return staticText("out of memory")
-    case 6: return staticText("call out of order")
-    case 7: return staticText("corrupt serialized state")
+    switch Int(status) {
+    case Int(TENGRAD_OK): return staticText("ok")
+    case Int(TENGRAD_ERROR_INVALID_ARGUMENT): return staticText("invalid argument")
+    case Int(TENGRAD_ERROR_SHAPE): return staticText("shape mismatch or size overflow")
+    case Int(TENGRAD_ERROR_NOT_FINITE): return staticText("input contains NaN or Inf")
+    case Int(TENGRAD_ERROR_NUMERICAL): return staticText("numerical failure")
+    case Int(TENGRAD_ERROR_OUT_OF_MEMORY): return staticText("out of memory")
+    case Int(TENGRAD_ERROR_STATE): return staticText("call out of order")
+    case Int(TENGRAD_ERROR_CORRUPT): return staticText("corrupt serialized state")
     default: return staticText("unknown status")
     }
 }
@@ -180,10 +243,22 @@ public func tengrad_add_conv2d(
 @_cdecl("tengrad_set_conv_strategy")
 public func tengrad_set_conv_strategy(_ p: OpaquePointer?, _ layer: Int32, _ strategy: Int32) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        guard let s = ConvStrategy(rawValue: strategy) else {
+        guard let s = ConvStrategy(code: strategy) else {
             throw TENGraDError(.invalidArgument, "strategy must be TENGRAD_CONV_AUTO, _FACTORED or _EXPLICIT, got \(strategy)")
         }
         try h.core.setConvStrategy(layer: Int(layer), s)
+    }
+}
+
+@_cdecl("tengrad_set_snapshot_representation")
+public func tengrad_set_snapshot_representation(_ p: OpaquePointer?, _ layer: Int32, _ representation: Int32) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        guard let r = SnapshotRepresentation(code: representation) else {
+            throw TENGraDError(
+                .invalidArgument,
+                "representation must be TENGRAD_SNAPSHOT_AUTO, _RAW or _PER_SAMPLE, got \(representation)")
+        }
+        try h.core.setSnapshotRepresentation(layer: Int(layer), r)
     }
 }
 
@@ -325,8 +400,8 @@ public func tengrad_get_layer_stats(
         let o = try required(out, "out")
         let s = try h.core.stats(layer: Int(layer))
         var c = tengrad_layer_stats()
-        c.kind = s.kind.rawValue
-        c.conv_strategy = s.convStrategy.rawValue
+        c.kind = s.kind.code
+        c.conv_strategy = s.convStrategy.code
         c.batch = Int64(s.batch)
         c.parameters = Int64(s.parameters)
         c.snapshot_bytes = Int64(s.snapshotBytes)
@@ -342,6 +417,34 @@ public func tengrad_get_layer_stats(
         c.conv_factored_flops = s.factoredFlopsEstimate
         c.conv_explicit_flops = s.explicitFlopsEstimate
         o.pointee = c
+    }
+}
+
+@_cdecl("tengrad_get_snapshot_info")
+public func tengrad_get_snapshot_info(
+    _ p: OpaquePointer?, _ layer: Int32, _ info: UnsafeMutablePointer<tengrad_snapshot_info>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let o = try required(info, "info")
+        let ours = MemoryLayout<tengrad_snapshot_info>.size
+        // The caller's struct may be a later, longer version: read its size without assuming ours.
+        let size = UnsafeRawPointer(o).loadUnaligned(as: Int.self)
+        guard size >= ours else {
+            throw TENGraDError(.invalidArgument, "info->size is \(size); set it to sizeof(tengrad_snapshot_info) (\(ours))")
+        }
+        let s = try h.core.stats(layer: Int(layer))
+        var c = tengrad_snapshot_info()
+        c.size = ours
+        c.representation = s.representation.code
+        c.representation_setting = try h.core.snapshotRepresentation(layer: Int(layer)).code
+        c.batch = Int64(s.batch)
+        c.representation_bytes = Int64(s.representationBytes)
+        c.snapshot_bytes = Int64(s.snapshotBytes)
+        c.raw_bytes = s.rawBytesEstimate
+        c.per_sample_bytes = s.perSampleBytesEstimate
+        c.raw_reuse_cost = s.rawReuseCost
+        c.per_sample_reuse_cost = s.perSampleReuseCost
+        UnsafeMutableRawPointer(o).copyMemory(from: &c, byteCount: ours)
     }
 }
 

@@ -17,7 +17,7 @@ public final class Preconditioner {
     /// λ of `F + λI`, for every layer.
     public internal(set) var damping: Double = Preconditioner.defaultDamping
 
-    var layers: [ExactBlockLayer] = []
+    var layers: [ExactBlock] = []
     let budget = MemoryBudget()
     private let workspace: Workspace
 
@@ -54,28 +54,40 @@ public final class Preconditioner {
     /// Registers a linear layer `y = W a (+ b)`, `W` of shape [out][in]. Returns its id (0, 1, …).
     @discardableResult
     public func addLinear(inFeatures: Int, outFeatures: Int, bias: Bool) throws(TENGraDError) -> Int {
-        try append(LinearLayer(inFeatures: inFeatures, outFeatures: outFeatures, hasBias: bias))
+        try append(ExactBlock(LinearGeometry(inFeatures: inFeatures, outFeatures: outFeatures, hasBias: bias)))
     }
 
     /// Registers a 2-D convolution (PyTorch semantics; see `Conv2dShape`). Returns its id.
     @discardableResult
     public func addConv2d(_ shape: Conv2dShape) throws(TENGraDError) -> Int {
-        try append(Conv2dLayer(shape))
+        try append(ExactBlock(Conv2dGeometry(shape)))
     }
 
     /// Forces a convolution's Gram strategy (`.auto`, the default, lets the flop model choose).
     public func setConvStrategy(layer id: Int, _ strategy: ConvStrategy) throws(TENGraDError) {
-        guard let conv = try layer(id) as? Conv2dLayer else { throw .invalid("layer \(id) is not a convolution") }
-        conv.strategySetting = strategy
+        let l = try layer(id)
+        guard l.geometry.kind == .conv2d else { throw .invalid("layer \(id) is not a convolution") }
+        l.strategySetting = strategy
     }
 
-    private func append(_ layer: ExactBlockLayer) throws(TENGraDError) -> Int {
+    /// Forces what a layer's snapshots keep (`.auto`, the default, lets the cost model choose at
+    /// each refresh; docs/DESIGN.md §4). Takes effect at the next curvature update.
+    public func setSnapshotRepresentation(layer id: Int, _ representation: SnapshotRepresentation) throws(TENGraDError) {
+        try layer(id).representationSetting = representation
+    }
+
+    /// The representation setting of a layer.
+    public func snapshotRepresentation(layer id: Int) throws(TENGraDError) -> SnapshotRepresentation {
+        try layer(id).representationSetting
+    }
+
+    func append(_ layer: ExactBlock) throws(TENGraDError) -> Int {
         guard layers.count < Int(Int32.max) else { throw .invalid("too many layers") }
         layers.append(layer)
         return layers.count - 1
     }
 
-    private func layer(_ id: Int) throws(TENGraDError) -> ExactBlockLayer {
+    private func layer(_ id: Int) throws(TENGraDError) -> ExactBlock {
         guard id >= 0, id < layers.count else {
             throw .invalid("unknown layer id \(id) (\(layers.count) layers registered)")
         }
@@ -94,8 +106,8 @@ public final class Preconditioner {
     /// Overflow-checked sizes of the arrays of a call; `batch` 0 gives the parameter sizes only.
     public func arrayCounts(layer id: Int, batch: Int) throws(TENGraDError) -> ArrayCounts {
         let l = try layer(id)
-        let inputs = batch == 0 ? (0, 0) : try l.inputCounts(batch: batch)
-        return ArrayCounts(activations: inputs.0, outputGrads: inputs.1, weight: l.weightCount, bias: l.biasCount)
+        let inputs = batch == 0 ? (0, 0) : try l.dims.inputCounts(batch: batch)
+        return ArrayCounts(activations: inputs.0, outputGrads: inputs.1, weight: l.dims.weightCount, bias: l.dims.biasCount)
     }
 
     /// Kind and shape of a registered layer.
@@ -105,7 +117,7 @@ public final class Preconditioner {
     }
 
     public func layerDescription(layer id: Int) throws(TENGraDError) -> Layer {
-        Layer(try layer(id))
+        try layer(id).geometry.description
     }
 
     /// Diagnostics of one layer.
@@ -138,10 +150,10 @@ public final class Preconditioner {
 
     /// The checked batch arrays of a call: sizes from the layer, a valid grad scale.
     private static func batchInputs(
-        _ l: ExactBlockLayer, batch: Int, _ activations: UnsafeBufferPointer<Float>,
+        _ l: ExactBlock, batch: Int, _ activations: UnsafeBufferPointer<Float>,
         _ outputGrads: UnsafeBufferPointer<Float>, gradScale: Float
     ) throws(TENGraDError) -> (UnsafePointer<Float>, UnsafePointer<Float>) {
-        let counts = try l.inputCounts(batch: batch)
+        let counts = try l.dims.inputCounts(batch: batch)
         try checkScale(gradScale)
         return (try base(activations, count: counts.activations, "activations"),
                 try base(outputGrads, count: counts.outputGrads, "output_grads"))
@@ -149,11 +161,11 @@ public final class Preconditioner {
 
     /// The checked update arrays of a call, as mutable pointers.
     private static func updateOutputs(
-        _ l: ExactBlockLayer, _ weightUpdate: UnsafeMutableBufferPointer<Float>,
+        _ l: ExactBlock, _ weightUpdate: UnsafeMutableBufferPointer<Float>,
         _ biasUpdate: UnsafeMutableBufferPointer<Float>?
     ) throws(TENGraDError) -> (UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>?) {
-        let wu = try base(UnsafeBufferPointer(weightUpdate), count: l.weightCount, "weight_update")
-        let bu = try bias(biasUpdate.map { UnsafeBufferPointer($0) }, count: l.biasCount, "bias_update")
+        let wu = try base(UnsafeBufferPointer(weightUpdate), count: l.dims.weightCount, "weight_update")
+        let bu = try bias(biasUpdate.map { UnsafeBufferPointer($0) }, count: l.dims.biasCount, "bias_update")
         return (UnsafeMutablePointer(mutating: wu), bu.map { UnsafeMutablePointer(mutating: $0) })
     }
 
@@ -176,8 +188,8 @@ public final class Preconditioner {
         weightUpdate: UnsafeMutableBufferPointer<Float>, biasUpdate: UnsafeMutableBufferPointer<Float>?
     ) throws(TENGraDError) {
         let l = try layer(id)
-        let w = try Self.base(weightGrad, count: l.weightCount, "weight_grad")
-        let b = try Self.bias(biasGrad, count: l.biasCount, "bias_grad")
+        let w = try Self.base(weightGrad, count: l.dims.weightCount, "weight_grad")
+        let b = try Self.bias(biasGrad, count: l.dims.biasCount, "bias_grad")
         let (wu, bu) = try Self.updateOutputs(l, weightUpdate, biasUpdate)
         try l.precondition(weightGrad: w, biasGrad: b, weightUpdate: wu, biasUpdate: bu, context: context)
     }

@@ -1,20 +1,21 @@
-/// The one error type of the Swift API. `code` maps one-to-one onto the C ABI's `tengrad_status`.
+/// The one error type of the Swift API. `code` maps one-to-one onto the C ABI's `tengrad_status`
+/// (the mapping lives in the C-facing layer, Sources/CTENGraD).
 public struct TENGraDError: Error, Equatable, CustomStringConvertible {
-    public enum Code: Int32, Sendable {
+    public enum Code: Sendable, Equatable {
         /// NULL pointer, non-positive size, unknown layer id, bad value.
-        case invalidArgument = 1
+        case invalidArgument
         /// Sizes inconsistent with the layer, or size overflow.
-        case shape = 2
+        case shape
         /// NaN or Inf in an input; nothing was changed.
-        case notFinite = 3
+        case notFinite
         /// Factorization failed even with jitter, or an intermediate result overflowed.
-        case numerical = 4
+        case numerical
         /// Allocation failed or the memory limit would be exceeded.
-        case outOfMemory = 5
+        case outOfMemory
         /// Call out of order, e.g. precondition before any curvature.
-        case state = 6
+        case state
         /// Serialized state is damaged or of another format.
-        case corrupt = 7
+        case corrupt
     }
 
     public var code: Code

@@ -25,20 +25,69 @@ let convCases: [ConvCase] = [
         var rng = SeededRandom(UInt64(c.m * 1000 + s.inChannels * 10 + s.outChannels))
         let x = rng.array(c.m * s.inChannels * s.inHeight * s.inWidth)
         let g = rng.array(c.m * s.outChannels * ho * wo)
+        for representation in [SnapshotRepresentation.raw, .perSample] {
         let p = Preconditioner()
         try p.setDamping(0.05)
         let layer = try p.addConv2d(s)
         try p.setConvStrategy(layer: layer, strategy)
+        try p.setSnapshotRepresentation(layer: layer, representation)
         let (w, b) = try p.naturalGradient(layer: layer, batch: c.m, activations: x, outputGrads: g, gradScale: 2)
         let oracle = DenseOracle(conv: s, activations: x, outputGrads: g, batch: c.m, scale: 2)
         let perRow = s.inChannels / s.groups * s.kernelHeight * s.kernelWidth
         #expect(relativeError(joined(w, b, out: s.outChannels, in: perRow), oracle.solve(damping: 0.05, oracle.meanGradient)) <= tolerance)
         #expect(try p.stats(layer: layer).convStrategy == strategy)
+        #expect(try p.stats(layer: layer).representation == representation)
 
         let vw = rng.array(w.count), vb: [Float]? = s.hasBias ? rng.array(s.outChannels) : nil
         let (w2, b2) = try p.precondition(layer: layer, weightGrad: vw, biasGrad: vb)
         let want = oracle.solve(damping: 0.05, joined(vw, vb, out: s.outChannels, in: perRow))
         #expect(relativeError(joined(w2, b2, out: s.outChannels, in: perRow), want) <= tolerance)
+
+        // Reuse path after a damping change, and after a refresh by update_curvature.
+        try p.setDamping(0.3)
+        let (w3, b3) = try p.precondition(layer: layer, weightGrad: vw, biasGrad: vb)
+        #expect(relativeError(joined(w3, b3, out: s.outChannels, in: perRow), oracle.solve(damping: 0.3, joined(vw, vb, out: s.outChannels, in: perRow))) <= tolerance)
+        try p.updateCurvature(layer: layer, batch: c.m, activations: x, outputGrads: g, gradScale: 2)
+        let (w4, b4) = try p.precondition(layer: layer, weightGrad: vw, biasGrad: vb)
+        #expect(relativeError(joined(w4, b4, out: s.outChannels, in: perRow), oracle.solve(damping: 0.3, joined(vw, vb, out: s.outChannels, in: perRow))) <= tolerance)
+        }
+    }
+
+    /// The cost model: per-sample gradients for a convolution with many positions, the raw batch
+    /// for few positions and for linear layers; a memory limit too small for U falls back to raw;
+    /// forcing per-sample then is an out-of-memory error that changes nothing.
+    @Test func representationModelPicksAndRespectsTheMemoryLimit() throws {
+        var rng = SeededRandom(11)
+        let wide = Conv2dShape(inChannels: 2, outChannels: 4, inHeight: 8, inWidth: 8, kernelHeight: 3, kernelWidth: 3, paddingHeight: 1, paddingWidth: 1)
+        let small = Conv2dShape(inChannels: 4, outChannels: 4, inHeight: 2, inWidth: 2, kernelHeight: 1, kernelWidth: 1)
+        let m = 6
+        let p = Preconditioner()
+        let l1 = try p.addConv2d(wide), l2 = try p.addConv2d(small)
+        let x1 = rng.array(m * 2 * 64), g1 = rng.array(m * 4 * 64), x2 = rng.array(m * 16), g2 = rng.array(m * 16)
+        try p.updateCurvature(layer: l1, batch: m, activations: x1, outputGrads: g1, gradScale: 1)
+        try p.updateCurvature(layer: l2, batch: m, activations: x2, outputGrads: g2, gradScale: 1)
+        let s1 = try p.stats(layer: l1), s2 = try p.stats(layer: l2)
+        #expect(s1.representation == .perSample && s1.representationBytes == 4 * m * (4 * 19))
+        #expect(s1.perSampleReuseCost < s1.rawReuseCost)
+        #expect(s2.representation == .raw && s2.representationBytes == 4 * m * (16 + 16))
+
+        // A limit that leaves room for the raw batch but not for U (U is 2.4× larger here).
+        let q = Preconditioner()
+        let l = try q.addConv2d(wide)
+        try q.updateCurvature(layer: l, batch: m, activations: x1, outputGrads: g1, gradScale: 1)
+        try q.setSnapshotRepresentation(layer: l, .raw)
+        try q.updateCurvature(layer: l, batch: m, activations: x1, outputGrads: g1, gradScale: 1)
+        try q.setMemoryLimit(q.memoryInUse + 4 * m * 70)
+        try q.setSnapshotRepresentation(layer: l, .auto)
+        try q.updateCurvature(layer: l, batch: m, activations: x1, outputGrads: g1, gradScale: 1)
+        #expect(try q.stats(layer: l).representation == .raw)
+        let before = q.saveState()
+        try q.setSnapshotRepresentation(layer: l, .perSample)
+        #expect { try q.updateCurvature(layer: l, batch: m, activations: x1, outputGrads: g1, gradScale: 1) } throws: {
+            ($0 as? TENGraDError)?.code == .outOfMemory
+        }
+        try q.setSnapshotRepresentation(layer: l, .auto)
+        #expect(q.saveState() == before)
     }
 
     @Test func invalidGeometryNamesTheField() throws {

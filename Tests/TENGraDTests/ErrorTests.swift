@@ -103,3 +103,43 @@ import Testing
         #expect(w.allSatisfy { $0.isFinite })
     }
 }
+
+/// `precondition` after `setDamping` factorizes a new system; when a later allocation of the same
+/// call fails, nothing may change: the saved state equals that of a handle that never failed,
+/// and the next successful call gives the same update bit for bit.
+@Suite struct AtomicRefactorTests {
+    @Test(arguments: [SnapshotRepresentation.raw, .perSample])
+    func failedPreconditionAfterSetDampingChangesNothing(_ representation: SnapshotRepresentation) throws {
+        let shape = Conv2dShape(inChannels: 2, outChannels: 3, inHeight: 6, inWidth: 6, kernelHeight: 3, kernelWidth: 3)
+        let m = 5
+        var rng = SeededRandom(31)
+        let x = rng.array(m * 2 * 36), g = rng.array(m * 3 * 16), vw = rng.array(3 * 18), vb = rng.array(3)
+        func handle() throws -> (Preconditioner, Int) {
+            let p = Preconditioner()
+            let l = try p.addConv2d(shape)
+            try p.setSnapshotRepresentation(layer: l, representation)
+            try p.updateCurvature(layer: l, batch: m, activations: x, outputGrads: g, gradScale: 1)
+            try p.setDamping(0.7)
+            return (p, l)
+        }
+        let (clean, lc) = try handle()
+        // Limits that stop the call at the new factor itself, and just after it (the solve's
+        // workspace): both used to leave the new factorization installed.
+        for extra in [8, m * m * 8 + 16] {
+            let (p, l) = try handle()
+            try p.setMemoryLimit(p.memoryInUse + extra)
+            #expect { _ = try p.precondition(layer: l, weightGrad: vw, biasGrad: vb) } throws: {
+                ($0 as? TENGraDError)?.code == .outOfMemory
+            }
+            try p.setMemoryLimit(0)
+            #expect(p.saveState() == clean.saveState())
+            #expect(try p.stats(layer: l).damping == 0.1)
+            let got = try p.precondition(layer: l, weightGrad: vw, biasGrad: vb)
+            let want = try clean.precondition(layer: lc, weightGrad: vw, biasGrad: vb)
+            #expect(got.weight == want.weight && got.bias == want.bias)
+            #expect(try p.stats(layer: l).damping == 0.7)
+            // Back to the clean handle's state for the next limit.
+            try clean.loadState(try handle().0.saveState())
+        }
+    }
+}

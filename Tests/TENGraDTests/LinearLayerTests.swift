@@ -24,16 +24,21 @@ let cases: [Case] = [(4, 6, 5), (40, 5, 3), (1, 7, 4), (12, 12, 12), (9, 1, 1)].
         // Sum-reduced (s = 1, per-sample g) and mean-reduced (s = m, the caller holds g/m) losses:
         // the same unit-scale per-sample gradients either way.
         for scale in [Float(1), Float(c.m)] {
+          for representation in [SnapshotRepresentation.auto, .raw, .perSample] {
             let given = g.map { $0 / scale }
             let p = Preconditioner()
             try p.setDamping(damping)
             let layer = try p.addLinear(inFeatures: c.inFeatures, outFeatures: c.outFeatures, bias: c.bias)
+            try p.setSnapshotRepresentation(layer: layer, representation)
             let (w, b) = try p.naturalGradient(layer: layer, batch: c.m, activations: a, outputGrads: given, gradScale: scale)
             #expect((b == nil) == !c.bias)
             let oracle = DenseOracle(activations: a, outputGrads: given, batch: c.m, inFeatures: c.inFeatures,
                                      outFeatures: c.outFeatures, bias: c.bias, scale: Double(scale))
             let want = oracle.solve(damping: damping, oracle.meanGradient)
             #expect(relativeError(joined(w, b, out: c.outFeatures, in: c.inFeatures), want) <= tolerance)
+            // A linear layer keeps the raw batch unless told otherwise (L = 1: U is never cheaper).
+            #expect(try p.stats(layer: layer).representation == (representation == .perSample ? .perSample : .raw))
+          }
         }
     }
 
@@ -43,10 +48,13 @@ let cases: [Case] = [(4, 6, 5), (40, 5, 3), (1, 7, 4), (12, 12, 12), (9, 1, 1)].
         let a = rng.array(c.m * c.inFeatures), g = rng.array(c.m * c.outFeatures)
         let vw = rng.array(c.inFeatures * c.outFeatures)
         let vb: [Float]? = c.bias ? rng.array(c.outFeatures) : nil
+        for representation in [SnapshotRepresentation.raw, .perSample] {
         let p = Preconditioner()
         try p.setDamping(damping)
         let layer = try p.addLinear(inFeatures: c.inFeatures, outFeatures: c.outFeatures, bias: c.bias)
+        try p.setSnapshotRepresentation(layer: layer, representation)
         try p.updateCurvature(layer: layer, batch: c.m, activations: a, outputGrads: g, gradScale: 0.5)
+        #expect(try p.stats(layer: layer).representation == representation)
         let (w, b) = try p.precondition(layer: layer, weightGrad: vw, biasGrad: vb)
         let oracle = DenseOracle(activations: a, outputGrads: g, batch: c.m, inFeatures: c.inFeatures,
                                  outFeatures: c.outFeatures, bias: c.bias, scale: 0.5)
@@ -64,6 +72,7 @@ let cases: [Case] = [(4, 6, 5), (40, 5, 3), (1, 7, 4), (12, 12, 12), (9, 1, 1)].
         }
         #expect(inPlaceW == w)
         if let b { #expect(inPlaceB == b) }
+        }
     }
 
     @Test func changingDampingRefactorizesWithoutNewData() throws {
@@ -93,5 +102,43 @@ let cases: [Case] = [(4, 6, 5), (40, 5, 3), (1, 7, 4), (12, 12, 12), (9, 1, 1)].
         // Snapshot: m(in + out) floats and two m×m double matrices, never in·out.
         #expect(s.snapshotBytes == 4 * 16 * 16 + 2 * 8 * 16 * 16)
         #expect(s.hasUpdate && s.updateDotGrad > 0)
+    }
+}
+
+/// A linear layer applied over T tokens (inputs [m][T][in]): the per-sequence block, the kernel's
+/// position-major path with L = T > 1, both strategies and representations, against the oracle
+/// built from u_i = s Σ_t g_{i,t} ã_{i,t}ᵀ by direct summation.
+@Suite struct TokenLinearTests {
+    @Test(arguments: [ConvStrategy.factored, .explicit], [SnapshotRepresentation.raw, .perSample])
+    func perSequenceBlockMatchesOracle(strategy: ConvStrategy, representation: SnapshotRepresentation) throws {
+        let m = 5, T = 4, inF = 3, outF = 2
+        for bias in [true, false] {
+            var rng = SeededRandom(77)
+            let a = rng.array(m * T * inF), g = rng.array(m * T * outF)
+            let width = inF + (bias ? 1 : 0)
+            var rows: [[Double]] = []
+            for i in 0..<m {
+                var row = [Double](repeating: 0, count: outF * width)
+                for t in 0..<T {
+                    for o in 0..<outF {
+                        let go = 1.5 * Double(g[(i * T + t) * outF + o])
+                        for c in 0..<width { row[o * width + c] += go * (c < inF ? Double(a[(i * T + t) * inF + c]) : 1) }
+                    }
+                }
+                rows.append(row)
+            }
+            let oracle = DenseOracle(rows: rows)
+            let p = Preconditioner()
+            let layer = try p.append(ExactBlock(LinearGeometry(inFeatures: inF, outFeatures: outF, hasBias: bias, tokens: T)))
+            p.layers[layer].strategySetting = strategy
+            try p.setSnapshotRepresentation(layer: layer, representation)
+            let (w, b) = try p.naturalGradient(layer: layer, batch: m, activations: a, outputGrads: g, gradScale: 1.5)
+            #expect(relativeError(joined(w, b, out: outF, in: inF), oracle.solve(damping: 0.1, oracle.meanGradient)) <= tolerance)
+            #expect(try p.stats(layer: layer).representation == representation)
+            let vw = rng.array(outF * inF), vb: [Float]? = bias ? rng.array(outF) : nil
+            let (w2, b2) = try p.precondition(layer: layer, weightGrad: vw, biasGrad: vb)
+            let want = oracle.solve(damping: 0.1, joined(vw, vb, out: outF, in: inF))
+            #expect(relativeError(joined(w2, b2, out: outF, in: inF), want) <= tolerance)
+        }
     }
 }

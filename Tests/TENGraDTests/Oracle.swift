@@ -1,6 +1,6 @@
 import TENGraD
 
-/// Dense float64 oracle (SPEC §2): forms each per-sample gradient u_i and F + λI explicitly and
+/// Dense float64 oracle (docs/DESIGN.md §2): forms each per-sample gradient u_i and F + λI explicitly and
 /// solves by Gaussian elimination with partial pivoting. Independent of BLAS/LAPACK.
 struct DenseOracle {
     let d: Int

@@ -92,7 +92,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         }
         case 2: (void)tengrad_set_damping(p, f64(&in)); break;
         case 3: (void)tengrad_set_memory_limit(p, (int64_t)u64(&in) % (1 << 22)); break;
-        case 4: (void)tengrad_set_conv_strategy(p, layer, (int32_t)(u8(&in) % 4)); break;
+        case 4: {
+            uint8_t v = u8(&in);
+            if (v & 1) (void)tengrad_set_conv_strategy(p, layer, (int32_t)((v >> 1) % 4));
+            else (void)tengrad_set_snapshot_representation(p, layer, (int32_t)((v >> 1) % 4));
+            break;
+        }
         case 5:
         case 6:
         case 7:
@@ -114,6 +119,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             (void)tengrad_kl_clip_factor(p, f64(&in), f64(&in), &nu);
             tengrad_layer_stats st;
             (void)tengrad_get_layer_stats(p, layer, &st);
+            tengrad_snapshot_info info;
+            info.size = u8(&in) & 1 ? sizeof info : (size_t)u8(&in);
+            (void)tengrad_get_snapshot_info(p, layer, &info);
             break;
         }
         case 9: { /* save, then load into a fresh handle and into this one */

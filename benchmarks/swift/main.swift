@@ -1,7 +1,7 @@
 // The project's benchmark of linear layers (not a test: it prints a table, asserts nothing).
 //
 // For m ∈ {32, 128, 512} and in = out ∈ {256, 1024, 4096}: seconds per natural_gradient,
-// update_curvature and precondition, their GFLOP/s (flops of the SPEC §2 algorithm), and the ratio
+// update_curvature and precondition, their GFLOP/s (flops of the docs/DESIGN.md §2 algorithm), and the ratio
 // to OpenBLAS sgemm measured in the same run on a product of the same shape as the update's GEMM
 // (out×m times m×in). Each time is the median of several timed repetitions.
 //
@@ -51,7 +51,7 @@ let threads = getenv("OPENBLAS_NUM_THREADS").map { String(cString: $0) } ?? "def
 
 if runLinear {
 print("TENGraD linear-layer benchmark (OPENBLAS_NUM_THREADS=\(threads)); bias on; λ = 0.1")
-print("GFLOP/s count the SPEC §2 algorithm: Grams m(m+1)(in+out), Cholesky m³/3, GEMMs 2·m·in·out each")
+print("GFLOP/s count the docs/DESIGN.md §2 algorithm: Grams m(m+1)(in+out), Cholesky m³/3, GEMMs 2·m·in·out each")
 print("sgemm = OpenBLAS sgemm GFLOP/s on (out×m)·(m×in) in this run; ratio = ours ÷ sgemm\n")
 let header = ["m", "in=out", "natgrad s", "GFLOP/s", "ratio", "curv s", "GFLOP/s", "precond s", "GFLOP/s", "ratio", "sgemm GF/s"]
 print(header.map { $0.padding(11) }.joined())

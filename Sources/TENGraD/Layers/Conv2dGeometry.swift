@@ -33,9 +33,14 @@ public struct Conv2dShape: Sendable, Equatable {
     }
 }
 
-/// A validated convolution shape and the sizes derived from it. All products are overflow-checked
-/// here, once, so the loops of `Conv2dLayer` can use plain arithmetic.
-struct Conv2dGeometry {
+/// A 2-D convolution as patches × positions (docs/DESIGN.md §3): per sample and group, the patch
+/// matrix is the im2col unfolding of the input (P = (C_in/groups)·kh·kw rows ordered as the
+/// weight, L = H_out·W_out columns), unfolded on demand; the output gradients are the caller's
+/// [C_out][L] rows (channel-major). With groups > 1 the per-sample gradient is the concatenation
+/// of the per-group ones, so the Gram is the sum of per-group Grams — exact. No spatial averaging.
+///
+/// All products are overflow-checked here, once, so the kernel's loops use plain arithmetic.
+struct Conv2dGeometry: BlockGeometry {
     let shape: Conv2dShape
     let outHeight: Int, outWidth: Int
     /// L, output positions per sample.
@@ -46,8 +51,7 @@ struct Conv2dGeometry {
     let patch: Int
     /// Numbers per sample of the activations (C_in·H·W) and of the output gradients (C_out·L).
     let inputSize: Int, outputSize: Int
-    /// Numbers in the weight, C_out·P.
-    let weightCount: Int
+    let dims: BlockDims
 
     init(_ s: Conv2dShape) throws(TENGraDError) {
         func positive(_ value: Int, _ name: String) throws(TENGraDError) {
@@ -88,15 +92,24 @@ struct Conv2dGeometry {
         patch = try checkedProduct(groupIn, s.kernelHeight, s.kernelWidth, what: "(in_channels/groups) × kernel_height × kernel_width")
         inputSize = try checkedProduct(s.inChannels, s.inHeight, s.inWidth, what: "in_channels × in_height × in_width")
         outputSize = try checkedProduct(s.outChannels, positions, what: "out_channels × H_out × W_out")
-        weightCount = try checkedProduct(s.outChannels, patch, what: "weight size")
-        // Every matrix dimension handed to BLAS must fit its 32-bit index, also with the bias
-        // column (P + 1) and a patch matrix of one sample (P × L).
-        _ = try checkedProduct(patch + 1, max(positions, s.outChannels), what: "patch matrix size")
-        for (value, name) in [(patch + 1, "patch rows"), (positions, "output positions"), (s.outChannels, "out_channels"),
-                              (inputSize, "input size"), (outputSize, "output size")] where value > BLAS.maxDimension {
-            throw .shape("\(name) \(value) exceeds \(BLAS.maxDimension) (32-bit BLAS)")
-        }
+        dims = try BlockDims(
+            groups: s.groups, patch: patch, groupOut: groupOut, positions: positions, hasBias: s.hasBias,
+            inputSize: inputSize, outputSize: outputSize, positionMajor: false)
         shape = s
+    }
+
+    var kind: LayerKind { .conv2d }
+    var description: Preconditioner.Layer { .conv2d(shape) }
+
+    func patchScratch(samples count: Int) -> Int { patch * positions * count }
+
+    /// Unfolds the samples side by side: P rows of count·L columns.
+    func patches(
+        _ a: UnsafePointer<Float>, start: Int, count: Int, group: Int, scratch: UnsafeMutablePointer<Float>
+    ) -> Block {
+        let ld = count * positions
+        for li in 0..<count { unfold(sample: a + (start + li) * inputSize, group: group, into: scratch + li * positions, ld: ld) }
+        return Block(base: scratch, ld: ld, positionMajor: false)
     }
 
     /// Writes the patch matrix Ĩ of one sample restricted to group `group` — P rows ordered

@@ -5,19 +5,19 @@ struct LayerContext {
     let workspace: Workspace
 }
 
-public enum LayerKind: Int32, Sendable {
-    case linear = 1
-    case conv2d = 2
+public enum LayerKind: Sendable, Equatable {
+    case linear
+    case conv2d
 }
 
-/// Which exact Gram strategy a convolution uses (SPEC §2). As a setting, `.auto` lets the flop
-/// model choose; in `LayerStats`, `.auto` means "not a convolution".
-public enum ConvStrategy: Int32, Sendable {
-    case auto = 0
-    /// Pairwise patch and gradient products over output positions: cheap when L is small.
-    case factored = 1
-    /// Per-sample gradients formed block by block, then their Gram: cheap when L is large.
-    case explicit = 2
+/// Which exact Gram strategy a layer uses (docs/DESIGN.md §3). As a setting, `.auto` lets the
+/// flop model choose; in `LayerStats`, `.auto` means "not a convolution".
+public enum ConvStrategy: Sendable, Equatable {
+    case auto
+    /// Pairwise patch and gradient products over positions: cheap when L is small.
+    case factored
+    /// Per-sample gradients formed, then their Gram: cheap when L is large.
+    case explicit
 }
 
 /// Diagnostics of one layer (mirrors `tengrad_layer_stats`).
@@ -33,6 +33,16 @@ public struct LayerStats: Sendable, Equatable {
     /// Numbers in weight (+ bias).
     public var parameters: Int
     public var snapshotBytes: Int = 0
+    /// Representation of the current snapshot (`.auto`: no snapshot yet).
+    public var representation: SnapshotRepresentation = .auto
+    /// Bytes of that representation (batch copies or U), without the m×m system.
+    public var representationBytes: Int = 0
+    /// The representation cost model for the current snapshot's batch: bytes and reuse-step
+    /// cost (flop-equivalents) of either representation (0 before the first snapshot).
+    public var rawBytesEstimate: Double = 0
+    public var perSampleBytesEstimate: Double = 0
+    public var rawReuseCost: Double = 0
+    public var perSampleReuseCost: Double = 0
     public var workspaceBytes: Int = 0
     /// λ of the current factorization.
     public var damping: Double = 0

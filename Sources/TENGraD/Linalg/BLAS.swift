@@ -23,17 +23,21 @@ enum BLAS {
             i(m), i(n), i(k), alpha, a, i(lda), b, i(ldb), beta, c, i(ldc))
     }
 
-    /// Lower triangle of C[n×n] = A · Aᵀ for row-major A[n×k].
-    static func gramLower(n: Int, k: Int, a: UnsafePointer<Float>, c: UnsafeMutablePointer<Float>) {
-        cblas_ssyrk(CblasRowMajor, CblasLower, CblasNoTrans, i(n), i(k), 1, a, i(k), 0, c, i(n))
+    /// Lower triangle of C[n×n] = A · Aᵀ for row-major A[n×k] (`trans`: Aᵀ · A for A[k×n]).
+    static func syrkLower(
+        trans: Bool, n: Int, k: Int, a: UnsafePointer<Float>, lda: Int, c: UnsafeMutablePointer<Float>, ldc: Int
+    ) {
+        cblas_ssyrk(CblasRowMajor, CblasLower, trans ? CblasTrans : CblasNoTrans, i(n), i(k), 1, a, i(lda), 0, c, i(ldc))
     }
 
-    /// y[m] = alpha · A · x + beta · y for row-major A[m×n]; `trans` uses Aᵀ (y has n entries).
+    /// y = alpha · A · x + beta · y for row-major A[m×n] (row stride lda); `trans` uses Aᵀ (y has
+    /// n entries). β = 0 overwrites y whatever it held (it is zeroed first: BLAS may keep NaN·0).
     static func sgemv(
-        trans: Bool, m: Int, n: Int, alpha: Float, a: UnsafePointer<Float>,
+        trans: Bool, m: Int, n: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
         x: UnsafePointer<Float>, beta: Float, y: UnsafeMutablePointer<Float>
     ) {
-        cblas_sgemv(CblasRowMajor, trans ? CblasTrans : CblasNoTrans, i(m), i(n), alpha, a, i(n), x, 1, beta, y, 1)
+        if beta == 0 { y.update(repeating: 0, count: trans ? n : m) }
+        cblas_sgemv(CblasRowMajor, trans ? CblasTrans : CblasNoTrans, i(m), i(n), alpha, a, i(lda), x, 1, beta, y, 1)
     }
 
     /// Σ x_i² of float32 data, accumulated in float64.

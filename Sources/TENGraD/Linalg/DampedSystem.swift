@@ -7,15 +7,18 @@
 /// floating point its smallest eigenvalue can round away when mλ is tiny next to ‖K‖, so a failed
 /// factorization is retried with a growing diagonal jitter (relative to the largest diagonal
 /// entry, 1e-15 up to 1e-6) before giving up with `.numerical`.
+///
+/// A system is immutable: a new λ makes a new system sharing the Gram (`refactored`), which the
+/// caller installs only once everything else in its call has succeeded (docs/DESIGN.md §6).
 final class DampedSystem {
     let m: Int
     /// K = UᵀU, full symmetric, m×m (layout-independent).
     let gram: Storage<Double>
-    private(set) var factor: Storage<Double>
-    private(set) var damping: Double
-    private(set) var jitter: Double
+    let factor: Storage<Double>
+    let damping: Double
+    let jitter: Double
     /// 1-norm of the factorized matrix, for the condition estimate.
-    private(set) var anorm: Double
+    let anorm: Double
     private var cachedRcond: Double?
 
     /// Factorizes `gram + mλI`. `gram` must be symmetric and finite.
@@ -49,15 +52,12 @@ final class DampedSystem {
         return r
     }
 
-    /// Re-factorizes for a new λ from the kept Gram; on failure the old factor stays.
-    func refactor(damping newDamping: Double, budget: MemoryBudget) throws(TENGraDError) {
-        if newDamping == damping { return }
+    /// This system for λ = `newDamping`: itself when unchanged, else a new factorization of the
+    /// same kept Gram (nothing of this system changes).
+    func refactored(damping newDamping: Double, budget: MemoryBudget) throws(TENGraDError) -> DampedSystem {
+        if newDamping == damping { return self }
         let (f, j, a) = try DampedSystem.factorize(gram: gram, m: m, damping: newDamping, budget: budget)
-        factor = f
-        damping = newDamping
-        jitter = j
-        anorm = a
-        cachedRcond = nil
+        return DampedSystem(restoring: gram, factor: f, m: m, damping: newDamping, jitter: j, anorm: a)
     }
 
     /// x ← (K + (mλ + jitter) I)⁻¹ x for `nrhs` column-major right-hand sides of length m.

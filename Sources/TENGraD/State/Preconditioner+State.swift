@@ -1,15 +1,16 @@
 /// Saved state: everything a resumed run needs to compute bit-identical updates.
 ///
-/// Format (version 1), all numbers little-endian:
+/// Format (version 2; version 1 is still read), all numbers little-endian:
 ///
 ///     magic      8 bytes  "TENGRAD" 0x1A
-///     u32 format version (1), u32 reserved (0), u64 payload bytes
+///     u32 format version (2), u32 reserved (0), u64 payload bytes
 ///     payload:   f64 damping, i64 memory limit, u32 layer count,
 ///                per layer: u32 kind (1 linear, 2 conv2d) and its shape
 ///                  linear: i64 in, i64 out, u32 bias
 ///                  conv2d: i64 × 12 (channels in/out, height, width, kernel, stride, padding,
 ///                          dilation — each height then width), i64 groups, u32 bias
-///                then the layer's state (see ExactBlockLayer+State)
+///                then the layer's state (see ExactBlock+State; version 2 adds the
+///                representation setting and per-sample snapshots)
 ///     u64 XXH64 (seed 0) of every byte before it
 ///
 /// No pointers, no padding, no host-dependent sizes. Loading checks magic, version, length and
@@ -21,7 +22,9 @@
 /// Settings (damping, memory limit, conv strategies) are restored either way.
 extension Preconditioner {
     static let stateMagic: [UInt8] = [0x54, 0x45, 0x4E, 0x47, 0x52, 0x41, 0x44, 0x1A]
-    static let stateVersion: UInt32 = 1
+    static let stateVersion: UInt32 = 2
+    /// Oldest format version `loadState` reads.
+    static let oldestStateVersion: UInt32 = 1
     private static let headerBytes = 8 + 4 + 4 + 8
 
     private func writeState(_ w: inout StateWriter) {
@@ -34,7 +37,7 @@ extension Preconditioner {
         w.i64(memoryLimit)
         w.u32(UInt32(layers.count))
         for layer in layers {
-            Layer(layer).write(&w)
+            layer.geometry.description.write(&w)
             layer.writeState(&w)
         }
     }
@@ -82,8 +85,9 @@ extension Preconditioner {
         }
         _ = try r.u64("magic")
         let version = try r.u32("version")
-        guard version == Preconditioner.stateVersion else {
-            throw StateReader.corrupt("state format version \(version); this library reads version \(Preconditioner.stateVersion)")
+        guard version >= Preconditioner.oldestStateVersion, version <= Preconditioner.stateVersion else {
+            throw StateReader.corrupt(
+                "state format version \(version); this library reads versions \(Preconditioner.oldestStateVersion) to \(Preconditioner.stateVersion)")
         }
         guard try r.u32("reserved") == 0 else { throw StateReader.corrupt("reserved header field is not 0") }
         let payload = try r.u64("payload length")
@@ -104,21 +108,21 @@ extension Preconditioner {
         guard fresh || count == layers.count else {
             throw StateReader.corrupt("state has \(count) layers, this preconditioner \(layers.count)")
         }
-        var targets: [ExactBlockLayer] = []
-        var restored: [ExactBlockLayer.Restored] = []
+        var targets: [ExactBlock] = []
+        var restored: [ExactBlock.Restored] = []
         for id in 0..<count {
             let description = try Layer.read(&r, layer: id)
-            let layer: ExactBlockLayer
+            let layer: ExactBlock
             if fresh {
                 layer = try description.makeLayer(id: id)
             } else {
                 layer = layers[id]
-                guard Layer(layer) == description else {
-                    throw StateReader.corrupt("layer \(id): saved shape \(description) differs from this preconditioner's \(Layer(layer))")
+                guard layer.geometry.description == description else {
+                    throw StateReader.corrupt("layer \(id): saved shape \(description) differs from this preconditioner's \(layer.geometry.description)")
                 }
             }
             do {
-                restored.append(try layer.readState(&r, layer: id, budget: budget))
+                restored.append(try layer.readState(&r, version: version, layer: id, budget: budget))
             } catch where error.code == .shape || error.code == .invalidArgument {
                 throw StateReader.corrupt("layer \(id): \(error.message)")  // sizes no valid state has
             }
@@ -144,25 +148,19 @@ extension Preconditioner {
 }
 
 extension Preconditioner.Layer {
-    init(_ layer: ExactBlockLayer) {
-        if let conv = layer as? Conv2dLayer {
-            self = .conv2d(conv.geometry.shape)
-        } else if let linear = layer as? LinearLayer {
-            self = .linear(inFeatures: linear.inFeatures, outFeatures: linear.outFeatures, bias: linear.hasBias)
-        } else {
-            preconditionFailure("unknown layer kind")
-        }
-    }
+    // Format numbers of the layer kinds.
+    private static let linearCode: UInt32 = 1
+    private static let conv2dCode: UInt32 = 2
 
     func write(_ w: inout StateWriter) {
         switch self {
         case let .linear(i, o, b):
-            w.u32(UInt32(LayerKind.linear.rawValue))
+            w.u32(Self.linearCode)
             w.i64(i)
             w.i64(o)
             w.bool(b)
         case let .conv2d(s):
-            w.u32(UInt32(LayerKind.conv2d.rawValue))
+            w.u32(Self.conv2dCode)
             for v in [s.inChannels, s.outChannels, s.inHeight, s.inWidth, s.kernelHeight, s.kernelWidth,
                       s.strideHeight, s.strideWidth, s.paddingHeight, s.paddingWidth, s.dilationHeight,
                       s.dilationWidth, s.groups] { w.i64(v) }
@@ -172,9 +170,9 @@ extension Preconditioner.Layer {
 
     static func read(_ r: inout StateReader, layer id: Int) throws(TENGraDError) -> Preconditioner.Layer {
         switch try r.u32("layer \(id) kind") {
-        case UInt32(LayerKind.linear.rawValue):
+        case linearCode:
             return .linear(inFeatures: try r.i64("in_features"), outFeatures: try r.i64("out_features"), bias: try r.bool("bias flag"))
-        case UInt32(LayerKind.conv2d.rawValue):
+        case conv2dCode:
             var v: [Int] = []
             for _ in 0..<13 { v.append(try r.i64("conv shape")) }
             return .conv2d(Conv2dShape(
@@ -186,11 +184,11 @@ extension Preconditioner.Layer {
         }
     }
 
-    func makeLayer(id: Int) throws(TENGraDError) -> ExactBlockLayer {
+    func makeLayer(id: Int) throws(TENGraDError) -> ExactBlock {
         do {
             switch self {
-            case let .linear(i, o, b): return try LinearLayer(inFeatures: i, outFeatures: o, hasBias: b)
-            case let .conv2d(s): return try Conv2dLayer(s)
+            case let .linear(i, o, b): return ExactBlock(try LinearGeometry(inFeatures: i, outFeatures: o, hasBias: b))
+            case let .conv2d(s): return ExactBlock(try Conv2dGeometry(s))
             }
         } catch {
             throw StateReader.corrupt("layer \(id): invalid shape (\(error.message))")

@@ -27,6 +27,10 @@ CONV_AUTO = 0
 CONV_FACTORED = 1
 CONV_EXPLICIT = 2
 
+SNAPSHOT_AUTO = 0
+SNAPSHOT_RAW = 1
+SNAPSHOT_PER_SAMPLE = 2
+
 
 class Conv2dShape(ctypes.Structure):
     """typedef struct tengrad_conv2d_shape { ... } tengrad_conv2d_shape;"""
@@ -55,6 +59,18 @@ class LayerStats(ctypes.Structure):
         ("update_flops", c_double), ("update_seconds", c_double),
         ("update_dot_grad", c_double),
         ("conv_factored_flops", c_double), ("conv_explicit_flops", c_double),
+    ]
+
+
+class SnapshotInfo(ctypes.Structure):
+    """typedef struct tengrad_snapshot_info { size_t size; ... } tengrad_snapshot_info;"""
+
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("representation", c_int32), ("representation_setting", c_int32),
+        ("batch", c_int64), ("representation_bytes", c_int64), ("snapshot_bytes", c_int64),
+        ("raw_bytes", c_double), ("per_sample_bytes", c_double),
+        ("raw_reuse_cost", c_double), ("per_sample_reuse_cost", c_double),
     ]
 
 
@@ -164,6 +180,10 @@ tengrad_add_conv2d = _declare(
     "tengrad_add_conv2d", c_int32, _handle, POINTER(Conv2dShape), POINTER(c_int32))
 # tengrad_status tengrad_set_conv_strategy(tengrad_preconditioner *p, int32_t layer, int32_t strategy);
 tengrad_set_conv_strategy = _declare("tengrad_set_conv_strategy", c_int32, _handle, c_int32, c_int32)
+# tengrad_status tengrad_set_snapshot_representation(tengrad_preconditioner *p, int32_t layer,
+#                                                    int32_t representation);
+tengrad_set_snapshot_representation = _declare(
+    "tengrad_set_snapshot_representation", c_int32, _handle, c_int32, c_int32)
 # tengrad_status tengrad_get_linear_shape(p, int32_t layer, int64_t *in_features, int64_t *out_features,
 #                                         int32_t *has_bias);
 tengrad_get_linear_shape = _declare(
@@ -199,3 +219,7 @@ tengrad_kl_clip_factor = _declare(
 #                                        tengrad_layer_stats *out);
 tengrad_get_layer_stats = _declare(
     "tengrad_get_layer_stats", c_int32, _handle, c_int32, POINTER(LayerStats))
+# tengrad_status tengrad_get_snapshot_info(const tengrad_preconditioner *p, int32_t layer,
+#                                          tengrad_snapshot_info *info);
+tengrad_get_snapshot_info = _declare(
+    "tengrad_get_snapshot_info", c_int32, _handle, c_int32, POINTER(SnapshotInfo))

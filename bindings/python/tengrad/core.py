@@ -84,6 +84,7 @@ class Conv2dSpec:
 
 
 _STRATEGIES = {"auto": _lib.CONV_AUTO, "factored": _lib.CONV_FACTORED, "explicit": _lib.CONV_EXPLICIT}
+_REPRESENTATIONS = {"auto": _lib.SNAPSHOT_AUTO, "raw": _lib.SNAPSHOT_RAW, "per-sample": _lib.SNAPSHOT_PER_SAMPLE}
 
 
 def _ptr(array: Optional[np.ndarray]):
@@ -222,6 +223,14 @@ class Preconditioner:
             raise ValueError(f"strategy must be one of {sorted(_STRATEGIES)}, got {strategy!r}")
         _lib.tengrad_set_conv_strategy(self._h, int(layer), _STRATEGIES[strategy])
 
+    def set_snapshot_representation(self, layer: int, representation: str) -> None:
+        """What the layer's curvature snapshots keep for ``precondition``: "auto" (default: the
+        cost model picks at each refresh), "raw" (copies of the batch) or "per-sample" (the
+        per-sample gradients U, making each reuse step two matrix-vector products)."""
+        if representation not in _REPRESENTATIONS:
+            raise ValueError(f"representation must be one of {sorted(_REPRESENTATIONS)}, got {representation!r}")
+        _lib.tengrad_set_snapshot_representation(self._h, int(layer), _REPRESENTATIONS[representation])
+
     def _sync_layers(self) -> None:
         """Rebuild the Python-side layer specs from the library (after loading state)."""
         specs = []
@@ -341,3 +350,14 @@ class Preconditioner:
         stats = {name: getattr(out, name) for name, _ in _lib.LayerStats._fields_}
         stats["conv_strategy"] = {1: "factored", 2: "explicit"}.get(stats["conv_strategy"])
         return stats
+
+    def snapshot_info(self, layer: int) -> dict:
+        """The layer's snapshot and the representation cost model as a dict (fields of
+        tengrad_snapshot_info; representations as "raw"/"per-sample", None without a snapshot)."""
+        out = _lib.SnapshotInfo(size=ctypes.sizeof(_lib.SnapshotInfo))
+        _lib.tengrad_get_snapshot_info(self._h, int(layer), ctypes.byref(out))
+        info = {name: getattr(out, name) for name, _ in _lib.SnapshotInfo._fields_ if name != "size"}
+        names = {v: k for k, v in _REPRESENTATIONS.items()}
+        info["representation"] = None if out.representation == _lib.SNAPSHOT_AUTO else names[out.representation]
+        info["representation_setting"] = names[out.representation_setting]
+        return info

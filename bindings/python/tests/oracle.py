@@ -1,4 +1,4 @@
-"""Dense float64 oracle: forms every per-sample gradient and F + λI explicitly (SPEC §2)."""
+"""Dense float64 oracle: forms every per-sample gradient and F + λI explicitly (docs/DESIGN.md §2)."""
 import numpy as np
 
 

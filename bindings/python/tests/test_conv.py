@@ -47,7 +47,8 @@ def make(name, bias, seed=0):
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("strategy", ["factored", "explicit"])
-def test_both_entry_points_match_oracle(name, bias, strategy):
+@pytest.mark.parametrize("representation", ["raw", "per-sample"])
+def test_both_entry_points_match_oracle(name, bias, strategy, representation):
     m, x, g, spec, layer_args, rng = make(name, bias)
     for damping, reduction in ((0.01, "sum"), (0.5, "mean")):
         given, scale = (g, 1.0) if reduction == "sum" else ((g / m).astype(np.float32), float(m))
@@ -55,9 +56,13 @@ def test_both_entry_points_match_oracle(name, bias, strategy):
         with tengrad.Preconditioner(damping=damping) as p:
             layer = p.add_conv2d(*layer_args)
             p.set_conv_strategy(layer, strategy)
+            p.set_snapshot_representation(layer, representation)
             w, b = p.natural_gradient(layer, x, given, scale)
             assert relative_error(join_conv(w, b), damped_solve(U, damping, U.mean(axis=1))) <= TOL
             assert p.layer_stats(layer)["conv_strategy"] == strategy
+            info = p.snapshot_info(layer)
+            assert info["representation"] == representation and info["representation_setting"] == representation
+            assert info["representation_bytes"] == 4 * m * (x[0].size + g[0].size if representation == "raw" else U.shape[0])
             vw = rng.standard_normal(w.shape).astype(np.float32)
             vb = rng.standard_normal(b.shape).astype(np.float32) if bias else None
             w2, b2 = p.precondition(layer, vw, vb)
@@ -192,3 +197,30 @@ def test_strategy_setting_rejects_linear_layers_and_unknown_names():
         assert e.value.status == tengrad.ERROR_INVALID_ARGUMENT
         with pytest.raises(ValueError):
             p.set_conv_strategy(layer, "fastest")
+
+
+def test_auto_representation_follows_the_cost_model():
+    """Many output positions: per-sample gradients (the reuse step is two GEMVs); few positions
+    or a linear layer: the raw batch. The model's numbers are reported either way."""
+    rng = np.random.default_rng(12)
+    with tengrad.Preconditioner() as p:
+        wide = p.add_conv2d(3, 8, 3, (12, 12), padding=1)        # L = 144
+        narrow = p.add_conv2d(8, 8, 1, (2, 2))                   # L = 4
+        fc = p.add_linear(20, 10)
+        p.update_curvature(wide, rng.standard_normal((16, 3, 12, 12), dtype=np.float32),
+                           rng.standard_normal((16, 8, 12, 12), dtype=np.float32), 1.0)
+        p.update_curvature(narrow, rng.standard_normal((16, 8, 2, 2), dtype=np.float32),
+                           rng.standard_normal((16, 8, 2, 2), dtype=np.float32), 1.0)
+        p.update_curvature(fc, rng.standard_normal((16, 20), dtype=np.float32),
+                           rng.standard_normal((16, 10), dtype=np.float32), 1.0)
+        picks = {layer: p.snapshot_info(layer) for layer in (wide, narrow, fc)}
+        assert picks[wide]["representation"] == "per-sample"
+        assert picks[wide]["per_sample_reuse_cost"] < picks[wide]["raw_reuse_cost"]
+        assert picks[wide]["representation_bytes"] == 4 * 16 * 8 * 28
+        assert picks[narrow]["representation"] == "raw" and picks[fc]["representation"] == "raw"
+        assert all(info["representation_setting"] == "auto" for info in picks.values())
+        with pytest.raises(ValueError):
+            p.set_snapshot_representation(wide, "dense")
+    with tengrad.Preconditioner() as empty:
+        empty.add_linear(2, 2)
+        assert empty.snapshot_info(0)["representation"] is None and empty.snapshot_info(0)["batch"] == 0

@@ -93,8 +93,8 @@ def corruptions(blob):
         damaged[at] ^= 0x40
         yield f"flipped byte {at}", bytes(damaged)
     wrong_version = bytearray(blob)
-    struct.pack_into("<I", wrong_version, 8, 2)
-    yield "version 2", bytes(wrong_version)
+    struct.pack_into("<I", wrong_version, 8, 3)
+    yield "version 3", bytes(wrong_version)
 
 
 def test_every_corruption_is_rejected_and_changes_nothing():
@@ -110,7 +110,7 @@ def test_every_corruption_is_rejected_and_changes_nothing():
             with pytest.raises(tengrad.TengradError) as e:
                 q.load_state(damaged)
             assert e.value.status == tengrad.ERROR_CORRUPT, name
-        assert "version 2" in _message(q, dict(corruptions(blob))["version 2"])
+        assert "version 3" in _message(q, dict(corruptions(blob))["version 3"])
         assert "checksum" in _message(q, dict(corruptions(blob))[f"flipped byte {len(blob) // 2}"])
         assert_bit_identical(before, updates(q, layers, np.random.default_rng(5)))
     p.close()
@@ -167,3 +167,53 @@ def test_hostile_sizes_behind_a_valid_checksum_are_corrupt_not_a_crash():
                 p.load_state(blob(layer))
             assert e.value.status == tengrad.ERROR_CORRUPT
             assert p.num_layers == 0
+
+
+@pytest.mark.parametrize("representation", ["raw", "per-sample"])
+def test_round_trip_of_either_representation(representation):
+    rng = np.random.default_rng(8)
+    with tengrad.Preconditioner(damping=0.2) as p:
+        conv = p.add_conv2d(2, 3, 3, (6, 6), padding=1)
+        fc = p.add_linear(5, 4)
+        for layer in (conv, fc):
+            p.set_snapshot_representation(layer, representation)
+        p.update_curvature(conv, rng.standard_normal((4, 2, 6, 6), dtype=np.float32),
+                           rng.standard_normal((4, 3, 6, 6), dtype=np.float32), 4.0)
+        p.natural_gradient(fc, rng.standard_normal((4, 5), dtype=np.float32),
+                           rng.standard_normal((4, 4), dtype=np.float32), 4.0)
+        blob = p.save_state()
+        with tengrad.Preconditioner() as q:
+            q.load_state(blob)
+            for layer in (conv, fc):
+                assert q.snapshot_info(layer)["representation"] == representation
+                assert q.snapshot_info(layer)["representation_setting"] == representation
+            assert q.save_state() == blob
+            assert_bit_identical(updates(p, (conv, fc), np.random.default_rng(9)),
+                                 updates(q, (conv, fc), np.random.default_rng(9)))
+
+
+def test_format_version_1_still_loads():
+    """The fuzz corpus's seeds were written by the version-1 format (before per-sample snapshots);
+    they must load, and the restored snapshots must precondition correctly. The seeds' inputs are
+    regenerated here exactly as Tests/fuzz/make_state_seeds.py drew them."""
+    import os
+    from conv_oracle import conv_per_sample, join_conv
+    from oracle import damped_solve, relative_error
+    seed = os.path.join(os.path.dirname(__file__), "..", "..", "..", "Tests", "fuzz", "corpus", "state", "linear-conv-0")
+    with open(seed, "rb") as f:
+        blob = f.read()[1:]
+    assert struct.unpack_from("<I", blob, 8)[0] == 1
+    rng = np.random.default_rng(0)
+    rng.standard_normal((2, 3)), rng.standard_normal((2, 2))  # the linear layer's batch
+    x = rng.standard_normal((2, 2, 3, 3)).astype(np.float32)
+    g = rng.standard_normal((2, 2, 2, 2)).astype(np.float32)
+    with tengrad.Preconditioner() as p:
+        p.load_state(blob)
+        assert p.num_layers == 2 and p.snapshot_info(1)["representation"] == "raw"
+        assert p.layer_stats(1)["batch"] == 2 and p.snapshot_info(1)["representation_setting"] == "auto"
+        v = np.random.default_rng(1).standard_normal((2, 1, 2, 2)).astype(np.float32)
+        w, _ = p.precondition(1, v, None)
+        spec = dict(kernel=(2, 2), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=2, bias=False)
+        U = conv_per_sample(x.astype(np.float64), g.astype(np.float64), spec, 1.0)
+        assert relative_error(join_conv(w, None), damped_solve(U, p.damping, join_conv(v, None))) <= 1e-3
+        assert struct.unpack_from("<I", p.save_state(), 8)[0] == 2  # saved again as version 2

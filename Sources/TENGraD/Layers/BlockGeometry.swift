@@ -1,0 +1,108 @@
+/// How a layer kind presents its samples to the block kernel (docs/DESIGN.md §3).
+///
+/// Every layer kind is "patches × positions": per sample i and group γ there is a patch matrix
+/// Ĩ_iγ (P features × L positions) and an output-gradient matrix G_iγ (C_out/groups features × L
+/// positions), and the per-sample gradient is
+///
+///     u_i = s · (Σ_l G_iγ[:, l] Ĩ_iγ[:, l]ᵀ)_γ        (a bias adds a feature that is always 1)
+///
+/// * linear layer: L = 1, Ĩ_i = a_i, a view of the caller's activations (no copy);
+/// * linear layer over T tokens: L = T, Ĩ_i = A_iᵀ, again a view;
+/// * convolution: Ĩ_iγ = im2col of the sample's input restricted to group γ, unfolded on demand.
+///
+/// A kind conforms by stating its `BlockDims` and producing the patch matrix of a range of
+/// samples; the kernel (`BlockKernel`) does all the mathematics once for every kind.
+protocol BlockGeometry: Sendable {
+    var kind: LayerKind { get }
+    var dims: BlockDims { get }
+    /// The public description of the layer (kind and shape).
+    var description: Preconditioner.Layer { get }
+    /// Floats of scratch `patches` needs for `count` samples (0 when the patches are a view).
+    func patchScratch(samples count: Int) -> Int
+    /// The patch matrix (P features × count·L positions, samples side by side) of samples
+    /// `start..<start+count` for group `group`: a view of the activations `a`, or unfolded into
+    /// `scratch`. Its layout is `dims.positionMajor`.
+    func patches(
+        _ a: UnsafePointer<Float>, start: Int, count: Int, group: Int, scratch: UnsafeMutablePointer<Float>
+    ) -> Block
+}
+
+/// Sizes of a layer seen as patches × positions. Built by the geometries with every product
+/// overflow-checked and every BLAS dimension within 32 bits, so the kernel uses plain arithmetic.
+struct BlockDims: Sendable, Equatable {
+    let groups: Int
+    /// P: patch features per group, without the bias feature.
+    let patch: Int
+    /// C_out / groups: output features per group.
+    let groupOut: Int
+    /// L: positions per sample.
+    let positions: Int
+    let hasBias: Bool
+    /// Floats of one sample's activations and of its output gradients.
+    let inputSize: Int
+    let outputSize: Int
+    /// Storage order of patches and output gradients: position-major ([L][features] per sample:
+    /// linear layers, PyTorch's batch-first token tensors) or channel-major ([features][L]:
+    /// convolutions' NCHW).
+    let positionMajor: Bool
+    let weightCount: Int
+    let biasCount: Int
+    /// d = weight + bias numbers: the length of a per-sample gradient.
+    let parameters: Int
+
+    init(
+        groups: Int, patch: Int, groupOut: Int, positions: Int, hasBias: Bool, inputSize: Int, outputSize: Int,
+        positionMajor: Bool
+    ) throws(TENGraDError) {
+        self.groups = groups
+        self.patch = patch
+        self.groupOut = groupOut
+        self.positions = positions
+        self.hasBias = hasBias
+        self.inputSize = inputSize
+        self.outputSize = outputSize
+        self.positionMajor = positionMajor
+        let outChannels = try checkedProduct(groups, groupOut, what: "output features")
+        weightCount = try checkedProduct(outChannels, patch, what: "weight size")
+        biasCount = hasBias ? outChannels : 0
+        parameters = try checkedSum(weightCount, biasCount, what: "parameter count")
+        // Every matrix handed to BLAS: a patch block of one sample, a gradient block, the weight.
+        _ = try checkedProduct(patch + 1, max(positions, outChannels), what: "patch matrix size")
+        for (value, name) in [(patch + 1, "patch features"), (positions, "positions"), (outChannels, "output features"),
+                              (inputSize, "input size"), (outputSize, "output size"), (parameters, "parameter count")]
+        where value > BLAS.maxDimension {
+            throw .shape("\(name) \(value) exceeds \(BLAS.maxDimension) (32-bit BLAS)")
+        }
+    }
+
+    var outChannels: Int { groups * groupOut }
+    /// P̃ = P (+ 1 with a bias).
+    var patchWithBias: Int { patch + (hasBias ? 1 : 0) }
+
+    /// Overflow-checked element counts of a batch's activations and output gradients.
+    func inputCounts(batch: Int) throws(TENGraDError) -> (activations: Int, outputGrads: Int) {
+        guard batch > 0 else { throw .invalid("batch must be positive, got \(batch)") }
+        guard batch <= BLAS.maxDimension else { throw .shape("batch \(batch) exceeds \(BLAS.maxDimension) (32-bit BLAS)") }
+        return (
+            try checkedProduct(batch, inputSize, what: "batch × activations per sample"),
+            try checkedProduct(batch, outputSize, what: "batch × output gradients per sample")
+        )
+    }
+}
+
+/// A features × positions matrix view, stored position-major (element (f, q) at
+/// `base[q·ld + f]`) or channel-major (`base[f·ld + q]`).
+struct Block {
+    let base: UnsafePointer<Float>
+    let ld: Int
+    let positionMajor: Bool
+
+    /// The view starting at position `q` (e.g. one sample inside a chunk).
+    @inline(__always) func from(position q: Int) -> Block {
+        Block(base: base + (positionMajor ? q * ld : q), ld: ld, positionMajor: positionMajor)
+    }
+    /// The view starting at feature `f` (e.g. one channel block inside a group).
+    @inline(__always) func from(feature f: Int) -> Block {
+        Block(base: base + (positionMajor ? f : f * ld), ld: ld, positionMajor: positionMajor)
+    }
+}

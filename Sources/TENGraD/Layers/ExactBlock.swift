@@ -1,0 +1,385 @@
+/// One registered layer: its geometry, settings, curvature snapshot and statistics, and the two
+/// Woodbury entry points (docs/DESIGN.md §2):
+///
+///     precondition:      (F + λI)⁻¹ v = (1/λ) (v − U (K + mλI)⁻¹ Uᵀ v)
+///     natural gradient:  (F + λI)⁻¹ (1/m) U 1 = U (K + mλI)⁻¹ 1
+///
+/// The mathematics is `BlockKernel`'s, the same for every layer kind. Every call is atomic
+/// (docs/DESIGN.md §6): a prepare phase does all that can fail (input scans, allocations, Gram,
+/// factorization, the a-priori float32 bound) and yields new values; only then are outputs
+/// written and the new snapshot installed.
+final class ExactBlock {
+    let geometry: any BlockGeometry
+    let kernel: BlockKernel
+    var dims: BlockDims { kernel.dims }
+    /// Gram strategy setting (meaningful for every kind; only convolutions expose it).
+    var strategySetting: ConvStrategy = .auto
+    var representationSetting: SnapshotRepresentation = .auto
+
+    private(set) var snapshot: Snapshot?
+    /// Statistics recorded by the calls; `stats` adds the lazily computed condition estimate.
+    var record: LayerStats
+
+    /// Per-call workspace target: 64 MiB keeps a chunk of unfolded patches near the last-level
+    /// caches while making the chunks' GEMMs large enough to run at full speed.
+    static let workspaceTarget = 64 << 20
+
+    init(_ geometry: any BlockGeometry) {
+        self.geometry = geometry
+        kernel = BlockKernel(geometry)
+        record = LayerStats(kind: geometry.kind, parameters: geometry.dims.parameters)
+    }
+
+    var stats: LayerStats {
+        var s = record
+        s.rcond = snapshot?.system.rcond ?? 0
+        return s
+    }
+
+    var updateDotGrad: Double? { record.hasUpdate ? record.updateDotGrad : nil }
+
+    /// Installs a snapshot (a refresh, a new damping, restored state), keeping the statistics
+    /// consistent with it.
+    func replaceSnapshot(_ snap: Snapshot?) {
+        snapshot = snap
+        record.batch = snap?.m ?? 0
+        record.snapshotBytes = snap?.bytes ?? 0
+        record.representation = snap?.representation ?? .auto
+        record.representationBytes = snap?.dataBytes ?? 0
+        record.damping = snap?.system.damping ?? 0
+        record.jitter = snap?.system.jitter ?? 0
+        let model = snap.map { RepresentationModel(dims: dims, batch: $0.m) }
+        record.rawBytesEstimate = model?.rawBytes ?? 0
+        record.perSampleBytesEstimate = model?.perSampleBytes ?? 0
+        record.rawReuseCost = model?.rawReuseCost ?? 0
+        record.perSampleReuseCost = model?.perSampleReuseCost ?? 0
+    }
+
+    // MARK: - Memory
+
+    /// Floats a workspace may take now: the target, or what the memory limit leaves after
+    /// `reserve` bytes still to be allocated by the call (the current float workspace counts as
+    /// free, since growing it releases it first).
+    private func workspaceFloats(_ context: LayerContext, reserve: Int) -> Int {
+        var bytes = ExactBlock.workspaceTarget
+        if context.budget.limit > 0 {
+            bytes = min(bytes, context.budget.limit - context.budget.inUse + context.workspace.floatBytes - reserve)
+        }
+        return max(bytes, 0) / MemoryLayout<Float>.stride
+    }
+
+    // MARK: - Curvature
+
+    /// A checked batch made into the next snapshot, with what the call needs beyond it.
+    private struct Prepared {
+        let snapshot: Snapshot
+        let flops: Double
+        let strategy: ConvStrategy
+        let factoredEstimate: Double
+        let explicitEstimate: Double
+        /// U of a raw snapshot whose explicit Gram formed it whole in the workspace (valid until
+        /// the float workspace is requested again): the one-call update applies it directly.
+        let workspaceU: UnsafePointer<Float>?
+    }
+
+    /// Everything that can fail in a refresh, done before any state or output is touched.
+    private func prepare(
+        batch m: Int, activations a: UnsafePointer<Float>, outputGrads g: UnsafePointer<Float>,
+        scale s: Float, context: LayerContext
+    ) throws(TENGraDError) -> Prepared {
+        let (countA, countG) = try dims.inputCounts(batch: m)
+        let scanA = ArrayScan(a, count: countA)
+        guard scanA.finite else { throw TENGraDError(.notFinite, "activations contain NaN or Inf") }
+        let scanG = ArrayScan(g, count: countG)
+        guard scanG.finite else { throw TENGraDError(.notFinite, "output_grads contain NaN or Inf") }
+        let scans = (a: scanA.maxAbs, g: scanG.maxAbs)
+        switch representationSetting {
+        case .raw:
+            return try prepareRaw(m: m, a: a, g: g, scale: s, maxima: scans, context: context)
+        case .perSample:
+            return try preparePerSample(m: m, a: a, g: g, scale: s, context: context)
+        case .auto:
+            guard RepresentationModel(dims: dims, batch: m).pick(memoryLimit: context.budget.limit) == .perSample else {
+                return try prepareRaw(m: m, a: a, g: g, scale: s, maxima: scans, context: context)
+            }
+            do {
+                return try preparePerSample(m: m, a: a, g: g, scale: s, context: context)
+            } catch where error.code == .outOfMemory {
+                // U does not fit what the memory limit leaves: the raw batch may.
+                return try prepareRaw(m: m, a: a, g: g, scale: s, maxima: scans, context: context)
+            }
+        }
+    }
+
+    /// Flop-model estimates of the two Gram strategies; `uFormed`: U exists anyway (per-sample
+    /// snapshot), so the explicit Gram costs only its syrk.
+    private func gramEstimates(m: Int, uFormed: Bool) -> (factored: Double, explicit: Double) {
+        let dm = Double(m), dl = Double(dims.positions), d = Double(dims.parameters)
+        let factored = Double(dims.groups) * dm * dm * dl * dl * Double(dims.patch + dims.groupOut + 1)
+        let syrk = dm * dm * d
+        return (factored, uFormed ? syrk : 2 * dm * dl * Double(dims.weightCount) + syrk)
+    }
+
+    private func pickStrategy(_ estimates: (factored: Double, explicit: Double)) -> ConvStrategy {
+        if strategySetting != .auto { return strategySetting }
+        return estimates.factored < estimates.explicit ? .factored : .explicit
+    }
+
+    /// K (unscaled) into a new m×m Storage, s² applied, checked finite, and factorized.
+    private func finishSystem(
+        _ gram: Storage<Double>, m: Int, scale s: Float, context: LayerContext
+    ) throws(TENGraDError) -> DampedSystem {
+        let s2 = Double(s) * Double(s)
+        var finite = true
+        for i in 0..<(m * m) {
+            gram.base[i] *= s2
+            finite = finite && gram.base[i].isFinite
+        }
+        guard finite else {
+            throw TENGraDError(.numerical, "the Gram of the per-sample gradients overflows (inputs too large)")
+        }
+        return try DampedSystem(gram: gram, m: m, damping: context.damping, budget: context.budget)
+    }
+
+    private func newGram(m: Int, context: LayerContext) throws(TENGraDError) -> Storage<Double> {
+        let gram = try Storage<Double>(count: try checkedProduct(m, m, what: "batch²"), budget: context.budget, what: "Gram (\(m)×\(m) doubles)")
+        gram.base.update(repeating: 0, count: m * m)
+        return gram
+    }
+
+    /// Raw snapshot: storage for the batch copies (the current one reused when the batch size is
+    /// unchanged; it is overwritten only in `commit`), the Gram by either strategy.
+    private func prepareRaw(
+        m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, scale s: Float, maxima: (a: Float, g: Float),
+        context: LayerContext
+    ) throws(TENGraDError) -> Prepared {
+        let (countA, countG) = try dims.inputCounts(batch: m)
+        let activations: Storage<Float>, outputGrads: Storage<Float>
+        if let old = snapshot, old.m == m, case let .raw(oldA, oldG) = old.data {
+            (activations, outputGrads) = (oldA, oldG)
+        } else {
+            activations = try Storage<Float>(count: countA, budget: context.budget, what: "snapshot activations")
+            outputGrads = try Storage<Float>(count: countG, budget: context.budget, what: "snapshot output gradients")
+        }
+        let gram = try newGram(m: m, context: context)
+        let estimates = gramEstimates(m: m, uFormed: false)
+        let strategy = pickStrategy(estimates)
+        // Still to come after the Gram: the Cholesky factor (m² doubles) and the solve's 2m doubles.
+        let available = workspaceFloats(context, reserve: (m * m + 2 * m) * MemoryLayout<Double>.stride)
+        var flops: Double
+        var workspaceU: UnsafePointer<Float>?
+        if strategy == .factored {
+            let c = kernel.factoredChunk(m: m, available: available)
+            let work = try context.workspace.floats(try kernel.factoredWorkspace(chunk: c))
+            flops = kernel.factoredGram(m: m, a: a, g: g, into: gram.base, chunk: c, work: work)
+        } else {
+            let plan = try kernel.explicitPlan(m: m, available: available)
+            let work = try context.workspace.floats(plan.floats)
+            (flops, workspaceU) = kernel.explicitGram(m: m, a: a, g: g, into: gram.base, plan: plan, work: work)
+        }
+        let system = try finishSystem(gram, m: m, scale: s, context: context)
+        flops += system.factorFlops
+        let snap = Snapshot(
+            m: m, scale: s, data: .raw(activations: activations, outputGrads: outputGrads),
+            entryBound: Snapshot.rawEntryBound(scale: s, dims: dims, maxActivation: maxima.a, maxOutputGrad: maxima.g),
+            system: system)
+        return Prepared(
+            snapshot: snap, flops: flops, strategy: strategy, factoredEstimate: estimates.factored,
+            explicitEstimate: estimates.explicit, workspaceU: workspaceU)
+    }
+
+    /// Per-sample snapshot: U formed into new storage (the explicit Gram's work anyway), then its
+    /// Gram by one syrk (or the factored strategy if forced or cheaper).
+    private func preparePerSample(
+        m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, scale s: Float, context: LayerContext
+    ) throws(TENGraDError) -> Prepared {
+        let count = try checkedProduct(m, dims.parameters, what: "batch × parameters (per-sample gradients)")
+        let u = try Storage<Float>(count: count, budget: context.budget, what: "per-sample gradients (\(m) × \(dims.parameters) floats)")
+        let gram = try newGram(m: m, context: context)
+        let estimates = gramEstimates(m: m, uFormed: true)
+        let strategy = pickStrategy(estimates)
+        let available = workspaceFloats(context, reserve: (m * m + 2 * m) * MemoryLayout<Double>.stride)
+        let formChunk = kernel.formChunk(m: m, available: available)
+        var need = geometry.patchScratch(samples: formChunk)
+        var factoredChunk = 0
+        if strategy == .factored {
+            factoredChunk = kernel.factoredChunk(m: m, available: available)
+            need = max(need, try kernel.factoredWorkspace(chunk: factoredChunk))
+        } else {
+            need = max(need, m * m)  // the float32 syrk's output
+        }
+        let work = try context.workspace.floats(need)
+        var flops = kernel.formAllGradients(m: m, a: a, g: g, into: u.base, chunk: formChunk, work: work)
+        let scan = ArrayScan(u.base, count: count)
+        guard scan.finite else {
+            throw TENGraDError(.numerical, "the per-sample gradients overflow float32 (inputs too large)")
+        }
+        if strategy == .factored {
+            flops += kernel.factoredGram(m: m, a: a, g: g, into: gram.base, chunk: factoredChunk, work: work)
+        } else {
+            flops += kernel.accumulateGram(m: m, u: u.base, width: dims.parameters, ldu: dims.parameters, into: gram.base, scratch: work)
+        }
+        let system = try finishSystem(gram, m: m, scale: s, context: context)
+        flops += system.factorFlops
+        let snap = Snapshot(
+            m: m, scale: s, data: .perSample(u), entryBound: Double(s) * Double(scan.maxAbs), system: system)
+        return Prepared(
+            snapshot: snap, flops: flops, strategy: strategy, factoredEstimate: estimates.factored,
+            explicitEstimate: estimates.explicit, workspaceU: nil)
+    }
+
+    /// Copies the batch into a raw snapshot and installs it. Cannot fail.
+    private func commit(_ p: Prepared, activations a: UnsafePointer<Float>, outputGrads g: UnsafePointer<Float>, context: LayerContext) {
+        if case let .raw(sa, sg) = p.snapshot.data {
+            sa.base.update(from: a, count: sa.count)
+            sg.base.update(from: g, count: sg.count)
+        }
+        replaceSnapshot(p.snapshot)
+        record.convStrategy = geometry.kind == .conv2d ? p.strategy : .auto
+        record.factoredFlopsEstimate = geometry.kind == .conv2d ? p.factoredEstimate : 0
+        record.explicitFlopsEstimate = geometry.kind == .conv2d ? p.explicitEstimate : 0
+        record.workspaceBytes = context.workspace.bytes
+        record.curvatureFlops = p.flops
+    }
+
+    func updateCurvature(
+        batch: Int, activations: UnsafePointer<Float>, outputGrads: UnsafePointer<Float>,
+        scale: Float, context: LayerContext
+    ) throws(TENGraDError) {
+        let start = monotonicSeconds()
+        let p = try prepare(batch: batch, activations: activations, outputGrads: outputGrads, scale: scale, context: context)
+        commit(p, activations: activations, outputGrads: outputGrads, context: context)
+        record.curvatureSeconds = monotonicSeconds() - start
+    }
+
+    // MARK: - Updates
+
+    func naturalGradient(
+        batch: Int, activations a: UnsafePointer<Float>, outputGrads g: UnsafePointer<Float>,
+        scale s: Float, weightUpdate: UnsafeMutablePointer<Float>, biasUpdate: UnsafeMutablePointer<Float>?,
+        context: LayerContext
+    ) throws(TENGraDError) {
+        let start = monotonicSeconds()
+        let p = try prepare(batch: batch, activations: a, outputGrads: g, scale: s, context: context)
+        let middle = monotonicSeconds()
+        let m = p.snapshot.m, system = p.snapshot.system
+        // c = (K + mλI)⁻¹ 1; the update of the mean gradient is U c (docs/DESIGN.md §2).
+        let c = try context.workspace.doubles(m)
+        for i in 0..<m { c[i] = 1 }
+        system.solve(c)
+        var sumC = 0.0, sumAbsC = 0.0
+        for i in 0..<m {
+            sumC += c[i]
+            sumAbsC += abs(c[i])
+        }
+        let bound = p.snapshot.entryBound * sumAbsC
+        guard sumAbsC.isFinite, bound <= safeMagnitude else {
+            throw TENGraDError(.numerical, "the natural-gradient update would overflow float32 (bound \(bound))")
+        }
+        let flops: Double
+        let kept: UnsafePointer<Float>?
+        if case let .perSample(u) = p.snapshot.data { kept = UnsafePointer(u.base) } else { kept = p.workspaceU }
+        if let kept {
+            let xf = try Storage<Float>(count: m, budget: context.budget, what: "update scratch")
+            flops = kernel.applyKept(
+                m: m, u: kept, scale: Double(s), x: c, alpha: 1, beta: 0, weight: weightUpdate, bias: biasUpdate, xf: xf.base)
+        } else {
+            let available = workspaceFloats(context, reserve: 0)
+            let plan = try kernel.updatePlan(m: m, available: available)
+            let work = try context.workspace.floats(plan.floats)
+            flops = kernel.apply(
+                m: m, a: a, g: g, scale: Double(s), x: c, alpha: 1, beta: 0, weight: weightUpdate, bias: biasUpdate,
+                chunk: plan.chunk, work: work)
+        }
+        commit(p, activations: a, outputGrads: g, context: context)
+        record.curvatureSeconds = middle - start
+        record.updateSeconds = monotonicSeconds() - middle
+        record.updateFlops = flops + 2 * Double(m) * Double(m)
+        // ⟨U c, U 1/m⟩ = (1/m) 1ᵀ K c = 1 − λ Σc, since (K + mλI) c = 1.
+        record.updateDotGrad = 1 - system.damping * sumC
+        record.hasUpdate = true
+    }
+
+    func precondition(
+        weightGrad: UnsafePointer<Float>, biasGrad: UnsafePointer<Float>?,
+        weightUpdate: UnsafeMutablePointer<Float>, biasUpdate: UnsafeMutablePointer<Float>?,
+        context: LayerContext
+    ) throws(TENGraDError) {
+        guard let snap = snapshot else {
+            throw TENGraDError(.state, "precondition before any curvature update on this layer")
+        }
+        let start = monotonicSeconds()
+        let scanW = GradientScan(weightGrad, count: dims.weightCount)
+        guard scanW.finite else { throw TENGraDError(.notFinite, "weight_grad contains NaN or Inf") }
+        var scanB = GradientScan.empty
+        if let biasGrad {
+            scanB = GradientScan(biasGrad, count: dims.biasCount)
+            guard scanB.finite else { throw TENGraDError(.notFinite, "bias_grad contains NaN or Inf") }
+        }
+        // A new damping factorizes a new system from the kept Gram; installed only at the end.
+        let system = try snap.system.refactored(damping: context.damping, budget: context.budget)
+        let m = snap.m, s = Double(snap.scale)
+        let t = try context.workspace.doubles(try checkedProduct(2, m, what: "2·batch"))
+        let tCopy = t + m
+
+        // Everything the products need, allocated before any output is written.
+        enum Source {
+            case kept(u: UnsafePointer<Float>, scratch: Storage<Float>)
+            case raw(a: UnsafePointer<Float>, g: UnsafePointer<Float>, chunk: Int, work: UnsafeMutablePointer<Float>)
+        }
+        let source: Source
+        switch snap.data {
+        case let .perSample(u):
+            source = .kept(u: UnsafePointer(u.base), scratch: try Storage<Float>(count: 2 * m, budget: context.budget, what: "update scratch"))
+        case let .raw(a, g):
+            let plan = try kernel.updatePlan(m: m, available: workspaceFloats(context, reserve: 0))
+            source = .raw(a: UnsafePointer(a.base), g: UnsafePointer(g.base), chunk: plan.chunk, work: try context.workspace.floats(plan.floats))
+        }
+
+        var flops: Double
+        var keptPatches: Block?
+        switch source {
+        case let .kept(u, scratch):
+            flops = kernel.projectKept(m: m, u: u, scale: s, weightGrad: weightGrad, biasGrad: biasGrad, into: t, tf: scratch.base)
+        case let .raw(a, g, chunk, work):
+            (flops, keptPatches) = kernel.project(
+                m: m, a: a, g: g, scale: s, weightGrad: weightGrad, biasGrad: biasGrad, into: t, chunk: chunk, work: work)
+        }
+        var finite = true
+        for i in 0..<m { finite = finite && t[i].isFinite }
+        guard finite else { throw TENGraDError(.numerical, "Uᵀ·grad overflows (gradient too large)") }
+        tCopy.update(from: t, count: m)
+        let x = t  // solved in place: x = (K + mλI)⁻¹ Uᵀv
+        system.solve(x)
+        var sumAbsX = 0.0, tDotX = 0.0
+        for i in 0..<m {
+            sumAbsX += abs(x[i])
+            tDotX += tCopy[i] * x[i]
+        }
+        let λ = system.damping
+        let maxV = max(scanW.maxAbs, scanB.maxAbs)
+        let bound = (maxV + snap.entryBound * sumAbsX) / λ
+        guard sumAbsX.isFinite, bound <= safeMagnitude else {
+            throw TENGraDError(.numerical, "the preconditioned update would overflow float32 (bound \(bound))")
+        }
+        // update = (1/λ) v − (1/λ) U x, accumulated onto v (copied unless in place) with β = 1/λ.
+        if UnsafePointer(weightUpdate) != weightGrad { weightUpdate.update(from: weightGrad, count: dims.weightCount) }
+        if let biasUpdate, let biasGrad, UnsafePointer(biasUpdate) != biasGrad { biasUpdate.update(from: biasGrad, count: dims.biasCount) }
+        switch source {
+        case let .kept(u, scratch):
+            flops += kernel.applyKept(
+                m: m, u: u, scale: s, x: x, alpha: -1 / λ, beta: Float(1 / λ), weight: weightUpdate, bias: biasUpdate,
+                xf: scratch.base + m)
+        case let .raw(a, g, chunk, work):
+            flops += kernel.apply(
+                m: m, a: a, g: g, scale: s, x: x, alpha: -1 / λ, beta: Float(1 / λ), weight: weightUpdate, bias: biasUpdate,
+                chunk: chunk, work: work, kept: keptPatches)
+        }
+        if system !== snap.system { replaceSnapshot(snap.with(system: system)) }
+        record.updateSeconds = monotonicSeconds() - start
+        record.updateFlops = flops + 2 * Double(m) * Double(m)
+        // ⟨update, v⟩ = (1/λ)(‖v‖² − (Uᵀv)ᵀ x).
+        record.updateDotGrad = (scanW.sumSquares + scanB.sumSquares - tDotX) / λ
+        record.hasUpdate = true
+    }
+}

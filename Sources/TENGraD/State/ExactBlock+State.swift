@@ -1,0 +1,149 @@
+/// A layer's part of saved state: its settings, its curvature snapshot (either representation,
+/// Gram, Cholesky factor) and the last update's ⟨update, grad⟩ for KL clipping.
+///
+/// Format version 2:
+///
+///     u32 strategy setting        (0 auto, 1 factored, 2 explicit; 0 for linear layers)
+///     u32 representation setting  (0 auto, 1 raw, 2 per-sample)
+///     u32 snapshot                (0 none, 1 raw, 2 per-sample); if not 0:
+///         i64 m, f32 grad scale, f64 λ of the factor, f64 jitter, f64 1-norm,
+///         raw:        f32 × activations count, f32 × output-gradient count
+///         per-sample: f32 × m·d  (U unscaled, rows [weight | bias])
+///         f64 × m² Gram, f64 × m² factor
+///     u32 has update, f64 ⟨update, grad⟩
+///
+/// Version 1 (still read): u32 strategy setting, u32 has snapshot (raw only, no representation
+/// setting), then the same fields.
+extension ExactBlock {
+    /// A layer state parsed and allocated, not yet installed.
+    struct Restored {
+        let strategy: ConvStrategy
+        let representation: SnapshotRepresentation
+        let snapshot: Snapshot?
+        let hasUpdate: Bool
+        let updateDotGrad: Double
+    }
+
+    // Format numbers of the settings (the state format's own, independent of the C ABI's).
+    private static let strategyCodes: [(ConvStrategy, UInt32)] = [(.auto, 0), (.factored, 1), (.explicit, 2)]
+    private static let representationCodes: [(SnapshotRepresentation, UInt32)] = [(.auto, 0), (.raw, 1), (.perSample, 2)]
+
+    private static func code<T: Equatable>(_ value: T, in table: [(T, UInt32)]) -> UInt32 {
+        table.first { $0.0 == value }?.1 ?? 0
+    }
+
+    private static func value<T>(_ code: UInt32, in table: [(T, UInt32)]) -> T? {
+        table.first { $0.1 == code }?.0
+    }
+
+    func writeState(_ w: inout StateWriter) {
+        w.u32(Self.code(strategySetting, in: Self.strategyCodes))
+        w.u32(Self.code(representationSetting, in: Self.representationCodes))
+        guard let s = snapshot else {
+            w.u32(0)
+            w.bool(record.hasUpdate)
+            w.f64(record.updateDotGrad)
+            return
+        }
+        w.u32(Self.code(s.representation, in: Self.representationCodes))
+        w.i64(s.m)
+        w.f32(s.scale)
+        w.f64(s.system.damping)
+        w.f64(s.system.jitter)
+        w.f64(s.system.anorm)
+        switch s.data {
+        case let .raw(a, g):
+            w.floats(a.base, a.count)
+            w.floats(g.base, g.count)
+        case let .perSample(u):
+            w.floats(u.base, u.count)
+        }
+        w.doubles(s.system.gram.base, s.m * s.m)
+        w.doubles(s.system.factor.base, s.m * s.m)
+        w.bool(record.hasUpdate)
+        w.f64(record.updateDotGrad)
+    }
+
+    /// Parses and validates this layer's state (format `version`), allocating the snapshot
+    /// against `budget`. Throws `.corrupt` for anything inconsistent; changes nothing.
+    func readState(_ r: inout StateReader, version: UInt32, layer id: Int, budget: MemoryBudget) throws(TENGraDError) -> Restored {
+        func corrupt(_ message: String) -> TENGraDError { StateReader.corrupt("layer \(id): \(message)") }
+        let strategyCode = try r.u32("strategy setting")
+        guard let strategy = Self.value(strategyCode, in: Self.strategyCodes),
+              geometry.kind == .conv2d || strategy == .auto else { throw corrupt("invalid strategy setting \(strategyCode)") }
+        var representation = SnapshotRepresentation.auto
+        var kind = SnapshotRepresentation.auto
+        if version >= 2 {
+            let settingCode = try r.u32("representation setting")
+            guard let setting = Self.value(settingCode, in: Self.representationCodes) else {
+                throw corrupt("invalid representation setting \(settingCode)")
+            }
+            representation = setting
+            let kindCode = try r.u32("snapshot kind")
+            guard let k = Self.value(kindCode, in: Self.representationCodes) else { throw corrupt("invalid snapshot kind \(kindCode)") }
+            kind = k
+        } else {
+            kind = try r.bool("snapshot flag") ? .raw : .auto
+        }
+        var snap: Snapshot?
+        if kind != .auto {
+            let m = try r.i64("batch")
+            let counts: (activations: Int, outputGrads: Int)
+            do { counts = try dims.inputCounts(batch: m) } catch { throw corrupt("invalid batch \(m)") }
+            let scale = try r.f32("grad scale"), damping = try r.f64("damping"), jitter = try r.f64("jitter"), anorm = try r.f64("norm")
+            guard scale.isFinite, scale > 0 else { throw corrupt("invalid grad scale \(scale)") }
+            guard damping.isFinite, damping > 0 else { throw corrupt("invalid damping \(damping)") }
+            guard jitter.isFinite, jitter >= 0, anorm.isFinite, anorm >= 0 else { throw corrupt("invalid jitter or norm") }
+            let mm = try checkedProduct(m, m, what: "batch²")
+            let numbers = kind == .raw
+                ? try checkedSum(counts.activations, counts.outputGrads, what: "snapshot")
+                : try checkedProduct(m, dims.parameters, what: "snapshot")
+            // All the data must be present before anything is allocated for it.
+            let total = try checkedSum(try checkedProduct(numbers, 4, what: "snapshot"),
+                                       try checkedProduct(mm, 16, what: "snapshot"), what: "snapshot")
+            try r.require(total, size: 1, "layer \(id) snapshot")
+            let data: Snapshot.Data
+            let entryBound: Double
+            if kind == .raw {
+                let a = try Storage<Float>(count: counts.activations, budget: budget, what: "restored activations")
+                let g = try Storage<Float>(count: counts.outputGrads, budget: budget, what: "restored output gradients")
+                try r.floats(into: a.base, counts.activations, "activations")
+                try r.floats(into: g.base, counts.outputGrads, "output gradients")
+                let scanA = ArrayScan(a.base, count: a.count), scanG = ArrayScan(g.base, count: g.count)
+                guard scanA.finite, scanG.finite else { throw corrupt("non-finite activations or output gradients") }
+                data = .raw(activations: a, outputGrads: g)
+                entryBound = Snapshot.rawEntryBound(scale: scale, dims: dims, maxActivation: scanA.maxAbs, maxOutputGrad: scanG.maxAbs)
+            } else {
+                let u = try Storage<Float>(count: numbers, budget: budget, what: "restored per-sample gradients")
+                try r.floats(into: u.base, numbers, "per-sample gradients")
+                let scan = ArrayScan(u.base, count: numbers)
+                guard scan.finite else { throw corrupt("non-finite per-sample gradients") }
+                data = .perSample(u)
+                entryBound = Double(scale) * Double(scan.maxAbs)
+            }
+            let gram = try Storage<Double>(count: mm, budget: budget, what: "restored Gram")
+            let factor = try Storage<Double>(count: mm, budget: budget, what: "restored factor")
+            try r.doubles(into: gram.base, mm, "Gram")
+            try r.doubles(into: factor.base, mm, "factor")
+            var finite = true
+            for i in 0..<mm { finite = finite && gram.base[i].isFinite && factor.base[i].isFinite }
+            for i in 0..<m { finite = finite && factor.base[i * m + i] > 0 }
+            guard finite else { throw corrupt("non-finite Gram, or a factor without a positive diagonal") }
+            let system = DampedSystem(restoring: gram, factor: factor, m: m, damping: damping, jitter: jitter, anorm: anorm)
+            snap = Snapshot(m: m, scale: scale, data: data, entryBound: entryBound, system: system)
+        }
+        let hasUpdate = try r.bool("update flag")
+        let dot = try r.f64("update · grad")
+        guard dot.isFinite else { throw corrupt("non-finite update · grad") }
+        return Restored(strategy: strategy, representation: representation, snapshot: snap, hasUpdate: hasUpdate, updateDotGrad: dot)
+    }
+
+    /// Makes restored state current. Cannot fail.
+    func install(_ restored: Restored) {
+        strategySetting = restored.strategy
+        representationSetting = restored.representation
+        replaceSnapshot(restored.snapshot)
+        record.hasUpdate = restored.hasUpdate
+        record.updateDotGrad = restored.updateDotGrad
+    }
+}
