@@ -128,6 +128,8 @@ bench: build ## Benchmark table (not a test): seconds, GFLOP/s, ratio to OpenBLA
 	OPENBLAS_NUM_THREADS=1 $(PYTHON) benchmarks/compare.py
 	@echo; echo "== the same with two BLAS threads per pool (numpy's and ours contend for 2 cores)"
 	OPENBLAS_NUM_THREADS=2 $(PYTHON) benchmarks/compare.py
+	@echo; echo "== conv layers: TENGraD vs the authors' explicit path (PyTorch, AX kept), refresh and reuse"
+	OPENBLAS_NUM_THREADS=2 $(PYTHON) benchmarks/conv_compare.py
 
 clean: ## Remove build outputs
 	rm -rf .build $(BUILD)

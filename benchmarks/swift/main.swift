@@ -142,9 +142,29 @@ func convCurvatureSeconds(_ shape: Conv2dShape, batch m: Int, strategy: ConvStra
     return (t * Double(m * m) / Double(mm * mm), mm != m)
 }
 
+/// Seconds of one `precondition` from a snapshot of the given representation.
+func preconditionSeconds(
+    _ p: Preconditioner, _ id: Int, m: Int, x: [Float], g: [Float], v: [Float], vb: [Float], _ representation: SnapshotRepresentation
+) throws -> Double {
+    try p.setSnapshotRepresentation(layer: id, representation)
+    try p.updateCurvature(layer: id, batch: m, activations: x, outputGrads: g, gradScale: Float(m))
+    var out = [Float](repeating: 0, count: v.count), outB = [Float](repeating: 0, count: vb.count)
+    return try v.withUnsafeBufferPointer { vp in
+        try vb.withUnsafeBufferPointer { vbp in
+            try out.withUnsafeMutableBufferPointer { op in
+                try outB.withUnsafeMutableBufferPointer { obp in
+                    try measure { try p.precondition(layer: id, weightGrad: vp, biasGrad: vbp, weightUpdate: op, biasUpdate: obp) }
+                }
+            }
+        }
+    }
+}
+
 if runConv {
     let m = quick ? 32 : 128
     let layers: [(String, Conv2dShape)] = [
+        ("1→32 28²", Conv2dShape(inChannels: 1, outChannels: 32, inHeight: 28, inWidth: 28, kernelHeight: 3, kernelWidth: 3, paddingHeight: 1, paddingWidth: 1)),
+        ("32→32 28²", Conv2dShape(inChannels: 32, outChannels: 32, inHeight: 28, inWidth: 28, kernelHeight: 3, kernelWidth: 3, paddingHeight: 1, paddingWidth: 1)),
         ("FMNIST conv1 1→128 28²", Conv2dShape(inChannels: 1, outChannels: 128, inHeight: 28, inWidth: 28, kernelHeight: 3, kernelWidth: 3, paddingHeight: 1, paddingWidth: 1)),
         ("FMNIST conv2 128→128 28²", Conv2dShape(inChannels: 128, outChannels: 128, inHeight: 28, inWidth: 28, kernelHeight: 3, kernelWidth: 3, paddingHeight: 1, paddingWidth: 1)),
         ("ResNet 64→64 32²", Conv2dShape(inChannels: 64, outChannels: 64, inHeight: 32, inWidth: 32, kernelHeight: 3, kernelWidth: 3, paddingHeight: 1, paddingWidth: 1)),
@@ -152,10 +172,11 @@ if runConv {
         ("1×1 512→512 4²", Conv2dShape(inChannels: 512, outChannels: 512, inHeight: 4, inWidth: 4, kernelHeight: 1, kernelWidth: 1)),
     ]
     print("\nTENGraD conv2d benchmark, batch \(m), bias on (conv2 and conv3 of the paper's ConvNet are both 128→128 on 28²: listed once)")
-    print("curvature = one update_curvature (Gram + Cholesky); precondition is the same for both strategies")
+    print("curvature = one update_curvature (Gram + Cholesky) per strategy; precondition (the reuse step) from a raw")
+    print("snapshot and from kept per-sample gradients U; rep = the representation the cost model picks")
     print("(* = measured at a smaller batch and scaled by (m/m')², the Gram's growth; the factored Gram")
     print("   grows with L² and would take minutes on the large-L layers)\n")
-    let head = ["layer", "L", "factored s", "explicit s", "model picks", "faster", "precond s", "snapshot MB"]
+    let head = ["layer", "L", "factored s", "explicit s", "model picks", "faster", "prec raw s", "prec U s", "rep", "natgrad s", "U MB"]
     print(head.enumerated().map { $0.element.padding($0.offset == 0 ? 27 : 13) }.joined())
     for (name, shape) in layers {
         let probe = Preconditioner()
@@ -166,16 +187,17 @@ if runConv {
         let counts = try probe.arrayCounts(layer: id, batch: m)
         let v = (0..<counts.weight).map { _ in rng.uniform() }, vb = (0..<counts.bias).map { _ in rng.uniform() }
         var out = [Float](repeating: 0, count: counts.weight), outB = [Float](repeating: 0, count: counts.bias)
-        // The model's choice and estimates from one automatic update; then the precondition time.
-        let tPre = try x.withUnsafeBufferPointer { xp in
+        // Precondition from each representation; then the model's choice from an automatic update
+        // and the one-call natural gradient.
+        let tRaw = try preconditionSeconds(probe, id, m: m, x: x, g: g, v: v, vb: vb, .raw)
+        let tU = try preconditionSeconds(probe, id, m: m, x: x, g: g, v: v, vb: vb, .perSample)
+        try probe.setSnapshotRepresentation(layer: id, .auto)
+        let tNat = try x.withUnsafeBufferPointer { xp in
             try g.withUnsafeBufferPointer { gp in
-                try probe.updateCurvature(layer: id, batch: m, activations: xp, outputGrads: gp, gradScale: Float(m))
-                return try v.withUnsafeBufferPointer { vp in
-                    try vb.withUnsafeBufferPointer { vbp in
-                        try out.withUnsafeMutableBufferPointer { op in
-                            try outB.withUnsafeMutableBufferPointer { obp in
-                                try measure { try probe.precondition(layer: id, weightGrad: vp, biasGrad: vbp, weightUpdate: op, biasUpdate: obp) }
-                            }
+                try out.withUnsafeMutableBufferPointer { op in
+                    try outB.withUnsafeMutableBufferPointer { obp in
+                        try measure {
+                            try probe.naturalGradient(layer: id, batch: m, activations: xp, outputGrads: gp, gradScale: Float(m), weightUpdate: op, biasUpdate: obp)
                         }
                     }
                 }
@@ -187,7 +209,8 @@ if runConv {
         let faster: ConvStrategy = tf < te ? .factored : .explicit
         let row = [
             name, "\(ho * wo)", sci(tf) + (fx ? "*" : ""), sci(te) + (ex ? "*" : ""), "\(st.convStrategy)",
-            faster == st.convStrategy ? "yes" : "no (\(faster))", sci(tPre), fixed(Double(st.snapshotBytes) / 1e6, 1),
+            faster == st.convStrategy ? "yes" : "no (\(faster))", sci(tRaw), sci(tU),
+            st.representation == .perSample ? "U" : "raw", sci(tNat), fixed(st.perSampleBytesEstimate / 1e6, 1),
         ]
         print(row.enumerated().map { $0.element.padding($0.offset == 0 ? 27 : 13) }.joined())
     }

@@ -198,28 +198,42 @@ struct BlockKernel {
         return 2 * Double(count) * Double(n) * Double(L) * Double(dims.patchWithBias)
     }
 
-    /// Samples per chunk when unfolding for `formGradients` within `available` floats.
+    /// Samples per chunk when forming per-sample gradients: their inputs, output gradients and
+    /// patches within about 1 MiB (so they are still in cache when the GEMMs read them after the
+    /// NaN scan), and the patches within `available` floats.
     func formChunk(m: Int, available: Int) -> Int {
-        chunk(m, fixed: 0, perSample: geometry.patchScratch(samples: 1), available: available)
+        let perSample = geometry.patchScratch(samples: 1) + dims.inputSize + dims.outputSize
+        return min(chunk(m, fixed: 0, perSample: perSample, available: (1 << 20) / 4),
+                   chunk(m, fixed: 0, perSample: geometry.patchScratch(samples: 1), available: available))
     }
 
-    /// All of U (m × d, rows [weight | bias], unscaled) into `u`, unfolding `chunk` samples at a
-    /// time in `work` (`patchScratch(chunk)` floats). Returns the flops.
+    /// Rows `start..<start+count` of U (m × d, rows [weight | bias], unscaled) into `u`, every
+    /// group, unfolding in `work` (`patchScratch(count)` floats). Returns the flops.
+    func formGradients(
+        m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, start: Int, count: Int,
+        into u: UnsafeMutablePointer<Float>, work: UnsafeMutablePointer<Float>
+    ) -> Double {
+        var flops = 0.0
+        for group in 0..<dims.groups {
+            flops += formGradients(
+                a: a, g: g, start: start, count: count, group: group, o0: 0, n: dims.groupOut, into: u, ldu: dims.parameters,
+                weightColumn: group * dims.groupOut * dims.patch, biasColumn: dims.weightCount + group * dims.groupOut,
+                patchBuf: work)
+        }
+        return flops
+    }
+
+    /// All of U (m × d) into `u`, `chunk` samples at a time. Returns the flops.
     func formAllGradients(
         m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, into u: UnsafeMutablePointer<Float>,
         chunk c: Int, work: UnsafeMutablePointer<Float>
     ) -> Double {
         var flops = 0.0
-        for group in 0..<dims.groups {
-            var i0 = 0
-            while i0 < m {
-                let cc = min(c, m - i0)
-                flops += formGradients(
-                    a: a, g: g, start: i0, count: cc, group: group, o0: 0, n: dims.groupOut, into: u, ldu: dims.parameters,
-                    weightColumn: group * dims.groupOut * dims.patch, biasColumn: dims.weightCount + group * dims.groupOut,
-                    patchBuf: work)
-                i0 += cc
-            }
+        var i0 = 0
+        while i0 < m {
+            let cc = min(c, m - i0)
+            flops += formGradients(m: m, a: a, g: g, start: i0, count: cc, into: u, work: work)
+            i0 += cc
         }
         return flops
     }

@@ -87,28 +87,34 @@ final class ExactBlock {
         batch m: Int, activations a: UnsafePointer<Float>, outputGrads g: UnsafePointer<Float>,
         scale s: Float, context: LayerContext
     ) throws(TENGraDError) -> Prepared {
-        let (countA, countG) = try dims.inputCounts(batch: m)
-        let scanA = ArrayScan(a, count: countA)
-        guard scanA.finite else { throw TENGraDError(.notFinite, "activations contain NaN or Inf") }
-        let scanG = ArrayScan(g, count: countG)
-        guard scanG.finite else { throw TENGraDError(.notFinite, "output_grads contain NaN or Inf") }
-        let scans = (a: scanA.maxAbs, g: scanG.maxAbs)
+        _ = try dims.inputCounts(batch: m)
         switch representationSetting {
         case .raw:
-            return try prepareRaw(m: m, a: a, g: g, scale: s, maxima: scans, context: context)
+            return try prepareRaw(m: m, a: a, g: g, scale: s, context: context)
         case .perSample:
             return try preparePerSample(m: m, a: a, g: g, scale: s, context: context)
         case .auto:
             guard RepresentationModel(dims: dims, batch: m).pick(memoryLimit: context.budget.limit) == .perSample else {
-                return try prepareRaw(m: m, a: a, g: g, scale: s, maxima: scans, context: context)
+                return try prepareRaw(m: m, a: a, g: g, scale: s, context: context)
             }
             do {
                 return try preparePerSample(m: m, a: a, g: g, scale: s, context: context)
             } catch where error.code == .outOfMemory {
                 // U does not fit what the memory limit leaves: the raw batch may.
-                return try prepareRaw(m: m, a: a, g: g, scale: s, maxima: scans, context: context)
+                return try prepareRaw(m: m, a: a, g: g, scale: s, context: context)
             }
         }
+    }
+
+    /// Rejects NaN and Inf in samples `start..<start+count` of the batch; returns max |a|, max |g|.
+    private func scanInputs(
+        _ a: UnsafePointer<Float>, _ g: UnsafePointer<Float>, start: Int, count: Int
+    ) throws(TENGraDError) -> (a: Float, g: Float) {
+        let scanA = ArrayScan(a + start * dims.inputSize, count: count * dims.inputSize)
+        guard scanA.finite else { throw TENGraDError(.notFinite, "activations contain NaN or Inf") }
+        let scanG = ArrayScan(g + start * dims.outputSize, count: count * dims.outputSize)
+        guard scanG.finite else { throw TENGraDError(.notFinite, "output_grads contain NaN or Inf") }
+        return (scanA.maxAbs, scanG.maxAbs)
     }
 
     /// Flop-model estimates of the two Gram strategies; `uFormed`: U exists anyway (per-sample
@@ -150,10 +156,10 @@ final class ExactBlock {
     /// Raw snapshot: storage for the batch copies (the current one reused when the batch size is
     /// unchanged; it is overwritten only in `commit`), the Gram by either strategy.
     private func prepareRaw(
-        m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, scale s: Float, maxima: (a: Float, g: Float),
-        context: LayerContext
+        m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, scale s: Float, context: LayerContext
     ) throws(TENGraDError) -> Prepared {
         let (countA, countG) = try dims.inputCounts(batch: m)
+        let maxima = try scanInputs(a, g, start: 0, count: m)
         let activations: Storage<Float>, outputGrads: Storage<Float>
         if let old = snapshot, old.m == m, case let .raw(oldA, oldG) = old.data {
             (activations, outputGrads) = (oldA, oldG)
@@ -189,7 +195,8 @@ final class ExactBlock {
     }
 
     /// Per-sample snapshot: U formed into new storage (the explicit Gram's work anyway), then its
-    /// Gram by one syrk (or the factored strategy if forced or cheaper).
+    /// Gram by one syrk (or the factored strategy if forced or cheaper). The inputs are scanned for
+    /// NaN and Inf chunk by chunk just before they are used, while in cache (the bound comes from U).
     private func preparePerSample(
         m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, scale s: Float, context: LayerContext
     ) throws(TENGraDError) -> Prepared {
@@ -209,7 +216,14 @@ final class ExactBlock {
             need = max(need, m * m)  // the float32 syrk's output
         }
         let work = try context.workspace.floats(need)
-        var flops = kernel.formAllGradients(m: m, a: a, g: g, into: u.base, chunk: formChunk, work: work)
+        var flops = 0.0
+        var i0 = 0
+        while i0 < m {
+            let c = min(formChunk, m - i0)
+            _ = try scanInputs(a, g, start: i0, count: c)
+            flops += kernel.formGradients(m: m, a: a, g: g, start: i0, count: c, into: u.base, work: work)
+            i0 += c
+        }
         let scan = ArrayScan(u.base, count: count)
         guard scan.finite else {
             throw TENGraDError(.numerical, "the per-sample gradients overflow float32 (inputs too large)")

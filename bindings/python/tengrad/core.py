@@ -16,8 +16,6 @@ import numpy as np
 from . import _lib
 from ._lib import TengradError
 
-_F32P = ctypes.POINTER(ctypes.c_float)
-
 
 @dataclass(frozen=True)
 class LinearSpec:
@@ -88,7 +86,7 @@ _REPRESENTATIONS = {"auto": _lib.SNAPSHOT_AUTO, "raw": _lib.SNAPSHOT_RAW, "per-s
 
 
 def _ptr(array: Optional[np.ndarray]):
-    return None if array is None else array.ctypes.data_as(_F32P)
+    return None if array is None else array.ctypes.data
 
 
 def _check(name: str, array, shape: Tuple[int, ...]) -> np.ndarray:
