@@ -31,7 +31,8 @@
  *    another call on the same handle is detected (one atomic flag per handle) and refused with
  *    TENGRAD_ERROR_STATE, changing nothing; tengrad_last_error and tengrad_destroy are not
  *    guarded, so this is a safety net, not a licence to share handles.
- *  - BLAS threading is OpenBLAS's own (OPENBLAS_NUM_THREADS).
+ *  - BLAS threading is OpenBLAS's own (OPENBLAS_NUM_THREADS), or per handle with
+ *    tengrad_set_blas_threads.
  */
 #ifndef TENGRAD_H
 #define TENGRAD_H
@@ -110,6 +111,16 @@ TENGRAD_NODISCARD tengrad_status tengrad_get_memory_limit(const tengrad_precondi
 /* Bytes the handle holds now (snapshots, their m×m systems, the shared workspace). */
 TENGRAD_NODISCARD tengrad_status tengrad_get_memory_usage(const tengrad_preconditioner *p,
                                                           int64_t *out);
+
+/* OpenBLAS threads for this handle's calls. 0 (default) leaves OpenBLAS's own setting
+   (OPENBLAS_NUM_THREADS) alone; n in 1..1024 makes every call on this handle set OpenBLAS's
+   process-wide thread count to n and restore the previous count on return (so concurrent calls
+   on other handles may briefly see n). Not part of saved state (it belongs to the machine).
+   Why: a host framework's own thread pool (PyTorch's OpenMP workers, for ~5 ms after each op)
+   competes with OpenBLAS's pool for the cores; short calls made right after the host's parallel
+   work (the reuse step) then run several times faster on one thread. See the README's "Threads". */
+TENGRAD_NODISCARD tengrad_status tengrad_set_blas_threads(tengrad_preconditioner *p, int32_t threads);
+TENGRAD_NODISCARD tengrad_status tengrad_get_blas_threads(const tengrad_preconditioner *p, int32_t *out);
 
 enum { TENGRAD_CONV_AUTO = 0, TENGRAD_CONV_FACTORED = 1, TENGRAD_CONV_EXPLICIT = 2 };
 

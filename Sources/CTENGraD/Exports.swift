@@ -208,6 +208,16 @@ public func tengrad_get_memory_usage(_ p: OpaquePointer?, _ out: UnsafeMutablePo
     run(p) { (h) throws(TENGraDError) in try required(out, "out").pointee = Int64(h.core.memoryInUse) }
 }
 
+@_cdecl("tengrad_set_blas_threads")
+public func tengrad_set_blas_threads(_ p: OpaquePointer?, _ threads: Int32) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in try h.core.setBLASThreads(Int(threads)) }
+}
+
+@_cdecl("tengrad_get_blas_threads")
+public func tengrad_get_blas_threads(_ p: OpaquePointer?, _ out: UnsafeMutablePointer<Int32>?) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in try required(out, "out").pointee = Int32(h.core.blasThreads) }
+}
+
 // MARK: - Layers
 
 @_cdecl("tengrad_add_linear")

@@ -47,6 +47,17 @@ public final class Preconditioner {
         budget.limit = bytes
     }
 
+    /// OpenBLAS threads for this preconditioner's calls; 0 (default) leaves OpenBLAS's own setting.
+    /// With n > 0 every call sets OpenBLAS's process-wide count to n and restores it on return
+    /// (docs/DESIGN.md §8: short calls right after a host framework's parallel work run faster on
+    /// one thread than on a pool that competes with the host's spinning threads).
+    public private(set) var blasThreads = 0
+
+    public func setBLASThreads(_ count: Int) throws(TENGraDError) {
+        guard (0...1024).contains(count) else { throw .invalid("BLAS threads must be 0 (as configured) to 1024, got \(count)") }
+        blasThreads = count
+    }
+
     // MARK: - Layers
 
     public var layerCount: Int { layers.count }
@@ -178,7 +189,9 @@ public final class Preconditioner {
     ) throws(TENGraDError) {
         let l = try layer(id)
         let (a, g) = try Self.batchInputs(l, batch: batch, activations, outputGrads, gradScale: gradScale)
-        try l.updateCurvature(batch: batch, activations: a, outputGrads: g, scale: gradScale, context: context)
+        try BLAS.withThreads(blasThreads) { () throws(TENGraDError) in
+            try l.updateCurvature(batch: batch, activations: a, outputGrads: g, scale: gradScale, context: context)
+        }
     }
 
     /// `update = (F + λI)⁻¹ grad` with F from the layer's current snapshot. The update buffers may
@@ -191,7 +204,9 @@ public final class Preconditioner {
         let w = try Self.base(weightGrad, count: l.dims.weightCount, "weight_grad")
         let b = try Self.bias(biasGrad, count: l.dims.biasCount, "bias_grad")
         let (wu, bu) = try Self.updateOutputs(l, weightUpdate, biasUpdate)
-        try l.precondition(weightGrad: w, biasGrad: b, weightUpdate: wu, biasUpdate: bu, context: context)
+        try BLAS.withThreads(blasThreads) { () throws(TENGraDError) in
+            try l.precondition(weightGrad: w, biasGrad: b, weightUpdate: wu, biasUpdate: bu, context: context)
+        }
     }
 
     /// Empirical Fisher in one call: snapshot from this batch, and the update of this batch's mean
@@ -204,9 +219,11 @@ public final class Preconditioner {
         let l = try layer(id)
         let (a, g) = try Self.batchInputs(l, batch: batch, activations, outputGrads, gradScale: gradScale)
         let (wu, bu) = try Self.updateOutputs(l, weightUpdate, biasUpdate)
-        try l.naturalGradient(
-            batch: batch, activations: a, outputGrads: g, scale: gradScale, weightUpdate: wu, biasUpdate: bu,
-            context: context)
+        try BLAS.withThreads(blasThreads) { () throws(TENGraDError) in
+            try l.naturalGradient(
+                batch: batch, activations: a, outputGrads: g, scale: gradScale, weightUpdate: wu, biasUpdate: bu,
+                context: context)
+        }
     }
 
     // MARK: - KL clipping

@@ -127,6 +127,16 @@ static void test_settings_and_layers(void) {
     CHECK(d == 0.1);
     CHECK(strcmp(tengrad_last_error(p), "") == 0); /* a success clears the message */
     CHECK_STATUS(tengrad_get_damping(p, NULL), TENGRAD_ERROR_INVALID_ARGUMENT);
+    int32_t threads = -1;
+    CHECK_STATUS(tengrad_get_blas_threads(p, &threads), TENGRAD_OK);
+    CHECK(threads == 0);
+    CHECK_STATUS(tengrad_set_blas_threads(p, -1), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_set_blas_threads(p, 1025), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_set_blas_threads(p, 1), TENGRAD_OK);
+    CHECK_STATUS(tengrad_get_blas_threads(p, &threads), TENGRAD_OK);
+    CHECK(threads == 1);
+    CHECK_STATUS(tengrad_get_blas_threads(p, NULL), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_set_blas_threads(p, 0), TENGRAD_OK);
     CHECK_STATUS(tengrad_set_memory_limit(p, -5), TENGRAD_ERROR_INVALID_ARGUMENT);
     int64_t limit = -1;
     CHECK_STATUS(tengrad_get_memory_limit(p, &limit), TENGRAD_OK);

@@ -28,6 +28,12 @@ import os
 import sys
 import time
 
+# torch's OpenMP workers spin ~5 ms after each op by default and then compete with our BLAS
+# threads for the 2 cores; 10000 spins (~0.2 ms) keeps torch's own speed and lets every TENGraD
+# call run at its standalone speed (README, "Threads"). libgomp reads this when torch is loaded,
+# so it must be set before `import torch`; it applies to every optimizer of the race alike.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 import numpy as np
 import torch
 import torch.nn as nn

@@ -11,6 +11,21 @@ enum BLAS {
 
     @inline(__always) static func i(_ n: Int) -> Int32 { Int32(truncatingIfNeeded: n) }
 
+    /// OpenBLAS's process-wide thread count (its own pool; OPENBLAS_NUM_THREADS at start-up).
+    static var threads: Int {
+        get { Int(openblas_get_num_threads()) }
+        set { openblas_set_num_threads(Int32(clamping: newValue)) }
+    }
+
+    /// Runs `body` with OpenBLAS using `count` threads (0: as configured), then restores the count.
+    static func withThreads<R, E: Error>(_ count: Int, _ body: () throws(E) -> R) throws(E) -> R {
+        guard count > 0 else { return try body() }
+        let previous = threads
+        if previous != count { threads = count }
+        defer { if previous != count { threads = previous } }
+        return try body()
+    }
+
     /// C[m×n] = alpha · op(A) · op(B) + beta · C, row-major.
     static func sgemm(
         transA: Bool, transB: Bool, m: Int, n: Int, k: Int,

@@ -173,6 +173,10 @@ tengrad_set_memory_limit = _declare("tengrad_set_memory_limit", c_int32, _handle
 tengrad_get_memory_limit = _declare("tengrad_get_memory_limit", c_int32, _handle, POINTER(c_int64))
 # tengrad_status tengrad_get_memory_usage(const tengrad_preconditioner *p, int64_t *out);
 tengrad_get_memory_usage = _declare("tengrad_get_memory_usage", c_int32, _handle, POINTER(c_int64))
+# tengrad_status tengrad_set_blas_threads(tengrad_preconditioner *p, int32_t threads);
+tengrad_set_blas_threads = _declare("tengrad_set_blas_threads", c_int32, _handle, c_int32)
+# tengrad_status tengrad_get_blas_threads(const tengrad_preconditioner *p, int32_t *out);
+tengrad_get_blas_threads = _declare("tengrad_get_blas_threads", c_int32, _handle, POINTER(c_int32))
 # tengrad_status tengrad_add_linear(p, int64_t in_features, int64_t out_features,
 #                                   int32_t has_bias, int32_t *out_layer);
 tengrad_add_linear = _declare(

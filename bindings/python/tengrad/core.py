@@ -119,7 +119,7 @@ class Preconditioner:
     and at interpreter exit). A Preconditioner is used by one thread at a time.
     """
 
-    def __init__(self, damping: float = 0.1, memory_limit: int = 0):
+    def __init__(self, damping: float = 0.1, memory_limit: int = 0, blas_threads: int = 0):
         handle = ctypes.c_void_p()
         _lib.tengrad_create(ctypes.byref(handle))
         self._handle = handle
@@ -127,6 +127,7 @@ class Preconditioner:
         try:
             self.damping = damping
             self.memory_limit = memory_limit
+            self.blas_threads = blas_threads
         except BaseException:
             self.close()
             raise
@@ -168,6 +169,18 @@ class Preconditioner:
     @damping.setter
     def damping(self, value: float) -> None:
         _lib.tengrad_set_damping(self._h, float(value))
+
+    @property
+    def blas_threads(self) -> int:
+        """OpenBLAS threads for this handle's calls; 0 leaves OpenBLAS's own setting (see the
+        README's "Threads": one thread is faster for short calls right after PyTorch's ops)."""
+        out = ctypes.c_int32()
+        _lib.tengrad_get_blas_threads(self._h, ctypes.byref(out))
+        return out.value
+
+    @blas_threads.setter
+    def blas_threads(self, value: int) -> None:
+        _lib.tengrad_set_blas_threads(self._h, int(value))
 
     @property
     def memory_limit(self) -> int:

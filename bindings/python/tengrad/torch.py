@@ -62,6 +62,18 @@ class _Layer:
         self.calls = 0
 
 
+def _omp_spins_briefly() -> bool:
+    """Whether torch's OpenMP workers stop spinning soon after each op (environment settings that
+    libgomp reads when torch is loaded)."""
+    import os
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        return True
+    try:
+        return int(os.environ.get("GOMP_SPINCOUNT", "")) <= 100_000
+    except ValueError:
+        return False
+
+
 def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
@@ -82,19 +94,29 @@ class TENGraD:
         fast_path: allow the one-call path for the empirical Fisher refreshed every step.
         memory_limit: byte cap of the underlying handle (0: none).
         conv_strategy: ``"auto"``, ``"factored"`` or ``"explicit"`` for every conv layer.
+        blas_threads: OpenBLAS threads of the library's calls. ``"auto"`` (default): refreshes
+            use OpenBLAS's setting; reuse steps (``precondition`` between refreshes) use one
+            thread — they are short and come right after the backward pass, while torch's OpenMP
+            workers still spin (~5 ms after each op) and would slow a second BLAS thread
+            several-fold — unless the environment makes those workers stop spinning early
+            (``GOMP_SPINCOUNT`` ≤ 100000 or ``OMP_WAIT_POLICY=PASSIVE``, set before torch was
+            imported), in which case they too use OpenBLAS's setting (README, "Threads").
+            An int n uses n threads for every call (0: OpenBLAS's setting).
     """
 
     def __init__(self, model: nn.Module, damping: float = 0.1, fisher: str = "empirical", update_freq: int = 1,
                  kl_clip: Optional[float] = None, lr: Optional[float] = None,
                  loss_reduction: Union[str, float] = "mean",
                  skip: Iterable[Union[str, type]] = (), fast_path: bool = True, memory_limit: int = 0,
-                 conv_strategy: str = "auto"):
+                 conv_strategy: str = "auto", blas_threads: Union[str, int] = "auto"):
         if fisher not in ("empirical", "sampled"):
             raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
         if int(update_freq) < 1:
             raise ValueError(f"update_freq must be >= 1, got {update_freq}")
         if kl_clip is not None and (lr is None or lr <= 0 or kl_clip <= 0):
             raise ValueError("kl_clip needs a positive kl_clip and a positive lr")
+        if not (blas_threads == "auto" or (isinstance(blas_threads, int) and 0 <= blas_threads <= 1024)):
+            raise ValueError(f"blas_threads must be 'auto' or an int in 0..1024, got {blas_threads!r}")
         if not (loss_reduction in ("mean", "sum") or isinstance(loss_reduction, (int, float))):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or a number, got {loss_reduction!r}")
         self.model = model
@@ -105,6 +127,7 @@ class TENGraD:
         self.loss_reduction = loss_reduction
         self.fast_path = fast_path
         self.conv_strategy = conv_strategy
+        self.blas_threads = blas_threads
         self.steps = 0
         self.last_nu = 1.0
         self._sampling = False
@@ -290,6 +313,10 @@ class TENGraD:
         KL clipping, and advance the step counter. Call after ``loss.backward()``."""
         refresh = self._refresh_step()
         one_call = refresh and self.fisher == "empirical" and self.update_freq == 1 and self.fast_path
+        if self.blas_threads == "auto":
+            self._pre.blas_threads = 0 if refresh or _omp_spins_briefly() else 1
+        else:
+            self._pre.blas_threads = self.blas_threads
         for layer in self._layers:
             w = self._grad_view(layer.module.weight, layer)
             b = self._grad_view(layer.module.bias, layer)

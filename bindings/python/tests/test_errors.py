@@ -166,3 +166,25 @@ def test_status_strings_and_version():
         assert _lib.tengrad_status_string(status)
     assert _lib.tengrad_status_string(99) == b"unknown status"
     assert tengrad.version().count(".") == 2
+
+
+def test_blas_threads_setting():
+    with tengrad.Preconditioner(blas_threads=1) as p:
+        assert p.blas_threads == 1
+        p.blas_threads = 0
+        assert p.blas_threads == 0
+        for bad in (-1, 1025):
+            with pytest.raises(tengrad.TengradError) as e:
+                p.blas_threads = bad
+            assert e.value.status == tengrad.ERROR_INVALID_ARGUMENT and "threads" in e.value.message
+        assert p.blas_threads == 0
+        # Calls with a thread count give the same update as without (one thread here).
+        rng = np.random.default_rng(3)
+        layer = p.add_conv2d(2, 3, 3, (8, 8), padding=1)
+        x = rng.standard_normal((6, 2, 8, 8), dtype=np.float32)
+        g = rng.standard_normal((6, 3, 8, 8), dtype=np.float32)
+        w0, b0 = p.natural_gradient(layer, x, g, 6.0)
+        p.blas_threads = 1
+        w1, b1 = p.natural_gradient(layer, x, g, 6.0)
+        np.testing.assert_allclose(w1, w0, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b1, b0, rtol=1e-5, atol=1e-6)

@@ -106,11 +106,12 @@ def test_sampled_fisher_matches_oracle(make):
         assert relative_error(got[name], want[name]) <= TOL, name
 
 
-def test_refresh_interval_reuses_the_snapshot():
+@pytest.mark.parametrize("blas_threads", ["auto", 0, 2])
+def test_refresh_interval_reuses_the_snapshot(blas_threads):
     torch.manual_seed(0)
     model = mlp()
     plain = copy.deepcopy(model)    # per-sample gradients from an unhooked twin
-    pre = tt.TENGraD(model, damping=0.1, fisher="empirical", update_freq=2)
+    pre = tt.TENGraD(model, damping=0.1, fisher="empirical", update_freq=2, blas_threads=blas_threads)
     x1, y1 = batch(model, 8, 3)
     x2, y2 = batch(model, 8, 4)
     ps1 = per_sample_grads(plain, x1, y1)
@@ -125,6 +126,8 @@ def test_refresh_interval_reuses_the_snapshot():
     for name in want:
         assert relative_error(got[name], want[name]) <= TOL
     assert pre.layer_stats("0")["batch"] == 8
+    with pytest.raises(ValueError):
+        tt.TENGraD(model, blas_threads="many")
 
 
 def test_kl_clip_scales_every_update_by_nu():
