@@ -52,8 +52,9 @@ let threads = getenv("OPENBLAS_NUM_THREADS").map { String(cString: $0) } ?? "def
 if runLinear {
 print("TENGraD linear-layer benchmark (OPENBLAS_NUM_THREADS=\(threads)); bias on; λ = 0.1")
 print("GFLOP/s count the docs/DESIGN.md §2 algorithm: Grams m(m+1)(in+out), Cholesky m³/3, GEMMs 2·m·in·out each")
-print("sgemm = OpenBLAS sgemm GFLOP/s on (out×m)·(m×in) in this run; ratio = ours ÷ sgemm\n")
-let header = ["m", "in=out", "natgrad s", "GFLOP/s", "ratio", "curv s", "GFLOP/s", "precond s", "GFLOP/s", "ratio", "sgemm GF/s"]
+print("sgemm = OpenBLAS sgemm GFLOP/s on (out×m)·(m×in) in this run; ratio = ours ÷ sgemm;")
+print("in place = the precondition ratio with the update written over the gradient (no copy)\n")
+let header = ["m", "in=out", "natgrad s", "GFLOP/s", "ratio", "curv s", "GFLOP/s", "precond s", "GFLOP/s", "ratio", "in place", "sgemm GF/s"]
 print(header.map { $0.padding(11) }.joined())
 
 for n in widths {
@@ -95,6 +96,16 @@ for n in widths {
                 }
             }
         }
+        // In place (update written over the gradient, as the PyTorch integration does): no copy.
+        var inPlaceW = vw, inPlaceB = vb
+        let tIn = try inPlaceW.withUnsafeMutableBufferPointer { wp in
+            try inPlaceB.withUnsafeMutableBufferPointer { bp in
+                try measure {
+                    try p.precondition(layer: layer, weightGrad: UnsafeBufferPointer(wp), biasGrad: UnsafeBufferPointer(bp),
+                                       weightUpdate: wp, biasUpdate: bp)
+                }
+            }
+        }
         let tGemm = measure {
             cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(outF), Int32(inF), Int32(m), 1,
                         g, Int32(outF), a, Int32(inF), 0, &c, Int32(inF))
@@ -104,10 +115,10 @@ for n in widths {
         let fNG = fCurv + 2 * dm * di * dout
         let fPre = 4 * dm * di * dout
         let gemmRate = 2 * dm * di * dout / tGemm / 1e9
-        let ngRate = fNG / tNG / 1e9, curvRate = fCurv / tCurv / 1e9, preRate = fPre / tPre / 1e9
+        let ngRate = fNG / tNG / 1e9, curvRate = fCurv / tCurv / 1e9, preRate = fPre / tPre / 1e9, inRate = fPre / tIn / 1e9
         let row = [
             "\(m)", "\(n)", sci(tNG), fixed(ngRate), fixed(ngRate / gemmRate, 2), sci(tCurv), fixed(curvRate),
-            sci(tPre), fixed(preRate), fixed(preRate / gemmRate, 2), fixed(gemmRate),
+            sci(tPre), fixed(preRate), fixed(preRate / gemmRate, 2), fixed(inRate / gemmRate, 2), fixed(gemmRate),
         ]
         print(row.map { $0.padding(11) }.joined())
     }

@@ -76,7 +76,8 @@ struct ArrayScan {
         var lanes = SIMD16<UInt32>(repeating: 0)
         var i = 0
         while i + 16 <= count {
-            lanes = pointwiseMax(lanes, raw.loadUnaligned(fromByteOffset: 4 * i, as: SIMD16<UInt32>.self) & mask)
+            let v = raw.loadUnaligned(fromByteOffset: 4 * i, as: SIMD16<UInt32>.self) & mask
+            lanes.replace(with: v, where: v .> lanes)
             i += 16
         }
         var high = lanes.max()
