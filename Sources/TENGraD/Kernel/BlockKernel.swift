@@ -120,14 +120,12 @@ struct BlockKernel {
                         var sum = 0.0
                         for l in 0..<L {
                             let row = (li * L + l) * rows + lj * L
-                            var partial: Float = 0
                             if li != lj {
-                                for p in 0..<L { partial += (mI[row + p] + one) * mG[row + p] }
+                                sum += Double(Reduce.shiftedDot(mI + row, plus: one, mG + row, L))
                             } else {
-                                for p in 0..<l { partial += (mI[row + p] + one) * mG[row + p] }
-                                partial = 2 * partial + (mI[row + l] + one) * mG[row + l]
+                                let strict = Reduce.shiftedDot(mI + row, plus: one, mG + row, l)
+                                sum += 2 * Double(strict) + Double((mI[row + l] + one) * mG[row + l])
                             }
-                            sum += Double(partial)
                         }
                         let i = i0 + li, j = i0 + lj
                         k[i * m + j] += sum
@@ -148,9 +146,7 @@ struct BlockKernel {
                             var sum = 0.0
                             for l in 0..<L {
                                 let row = (li * L + l) * cols + lj * L
-                                var partial: Float = 0
-                                for p in 0..<L { partial += (mI[row + p] + one) * mG[row + p] }
-                                sum += Double(partial)
+                                sum += Double(Reduce.shiftedDot(mI + row, plus: one, mG + row, L))
                             }
                             let i = i0 + li, j = j0 + lj
                             k[i * m + j] += sum
@@ -186,12 +182,9 @@ struct BlockKernel {
             productOverPositions(
                 gi, patches.from(position: li * L), rows: n, cols: P, count: L, beta: 0, into: row + weightColumn, ldc: P)
             if dims.hasBias {
-                let fs = gi.positionMajor ? 1 : gi.ld, qs = gi.positionMajor ? gi.ld : 1
                 for o in 0..<n {
-                    var sum: Float = 0
-                    let src = gi.base + o * fs
-                    for q in 0..<L { sum += src[q * qs] }
-                    row[biasColumn + o] = sum
+                    row[biasColumn + o] = gi.positionMajor
+                        ? Reduce.stridedSum(gi.base + o, stride: gi.ld, L) : Reduce.sum(gi.base + o * gi.ld, L)
                 }
             }
         }
@@ -363,21 +356,13 @@ struct BlockKernel {
                     if patches.positionMajor {
                         for q in (li * L)..<((li + 1) * L) {
                             let trow = tBuf + q * Cg, grow = grads.base + q * grads.ld
-                            var partial: Float = 0
-                            if let bias {
-                                for o in 0..<Cg { partial += (trow[o] + bias[o]) * grow[o] }
-                            } else {
-                                for o in 0..<Cg { partial += trow[o] * grow[o] }
-                            }
-                            dot += Double(partial)
+                            dot += Double(Reduce.dot(trow, grow, Cg))
+                            if let bias { dot += Double(Reduce.dot(bias, grow, Cg)) }
                         }
                     } else {
                         for o in 0..<Cg {
-                            let b = bias?[o] ?? 0
                             let trow = tBuf + o * n + li * L, grow = grads.base + o * grads.ld + li * L
-                            var partial: Float = 0
-                            for l in 0..<L { partial += (trow[l] + b) * grow[l] }
-                            dot += Double(partial)
+                            dot += Double(Reduce.shiftedDot(trow, plus: bias?[o] ?? 0, grow, L))
                         }
                     }
                     t[i0 + li] += s * dot
@@ -428,13 +413,7 @@ struct BlockKernel {
                     scaled, patches, rows: Cg, cols: P, count: n, beta: firstBeta, into: weight + group * Cg * P, ldc: P)
                 if let bias {
                     for o in 0..<Cg {
-                        var sum: Float = 0
-                        if dims.positionMajor {
-                            for q in 0..<n { sum += gs[q * Cg + o] }
-                        } else {
-                            let row = gs + o * n
-                            for q in 0..<n { sum += row[q] }
-                        }
+                        let sum = dims.positionMajor ? Reduce.stridedSum(gs + o, stride: Cg, n) : Reduce.sum(gs + o * n, n)
                         let j = group * Cg + o
                         bias[j] = (firstBeta == 0 ? 0 : firstBeta * bias[j]) + sum
                     }
