@@ -95,7 +95,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         case 4: {
             uint8_t v = u8(&in);
             if (v & 1) (void)tengrad_set_conv_strategy(p, layer, (int32_t)((v >> 1) % 4));
-            else (void)tengrad_set_snapshot_representation(p, layer, (int32_t)((v >> 1) % 4));
+            else if (v & 2) (void)tengrad_set_snapshot_representation(p, layer, (int32_t)((v >> 2) % 4));
+            else (void)tengrad_set_blas_threads(p, (int32_t)(v >> 2) % 4 - 1); /* -1 (refused) to 2 */
             break;
         }
         case 5:
