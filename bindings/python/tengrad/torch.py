@@ -37,6 +37,7 @@ output gradients (``grad_scale``): mean-reduced losses hand out 1/m of each samp
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, Iterable, List, Optional, Union
 
 import numpy as np
@@ -63,15 +64,18 @@ class _Layer:
 
 
 def _omp_spins_briefly() -> bool:
-    """Whether torch's OpenMP workers stop spinning soon after each op (environment settings that
-    libgomp reads when torch is loaded)."""
-    import os
+    """Whether torch's OpenMP workers stop spinning soon after each op: environment settings that
+    libgomp reads when torch is loaded. Read once, when this module is imported (torch is loaded
+    by then), so a later change of os.environ — which libgomp no longer sees — does not count."""
     if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
         return True
     try:
         return int(os.environ.get("GOMP_SPINCOUNT", "")) <= 100_000
     except ValueError:
         return False
+
+
+_OMP_SPINS_BRIEFLY = _omp_spins_briefly()
 
 
 def _pair(v):
@@ -99,8 +103,9 @@ class TENGraD:
             thread — they are short and come right after the backward pass, while torch's OpenMP
             workers still spin (~5 ms after each op) and would slow a second BLAS thread
             several-fold — unless the environment makes those workers stop spinning early
-            (``GOMP_SPINCOUNT`` ≤ 100000 or ``OMP_WAIT_POLICY=PASSIVE``, set before torch was
-            imported), in which case they too use OpenBLAS's setting (README, "Threads").
+            (``GOMP_SPINCOUNT`` ≤ 100000 or ``OMP_WAIT_POLICY=PASSIVE`` in the environment when
+            torch and this module are imported), in which case they too use OpenBLAS's setting
+            (README, "Threads").
             An int n uses n threads for every call (0: OpenBLAS's setting).
     """
 
@@ -314,7 +319,7 @@ class TENGraD:
         refresh = self._refresh_step()
         one_call = refresh and self.fisher == "empirical" and self.update_freq == 1 and self.fast_path
         if self.blas_threads == "auto":
-            self._pre.blas_threads = 0 if refresh or _omp_spins_briefly() else 1
+            self._pre.blas_threads = 0 if refresh or _OMP_SPINS_BRIEFLY else 1
         else:
             self._pre.blas_threads = self.blas_threads
         for layer in self._layers:
