@@ -29,8 +29,11 @@
  *    distinct handles are fully independent and may be used from different threads at once.
  *    The library keeps no global mutable state and no thread-local state. A call that overlaps
  *    another call on the same handle is detected (one atomic flag per handle) and refused with
- *    TENGRAD_ERROR_STATE, changing nothing; tengrad_last_error and tengrad_destroy are not
- *    guarded, so this is a safety net, not a licence to share handles.
+ *    TENGRAD_ERROR_STATE, changing nothing and not touching the handle's message; while the other
+ *    call runs, tengrad_last_error returns the static text "handle busy (concurrent call)"
+ *    instead of the message that call may be replacing. tengrad_destroy is not guarded: this is
+ *    a safety net, not a licence to share handles. tengrad_last_error belongs to the thread that
+ *    made the last call, between that call's return and its next call on the handle.
  *  - BLAS threading is OpenBLAS's own (OPENBLAS_NUM_THREADS), or per handle with
  *    tengrad_set_blas_threads.
  */
@@ -91,7 +94,8 @@ TENGRAD_NODISCARD tengrad_status tengrad_create(tengrad_preconditioner **out);
 void tengrad_destroy(tengrad_preconditioner *p);
 
 /* Message describing the outcome of the last fallible call on p ("" after a success).
-   The text is owned by p and valid until the next call on p. p == NULL gives a static text. */
+   The text is owned by p and valid until the next call on p. p == NULL gives a static text;
+   while another call is running on p, a static "handle busy (concurrent call)". */
 const char *tengrad_last_error(const tengrad_preconditioner *p);
 
 /* ---- Settings --------------------------------------------------------------------------- */
@@ -220,6 +224,7 @@ TENGRAD_NODISCARD tengrad_status tengrad_precondition(tengrad_preconditioner *p,
 
 /* Empirical Fisher in one call: snapshot from this batch, and update = (F + λI)^-1 of this
    batch's mean gradient (the mean of the per-sample gradients defined by the same inputs).
+   The update buffers must not overlap activations or output_grads (TENGRAD_ERROR_INVALID_ARGUMENT).
    Computed as U (UᵀU + mλI)^-1 1: no gradient has to be passed and no Uᵀv product is formed.
    The snapshot is kept, so later tengrad_precondition calls reuse it. */
 TENGRAD_NODISCARD tengrad_status tengrad_natural_gradient(tengrad_preconditioner *p, int32_t layer,
@@ -255,12 +260,17 @@ TENGRAD_NODISCARD tengrad_status tengrad_load_state(tengrad_preconditioner *p, c
      ν = min(1, sqrt(kl_clip / (learning_rate² · Σ_layers ⟨update, grad⟩)))
    where each layer contributes the ⟨update, grad⟩ of its most recent tengrad_precondition or
    tengrad_natural_gradient call (for the latter, grad is the batch mean gradient; the product is
-   computed exactly from the m×m system). Layers never preconditioned contribute nothing.
+   computed exactly from the m×m system). Layers never preconditioned contribute nothing, nor do
+   layers not preconditioned since the last tengrad_clear_updates.
    The caller multiplies every layer's update by *out_nu. learning_rate and kl_clip finite, > 0.
    ν is 1 when the sum is not positive. */
 TENGRAD_NODISCARD tengrad_status tengrad_kl_clip_factor(const tengrad_preconditioner *p,
                                                         double learning_rate, double kl_clip,
                                                         double *out_nu);
+
+/* Forget every layer's last ⟨update, grad⟩: call at the start of a step in which some layers may
+   get no update (an unused head), so that tengrad_kl_clip_factor sums only this step's layers. */
+TENGRAD_NODISCARD tengrad_status tengrad_clear_updates(tengrad_preconditioner *p);
 
 /* ---- Diagnostics ------------------------------------------------------------------------ */
 

@@ -178,7 +178,11 @@ public func tengrad_destroy(_ p: OpaquePointer?) {
 @_cdecl("tengrad_last_error")
 public func tengrad_last_error(_ p: OpaquePointer?) -> UnsafePointer<CChar> {
     guard let p else { return staticText("NULL tengrad_preconditioner handle") }
-    return handle(p).messagePointer
+    let h = handle(p)
+    // While a call runs on the handle its message may be replaced (and the old text freed) at any
+    // moment: do not read it (the caller is most likely the thread whose call was refused).
+    if h.busy.load(ordering: .acquiring) { return staticText("handle busy (concurrent call)") }
+    return h.messagePointer
 }
 
 // MARK: - Settings
@@ -391,6 +395,11 @@ public func tengrad_natural_gradient(
 }
 
 // MARK: - KL clipping and diagnostics
+
+@_cdecl("tengrad_clear_updates")
+public func tengrad_clear_updates(_ p: OpaquePointer?) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in h.core.clearUpdates() }
+}
 
 @_cdecl("tengrad_kl_clip_factor")
 public func tengrad_kl_clip_factor(

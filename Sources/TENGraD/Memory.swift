@@ -81,6 +81,28 @@ final class Workspace {
         doubles = grown
         return grown.base
     }
+
+    /// The sizes before a call, to undo its growth if it fails.
+    struct Mark {
+        fileprivate let floats: Int?
+        fileprivate let doubles: Int?
+    }
+
+    var mark: Mark { Mark(floats: floats?.count, doubles: doubles?.count) }
+
+    /// Back to the sizes of `mark` (a failed call must not change the memory in use). The
+    /// contents are scratch and are not restored. Re-allocating a size that fitted before cannot
+    /// exceed the budget; should malloc fail anyway, the workspace is left empty (smaller).
+    func restore(_ m: Mark) {
+        if floats?.count != m.floats {
+            floats = nil
+            if let n = m.floats { floats = try? Storage<Float>(count: n, budget: budget, what: "workspace") }
+        }
+        if doubles?.count != m.doubles {
+            doubles = nil
+            if let n = m.doubles { doubles = try? Storage<Double>(count: n, budget: budget, what: "workspace") }
+        }
+    }
 }
 
 /// Monotonic wall-clock seconds, for diagnostics.

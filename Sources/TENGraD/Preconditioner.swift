@@ -140,6 +140,37 @@ public final class Preconditioner {
 
     private var context: LayerContext { LayerContext(damping: damping, budget: budget, workspace: workspace) }
 
+    /// Runs a computing call with the handle's BLAS threads; if it fails, the workspace goes back
+    /// to its size before the call, so a failed call changes nothing, memory in use included.
+    private func compute(_ body: () throws(TENGraDError) -> Void) throws(TENGraDError) {
+        let mark = workspace.mark
+        do {
+            try BLAS.withThreads(blasThreads, body)
+        } catch {
+            workspace.restore(mark)
+            throw error
+        }
+    }
+
+    /// `natural_gradient` writes its updates while it still reads the batch (and keeps a copy of it
+    /// in the snapshot), so an update buffer must not overlap the activations or output gradients.
+    private static func checkNoOverlap(
+        outputs weight: (UnsafeMutablePointer<Float>, Int), _ bias: (UnsafeMutablePointer<Float>?, Int),
+        inputs: [(UnsafePointer<Float>, Int, String)]
+    ) throws(TENGraDError) {
+        func overlaps(_ p: UnsafeRawPointer, _ n: Int, _ q: UnsafeRawPointer, _ k: Int) -> Bool {
+            p < q + 4 * k && q < p + 4 * n
+        }
+        for (input, count, name) in inputs {
+            if overlaps(weight.0, weight.1, input, count) {
+                throw .invalid("weight_update overlaps \(name): natural_gradient's outputs must not alias its inputs")
+            }
+            if let b = bias.0, overlaps(b, bias.1, input, count) {
+                throw .invalid("bias_update overlaps \(name): natural_gradient's outputs must not alias its inputs")
+            }
+        }
+    }
+
     private static func checkScale(_ s: Float) throws(TENGraDError) {
         guard s.isFinite, s > 0 else { throw .invalid("grad_scale must be finite and > 0, got \(s)") }
     }
@@ -189,7 +220,7 @@ public final class Preconditioner {
     ) throws(TENGraDError) {
         let l = try layer(id)
         let (a, g) = try Self.batchInputs(l, batch: batch, activations, outputGrads, gradScale: gradScale)
-        try BLAS.withThreads(blasThreads) { () throws(TENGraDError) in
+        try compute { () throws(TENGraDError) in
             try l.updateCurvature(batch: batch, activations: a, outputGrads: g, scale: gradScale, context: context)
         }
     }
@@ -204,7 +235,7 @@ public final class Preconditioner {
         let w = try Self.base(weightGrad, count: l.dims.weightCount, "weight_grad")
         let b = try Self.bias(biasGrad, count: l.dims.biasCount, "bias_grad")
         let (wu, bu) = try Self.updateOutputs(l, weightUpdate, biasUpdate)
-        try BLAS.withThreads(blasThreads) { () throws(TENGraDError) in
+        try compute { () throws(TENGraDError) in
             try l.precondition(weightGrad: w, biasGrad: b, weightUpdate: wu, biasUpdate: bu, context: context)
         }
     }
@@ -219,7 +250,10 @@ public final class Preconditioner {
         let l = try layer(id)
         let (a, g) = try Self.batchInputs(l, batch: batch, activations, outputGrads, gradScale: gradScale)
         let (wu, bu) = try Self.updateOutputs(l, weightUpdate, biasUpdate)
-        try BLAS.withThreads(blasThreads) { () throws(TENGraDError) in
+        let counts = try l.dims.inputCounts(batch: batch)
+        try Self.checkNoOverlap(outputs: (wu, l.dims.weightCount), (bu, l.dims.biasCount),
+                                inputs: [(a, counts.activations, "activations"), (g, counts.outputGrads, "output_grads")])
+        try compute { () throws(TENGraDError) in
             try l.naturalGradient(
                 batch: batch, activations: a, outputGrads: g, scale: gradScale, weightUpdate: wu, biasUpdate: bu,
                 context: context)
@@ -227,6 +261,13 @@ public final class Preconditioner {
     }
 
     // MARK: - KL clipping
+
+    /// Forgets every layer's last ⟨update, grad⟩, so the next `klClipFactor` sums only the layers
+    /// updated after this call. Call it at the start of a step in which some layers may get no
+    /// update (an unused head, a skipped layer): their terms from earlier steps would count.
+    public func clearUpdates() {
+        for l in layers { l.record.hasUpdate = false }
+    }
 
     /// `ν = min(1, sqrt(κ / (lr² Σ_layers ⟨update, grad⟩)))` over every layer's most recent update;
     /// multiply all updates of the step by ν. 1 when the sum is not positive.

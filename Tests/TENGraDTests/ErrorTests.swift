@@ -143,3 +143,80 @@ import Testing
         }
     }
 }
+
+/// Failed calls leave the memory in use as it was (a workspace grown by the call is shrunk back);
+/// natural_gradient refuses update buffers that overlap its inputs; cleared updates do not count
+/// in the KL clip factor.
+@Suite struct MisuseTests {
+    @Test func failedCallsKeepTheMemoryInUse() throws {
+        let shape = Conv2dShape(inChannels: 3, outChannels: 4, inHeight: 10, inWidth: 10, kernelHeight: 3, kernelWidth: 3)
+        var rng = SeededRandom(41)
+        let m = 6
+        let x = rng.array(m * 300), g = rng.array(m * 4 * 64)
+        for representation in [SnapshotRepresentation.raw, .perSample] {
+            for strategy in [ConvStrategy.factored, .explicit] {
+                let p = Preconditioner()
+                let l = try p.addConv2d(shape)
+                try p.setSnapshotRepresentation(layer: l, representation)
+                try p.setConvStrategy(layer: l, strategy)
+                _ = try p.naturalGradient(layer: l, batch: 2, activations: Array(x[0..<600]), outputGrads: Array(g[0..<512]), gradScale: 1)
+                let before = p.saveState(), inUse = p.memoryInUse
+                // Limits at every size between "nothing more" and "almost enough": each failure
+                // must leave state and memory as they were.
+                var limit = inUse
+                var succeeded = false
+                while !succeeded {
+                    try p.setMemoryLimit(limit)
+                    do {
+                        _ = try p.naturalGradient(layer: l, batch: m, activations: x, outputGrads: g, gradScale: 1)
+                        succeeded = true
+                    } catch {
+                        #expect(error.code == .outOfMemory)
+                        #expect(p.memoryInUse == inUse, "limit \(limit)")
+                        try p.setMemoryLimit(0)  // the saved state includes the limit
+                        #expect(p.saveState() == before)
+                        limit += 4096
+                    }
+                }
+                #expect(limit > inUse)  // the first limits did fail
+            }
+        }
+    }
+
+    @Test func naturalGradientOutputsMustNotAliasInputs() throws {
+        let p = Preconditioner()
+        let l = try p.addLinear(inFeatures: 4, outFeatures: 3, bias: true)
+        var rng = SeededRandom(42)
+        var buffer = rng.array(5 * 4 + 5 * 3 + 12)  // activations, output grads, then room
+        try buffer.withUnsafeMutableBufferPointer { b in
+            let a = UnsafeBufferPointer(rebasing: b[0..<20]), g = UnsafeBufferPointer(rebasing: b[20..<35])
+            let fine = UnsafeMutableBufferPointer(rebasing: b[35..<47])
+            var bias = [Float](repeating: 0, count: 3)
+            try bias.withUnsafeMutableBufferPointer { bb in
+                // Weight update over the activations, then over the output gradients: refused.
+                for start in [0, 18, 25] {
+                    let w = UnsafeMutableBufferPointer(rebasing: b[start..<(start + 12)])
+                    #expect {
+                        try p.naturalGradient(layer: l, batch: 5, activations: a, outputGrads: g, gradScale: 1, weightUpdate: w, biasUpdate: bb)
+                    } throws: { ($0 as? TENGraDError)?.code == .invalidArgument }
+                }
+                #expect(try p.stats(layer: l).batch == 0)  // nothing was taken
+                try p.naturalGradient(layer: l, batch: 5, activations: a, outputGrads: g, gradScale: 1, weightUpdate: fine, biasUpdate: bb)
+            }
+        }
+    }
+
+    @Test func clearedUpdatesDoNotCountInKLClipping() throws {
+        let p = Preconditioner()
+        var rng = SeededRandom(43)
+        let a = try p.addLinear(inFeatures: 3, outFeatures: 2, bias: false), b = try p.addLinear(inFeatures: 3, outFeatures: 2, bias: false)
+        for l in [a, b] { _ = try p.naturalGradient(layer: l, batch: 4, activations: rng.array(12), outputGrads: rng.array(8), gradScale: 1) }
+        let both = try p.klClipFactor(learningRate: 1, klClip: 1e-6)
+        p.clearUpdates()
+        #expect(try p.klClipFactor(learningRate: 1, klClip: 1e-6) == 1)  // nothing this step
+        _ = try p.naturalGradient(layer: a, batch: 4, activations: rng.array(12), outputGrads: rng.array(8), gradScale: 1)
+        let onlyA = try p.klClipFactor(learningRate: 1, klClip: 1e-6)
+        let dotA = try p.stats(layer: a).updateDotGrad
+        #expect(abs(onlyA - (1e-6 / dotA).squareRoot()) <= 1e-12 && onlyA != both)
+    }
+}

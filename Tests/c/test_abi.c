@@ -110,6 +110,7 @@ static void test_null_handle(void) {
     CHECK_STATUS(tengrad_kl_clip_factor(NULL, 0.1, 0.01, &d), TENGRAD_ERROR_INVALID_ARGUMENT);
     CHECK_STATUS(tengrad_get_layer_stats(NULL, 0, &stats), TENGRAD_ERROR_INVALID_ARGUMENT);
     CHECK_STATUS(tengrad_set_snapshot_representation(NULL, 0, TENGRAD_SNAPSHOT_RAW), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_clear_updates(NULL), TENGRAD_ERROR_INVALID_ARGUMENT);
 }
 
 static void test_settings_and_layers(void) {

@@ -221,6 +221,8 @@ tengrad_natural_gradient = _declare(
 #                                       double kl_clip, double *out_nu);
 tengrad_kl_clip_factor = _declare(
     "tengrad_kl_clip_factor", c_int32, _handle, c_double, c_double, POINTER(c_double))
+# tengrad_status tengrad_clear_updates(tengrad_preconditioner *p);
+tengrad_clear_updates = _declare("tengrad_clear_updates", c_int32, _handle)
 # tengrad_status tengrad_get_layer_stats(const tengrad_preconditioner *p, int32_t layer,
 #                                        tengrad_layer_stats *out);
 tengrad_get_layer_stats = _declare(

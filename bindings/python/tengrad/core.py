@@ -353,6 +353,11 @@ class Preconditioner:
         _lib.tengrad_kl_clip_factor(self._h, float(learning_rate), float(kl_clip), ctypes.byref(out))
         return out.value
 
+    def clear_updates(self) -> None:
+        """Forget every layer's last ⟨update, grad⟩, so ``kl_clip_factor`` sums only the layers
+        updated afterwards (call at the start of a step in which some layers may get no update)."""
+        _lib.tengrad_clear_updates(self._h)
+
     def layer_stats(self, layer: int) -> dict:
         """Diagnostics of one layer as a dict (fields of tengrad_layer_stats; conv_strategy as
         "factored"/"explicit", None for linear layers)."""
