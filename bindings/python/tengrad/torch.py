@@ -50,6 +50,16 @@ from .core import Conv2dSpec, LinearSpec, Preconditioner
 __all__ = ["TENGraD"]
 
 
+class _Capture:
+    """One forward's input of a layer and, once its backward ran, the output gradient."""
+
+    __slots__ = ("inputs", "grads")
+
+    def __init__(self, inputs: torch.Tensor):
+        self.inputs = inputs
+        self.grads: Optional[torch.Tensor] = None
+
+
 class _Layer:
     """Bookkeeping of one hooked module."""
 
@@ -58,9 +68,28 @@ class _Layer:
         self.module = module
         self.id: Optional[int] = None
         self.spec = None
-        self.inputs: Optional[torch.Tensor] = None
-        self.grads: Optional[torch.Tensor] = None
-        self.calls = 0
+        # Captures of this step: one per forward (several with gradient accumulation).
+        self.captures: List[_Capture] = []
+        # The capture the running forward made (until its forward hook takes it).
+        self.pending: Optional[_Capture] = None
+        # The root forward that made the last capture.
+        self.forward_id = -1
+
+    @property
+    def has_bias(self) -> bool:
+        bias = self.module.bias
+        return bias is not None and bias.requires_grad
+
+
+# Hooks run eagerly under torch.compile (Dynamo cannot trace their side effects).
+_eager = getattr(getattr(torch, "compiler", None), "disable", lambda fn: fn)
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass now (activation checkpointing recomputes the
+    forward then: that is not a new forward)."""
+    current = getattr(torch._C, "_current_autograd_node", None)
+    return current is not None and current() is not None
 
 
 def _omp_spins_briefly() -> bool:
@@ -76,6 +105,13 @@ def _omp_spins_briefly() -> bool:
 
 
 _OMP_SPINS_BRIEFLY = _omp_spins_briefly()
+
+
+def _check_lr(lr) -> float:
+    lr = float(lr)
+    if not (lr >= 0 and lr != float("inf")):
+        raise ValueError(f"lr must be finite and >= 0, got {lr}")
+    return lr
 
 
 def _pair(v):
@@ -118,8 +154,8 @@ class TENGraD:
             raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
         if int(update_freq) < 1:
             raise ValueError(f"update_freq must be >= 1, got {update_freq}")
-        if kl_clip is not None and (lr is None or lr <= 0 or kl_clip <= 0):
-            raise ValueError("kl_clip needs a positive kl_clip and a positive lr")
+        if kl_clip is not None and (lr is None or not kl_clip > 0):
+            raise ValueError("kl_clip needs a positive kl_clip and a learning rate lr (>= 0; at 0 nothing is clipped)")
         if not (blas_threads == "auto" or (isinstance(blas_threads, int) and 0 <= blas_threads <= 1024)):
             raise ValueError(f"blas_threads must be 'auto' or an int in 0..1024, got {blas_threads!r}")
         if not (loss_reduction in ("mean", "sum") or isinstance(loss_reduction, (int, float))):
@@ -128,7 +164,6 @@ class TENGraD:
         self.fisher = fisher
         self.update_freq = int(update_freq)
         self.kl_clip = kl_clip
-        self.lr = lr
         self.loss_reduction = loss_reduction
         self.fast_path = fast_path
         self.conv_strategy = conv_strategy
@@ -136,7 +171,11 @@ class TENGraD:
         self.steps = 0
         self.last_nu = 1.0
         self._sampling = False
-        self._pre = Preconditioner(damping=damping, memory_limit=memory_limit)
+        self._removed = False
+        self._forward_id = 0
+        if lr is not None:
+            lr = _check_lr(lr)
+        self.lr = lr
         skip = tuple(skip)
         skip_names = {s for s in skip if isinstance(s, str)}
         skip_types = tuple(s for s in skip if isinstance(s, type))
@@ -148,13 +187,29 @@ class TENGraD:
                 continue
             if skip_types and isinstance(module, skip_types):
                 continue
+            self._check_supported(name, module)
             layer = _Layer(name, module)
             self._layers.append(layer)
             self._by_name[name] = layer
-            self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(layer)))
-            self._handles.append(module.register_forward_hook(self._make_forward_hook(layer)))
         if not self._layers:
             raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition")
+        owners: Dict[int, str] = {}
+        for layer in self._layers:
+            for kind in ("weight", "bias"):
+                param = getattr(layer.module, kind)
+                if param is None:
+                    continue
+                if id(param) in owners:
+                    raise ValueError(
+                        f"TENGraD: layers {owners[id(param)]!r} and {layer.name!r} share one {kind} (tied weights): "
+                        "the exact block of a parameter used by two layers is not supported; precondition one of "
+                        f"them only (skip=[{layer.name!r}])")
+                owners[id(param)] = layer.name
+        self._pre = Preconditioner(damping=damping, memory_limit=memory_limit)
+        self._handles.append(model.register_forward_pre_hook(self._root_pre_hook))
+        for layer in self._layers:
+            self._handles.append(layer.module.register_forward_pre_hook(self._make_pre_hook(layer)))
+            self._handles.append(layer.module.register_forward_hook(self._make_forward_hook(layer)))
         self._registered: List[_Layer] = []  # in registration (= first forward) order
 
     # -- settings ------------------------------------------------------------------------------
@@ -167,8 +222,9 @@ class TENGraD:
         self._pre.damping = damping
 
     def set_lr(self, lr: float) -> None:
-        """The learning rate KL clipping assumes (call when a scheduler changes it)."""
-        self.lr = float(lr)
+        """The learning rate KL clipping assumes (call when a scheduler changes it). Finite and
+        >= 0; at 0 (the end of a cosine schedule) the step is not clipped (ν = 1)."""
+        self.lr = _check_lr(lr)
 
     @property
     def layer_names(self) -> List[str]:
@@ -182,11 +238,16 @@ class TENGraD:
         return self._pre.layer_stats(layer.id)
 
     def remove(self) -> None:
-        """Remove the hooks and release the native handle."""
+        """Remove the hooks and release the native handle (idempotent)."""
         for h in self._handles:
             h.remove()
         self._handles = []
         self._pre.close()
+        self._removed = True
+
+    def _check_alive(self) -> None:
+        if self._removed:
+            raise RuntimeError("TENGraD: this preconditioner was removed (remove() released its hooks and handle)")
 
     # -- hooks ---------------------------------------------------------------------------------
     def _refresh_step(self) -> bool:
@@ -195,29 +256,43 @@ class TENGraD:
     def _capturing_inputs(self, module: nn.Module) -> bool:
         return module.training and torch.is_grad_enabled() and self._refresh_step() and not self._sampling
 
+    @_eager
+    def _root_pre_hook(self, module, inputs):
+        if not _in_backward():
+            self._forward_id += 1
+
     def _make_pre_hook(self, layer: _Layer):
+        @_eager
         def hook(module, inputs):
-            if not self._capturing_inputs(module):
-                return
+            if not self._capturing_inputs(module) or _in_backward():
+                return  # eval, no_grad, a reuse step, or a checkpoint's recomputation
             x = inputs[0]
-            layer.calls += 1
-            if layer.calls > 1:
-                raise RuntimeError(f"TENGraD: layer {layer.name!r} was called twice in one forward pass; "
-                                   "a layer used more than once per step is not supported (skip it)")
             self._check_tensor(layer, x, "input")
             self._ensure_registered(layer, x)
-            layer.inputs = x.detach()
+            last = layer.captures[-1] if layer.captures else None
+            if last is not None and last.grads is None:
+                if layer.forward_id == self._forward_id:
+                    raise RuntimeError(
+                        f"TENGraD: layer {layer.name!r} ran twice in one forward pass: a layer used more than "
+                        f"once per forward has no single per-sample block (skip=[{layer.name!r}])")
+                layer.captures.pop()  # that forward got no backward (a skipped batch): a new capture
+            capture = _Capture(x.detach())
+            layer.captures.append(capture)
+            layer.pending = capture
+            layer.forward_id = self._forward_id
         return hook
 
     def _make_forward_hook(self, layer: _Layer):
+        @_eager
         def hook(module, inputs, output):
-            if layer.inputs is None or not output.requires_grad:
+            capture, layer.pending = layer.pending, None
+            if capture is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
 
             def grad_hook(grad):
                 if self.fisher == "sampled" and not self._sampling:
                     return None  # the real loss's backward: curvature comes from sample_fisher
-                layer.grads = grad.detach()
+                capture.grads = grad.detach()
                 return None
             output.register_hook(grad_hook)
         return hook
@@ -228,38 +303,50 @@ class TENGraD:
         if t.device.type != "cpu":
             raise TypeError(f"TENGraD: layer {layer.name!r}: {what} is on {t.device}; only CPU tensors are supported")
 
+    @staticmethod
+    def _check_supported(name: str, module: nn.Module) -> None:
+        """Refuse at construction what no forward can fix."""
+        if isinstance(module, nn.Conv2d):
+            if module.padding_mode != "zeros":
+                raise ValueError(f"TENGraD: conv layer {name!r} uses padding_mode={module.padding_mode!r}; only 'zeros' "
+                                 f"padding is supported: skip it (skip=[{name!r}])")
+            if module.padding == "same":
+                k, d = _pair(module.kernel_size), _pair(module.dilation)
+                if any(d[i] * (k[i] - 1) % 2 for i in (0, 1)):
+                    raise ValueError(f"TENGraD: conv layer {name!r}: padding='same' with an even kernel span pads "
+                                     f"asymmetrically, which is not supported: skip it (skip=[{name!r}])")
+
+    @staticmethod
+    def _module_spec(module: nn.Module, input_size=None, bias: Optional[bool] = None):
+        """The layer's spec from the module; a conv's input size from the first input (or given)."""
+        has_bias = module.bias is not None and module.bias.requires_grad if bias is None else bias
+        if isinstance(module, nn.Linear):
+            return LinearSpec(module.in_features, module.out_features, has_bias)
+        k, d = _pair(module.kernel_size), _pair(module.dilation)
+        if isinstance(module.padding, str):
+            pad = (0, 0) if module.padding == "valid" else (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
+        else:
+            pad = _pair(module.padding)
+        return Conv2dSpec(module.in_channels, module.out_channels, tuple(input_size or (0, 0)), k,
+                          _pair(module.stride), pad, d, module.groups, has_bias)
+
     def _spec_for(self, layer: _Layer, x: torch.Tensor):
         m = layer.module
         if isinstance(m, nn.Linear):
             if x.dim() != 2:
                 raise ValueError(f"TENGraD: linear layer {layer.name!r} got a {x.dim()}-D input; only [batch, features] "
                                  "inputs are supported (per-sample gradients of sequences are not single rows)")
-            return LinearSpec(m.in_features, m.out_features, m.bias is not None)
-        if m.padding_mode != "zeros":
-            raise ValueError(f"TENGraD: conv layer {layer.name!r} uses padding_mode={m.padding_mode!r}; only 'zeros'")
+            return self._module_spec(m)
         if x.dim() != 4:
             raise ValueError(f"TENGraD: conv layer {layer.name!r} needs NCHW input, got {x.dim()}-D")
-        k, d = _pair(m.kernel_size), _pair(m.dilation)
-        if isinstance(m.padding, str):
-            if m.padding == "valid":
-                pad = (0, 0)
-            else:  # 'same' with stride 1: symmetric when the dilated kernel is odd
-                spans = [d[i] * (k[i] - 1) for i in (0, 1)]
-                if any(s % 2 for s in spans):
-                    raise ValueError(f"TENGraD: conv layer {layer.name!r}: padding='same' with an even kernel span "
-                                     "pads asymmetrically, which is not supported")
-                pad = (spans[0] // 2, spans[1] // 2)
-        else:
-            pad = _pair(m.padding)
-        return Conv2dSpec(m.in_channels, m.out_channels, (x.shape[2], x.shape[3]), k, _pair(m.stride), pad, d,
-                          m.groups, m.bias is not None)
+        return self._module_spec(m, (x.shape[2], x.shape[3]))
 
     def _ensure_registered(self, layer: _Layer, x: torch.Tensor):
         spec = self._spec_for(layer, x)
         if layer.id is not None:
             if spec != layer.spec:
-                raise ValueError(f"TENGraD: layer {layer.name!r} changed shape ({layer.spec} -> {spec}); the input "
-                                 "size of a conv layer must stay fixed")
+                raise ValueError(f"TENGraD: layer {layer.name!r} changed shape or bias trainability ({layer.spec} -> "
+                                 f"{spec}); a conv layer's input size must stay fixed")
             return
         if isinstance(spec, LinearSpec):
             layer.id = self._pre.add_linear(spec.in_features, spec.out_features, spec.bias)
@@ -275,21 +362,27 @@ class TENGraD:
         """For ``fisher="sampled"``: draw labels from softmax(logits) and backpropagate their
         sum-reduced cross-entropy to capture the curvature, leaving ``.grad`` untouched. Call it
         after the forward and before ``loss.backward()`` (it keeps the graph)."""
+        self._check_alive()
         if self.fisher != "sampled":
             raise RuntimeError("sample_fisher is for fisher='sampled'")
         if not self._refresh_step():
             return
+        if not any(layer.captures and layer.captures[-1].grads is None for layer in self._layers):
+            raise RuntimeError("TENGraD: no layer captured its input in a forward since the last curvature pass "
+                               "(eval mode, no_grad, or sample_fisher called twice for one forward?)")
         with torch.no_grad():
             probs = torch.softmax(logits.detach().float(), dim=-1)
             labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         loss = F.cross_entropy(logits, labels, reduction="sum")
-        targets = [layer.inputs for layer in self._layers if layer.inputs is not None]
-        if not targets:
-            raise RuntimeError("TENGraD: no layer captured its input in this forward (eval mode or no_grad?)")
         params = [p for p in self.model.parameters() if p.requires_grad]
         self._sampling = True
         try:
             torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        except RuntimeError as e:
+            if "second time" in str(e) or "freed" in str(e):
+                raise RuntimeError("TENGraD: sample_fisher must run before loss.backward(), which frees the graph "
+                                   "(or call loss.backward(retain_graph=True))") from e
+            raise
         finally:
             self._sampling = False
 
@@ -304,53 +397,81 @@ class TENGraD:
         return float(self.loss_reduction)
 
     @staticmethod
-    def _grad_view(param: Optional[torch.Tensor], layer: _Layer):
-        if param is None or param.grad is None:
-            return None
-        g = param.grad
-        if g.dtype != torch.float32 or g.device.type != "cpu" or not g.is_contiguous():
-            raise TypeError(f"TENGraD: layer {layer.name!r}: .grad must be a contiguous CPU float32 tensor")
-        return g.numpy()
+    def _array(t: torch.Tensor, layer: _Layer, what: str) -> np.ndarray:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise TypeError(f"TENGraD: layer {layer.name!r}: {what} must be a CPU float32 tensor, got {t.dtype} on {t.device}")
+        return np.ascontiguousarray(t.detach().numpy())  # a copy only for other layouts (channels_last)
+
+    def _plan(self, refresh: bool):
+        """Everything step() needs, checked before any call or .grad write: per layer the gradient
+        arrays and, on a refresh, the batch (micro-batches joined)."""
+        plans = []
+        for layer in self._layers:
+            weight = layer.module.weight
+            if not weight.requires_grad or weight.grad is None:
+                continue  # no gradient this step: no update, no KL term
+            if layer.id is None or (refresh and not any(c.grads is not None for c in layer.captures)):
+                raise RuntimeError(
+                    f"TENGraD: no curvature captured for layer {layer.name!r} in this refresh step: was the model in "
+                    "eval mode or under no_grad during the forward, or did its backward not reach this layer"
+                    + (", or was sample_fisher not called" if self.fisher == "sampled" else "") + "?")
+            bias = None
+            if layer.spec.bias:
+                if layer.module.bias.grad is None:
+                    raise RuntimeError(f"TENGraD: layer {layer.name!r} has a weight gradient but no bias gradient")
+                bias = self._array(layer.module.bias.grad, layer, "bias .grad")
+            w = self._array(weight.grad, layer, "weight .grad").reshape(layer.spec.weight_shape)
+            batch = None
+            if refresh:
+                done = [c for c in layer.captures if c.grads is not None]
+                inputs = [self._array(c.inputs, layer, "input") for c in done]
+                grads = [self._array(c.grads, layer, "output gradient") for c in done]
+                batch = (inputs[0], grads[0]) if len(done) == 1 else (np.concatenate(inputs), np.concatenate(grads))
+            plans.append((layer, w, bias, batch))
+        return plans
 
     @torch.no_grad()
     def step(self) -> None:
-        """Rewrite ``.grad`` of every hooked layer with its preconditioned update (in place), apply
-        KL clipping, and advance the step counter. Call after ``loss.backward()``."""
+        """Replace ``.grad`` of every hooked layer with its preconditioned update, apply KL clipping,
+        and advance the step counter. Call after ``loss.backward()``.
+
+        Atomic: all updates are computed first; ``.grad`` is written only when every layer
+        succeeded. If step() raises, every ``.grad`` is as it was and the captured batches are
+        kept, so fixing the cause (e.g. ``set_lr``) and calling step() again gives the same result
+        as a first call. Gradient accumulation (several forward/backward passes before step()) is
+        supported: a refresh uses the union of the micro-batches (see ``loss_reduction``)."""
+        self._check_alive()
         refresh = self._refresh_step()
-        one_call = refresh and self.fisher == "empirical" and self.update_freq == 1 and self.fast_path
+        plans = self._plan(refresh)
         if self.blas_threads == "auto":
             self._pre.blas_threads = 0 if refresh or _OMP_SPINS_BRIEFLY else 1
         else:
             self._pre.blas_threads = self.blas_threads
-        for layer in self._layers:
-            w = self._grad_view(layer.module.weight, layer)
-            b = self._grad_view(layer.module.bias, layer)
-            if w is None:
-                continue
-            if refresh or layer.id is None:
-                if layer.id is None or layer.inputs is None or layer.grads is None:
-                    raise RuntimeError(
-                        f"TENGraD: no curvature captured for layer {layer.name!r} in this refresh step: was the "
-                        "model in eval mode or under no_grad during the forward"
-                        + (", or was sample_fisher not called" if self.fisher == "sampled" else "") + "?")
-                a = np.ascontiguousarray(layer.inputs.numpy())
-                g = np.ascontiguousarray(layer.grads.numpy())
+        self._pre.clear_updates()  # KL clipping sums only this step's layers
+        updates = []
+        for layer, w, b, batch in plans:
+            if batch is not None:
+                a, g = batch
                 scale = self._grad_scale(a.shape[0])
-                if one_call:
-                    self._pre.natural_gradient(layer.id, a, g, scale, out=(w, b))
+                single = len([c for c in layer.captures if c.grads is not None]) == 1
+                if self.fisher == "empirical" and self.update_freq == 1 and self.fast_path and single:
+                    updates.append((layer, *self._pre.natural_gradient(layer.id, a, g, scale)))
                     continue
                 self._pre.update_curvature(layer.id, a, g, scale)
-            self._pre.precondition(layer.id, w, b, out=(w, b))
-        if self.kl_clip is not None:
-            self.last_nu = self._pre.kl_clip_factor(self.lr, self.kl_clip)
-            if self.last_nu < 1:
-                for layer in self._layers:
-                    for param in (layer.module.weight, layer.module.bias):
-                        if param is not None and param.grad is not None:
-                            param.grad.mul_(self.last_nu)
+            updates.append((layer, *self._pre.precondition(layer.id, w, b)))
+        nu = 1.0
+        if self.kl_clip is not None and self.lr > 0 and updates:
+            nu = self._pre.kl_clip_factor(self.lr, self.kl_clip)
+        # Every call succeeded: write.
+        for layer, w_up, b_up in updates:
+            for param, update in ((layer.module.weight, w_up), (layer.module.bias, b_up)):
+                if update is not None:
+                    new = torch.from_numpy(update).view(param.shape)
+                    param.grad.copy_(new if nu == 1 else new * nu)
+        self.last_nu = nu
         for layer in self._layers:
-            layer.inputs = layer.grads = None
-            layer.calls = 0
+            layer.captures = []
+            layer.pending = None
         self.steps += 1
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -375,13 +496,18 @@ class TENGraD:
         unknown = [n for n in names if n not in self._by_name]
         if unknown:
             raise ValueError(f"state_dict has layers this model lacks: {unknown}")
+        self._check_alive()
         fresh = Preconditioner()
         fresh.load_state(state["native"])  # validates the blob before this object changes
         for i, name in enumerate(names):
-            known = self._by_name[name].spec
-            if known is not None and known != fresh.layer_spec(i):
+            saved = fresh.layer_spec(i)
+            module = self._by_name[name].module
+            kind_ok = isinstance(saved, LinearSpec) == isinstance(module, nn.Linear)
+            mine = self._module_spec(module, getattr(saved, "input_size", None)) if kind_ok else None
+            if mine != saved:
                 fresh.close()
-                raise ValueError(f"state_dict layer {name!r} has shape {fresh.layer_spec(i)}, the model {known}")
+                raise ValueError(f"state_dict layer {name!r} is {saved}; this model's {name!r} is "
+                                 f"{mine if kind_ok else type(module).__name__}")
         self._pre.close()
         self._pre = fresh
         for layer in self._layers:

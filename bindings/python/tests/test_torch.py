@@ -209,7 +209,7 @@ def test_clear_errors():
         def forward(self, x):
             return self.fc(self.fc(x))
     pre = tt.TENGraD(Twice())
-    with pytest.raises(RuntimeError, match="called twice"):
+    with pytest.raises(RuntimeError, match="ran twice in one forward"):
         pre.model(torch.randn(3, 4))
     double = mlp().double()
     tt_double = tt.TENGraD(double)
