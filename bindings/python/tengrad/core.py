@@ -35,14 +35,29 @@ class LinearSpec:
         return (batch, self.in_features), (batch, self.out_features)
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def _integer(value, name: str, low: int = -_INT64_MAX - 1, high: int = _INT64_MAX) -> int:
+    """A Python or numpy integer within [low, high]: ctypes would silently cut 2**32 to 0 and
+    2.7 to 2, so anything else is refused here, naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    v = int(value)
+    if not low <= v <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {v}")
+    return v
+
+
 def _pair(value, name):
-    if isinstance(value, (int, np.integer)):
-        return int(value), int(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        v = _integer(value, name)
+        return v, v
     try:
         a, b = value
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-    return int(a), int(b)
+    return _integer(a, name), _integer(b, name)
 
 
 @dataclass(frozen=True)
@@ -180,7 +195,7 @@ class Preconditioner:
 
     @blas_threads.setter
     def blas_threads(self, value: int) -> None:
-        _lib.tengrad_set_blas_threads(self._h, int(value))
+        _lib.tengrad_set_blas_threads(self._h, _integer(value, "blas_threads", -2**31, 2**31 - 1))
 
     @property
     def memory_limit(self) -> int:
@@ -191,7 +206,7 @@ class Preconditioner:
 
     @memory_limit.setter
     def memory_limit(self, value: int) -> None:
-        _lib.tengrad_set_memory_limit(self._h, int(value))
+        _lib.tengrad_set_memory_limit(self._h, _integer(value, "memory_limit"))
 
     @property
     def memory_in_use(self) -> int:
@@ -210,7 +225,8 @@ class Preconditioner:
     def add_linear(self, in_features: int, out_features: int, bias: bool = True) -> int:
         """Register a linear layer (weight [out, in], bias [out]); returns its id."""
         out = ctypes.c_int32()
-        _lib.tengrad_add_linear(self._h, int(in_features), int(out_features), int(bool(bias)),
+        in_features, out_features = _integer(in_features, "in_features"), _integer(out_features, "out_features")
+        _lib.tengrad_add_linear(self._h, in_features, out_features, int(bool(bias)),
                                 ctypes.byref(out))
         self._layers.append(LinearSpec(int(in_features), int(out_features), bool(bias)))
         return out.value
@@ -219,9 +235,9 @@ class Preconditioner:
                    dilation=1, groups: int = 1, bias: bool = True) -> int:
         """Register a 2-D convolution (nn.Conv2d semantics) applied to inputs of spatial size
         ``input_size`` = (H, W); weight [C_out, C_in/groups, kh, kw]. Returns its id."""
-        spec = Conv2dSpec(int(in_channels), int(out_channels), _pair(input_size, "input_size"),
-                          _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(padding, "padding"),
-                          _pair(dilation, "dilation"), int(groups), bool(bias))
+        spec = Conv2dSpec(_integer(in_channels, "in_channels"), _integer(out_channels, "out_channels"),
+                          _pair(input_size, "input_size"), _pair(kernel_size, "kernel_size"), _pair(stride, "stride"),
+                          _pair(padding, "padding"), _pair(dilation, "dilation"), _integer(groups, "groups"), bool(bias))
         out = ctypes.c_int32()
         shape = spec.c_shape()
         _lib.tengrad_add_conv2d(self._h, ctypes.byref(shape), ctypes.byref(out))
@@ -232,7 +248,7 @@ class Preconditioner:
         """Force a convolution's Gram strategy: "auto" (default), "factored" or "explicit"."""
         if strategy not in _STRATEGIES:
             raise ValueError(f"strategy must be one of {sorted(_STRATEGIES)}, got {strategy!r}")
-        _lib.tengrad_set_conv_strategy(self._h, int(layer), _STRATEGIES[strategy])
+        _lib.tengrad_set_conv_strategy(self._h, self._id(layer), _STRATEGIES[strategy])
 
     def set_snapshot_representation(self, layer: int, representation: str) -> None:
         """What the layer's curvature snapshots keep for ``precondition``: "auto" (default: the
@@ -240,7 +256,7 @@ class Preconditioner:
         per-sample gradients U, making each reuse step two matrix-vector products)."""
         if representation not in _REPRESENTATIONS:
             raise ValueError(f"representation must be one of {sorted(_REPRESENTATIONS)}, got {representation!r}")
-        _lib.tengrad_set_snapshot_representation(self._h, int(layer), _REPRESENTATIONS[representation])
+        _lib.tengrad_set_snapshot_representation(self._h, self._id(layer), _REPRESENTATIONS[representation])
 
     def _sync_layers(self) -> None:
         """Rebuild the Python-side layer specs from the library (after loading state)."""
@@ -279,8 +295,13 @@ class Preconditioner:
         _lib.tengrad_load_state(self._h, data, len(data))
         self._sync_layers()
 
+    def _id(self, layer) -> int:
+        """A registered layer's id, checked (type and range) before it reaches ctypes."""
+        self.layer_spec(layer)
+        return int(layer)
+
     def layer_spec(self, layer: int):
-        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < len(self._layers):
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < len(self._layers):
             raise TengradError(_lib.ERROR_INVALID_ARGUMENT,
                                f"unknown layer id {layer!r} ({len(self._layers)} layers registered)")
         return self._layers[int(layer)]
@@ -362,7 +383,7 @@ class Preconditioner:
         """Diagnostics of one layer as a dict (fields of tengrad_layer_stats; conv_strategy as
         "factored"/"explicit", None for linear layers)."""
         out = _lib.LayerStats()
-        _lib.tengrad_get_layer_stats(self._h, int(layer), ctypes.byref(out))
+        _lib.tengrad_get_layer_stats(self._h, self._id(layer), ctypes.byref(out))
         stats = {name: getattr(out, name) for name, _ in _lib.LayerStats._fields_}
         stats["conv_strategy"] = {1: "factored", 2: "explicit"}.get(stats["conv_strategy"])
         return stats
@@ -371,7 +392,7 @@ class Preconditioner:
         """The layer's snapshot and the representation cost model as a dict (fields of
         tengrad_snapshot_info; representations as "raw"/"per-sample", None without a snapshot)."""
         out = _lib.SnapshotInfo(size=ctypes.sizeof(_lib.SnapshotInfo))
-        _lib.tengrad_get_snapshot_info(self._h, int(layer), ctypes.byref(out))
+        _lib.tengrad_get_snapshot_info(self._h, self._id(layer), ctypes.byref(out))
         info = {name: getattr(out, name) for name, _ in _lib.SnapshotInfo._fields_ if name != "size"}
         names = {v: k for k, v in _REPRESENTATIONS.items()}
         info["representation"] = None if out.representation == _lib.SNAPSHOT_AUTO else names[out.representation]

@@ -31,6 +31,25 @@ Fisher types:
   ``.grad`` with that curvature (reuse path).
 
 ``update_freq`` T refreshes the curvature every T steps and reuses the snapshot in between.
+
+Ordinary PyTorch habits work:
+
+* every forward in train mode with gradients on starts a new capture: a forward that gets no
+  backward (a skipped batch, a validation forward in train mode) is simply replaced;
+* gradient accumulation (k forward/backward passes before ``step()``): a refresh uses the union
+  of the micro-batches; with ``loss_reduction="mean"`` the standard recipe is assumed (each
+  micro-batch's mean loss divided by k, so ``.grad`` is the mean over the union and s = the union's
+  size); otherwise pass the per-sample scale as a number. ``.grad`` is preconditioned as it is;
+* activation checkpointing (``use_reentrant=False``): the recomputation is not a new forward;
+* ``torch.compile(model)``: the hooks run eagerly (``torch.compiler.disable``);
+* ``channels_last`` models and frozen biases (a weight-only block) are handled;
+* ``step()`` is atomic: all updates are computed before any ``.grad`` is written; when it raises,
+  every ``.grad`` is as it was and the captures are kept, so a retry after fixing the cause is a
+  clean step. KL clipping counts only the layers updated in this step; ``lr = 0`` means ν = 1.
+
+Refused with an error naming the layer and the way out (usually ``skip=[name]``): a layer run
+twice in one forward, a parameter shared by two hooked layers (tied weights), non-zero padding
+modes, ``padding='same'`` with an even kernel span, inputs that are not float32 on the CPU.
 ``kl_clip`` scales all updates of a step by ``ν = min(1, sqrt(kl_clip / (lr² Σ⟨update, grad⟩)))``.
 ``loss_reduction`` ("mean" or "sum", or a number) gives the per-sample scale of the real loss's
 output gradients (``grad_scale``): mean-reduced losses hand out 1/m of each sample's gradient.
@@ -455,6 +474,9 @@ class TENGraD:
                 scale = self._grad_scale(a.shape[0])
                 single = len([c for c in layer.captures if c.grads is not None]) == 1
                 if self.fisher == "empirical" and self.update_freq == 1 and self.fast_path and single:
+                    # The one-call path does not read .grad: check it as precondition would.
+                    if not (np.isfinite(w).all() and (b is None or np.isfinite(b).all())):
+                        raise ValueError(f"TENGraD: layer {layer.name!r}: .grad contains NaN or Inf")
                     updates.append((layer, *self._pre.natural_gradient(layer.id, a, g, scale)))
                     continue
                 self._pre.update_curvature(layer.id, a, g, scale)

@@ -188,3 +188,23 @@ def test_blas_threads_setting():
         w1, b1 = p.natural_gradient(layer, x, g, 6.0)
         np.testing.assert_allclose(w1, w0, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(b1, b0, rtol=1e-5, atol=1e-6)
+
+
+def test_python_integers_are_checked_before_ctypes_cuts_them():
+    with tengrad.Preconditioner() as p:
+        p.add_linear(3, 2)
+        with pytest.raises(tengrad.TengradError, match="unknown layer id"):
+            p.layer_stats(2**32)                       # used to return layer 0
+        with pytest.raises(tengrad.TengradError, match="unknown layer id"):
+            p.snapshot_info(True)
+        with pytest.raises(ValueError, match="memory_limit"):
+            p.memory_limit = 2**64 + 5                 # used to set 5 bytes
+        assert p.memory_limit == 0
+        with pytest.raises(TypeError, match="in_features"):
+            p.add_linear(2.7, 3)                       # used to register in_features 2
+        with pytest.raises(TypeError, match="kernel_size"):
+            p.add_conv2d(1, 1, 2.5, (4, 4))
+        with pytest.raises(ValueError, match="blas_threads"):
+            p.blas_threads = 2**40
+        assert p.num_layers == 1
+        p.add_linear(np.int64(3), np.int32(2))         # numpy integers are integers

@@ -218,3 +218,62 @@ def test_torch_compile_default_settings():
         empirical_step(twin, ref, x, y)
         for p, q in zip(model.parameters(), twin.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_sequences_of_integration_calls(seed):
+    """Random sequences of forward/backward (micro-batches), forwards without backward, eval
+    forwards, steps, failing steps, state_dict round trips, damping and lr changes. After every
+    call: either it succeeded (a step's update matches the oracle built from the micro-batches it
+    consumed) or it raised and no .grad changed."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model = mlp()
+    plain = copy.deepcopy(model)
+    damping = 0.1
+    pre = tt.TENGraD(model, damping=damping, fast_path=bool(seed % 2), kl_clip=None)
+    pending = []                                          # micro-batches with a backward since the last step
+    k = 2                                                 # the accumulation recipe: each loss / k
+    for _ in range(40):
+        op = rng.choice(["backward", "backward", "forward", "eval", "step", "step", "bad-step", "state", "damping", "lr"])
+        if op == "backward" and len(pending) < k:
+            x, y = batch(model, 4, int(rng.integers(1 << 30)))
+            (F.cross_entropy(model(x), y) / k).backward()
+            pending.append((x, y))
+        elif op == "forward":
+            model(batch(model, 3, int(rng.integers(1 << 30)))[0])
+        elif op == "eval":
+            model.eval()
+            model(batch(model, 3, 0)[0])
+            model.train()
+        elif op == "bad-step" and pending:
+            before = grads_of(model)
+            model[0].weight.grad[0, 0] = float("inf")
+            with pytest.raises(Exception, match="NaN or Inf"):
+                pre.step()
+            model[0].weight.grad[0, 0] = before["0.weight"][0, 0]
+            for name, g in grads_of(model).items():
+                assert torch.equal(g, before[name]), name
+        elif op == "step" and len(pending) == k:
+            for p, q in zip(plain.parameters(), model.parameters()):
+                p.data.copy_(q.data)
+            x = torch.cat([b[0] for b in pending])
+            y = torch.cat([b[1] for b in pending])
+            ps = per_sample_grads(plain, x, y)
+            want = oracle_updates(model, ps, {n: p.grad.double() for n, p in model.named_parameters()}, damping)
+            pre.step()
+            got = tengrad_updates(model)
+            for name in want:
+                assert relative_error(got[name], want[name]) <= TOL, (seed, name)
+            model.zero_grad(set_to_none=True)
+            pending = []
+            with torch.no_grad():                         # move the weights a little, like a trainer
+                for p in model.parameters():
+                    p.add_(0.01 * torch.randn_like(p))
+        elif op == "state":
+            pre.load_state_dict(pre.state_dict())
+        elif op == "damping":
+            damping = float(rng.choice([0.05, 0.1, 0.5]))
+            pre.set_damping(damping)
+        elif op == "lr":
+            pre.set_lr(float(rng.choice([0.0, 0.1])))
