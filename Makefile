@@ -13,7 +13,7 @@ PYTHON       ?= python3
 CWARN        := -Wall -Wextra -Werror
 LINK_TENGRAD := -L$(RELEASE_DIR) -ltengrad -Wl,-rpath,$(abspath $(RELEASE_DIR))
 APT_PACKAGES := libopenblas-dev liblapacke-dev dataset-fashion-mnist
-PIP_PACKAGES := numpy pytest xxhash matplotlib tqdm
+PIP_PACKAGES := numpy pytest xxhash matplotlib tqdm asdfghjkl==0.1a5
 TORCH        := torch==2.13.0+cpu
 export OPENBLAS_NUM_THREADS ?= 2
 
@@ -37,8 +37,9 @@ setup: ## Install the apt and pip packages a fresh machine lacks (no-op when pre
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
-	@$(PYTHON) -c "import numpy, pytest, xxhash, matplotlib, tqdm" 2>/dev/null || $(PYTHON) -m pip install -q $(PIP_PACKAGES)
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH)"
+	@# One pip call with the torch pin: asdfghjkl requires an unpinned torch (a 2.8 GB CUDA build).
+	@$(PYTHON) -c "import numpy, pytest, xxhash, matplotlib, tqdm, asdl, torch" 2>/dev/null || \
+	  $(PYTHON) -m pip install -q $(PIP_PACKAGES) "$(TORCH)"
 
 build: setup ## Build libtengrad.so and the Swift products (release)
 	swift build -c release
@@ -54,7 +55,7 @@ $(BUILD)/mlp: examples/c/mlp.c include/tengrad.h build
 	$(CC) -std=c11 -O2 $(CWARN) -Iinclude examples/c/mlp.c -o $@ $(LINK_TENGRAD) -lopenblas -lm
 	$(CXX) -std=c++17 -O2 $(CWARN) -Iinclude -x c++ examples/c/mlp.c -o $(BUILD)/mlp-cxx $(LINK_TENGRAD) -lopenblas -lm
 
-demo: build ## Main job: the paper's Fashion-MNIST ConvNet in PyTorch, TENGraD vs SGD vs Adam (~10 min)
+demo: build ## Main job: the paper's Fashion-MNIST ConvNet in PyTorch, TENGraD vs SGD vs Adam vs KFAC (~12 min)
 	$(PYTHON) examples/torch/fashion_mnist.py --data $(DATA_SRC) --plot $(BUILD)/fashion_mnist.png $(DEMO_ARGS)
 
 demo-c: $(BUILD)/mlp $(DATA)/.done ## The C trainer: 784-128-10 MLP on Fashion-MNIST, TENGraD vs SGD

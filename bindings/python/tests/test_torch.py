@@ -233,3 +233,68 @@ def test_skip_list_by_name_and_type():
     assert tt.TENGraD(cnn(), skip=["0"]).layer_names == ["2", "6"]
     with pytest.raises(ValueError, match="no nn.Linear"):
         tt.TENGraD(cnn(), skip=["6", nn.Conv2d])
+
+
+@pytest.mark.parametrize("make", [mlp, cnn])
+def test_paper_protocol_sampled_fisher_reuse_and_damping_schedule(make):
+    """The paper's protocol: sampled-label Fisher refreshed every T steps (the extra backward only
+    on refresh steps) and reused in between; a damping change between steps keeps the snapshot.
+    Each reuse step must equal the dense oracle of the refresh batch's sampled Fisher applied to
+    the new batch's gradient, at the damping of that step."""
+    torch.manual_seed(0)
+    model = make()
+    plain = copy.deepcopy(model)
+    pre = tt.TENGraD(model, damping=0.1, fisher="sampled", update_freq=3)
+    x1, y1 = batch(model, 9, 30)
+    logits = model(x1)
+    labels = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=torch.Generator().manual_seed(7)).squeeze(-1)
+    ps = per_sample_grads(plain, x1, labels)       # the refresh batch's sampled per-sample gradients
+    pre.sample_fisher(logits, generator=torch.Generator().manual_seed(7))
+    F.cross_entropy(logits, y1).backward()
+    pre.step()
+    assert pre.layer_stats(pre.layer_names[0])["batch"] == 9
+    for step, damping in ((1, 0.1), (2, 0.4)):      # reuse steps; a damping schedule in between
+        pre.set_damping(damping)
+        model.zero_grad()
+        x, y = batch(model, 5, 40 + step)
+        logits = model(x)
+        calls = []
+        original = pre._pre.update_curvature
+        pre._pre.update_curvature = lambda *a, **k: calls.append(a) or original(*a, **k)
+        pre.sample_fisher(logits)                    # a no-op on a reuse step: no extra backward
+        assert all(p.grad is None for p in model.parameters())
+        F.cross_entropy(logits, y).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        pre.step()
+        pre._pre.update_curvature = original
+        assert not calls                             # the snapshot was reused, not refreshed
+        want = oracle_updates(model, ps, grads, damping)
+        got = tengrad_updates(model)
+        for name in want:
+            assert relative_error(got[name], want[name]) <= TOL, (step, name)
+        assert pre.layer_stats(pre.layer_names[0])["damping"] == damping
+
+
+def test_momentum_and_weight_decay_come_from_the_users_optimizer():
+    """TENGraD rewrites .grad; momentum and weight decay are the torch optimizer's, applied to the
+    preconditioned gradient exactly as to any gradient."""
+    torch.manual_seed(0)
+    model = mlp()
+    twin = copy.deepcopy(model)
+    pre = tt.TENGraD(model, damping=0.2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    buf = {n: torch.zeros_like(p) for n, p in twin.named_parameters()}
+    for s in range(3):
+        x, y = batch(model, 6, 50 + s)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        updates = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        with torch.no_grad():                        # the same SGD by hand from the updates
+            for n, p in twin.named_parameters():
+                d = updates[n] + 1e-3 * p
+                buf[n] = d if s == 0 else 0.9 * buf[n] + d
+                p.sub_(0.1 * buf[n])
+        for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
