@@ -162,19 +162,29 @@ class TENGraD:
             torch and this module are imported), in which case they too use OpenBLAS's setting
             (README, "Threads").
             An int n uses n threads for every call (0: OpenBLAS's setting).
+        process_group: a ``torch.distributed`` process group (gloo) for data-parallel training
+            with exact global-batch blocks (docs/DESIGN.md §11): every rank runs the same model on
+            its own samples and calls ``step()``; each layer's curvature lives on one owner rank,
+            which gathers the layer's per-sample rows, preconditions the global mean gradient and
+            broadcasts the update, so every rank gets the update one process would compute on the
+            concatenated batch. Do not wrap the model in DDP for these layers (``step()`` replaces
+            their gradient allreduce). First slice: empirical and sampled Fisher, refresh and
+            reuse, raw rows; KL clipping not yet (refused).
     """
 
     def __init__(self, model: nn.Module, damping: float = 0.1, fisher: str = "empirical", update_freq: int = 1,
                  kl_clip: Optional[float] = None, lr: Optional[float] = None,
                  loss_reduction: Union[str, float] = "mean",
                  skip: Iterable[Union[str, type]] = (), fast_path: bool = True, memory_limit: int = 0,
-                 conv_strategy: str = "auto", blas_threads: Union[str, int] = "auto"):
+                 conv_strategy: str = "auto", blas_threads: Union[str, int] = "auto", process_group=None):
         if fisher not in ("empirical", "sampled"):
             raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
         if int(update_freq) < 1:
             raise ValueError(f"update_freq must be >= 1, got {update_freq}")
         if kl_clip is not None and (lr is None or not kl_clip > 0):
             raise ValueError("kl_clip needs a positive kl_clip and a learning rate lr (>= 0; at 0 nothing is clipped)")
+        if process_group is not None and kl_clip is not None:
+            raise ValueError("kl_clip with a process_group is not supported yet")
         if not (blas_threads == "auto" or (isinstance(blas_threads, int) and 0 <= blas_threads <= 1024)):
             raise ValueError(f"blas_threads must be 'auto' or an int in 0..1024, got {blas_threads!r}")
         if not (loss_reduction in ("mean", "sum") or isinstance(loss_reduction, (int, float))):
@@ -187,11 +197,14 @@ class TENGraD:
         self.fast_path = fast_path
         self.conv_strategy = conv_strategy
         self.blas_threads = blas_threads
+        self.process_group = process_group
+        self._owners: Optional[List[int]] = None
         self.steps = 0
         self.last_nu = 1.0
         self._sampling = False
         self._removed = False
         self._forward_id = 0
+        self._batch = 0
         if lr is not None:
             lr = _check_lr(lr)
         self.lr = lr
@@ -279,6 +292,9 @@ class TENGraD:
     def _root_pre_hook(self, module, inputs):
         if not _in_backward():
             self._forward_id += 1
+            if module.training and torch.is_grad_enabled() and inputs and isinstance(inputs[0], torch.Tensor) \
+                    and inputs[0].dim() > 0:
+                self._batch = int(inputs[0].shape[0])  # the training batch (the global-mean weights)
 
     def _make_pre_hook(self, layer: _Layer):
         @_eager
@@ -461,6 +477,8 @@ class TENGraD:
         supported: a refresh uses the union of the micro-batches (see ``loss_reduction``)."""
         self._check_alive()
         refresh = self._refresh_step()
+        if self.process_group is not None:
+            return self._distributed_step(refresh)
         plans = self._plan(refresh)
         if self.blas_threads == "auto":
             self._pre.blas_threads = 0 if refresh or _OMP_SPINS_BRIEFLY else 1
@@ -491,6 +509,95 @@ class TENGraD:
                     new = torch.from_numpy(update).view(param.shape)
                     param.grad.copy_(new if nu == 1 else new * nu)
         self.last_nu = nu
+        for layer in self._layers:
+            layer.captures = []
+            layer.pending = None
+        self.steps += 1
+
+    # -- data parallel (docs/DESIGN.md §11) -------------------------------------------------------
+    def _owner_map(self) -> List[int]:
+        """Layer → owner rank, identical on every rank without communication: layers by estimated
+        refresh cost (descending, ties by index), each to the least-loaded rank (ties: lowest)."""
+        import torch.distributed as dist
+        if self._owners is None:
+            size = dist.get_world_size(self.process_group)
+            costs = []
+            for i, layer in enumerate(self._layers):
+                spec = layer.spec
+                if isinstance(spec, LinearSpec):
+                    row, d = spec.in_features + spec.out_features, spec.out_features * (spec.in_features + 1)
+                else:
+                    h, w = spec.input_size
+                    row = spec.in_channels * h * w + spec.out_channels * h * w
+                    d = spec.out_channels * (spec.in_channels // spec.groups * spec.kernel_size[0] * spec.kernel_size[1] + 1)
+                costs.append((-(row + 4 * d), i))
+            load = [0] * size
+            owners = [0] * len(self._layers)
+            for cost, i in sorted(costs):
+                rank = min(range(size), key=lambda r: (load[r], r))
+                owners[i] = rank
+                load[rank] += -cost
+            self._owners = owners
+        return self._owners
+
+    def _distributed_step(self, refresh: bool) -> None:
+        import torch.distributed as dist
+        group = self.process_group
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        if any(layer.id is None for layer in self._layers):
+            raise RuntimeError("TENGraD: every layer must have run a forward pass before a distributed step")
+        owners = self._owner_map()
+        plans = self._plan(refresh)
+        if len(plans) != len(self._layers):
+            raise RuntimeError("TENGraD: with a process_group every hooked layer needs a gradient in every step")
+        # Samples of every rank in this step (one small allgather): the global mean gradient
+        # weights each rank's mean by its share; a refresh gathers that many rows from each.
+        local = plans[0][3][0].shape[0] if refresh else self._batch
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
+        dist.all_gather(counts, torch.tensor([local], dtype=torch.int64), group=group)
+        counts = [int(c.item()) for c in counts]
+        m_total = sum(counts)
+        weight = counts[rank] / m_total
+        status, updates = 0, []
+        for (layer, w, b, batch), owner in zip(plans, owners):
+            grad = np.concatenate([w.ravel(), b.ravel()]) if b is not None else w.ravel().copy()
+            g_sum = torch.from_numpy(grad * weight)
+            dist.reduce(g_sum, dst=owner, group=group)
+            if refresh:
+                a, g = batch
+                g = g * self._grad_scale(a.shape[0])  # per-sample output gradients
+                rows = torch.from_numpy(np.concatenate([a.reshape(a.shape[0], -1), g.reshape(g.shape[0], -1)], 1))
+                pad = torch.zeros((max(counts), rows.shape[1]), dtype=rows.dtype)
+                pad[:rows.shape[0]] = rows
+                gathered = [torch.zeros_like(pad) for _ in range(size)] if rank == owner else None
+                dist.gather(pad, gathered, dst=owner, group=group)
+            out = torch.zeros(grad.size, dtype=torch.float32)
+            if rank == owner:
+                try:
+                    if refresh:
+                        full = torch.cat([blk[:n] for blk, n in zip(gathered, counts)]).numpy()
+                        cut = a[0].size
+                        fa = np.ascontiguousarray(full[:, :cut]).reshape((m_total,) + a.shape[1:])
+                        fg = np.ascontiguousarray(full[:, cut:]).reshape((m_total,) + batch[1].shape[1:])
+                        self._pre.update_curvature(layer.id, fa, fg, 1.0)
+                    gw = g_sum.numpy()[:w.size].reshape(w.shape).copy()
+                    gb = g_sum.numpy()[w.size:].copy() if b is not None else None
+                    uw, ub = self._pre.precondition(layer.id, gw, gb)
+                    out = torch.from_numpy(np.concatenate([uw.ravel(), ub.ravel()]) if ub is not None else uw.ravel().copy())
+                except Exception:  # every rank learns of it below
+                    status = 1
+            dist.broadcast(out, src=owner, group=group)
+            updates.append((layer, out))
+        flag = torch.tensor([status], dtype=torch.int64)
+        dist.all_reduce(flag, group=group)
+        if int(flag.item()):
+            raise RuntimeError("TENGraD: the distributed step failed on a layer owner; no .grad was changed")
+        for layer, out in updates:
+            n = layer.module.weight.numel()
+            layer.module.weight.grad.copy_(out[:n].view_as(layer.module.weight))
+            if layer.spec.bias:
+                layer.module.bias.grad.copy_(out[n:].view_as(layer.module.bias))
+        self.last_nu = 1.0
         for layer in self._layers:
             layer.captures = []
             layer.pending = None
