@@ -169,7 +169,7 @@ class TENGraD:
             broadcasts the update, so every rank gets the update one process would compute on the
             concatenated batch. Do not wrap the model in DDP for these layers (``step()`` replaces
             their gradient allreduce). First slice: empirical and sampled Fisher, refresh and
-            reuse, raw rows; KL clipping not yet (refused).
+            reuse, raw rows; KL clipping with the global sum of ⟨update, grad⟩.
     """
 
     def __init__(self, model: nn.Module, damping: float = 0.1, fisher: str = "empirical", update_freq: int = 1,
@@ -183,8 +183,6 @@ class TENGraD:
             raise ValueError(f"update_freq must be >= 1, got {update_freq}")
         if kl_clip is not None and (lr is None or not kl_clip > 0):
             raise ValueError("kl_clip needs a positive kl_clip and a learning rate lr (>= 0; at 0 nothing is clipped)")
-        if process_group is not None and kl_clip is not None:
-            raise ValueError("kl_clip with a process_group is not supported yet")
         if not (blas_threads == "auto" or (isinstance(blas_threads, int) and 0 <= blas_threads <= 1024)):
             raise ValueError(f"blas_threads must be 'auto' or an int in 0..1024, got {blas_threads!r}")
         if not (loss_reduction in ("mean", "sum") or isinstance(loss_reduction, (int, float))):
@@ -588,16 +586,24 @@ class TENGraD:
                     status = 1
             dist.broadcast(out, src=owner, group=group)
             updates.append((layer, out))
-        flag = torch.tensor([status], dtype=torch.int64)
-        dist.all_reduce(flag, group=group)
-        if int(flag.item()):
+        # One allreduce: the failure flag and this rank's ⟨update, grad⟩ terms of the layers it owns.
+        dots = sum(self._pre.layer_stats(layer.id)["update_dot_grad"]
+                   for (layer, *_), owner in zip(plans, owners) if owner == rank) if status == 0 else 0.0
+        summary = torch.tensor([float(status), dots], dtype=torch.float64)
+        dist.all_reduce(summary, group=group)
+        if summary[0].item() != 0:
             raise RuntimeError("TENGraD: the distributed step failed on a layer owner; no .grad was changed")
+        nu, total = 1.0, float(summary[1].item())
+        if self.kl_clip is not None and self.lr > 0 and total > 0:
+            nu = min(1.0, (self.kl_clip / (self.lr * self.lr * total)) ** 0.5)
         for layer, out in updates:
             n = layer.module.weight.numel()
+            if nu != 1:
+                out = out * nu
             layer.module.weight.grad.copy_(out[:n].view_as(layer.module.weight))
             if layer.spec.bias:
                 layer.module.bias.grad.copy_(out[n:].view_as(layer.module.bias))
-        self.last_nu = 1.0
+        self.last_nu = nu
         for layer in self._layers:
             layer.captures = []
             layer.pending = None

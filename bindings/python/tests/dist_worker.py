@@ -25,7 +25,10 @@ def main():
         group = dist.group.WORLD
     torch.manual_seed(0)
     model = {"mlp": mlp, "cnn": cnn}[make]()
-    pre = tt.TENGraD(model, damping=0.1, fisher=fisher, update_freq=2, process_group=group)
+    kl = fisher.endswith("+kl")                             # KL clipping that is active (ν < 1)
+    fisher = fisher.removesuffix("+kl")
+    pre = tt.TENGraD(model, damping=0.1, fisher=fisher, update_freq=2, process_group=group,
+                     kl_clip=1e-4 if kl else None, lr=1.0 if kl else None)
     shards = np.array_split(np.arange(m), size) if distributed else [np.arange(m)]
     mine = shards[rank]
     saved = {}
@@ -54,10 +57,13 @@ def main():
         with torch.no_grad():                               # a fixed, rank-independent move
             for p in model.parameters():
                 p.sub_(0.05 * p.grad)
-    np.savez(f"{out}.{rank}.npz", owners=np.array(pre._owners or []), **saved)
+    np.savez(f"{out}.{rank}.npz", owners=np.array(pre._owners or []), nu=np.array(pre.last_nu), **saved)
     if distributed:
-        dist.barrier()  # no rank closes its connections while another still receives
-        dist.destroy_process_group()
+        # Every rank has finished every collective once the barrier returns; leave without
+        # gloo's teardown, which aborted now and then when a peer's connection closed first.
+        dist.barrier()
+        sys.stdout.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

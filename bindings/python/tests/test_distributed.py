@@ -3,7 +3,8 @@ concatenated batch: P ∈ {2, 3, 4} ranks (m = 10: uneven for 3 and 4; 4 ranks >
 layers), linear and conv layers, empirical and sampled Fisher, refresh and reuse steps. Every
 rank's preconditioned gradients match the single process's within 1e-4 relative (float32 rounding
 of a differently ordered sum of per-rank means; observed ~1e-6), ranks agree bitwise (the owner
-broadcasts), and every rank computed the same owner map. Each multi-process run has a timeout."""
+broadcasts), and every rank computed the same owner map. With KL clipping, ν comes from the
+global sum of ⟨update, grad⟩ and equals the single process's. Each multi-process run has a timeout."""
 import os
 import socket
 import subprocess
@@ -25,7 +26,7 @@ def free_port():
 def run(make, fisher, size, tmp, distributed):
     out = os.path.join(tmp, f"{make}-{fisher}-{size}-{int(distributed)}")
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(size),
-               OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+               OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", SWIFT_BACKTRACE="enable=no")
     procs = [subprocess.Popen([sys.executable, WORKER, make, fisher, "10", out, "1" if distributed else "0"],
                               env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for r in range(size)]
@@ -40,7 +41,8 @@ def run(make, fisher, size, tmp, distributed):
     return [dict(np.load(f"{out}.{r}.npz")) for r in range(size)]
 
 
-@pytest.mark.parametrize("make,fisher", [("mlp", "empirical"), ("cnn", "empirical"), ("mlp", "sampled"), ("cnn", "sampled")])
+@pytest.mark.parametrize("make,fisher", [("mlp", "empirical"), ("cnn", "empirical"), ("mlp", "sampled"), ("cnn", "sampled"),
+                                         ("cnn", "empirical+kl")])
 def test_distributed_equals_single_process(make, fisher, tmp_path):
     reference = run(make, fisher, 1, str(tmp_path), distributed=False)[0]
     for size in (2, 3, 4):
@@ -53,6 +55,11 @@ def test_distributed_equals_single_process(make, fisher, tmp_path):
         assert sorted(set(ranks[0]["owners"].tolist())) == list(range(min(size, len(ranks[0]["owners"]))))
         for key, want in reference.items():
             if key == "owners":
+                continue
+            if key == "nu":                                  # KL clipping: the same ν from global sums
+                if fisher.endswith("+kl"):
+                    assert want < 1
+                assert abs(float(ranks[0][key]) - float(want)) <= 1e-5 * float(want), (size, float(ranks[0][key]), float(want))
                 continue
             got = ranks[0][key]
             err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
