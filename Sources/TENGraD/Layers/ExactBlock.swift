@@ -338,13 +338,14 @@ final class ExactBlock {
 
         // Everything the products need, allocated before any output is written.
         enum Source {
-            case kept(u: UnsafePointer<Float>, scratch: Storage<Float>)
+            case kept(u: UnsafePointer<Float>, scratch: UnsafeMutablePointer<Float>)
             case raw(a: UnsafePointer<Float>, g: UnsafePointer<Float>, chunk: Int, work: UnsafeMutablePointer<Float>)
         }
         let source: Source
         switch snap.data {
         case let .perSample(u):
-            source = .kept(u: UnsafePointer(u.base), scratch: try Storage<Float>(count: 2 * m, budget: context.budget, what: "update scratch"))
+            // The float workspace is idle on this path: no allocation per reuse step.
+            source = .kept(u: UnsafePointer(u.base), scratch: try context.workspace.floats(try checkedProduct(2, m, what: "2·batch")))
         case let .raw(a, g):
             let plan = try kernel.updatePlan(m: m, available: workspaceFloats(context, reserve: 0))
             source = .raw(a: UnsafePointer(a.base), g: UnsafePointer(g.base), chunk: plan.chunk, work: try context.workspace.floats(plan.floats))
@@ -354,7 +355,7 @@ final class ExactBlock {
         var keptPatches: Block?
         switch source {
         case let .kept(u, scratch):
-            flops = kernel.projectKept(m: m, u: u, scale: s, weightGrad: weightGrad, biasGrad: biasGrad, into: t, tf: scratch.base)
+            flops = kernel.projectKept(m: m, u: u, scale: s, weightGrad: weightGrad, biasGrad: biasGrad, into: t, tf: scratch)
         case let .raw(a, g, chunk, work):
             (flops, keptPatches) = kernel.project(
                 m: m, a: a, g: g, scale: s, weightGrad: weightGrad, biasGrad: biasGrad, into: t, chunk: chunk, work: work)
@@ -383,7 +384,7 @@ final class ExactBlock {
         case let .kept(u, scratch):
             flops += kernel.applyKept(
                 m: m, u: u, scale: s, x: x, alpha: -1 / λ, beta: Float(1 / λ), weight: weightUpdate, bias: biasUpdate,
-                xf: scratch.base + m)
+                xf: scratch + m)
         case let .raw(a, g, chunk, work):
             flops += kernel.apply(
                 m: m, a: a, g: g, scale: s, x: x, alpha: -1 / λ, beta: Float(1 / λ), weight: weightUpdate, bias: biasUpdate,
