@@ -162,14 +162,18 @@ class TENGraD:
             torch and this module are imported), in which case they too use OpenBLAS's setting
             (README, "Threads").
             An int n uses n threads for every call (0: OpenBLAS's setting).
-        process_group: a ``torch.distributed`` process group (gloo) for data-parallel training
-            with exact global-batch blocks (docs/DESIGN.md §11): every rank runs the same model on
-            its own samples and calls ``step()``; each layer's curvature lives on one owner rank,
-            which gathers the layer's per-sample rows, preconditions the global mean gradient and
-            broadcasts the update, so every rank gets the update one process would compute on the
-            concatenated batch. Do not wrap the model in DDP for these layers (``step()`` replaces
-            their gradient allreduce). First slice: empirical and sampled Fisher, refresh and
-            reuse, raw rows; KL clipping with the global sum of ⟨update, grad⟩.
+        process_group: a ``torch.distributed`` process group (gloo; NCCL/MPI backends take the same
+            calls) for data-parallel training with exact global-batch blocks (docs/DESIGN.md §11):
+            every rank runs the same model on its own samples and calls ``step()``; each layer's
+            curvature lives on one owner rank, which gathers the layer's per-sample rows,
+            preconditions the global mean gradient (each rank's mean weighted by its share of the
+            samples) and broadcasts the update, so every rank gets the update one process would
+            compute on the concatenated batch. ``step()`` replaces the gradient allreduce of the
+            preconditioned layers: pass the ``DistributedDataParallel`` module itself as ``model``
+            and ``ddp_comm_hook`` is registered so DDP averages only the other parameters (norms,
+            embeddings, skipped layers), or use no DDP. A failure on any rank (bad input, NaN, a
+            layer without gradient) raises on every rank and changes no ``.grad``. KL clipping uses
+            the global sum of ⟨update, grad⟩.
     """
 
     def __init__(self, model: nn.Module, damping: float = 0.1, fisher: str = "empirical", update_freq: int = 1,
@@ -235,6 +239,9 @@ class TENGraD:
                         "the exact block of a parameter used by two layers is not supported; precondition one of "
                         f"them only (skip=[{layer.name!r}])")
                 owners[id(param)] = layer.name
+        self._preconditioned = set(owners)  # ids of the parameters step() replaces
+        if process_group is not None and isinstance(model, nn.parallel.DistributedDataParallel):
+            model.register_comm_hook(process_group, self.ddp_comm_hook)
         self._pre = Preconditioner(damping=damping, memory_limit=memory_limit)
         self._handles.append(model.register_forward_pre_hook(self._root_pre_hook))
         for layer in self._layers:
@@ -333,8 +340,6 @@ class TENGraD:
     def _check_tensor(self, layer: _Layer, t: torch.Tensor, what: str):
         if t.dtype != torch.float32:
             raise TypeError(f"TENGraD: layer {layer.name!r}: {what} has dtype {t.dtype}; only float32 is supported")
-        if t.device.type != "cpu":
-            raise TypeError(f"TENGraD: layer {layer.name!r}: {what} is on {t.device}; only CPU tensors are supported")
 
     @staticmethod
     def _check_supported(name: str, module: nn.Module) -> None:
@@ -431,9 +436,10 @@ class TENGraD:
 
     @staticmethod
     def _array(t: torch.Tensor, layer: _Layer, what: str) -> np.ndarray:
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            raise TypeError(f"TENGraD: layer {layer.name!r}: {what} must be a CPU float32 tensor, got {t.dtype} on {t.device}")
-        return np.ascontiguousarray(t.detach().numpy())  # a copy only for other layouts (channels_last)
+        if t.dtype != torch.float32:
+            raise TypeError(f"TENGraD: layer {layer.name!r}: {what} must be a float32 tensor, got {t.dtype}")
+        # The library runs on the CPU: tensors elsewhere are copied here (and updates copied back).
+        return np.ascontiguousarray(t.detach().cpu().numpy())  # no copy for contiguous CPU tensors
 
     def _plan(self, refresh: bool):
         """Everything step() needs, checked before any call or .grad write: per layer the gradient
@@ -538,28 +544,77 @@ class TENGraD:
             self._owners = owners
         return self._owners
 
+    def _comm_device(self) -> torch.device:
+        """Where collective buffers live: NCCL needs the current GPU, gloo and MPI take CPU tensors."""
+        import torch.distributed as dist
+        if dist.get_backend(self.process_group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def ddp_comm_hook(self, group, bucket):
+        """A ``DistributedDataParallel`` communication hook that allreduces (averages) only the
+        gradients TENGraD does not precondition; preconditioned layers keep their local gradients,
+        which ``step()`` reduces to each layer's owner (docs/DESIGN.md §11). Registered
+        automatically when the model given to ``TENGraD`` is the DDP module; otherwise
+        ``ddp_model.register_comm_hook(process_group, pre.ddp_comm_hook)``."""
+        import torch.distributed as dist
+        buffer = bucket.buffer()
+        others, offset = [], 0
+        for param in bucket.parameters():
+            n = param.numel()
+            if id(param) not in self._preconditioned:
+                others.append((offset, n))
+            offset += n
+        if not others:
+            done = torch.futures.Future()
+            done.set_result(buffer)
+            return done
+        flat = torch.cat([buffer[o:o + n] for o, n in others]) / dist.get_world_size(group)  # DDP's average
+        future = dist.all_reduce(flat, group=group, async_op=True).get_future()
+
+        def write(fut):
+            total, at = fut.value()[0], 0
+            for o, n in others:
+                buffer[o:o + n].copy_(total[at:at + n])
+                at += n
+            return buffer
+        return future.then(write)
+
     def _distributed_step(self, refresh: bool) -> None:
         import torch.distributed as dist
         group = self.process_group
         rank, size = dist.get_rank(group), dist.get_world_size(group)
-        if any(layer.id is None for layer in self._layers):
-            raise RuntimeError("TENGraD: every layer must have run a forward pass before a distributed step")
-        owners = self._owner_map()
-        plans = self._plan(refresh)
-        if len(plans) != len(self._layers):
-            raise RuntimeError("TENGraD: with a process_group every hooked layer needs a gradient in every step")
-        # Samples of every rank in this step (one small allgather): the global mean gradient
-        # weights each rank's mean by its share; a refresh gathers that many rows from each.
-        local = plans[0][3][0].shape[0] if refresh else self._batch
-        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
-        dist.all_gather(counts, torch.tensor([local], dtype=torch.int64), group=group)
-        counts = [int(c.item()) for c in counts]
+        device = self._comm_device()
+        # Local checks first; their outcome travels with the sample counts (one small allgather),
+        # so a rank that cannot take part makes every rank raise instead of leaving them waiting.
+        error = None
+        try:
+            if any(layer.id is None for layer in self._layers):
+                raise RuntimeError("TENGraD: every layer must have run a forward pass before a distributed step")
+            owners = self._owner_map()
+            plans = self._plan(refresh)
+            if len(plans) != len(self._layers):
+                raise RuntimeError("TENGraD: with a process_group every hooked layer needs a gradient in every step")
+            local = plans[0][3][0].shape[0] if refresh else self._batch
+        except Exception as e:  # noqa: BLE001 — reported collectively below
+            error, local = e, 0
+        counts = [torch.zeros(2, dtype=torch.int64, device=device) for _ in range(size)]
+        dist.all_gather(counts, torch.tensor([local, error is not None], dtype=torch.int64, device=device), group=group)
+        failed = [r for r, c in enumerate(counts) if c[1].item()]
+        if failed:
+            if error is not None:
+                raise error
+            raise RuntimeError(f"TENGraD: the distributed step failed on rank(s) {failed} before any exchange; "
+                               "no .grad was changed (the failing ranks raised the cause)")
+        counts = [int(c[0].item()) for c in counts]
         m_total = sum(counts)
         weight = counts[rank] / m_total
         status, updates = 0, []
+        # Samples of every rank: the global mean gradient weights each rank's mean by its share; a
+        # refresh gathers that many rows from each rank to the layer's owner.
         for (layer, w, b, batch), owner in zip(plans, owners):
             grad = np.concatenate([w.ravel(), b.ravel()]) if b is not None else w.ravel().copy()
-            g_sum = torch.from_numpy(grad * weight)
+            g_sum = torch.from_numpy(grad * weight).to(device)
             dist.reduce(g_sum, dst=owner, group=group)
             if refresh:
                 a, g = batch
@@ -567,33 +622,44 @@ class TENGraD:
                 rows = torch.from_numpy(np.concatenate([a.reshape(a.shape[0], -1), g.reshape(g.shape[0], -1)], 1))
                 pad = torch.zeros((max(counts), rows.shape[1]), dtype=rows.dtype)
                 pad[:rows.shape[0]] = rows
+                pad = pad.to(device)
                 gathered = [torch.zeros_like(pad) for _ in range(size)] if rank == owner else None
                 dist.gather(pad, gathered, dst=owner, group=group)
-            out = torch.zeros(grad.size, dtype=torch.float32)
+            out = torch.zeros(grad.size, dtype=torch.float32, device=device)
             if rank == owner:
                 try:
                     if refresh:
-                        full = torch.cat([blk[:n] for blk, n in zip(gathered, counts)]).numpy()
+                        full = torch.cat([blk[:n] for blk, n in zip(gathered, counts)]).cpu().numpy()
                         cut = a[0].size
                         fa = np.ascontiguousarray(full[:, :cut]).reshape((m_total,) + a.shape[1:])
                         fg = np.ascontiguousarray(full[:, cut:]).reshape((m_total,) + batch[1].shape[1:])
                         self._pre.update_curvature(layer.id, fa, fg, 1.0)
-                    gw = g_sum.numpy()[:w.size].reshape(w.shape).copy()
-                    gb = g_sum.numpy()[w.size:].copy() if b is not None else None
+                    reduced = g_sum.cpu().numpy()
+                    gw = reduced[:w.size].reshape(w.shape).copy()
+                    gb = reduced[w.size:].copy() if b is not None else None
                     uw, ub = self._pre.precondition(layer.id, gw, gb)
-                    out = torch.from_numpy(np.concatenate([uw.ravel(), ub.ravel()]) if ub is not None else uw.ravel().copy())
-                except Exception:  # every rank learns of it below
-                    status = 1
+                    out = torch.from_numpy(np.concatenate([uw.ravel(), ub.ravel()]) if ub is not None
+                                           else uw.ravel().copy()).to(device)
+                except Exception as e:  # noqa: BLE001 — every rank learns of it below
+                    status, error = 1, e
             dist.broadcast(out, src=owner, group=group)
             updates.append((layer, out))
-        # One allreduce: the failure flag and this rank's ⟨update, grad⟩ terms of the layers it owns.
+        # One allreduce: a failure flag per rank and this rank's ⟨update, grad⟩ terms of the layers
+        # it owns (the global KL sum).
         dots = sum(self._pre.layer_stats(layer.id)["update_dot_grad"]
                    for (layer, *_), owner in zip(plans, owners) if owner == rank) if status == 0 else 0.0
-        summary = torch.tensor([float(status), dots], dtype=torch.float64)
+        summary = torch.zeros(size + 1, dtype=torch.float64, device=device)
+        summary[rank], summary[size] = float(status), dots
         dist.all_reduce(summary, group=group)
-        if summary[0].item() != 0:
-            raise RuntimeError("TENGraD: the distributed step failed on a layer owner; no .grad was changed")
-        nu, total = 1.0, float(summary[1].item())
+        summary = summary.cpu()
+        failed = [r for r in range(size) if summary[r].item() != 0]
+        if failed:
+            message = (f"TENGraD: the distributed step failed on layer owner rank(s) {failed}; no .grad was changed "
+                       "and the captures are kept (a retry after fixing the cause equals a clean step)")
+            if error is not None:
+                raise RuntimeError(f"{message}: {error}") from error
+            raise RuntimeError(message)
+        nu, total = 1.0, float(summary[size].item())
         if self.kl_clip is not None and self.lr > 0 and total > 0:
             nu = min(1.0, (self.kl_clip / (self.lr * self.lr * total)) ** 0.5)
         for layer, out in updates:

@@ -1,7 +1,14 @@
 """One rank of the distributed-equals-single-process test (run by test_distributed.py):
 trains a few steps on its shard of fixed batches with a gloo process group and writes every
 step's preconditioned gradients to OUT.rank.npz. With WORLD_SIZE=1 and no process group it is the
-single-process reference on the concatenated batches."""
+single-process reference on the concatenated batches.
+
+VARIANT "ddp": the model is wrapped in DistributedDataParallel (TENGraD registers its comm hook)
+and the first layer is skipped, so DDP averages it while TENGraD handles the others; the reference
+skips the same layer. VARIANT "inject": rank 1 makes steps fail (a NaN gradient seen by the owner,
+a NaN activation seen by the owner's curvature update, a missing gradient seen locally); every rank
+must raise with every .grad unchanged, and the retry after the cause is removed must equal a clean
+run."""
 import os
 import sys
 
@@ -16,9 +23,50 @@ import tengrad.torch as tt  # noqa: E402
 from test_torch import batch, cnn, mlp  # noqa: E402
 
 
+def must_fail(pre, model, what):
+    before = [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+    try:
+        pre.step()
+    except RuntimeError as e:
+        print(f"raised as expected ({what}): {e}", file=sys.stderr)
+    else:
+        raise AssertionError(f"step() did not raise: {what}")
+    for p, g in zip(model.parameters(), before):
+        assert (p.grad is None) == (g is None) and (g is None or torch.equal(torch.nan_to_num(p.grad, 7.0),
+                                                                             torch.nan_to_num(g, 7.0))), what
+
+
+def inject_failures(pre, model, rank, step):
+    """Rank 1 breaks the step; every rank (the others see only the collective verdict) must raise
+    and keep every .grad; then the cause is removed and the caller's step() must equal a clean one."""
+    layer = pre._layers[pre._owners.index(0)]               # a layer rank 0 owns, so rank 1's fault is remote
+    weight = layer.module.weight
+    if step == 1:                                           # reuse step: a NaN gradient reaches the owner
+        saved = weight.grad[0].clone() if rank == 1 else None
+        if rank == 1:
+            weight.grad[0, 0] = float("nan")
+        must_fail(pre, model, "NaN gradient at the owner")
+        if rank == 1:
+            weight.grad[0].copy_(saved)
+        return
+    # refresh step: a NaN activation reaches the owner's curvature update, then a missing gradient
+    inputs = layer.captures[-1].inputs if rank == 1 else None
+    saved = inputs.reshape(-1)[0].clone() if rank == 1 else None
+    if rank == 1:
+        inputs.reshape(-1)[0] = float("nan")
+    must_fail(pre, model, "NaN activation at the owner")
+    if rank == 1:
+        inputs.reshape(-1)[0] = saved
+        held, weight.grad = weight.grad, None
+    must_fail(pre, model, "a rank without a gradient")
+    if rank == 1:
+        weight.grad = held
+
+
 def main():
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     make, fisher, m, out, distributed = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
+    variant = sys.argv[6] if len(sys.argv) > 6 else "plain"
     group = None
     if distributed:
         dist.init_process_group("gloo", rank=rank, world_size=size, timeout=__import__("datetime").timedelta(seconds=60))
@@ -27,7 +75,13 @@ def main():
     model = {"mlp": mlp, "cnn": cnn}[make]()
     kl = fisher.endswith("+kl")                             # KL clipping that is active (ν < 1)
     fisher = fisher.removesuffix("+kl")
-    pre = tt.TENGraD(model, damping=0.1, fisher=fisher, update_freq=2, process_group=group,
+    skip, hooked = [], model
+    if variant == "ddp":
+        skip = ["0"]
+        if distributed:
+            hooked = torch.nn.parallel.DistributedDataParallel(model, process_group=group)
+            skip = ["module.0"]
+    pre = tt.TENGraD(hooked, damping=0.1, fisher=fisher, update_freq=2, process_group=group, skip=skip,
                      kl_clip=1e-4 if kl else None, lr=1.0 if kl else None)
     shards = np.array_split(np.arange(m), size) if distributed else [np.arange(m)]
     mine = shards[rank]
@@ -36,7 +90,7 @@ def main():
         x, y = batch(model, m, 100 + step)
         x, y = x[mine], y[mine]
         model.zero_grad()
-        logits = model(x)
+        logits = hooked(x)
         if fisher == "sampled":
             # the same sampled labels as the single process: draw for the whole batch, take mine
             g = torch.Generator().manual_seed(7 + step)
@@ -47,10 +101,15 @@ def main():
                 pre._sampling = True
                 try:
                     torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"),
-                                        [p for p in model.parameters()], retain_graph=True)
+                                        [p for p in hooked.parameters()], retain_graph=True)
                 finally:
                     pre._sampling = False
         F.cross_entropy(logits, y).backward()
+        if variant == "ddp" and distributed and step == 0:  # what DDP's allreduce left: local/averaged
+            for name, p in model.named_parameters():
+                saved[f"local/{name}"] = p.grad.numpy().copy()
+        if variant == "inject" and distributed and step in (1, 2):
+            inject_failures(pre, model, rank, step)
         pre.step()
         for name, p in model.named_parameters():
             saved[f"{step}/{name}"] = p.grad.numpy().copy()

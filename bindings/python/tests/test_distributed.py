@@ -4,7 +4,11 @@ layers), linear and conv layers, empirical and sampled Fisher, refresh and reuse
 rank's preconditioned gradients match the single process's within 1e-4 relative (float32 rounding
 of a differently ordered sum of per-rank means; observed ~1e-6), ranks agree bitwise (the owner
 broadcasts), and every rank computed the same owner map. With KL clipping, ν comes from the
-global sum of ⟨update, grad⟩ and equals the single process's. Each multi-process run has a timeout."""
+global sum of ⟨update, grad⟩ and equals the single process's. With the model wrapped in
+DistributedDataParallel, DDP averages only the layer TENGraD skips (its gradient equals the single
+process's raw mean) and the rest equals the single process too. A rank that fails (NaN gradient or
+activation seen by another rank's owner, a missing gradient) makes every rank raise with .grad
+unchanged, and the retry equals a clean run. Each multi-process run has a timeout."""
 import os
 import socket
 import subprocess
@@ -23,11 +27,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run(make, fisher, size, tmp, distributed):
-    out = os.path.join(tmp, f"{make}-{fisher}-{size}-{int(distributed)}")
+def run(make, fisher, size, tmp, distributed, variant="plain", m=10):
+    out = os.path.join(tmp, f"{make}-{fisher}-{size}-{int(distributed)}-{variant}")
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(size),
                OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", SWIFT_BACKTRACE="enable=no")
-    procs = [subprocess.Popen([sys.executable, WORKER, make, fisher, "10", out, "1" if distributed else "0"],
+    procs = [subprocess.Popen([sys.executable, WORKER, make, fisher, str(m), out, "1" if distributed else "0", variant],
                               env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for r in range(size)]
     for p in procs:
@@ -44,14 +48,32 @@ def run(make, fisher, size, tmp, distributed):
 @pytest.mark.parametrize("make,fisher", [("mlp", "empirical"), ("cnn", "empirical"), ("mlp", "sampled"), ("cnn", "sampled"),
                                          ("cnn", "empirical+kl")])
 def test_distributed_equals_single_process(make, fisher, tmp_path):
-    reference = run(make, fisher, 1, str(tmp_path), distributed=False)[0]
-    for size in (2, 3, 4):
-        ranks = run(make, fisher, size, str(tmp_path), distributed=True)
+    check(make, fisher, tmp_path, "plain", 10, (2, 3, 4))
+
+
+@pytest.mark.parametrize("make,fisher", [("mlp", "empirical"), ("cnn", "sampled")])
+def test_ddp_wrapped_model(make, fisher, tmp_path):
+    check(make, fisher, tmp_path, "ddp", 12, (2, 3))       # 12 samples: equal shards (DDP's plain average)
+
+
+@pytest.mark.parametrize("make,fisher", [("mlp", "empirical"), ("cnn", "sampled")])
+def test_failing_rank_raises_everywhere(make, fisher, tmp_path):
+    check(make, fisher, tmp_path, "inject", 10, (2, 3))
+
+
+def check(make, fisher, tmp_path, variant, m, sizes):
+    reference = run(make, fisher, 1, str(tmp_path), False, "ddp" if variant == "ddp" else "plain", m)[0]
+    for size in sizes:
+        ranks = run(make, fisher, size, str(tmp_path), True, variant, m)
         for r in ranks[1:]:
             np.testing.assert_array_equal(r["owners"], ranks[0]["owners"])
             for key in reference:
                 if key != "owners":
                     np.testing.assert_array_equal(r[key], ranks[0][key])
+            for key in (k for k in r if k.startswith("local/")):
+                # the comm hook: DDP averaged the skipped layer "0" only; the others stay local
+                same = np.array_equal(r[key], ranks[0][key])
+                assert same == key.startswith("local/0."), (size, key, same)
         assert sorted(set(ranks[0]["owners"].tolist())) == list(range(min(size, len(ranks[0]["owners"]))))
         for key, want in reference.items():
             if key == "owners":
