@@ -12,7 +12,7 @@ DATA         := $(BUILD)/data
 PYTHON       ?= python3
 CWARN        := -Wall -Wextra -Werror
 LINK_TENGRAD := -L$(RELEASE_DIR) -ltengrad -Wl,-rpath,$(abspath $(RELEASE_DIR))
-APT_PACKAGES := libopenblas-dev liblapacke-dev dataset-fashion-mnist
+APT_PACKAGES := libopenblas-dev liblapacke-dev dataset-fashion-mnist openmpi-bin libopenmpi-dev
 PIP_PACKAGES := numpy pytest xxhash matplotlib tqdm asdfghjkl==0.1a5
 TORCH        := torch==2.13.0+cpu
 export OPENBLAS_NUM_THREADS ?= 2
@@ -26,7 +26,7 @@ FUZZ_SWIFT   := -Xswiftc -sanitize=address -Xswiftc -sanitize-coverage=edge,inli
 # Swift's own crash backtracer would mask the sanitizer's report.
 export SWIFT_BACKTRACE := enable=no
 
-.PHONY: demo-c help setup build test test-swift test-c test-python test-example test-asan fuzz fuzz-smoke fuzz-build demo bench clean
+.PHONY: demo-c demo-mpi test-mpi help setup build test test-swift test-c test-python test-example test-asan fuzz fuzz-smoke fuzz-build demo bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -50,10 +50,20 @@ $(DATA)/.done: | setup
 	  gzip -dc $(DATA_SRC)/$$f.gz > $(DATA)/$$f; done
 	touch $@
 
-$(BUILD)/mlp: examples/c/mlp.c include/tengrad.h build
+MLP_SOURCES  := examples/c/mlp_common.c examples/c/mlp_common.h include/tengrad.h
+# Open MPI refuses root without these; one BLAS thread per rank (2 ranks on 2 cores).
+MPIRUN       := timeout 300 mpirun --allow-run-as-root --oversubscribe -x OPENBLAS_NUM_THREADS=1 -x SWIFT_BACKTRACE
+
+$(BUILD)/mlp: examples/c/mlp.c $(MLP_SOURCES) build
 	mkdir -p $(BUILD)
-	$(CC) -std=c11 -O2 $(CWARN) -Iinclude examples/c/mlp.c -o $@ $(LINK_TENGRAD) -lopenblas -lm
-	$(CXX) -std=c++17 -O2 $(CWARN) -Iinclude -x c++ examples/c/mlp.c -o $(BUILD)/mlp-cxx $(LINK_TENGRAD) -lopenblas -lm
+	$(CC) -std=c11 -O2 $(CWARN) -Iinclude examples/c/mlp.c examples/c/mlp_common.c -o $@ $(LINK_TENGRAD) -lopenblas -lm
+	$(CXX) -std=c++17 -O2 $(CWARN) -Iinclude -x c++ examples/c/mlp.c -x c++ examples/c/mlp_common.c -o $(BUILD)/mlp-cxx \
+	  $(LINK_TENGRAD) -lopenblas -lm
+
+# The MPI trainer: mpicc adds MPI; the library itself does not link it (checked in test-mpi).
+$(BUILD)/mlp_mpi: examples/c/mlp_mpi.c $(MLP_SOURCES) build
+	mkdir -p $(BUILD)
+	mpicc -std=c11 -O2 $(CWARN) -Iinclude examples/c/mlp_mpi.c examples/c/mlp_common.c -o $@ $(LINK_TENGRAD) -lopenblas -lm
 
 demo: build ## Main job: the paper's Fashion-MNIST ConvNet in PyTorch, TENGraD vs SGD vs Adam vs KFAC (~12 min)
 	$(PYTHON) examples/torch/fashion_mnist.py --data $(DATA_SRC) --plot $(BUILD)/fashion_mnist.png $(DEMO_ARGS)
@@ -61,7 +71,10 @@ demo: build ## Main job: the paper's Fashion-MNIST ConvNet in PyTorch, TENGraD v
 demo-c: $(BUILD)/mlp $(DATA)/.done ## The C trainer: 784-128-10 MLP on Fashion-MNIST, TENGraD vs SGD
 	$(BUILD)/mlp --data $(DATA)
 
-test: test-swift test-c test-python test-example test-asan fuzz-smoke ## Run every test suite (what CI runs)
+demo-mpi: $(BUILD)/mlp_mpi $(DATA)/.done ## The C trainer data-parallel on 2 MPI ranks (exact global-batch blocks)
+	$(MPIRUN) -np 2 $(BUILD)/mlp_mpi --data $(DATA) --epochs 3 --verify 3
+
+test: test-swift test-c test-python test-example test-mpi test-asan fuzz-smoke ## Run every test suite (what CI runs)
 
 test-swift: setup ## Swift tests of the core against the dense float64 oracle
 	swift test
@@ -87,6 +100,18 @@ test-example: $(BUILD)/mlp $(DATA)/.done ## The examples on real data; the C tra
 	  --plot $(BUILD)/fashion_mnist_smoke.png
 	swift build -c release --product tengrad-swift-example
 	$(RELEASE_DIR)/tengrad-swift-example $(DATA) 1
+
+test-mpi: $(BUILD)/mlp_mpi $(DATA)/.done ## MPI trainer: P = 2, 3 equal one process, lower the loss; a failing rank stops all
+	@if readelf -d $(LIB) | grep -i 'NEEDED.*mpi'; then echo "libtengrad.so must not link MPI"; exit 1; fi
+	$(MPIRUN) -np 2 $(BUILD)/mlp_mpi --data $(DATA) --train-limit 6000 --test-limit 1000 --update-freq 2 --verify 6 --check
+	$(MPIRUN) -np 3 $(BUILD)/mlp_mpi --data $(DATA) --train-limit 6000 --test-limit 1000 --batch 100 \
+	  --fisher empirical --verify 4 --check
+	@# A NaN gradient on the last rank at step 3: every rank must stop (status 1) and say so.
+	@if $(MPIRUN) -np 2 $(BUILD)/mlp_mpi --data $(DATA) --train-limit 6000 --test-limit 1000 --fail-at 3 \
+	    > $(BUILD)/mpi_fail.log 2>&1; then echo "the failing run did not fail"; exit 1; fi
+	@test "$$(grep -c 'step 3 failed on 1 rank' $(BUILD)/mpi_fail.log)" = 2 || \
+	  { cat $(BUILD)/mpi_fail.log; echo "not every rank stopped at step 3"; exit 1; }
+	@echo "MPI failure test: both ranks stopped at step 3"
 
 test-asan: setup ## Swift and C tests under AddressSanitizer (+ UBSan and LeakSanitizer for C)
 	swift build --sanitize=address --scratch-path .build-asan --product tengrad
