@@ -22,6 +22,7 @@ Fisher, factors every 20 steps, inverses every 100, the same KL clipping, SGD mo
 use weight decay 5e-4. Learning rates and dampings are the winners of the equal-budget grid of
 ``examples/torch/tune.py`` (results in ``examples/torch/TUNING.md``). ``--seeds N`` runs N seeds
 per optimizer and reports median [min–max]; ``--profile`` prints where each step's time goes.
+``--distributed`` trains data-parallel under torchrun (see examples/torch/data_parallel.py).
 """
 from __future__ import annotations
 
@@ -265,6 +266,9 @@ def parser():
     ap.add_argument("--seeds", type=int, default=1, help="number of seeds per optimizer")
     ap.add_argument("--plot", default="fashion_mnist.png")
     ap.add_argument("--profile", action="store_true", help="print a per-phase profile of each optimizer's steps")
+    ap.add_argument("--distributed", action="store_true",
+                    help="data-parallel under torchrun (examples/torch/data_parallel.py): "
+                         "torchrun --standalone --nproc_per_node=2 examples/torch/fashion_mnist.py --distributed")
     return ap
 
 
@@ -282,6 +286,9 @@ def main():
     args = parser().parse_args()
 
     x_train, y_train, x_test, y_test = load_data(args)
+    if args.distributed:
+        import data_parallel
+        return data_parallel.main(args, (x_train, y_train, x_test, y_test), ConvNet, tt)
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     print(f"Fashion-MNIST {len(x_train)}/{len(x_test)}; ConvNet width {args.width}, batch {args.batch}; "
           f"{'%d epochs' % args.epochs if args.epochs else '%.0f s of training' % args.budget} per optimizer; "
