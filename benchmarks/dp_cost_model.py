@@ -17,6 +17,8 @@ moves 2n(P−1)/P per worker, a reduce, broadcast, gather or allgather n(P−1)/
                  balanced) 2·Σ m_p·r·(P−1)/P / T per worker; the busiest owner receives
                  (P−1)·m_p·max r / T. r = the smallest row of the layer (linear: in + out; conv:
                  min(raw C_in·H·W + C_out·L, per-sample gradient d, unfolded P̃·L + C_out·L)).
+                 "raw rows MB": the same with raw rows for every layer — what the
+                 integrations send today (per-sample rows need a C entry point not yet built).
 
 Also printed: the owner's compute per refresh for the costliest layer (Gram m²·r + Cholesky m³/3,
 m = P × batch per worker): the exact global block's price, which grows as P² and P³.
@@ -54,21 +56,21 @@ def resnet18():
 
 
 def sizes(layer):
-    """(parameters d, Kronecker factor sizes a, g, smallest per-sample row r and its name)."""
+    """(parameters d, Kronecker factor sizes a, g, smallest per-sample row r and its name, raw row)."""
     if layer["kind"] == "linear":
         i, o = layer["cin"], layer["cout"]
-        return o * (i + 1), i + 1, o, i + o, "raw"
+        return o * (i + 1), i + 1, o, i + o, "raw", i + o
     cin, cout, k, L = layer["cin"], layer["cout"], layer["k"], layer["L"]
     p = cin * k * k + 1
     d = cout * p
     rows = {"raw": cin * layer["hw"] ** 2 + cout * L, "per-sample": d, "unfolded": p * L + cout * L}
     name = min(rows, key=rows.get)
-    return d, p, cout, rows[name], name
+    return d, p, cout, rows[name], name, rows["raw"]
 
 
 def table(name, layers, per_worker, refresh):
     D = sum(sizes(layer)[0] for layer in layers)
-    factors = sum(a * a + g * g for _, a, g, _, _ in map(sizes, layers))
+    factors = sum(a * a + g * g for _, a, g, _, _, _ in map(sizes, layers))
     print(f"\n{name}: {len(layers)} layers, {D / 1e6:.2f} M parameters, batch {per_worker} per worker, "
           f"refresh (and KAISA factor update) every {refresh} steps")
     picks = {}
@@ -76,7 +78,7 @@ def table(name, layers, per_worker, refresh):
         picks[sizes(layer)[4]] = picks.get(sizes(layer)[4], 0) + 1
     print("rows sent per layer: " + ", ".join(f"{k} × {v}" for k, v in picks.items()))
     print(f"{'P':>4}{'DDP MB':>10}{'DDP+KAISA MB':>15}{'TENGraD avg MB':>16}{'busiest owner MB':>18}"
-          f"{'avg ÷ KAISA':>13}{'owner GFLOP/refresh':>21}")
+          f"{'avg ÷ KAISA':>13}{'raw rows MB':>13}{'owner GFLOP/refresh':>21}")
     mb = 4 / 1e6
     for P in (2, 4, 8, 16, 32, 64):
         f = (P - 1) / P
@@ -86,9 +88,10 @@ def table(name, layers, per_worker, refresh):
         rows = [sizes(layer)[3] for layer in layers]
         ours = 2 * D * f + 2 * sum(per_worker * r for r in rows) * f / refresh
         busiest = 2 * D * f + (P - 1) * per_worker * max(rows) / refresh
+        raw = 2 * D * f + 2 * sum(per_worker * sizes(layer)[5] for layer in layers) * f / refresh
         worst = max(m * m * r + m ** 3 / 3 for r in rows)
         print(f"{P:>4}{ddp * mb:>10.1f}{kaisa * mb:>15.1f}{ours * mb:>16.1f}{busiest * mb:>18.1f}"
-              f"{ours / kaisa:>13.2f}{worst / 1e9:>21.1f}")
+              f"{ours / kaisa:>13.2f}{raw * mb:>13.1f}{worst / 1e9:>21.1f}")
 
 
 def main():
