@@ -17,8 +17,8 @@ moves 2n(P−1)/P per worker, a reduce, broadcast, gather or allgather n(P−1)/
                  balanced) 2·Σ m_p·r·(P−1)/P / T per worker; the busiest owner receives
                  (P−1)·m_p·max r / T. r = the smallest row of the layer (linear: in + out; conv:
                  min(raw C_in·H·W + C_out·L, per-sample gradient d, unfolded P̃·L + C_out·L)).
-                 "raw rows MB": the same with raw rows for every layer — what the
-                 integrations send today (per-sample rows need a C entry point not yet built).
+                 The integrations send raw or per-sample rows (not unfolded ones: smallest for
+                 one ResNet-18 layer only). "raw rows MB": the same with raw rows for every layer.
 
 Also printed: the owner's compute per refresh for the costliest layer (Gram m²·r + Cholesky m³/3,
 m = P × batch per worker): the exact global block's price, which grows as P² and P³.

@@ -213,6 +213,30 @@ TENGRAD_NODISCARD tengrad_status tengrad_update_curvature(tengrad_preconditioner
                                                           const float *output_grads,
                                                           float grad_scale);
 
+/* Per-sample gradients as data, for moving a snapshot between processes (data-parallel training:
+   a layer's owner gathers its rows from every worker; docs/DESIGN.md §11). Rows are smaller than
+   the batch they come from when a layer has many output positions (a convolution's d = weight +
+   bias numbers against inputs + outputs per sample).
+
+   tengrad_per_sample_gradients writes out_rows[batch][d], d = weight + bias numbers of the layer:
+   row i is grad_scale × sample i's gradient, the weight part in weight_grad's layout followed by
+   the bias part. No state changes (the handle's workspace may grow). out_rows must not overlap
+   activations or output_grads (TENGRAD_ERROR_INVALID_ARGUMENT); on failure its contents are
+   unspecified.
+
+   tengrad_update_curvature_from_gradients takes a curvature snapshot from such rows (batch × d,
+   already scaled), replacing the previous one: the same snapshot tengrad_update_curvature takes
+   from the batch the rows came from, up to float32 rounding. It keeps the rows (per-sample
+   representation, whatever tengrad_set_snapshot_representation says): m·d floats + 2·m² doubles.
+   Rows with NaN or Inf: TENGRAD_ERROR_NOT_FINITE, nothing changes. */
+TENGRAD_NODISCARD tengrad_status tengrad_per_sample_gradients(tengrad_preconditioner *p, int32_t layer,
+                                                              int64_t batch, const float *activations,
+                                                              const float *output_grads, float grad_scale,
+                                                              float *out_rows);
+TENGRAD_NODISCARD tengrad_status tengrad_update_curvature_from_gradients(tengrad_preconditioner *p,
+                                                                         int32_t layer, int64_t batch,
+                                                                         const float *per_sample_gradients);
+
 /* update = (F + λI)^-1 grad, with F from the layer's current snapshot (reuse path: sampled-label
    Fisher, or curvature refreshed every T steps). weight_update may be the same pointer as
    weight_grad and bias_update as bias_grad (in place); other partial overlaps are not allowed.

@@ -357,6 +357,37 @@ public func tengrad_update_curvature(
     }
 }
 
+@_cdecl("tengrad_per_sample_gradients")
+public func tengrad_per_sample_gradients(
+    _ p: OpaquePointer?, _ layer: Int32, _ batch: Int64, _ activations: UnsafePointer<Float>?,
+    _ outputGrads: UnsafePointer<Float>?, _ gradScale: Float, _ outRows: UnsafeMutablePointer<Float>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let counts = try h.core.arrayCounts(layer: Int(layer), batch: Int(batch))
+        let a = try required(activations, "activations")
+        let g = try required(outputGrads, "output_grads")
+        let o = try required(outRows, "out_rows")
+        try h.core.perSampleGradients(
+            layer: Int(layer), batch: Int(batch),
+            activations: UnsafeBufferPointer(start: a, count: counts.activations),
+            outputGrads: UnsafeBufferPointer(start: g, count: counts.outputGrads), gradScale: gradScale,
+            into: UnsafeMutableBufferPointer(start: o, count: counts.perSampleGradients))
+    }
+}
+
+@_cdecl("tengrad_update_curvature_from_gradients")
+public func tengrad_update_curvature_from_gradients(
+    _ p: OpaquePointer?, _ layer: Int32, _ batch: Int64, _ rows: UnsafePointer<Float>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let counts = try h.core.arrayCounts(layer: Int(layer), batch: Int(batch))
+        let u = try required(rows, "per_sample_gradients")
+        try h.core.updateCurvature(
+            layer: Int(layer), batch: Int(batch),
+            perSampleGradients: UnsafeBufferPointer(start: u, count: counts.perSampleGradients))
+    }
+}
+
 @_cdecl("tengrad_precondition")
 public func tengrad_precondition(
     _ p: OpaquePointer?, _ layer: Int32, _ weightGrad: UnsafePointer<Float>?, _ biasGrad: UnsafePointer<Float>?,

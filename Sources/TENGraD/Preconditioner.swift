@@ -112,13 +112,19 @@ public final class Preconditioner {
         public var weight: Int
         /// 0 when the layer has no bias (its bias pointers must then be absent).
         public var bias: Int
+        /// Numbers in one per-sample gradient row: weight + bias.
+        public var parameters: Int { weight + bias }
+        /// batch × parameters: the per-sample gradient rows of the batch.
+        public var perSampleGradients: Int
     }
 
     /// Overflow-checked sizes of the arrays of a call; `batch` 0 gives the parameter sizes only.
     public func arrayCounts(layer id: Int, batch: Int) throws(TENGraDError) -> ArrayCounts {
         let l = try layer(id)
         let inputs = batch == 0 ? (0, 0) : try l.dims.inputCounts(batch: batch)
-        return ArrayCounts(activations: inputs.0, outputGrads: inputs.1, weight: l.dims.weightCount, bias: l.dims.biasCount)
+        let rows = try checkedProduct(batch, l.dims.parameters, what: "batch × parameters (per-sample gradients)")
+        return ArrayCounts(activations: inputs.0, outputGrads: inputs.1, weight: l.dims.weightCount, bias: l.dims.biasCount,
+                           perSampleGradients: rows)
     }
 
     /// Kind and shape of a registered layer.
@@ -225,6 +231,41 @@ public final class Preconditioner {
         }
     }
 
+    /// The per-sample gradients of a batch as data: row i of `out` (batch × (weight + bias)) is
+    /// `gradScale` × sample i's gradient, weight then bias in the gradients' layout. No state
+    /// changes. With `updateCurvature(layer:batch:perSampleGradients:)` on another handle (another
+    /// process), a snapshot travels as these rows (docs/DESIGN.md §11). On failure `out` is
+    /// unspecified.
+    public func perSampleGradients(
+        layer id: Int, batch: Int, activations: UnsafeBufferPointer<Float>, outputGrads: UnsafeBufferPointer<Float>,
+        gradScale: Float, into out: UnsafeMutableBufferPointer<Float>
+    ) throws(TENGraDError) {
+        let l = try layer(id)
+        let (a, g) = try Self.batchInputs(l, batch: batch, activations, outputGrads, gradScale: gradScale)
+        let count = try checkedProduct(batch, l.dims.parameters, what: "batch × parameters (per-sample gradients)")
+        let o = UnsafeMutablePointer(mutating: try Self.base(UnsafeBufferPointer(out), count: count, "out_rows"))
+        let counts = try l.dims.inputCounts(batch: batch)
+        try Self.checkNoOverlap(outputs: (o, count), (nil, 0),
+                                inputs: [(a, counts.activations, "activations"), (g, counts.outputGrads, "output_grads")])
+        try compute { () throws(TENGraDError) in
+            try l.perSampleGradients(batch: batch, activations: a, outputGrads: g, scale: gradScale, into: o, context: context)
+        }
+    }
+
+    /// Takes a curvature snapshot from per-sample gradient rows (batch × (weight + bias), already
+    /// scaled, as `perSampleGradients` writes them), replacing the previous one. The snapshot keeps
+    /// the rows (per-sample representation, whatever the representation setting) and equals the one
+    /// `updateCurvature` would take from the batch the rows came from, up to float32 rounding.
+    public func updateCurvature(layer id: Int, batch: Int, perSampleGradients rows: UnsafeBufferPointer<Float>) throws(TENGraDError) {
+        let l = try layer(id)
+        _ = try l.dims.inputCounts(batch: batch)
+        let count = try checkedProduct(batch, l.dims.parameters, what: "batch × parameters (per-sample gradients)")
+        let u = try Self.base(rows, count: count, "per_sample_gradients")
+        try compute { () throws(TENGraDError) in
+            try l.updateCurvature(batch: batch, perSampleGradients: u, context: context)
+        }
+    }
+
     /// `update = (F + λI)⁻¹ grad` with F from the layer's current snapshot. The update buffers may
     /// be the gradient buffers themselves (in place).
     public func precondition(
@@ -290,6 +331,26 @@ extension Preconditioner {
             try outputGrads.withUnsafeBufferPointer { (g) throws(TENGraDError) in
                 try updateCurvature(layer: layer, batch: batch, activations: a, outputGrads: g, gradScale: gradScale)
             }
+        }
+    }
+
+    /// `perSampleGradients` with arrays; returns the batch × (weight + bias) rows.
+    public func perSampleGradients(layer: Int, batch: Int, activations: [Float], outputGrads: [Float], gradScale: Float) throws(TENGraDError) -> [Float] {
+        var rows = [Float](repeating: 0, count: try arrayCounts(layer: layer, batch: batch).perSampleGradients)
+        try activations.withUnsafeBufferPointer { (a) throws(TENGraDError) in
+            try outputGrads.withUnsafeBufferPointer { (g) throws(TENGraDError) in
+                try rows.withUnsafeMutableBufferPointer { (o) throws(TENGraDError) in
+                    try perSampleGradients(layer: layer, batch: batch, activations: a, outputGrads: g, gradScale: gradScale, into: o)
+                }
+            }
+        }
+        return rows
+    }
+
+    /// `updateCurvature` from per-sample gradient rows in an array.
+    public func updateCurvature(layer: Int, batch: Int, perSampleGradients rows: [Float]) throws(TENGraDError) {
+        try rows.withUnsafeBufferPointer { (u) throws(TENGraDError) in
+            try updateCurvature(layer: layer, batch: batch, perSampleGradients: u)
         }
     }
 

@@ -111,6 +111,61 @@ static void test_null_handle(void) {
     CHECK_STATUS(tengrad_get_layer_stats(NULL, 0, &stats), TENGRAD_ERROR_INVALID_ARGUMENT);
     CHECK_STATUS(tengrad_set_snapshot_representation(NULL, 0, TENGRAD_SNAPSHOT_RAW), TENGRAD_ERROR_INVALID_ARGUMENT);
     CHECK_STATUS(tengrad_clear_updates(NULL), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_per_sample_gradients(NULL, 0, M, act, grads, 1, vw), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_update_curvature_from_gradients(NULL, 0, M, vw), TENGRAD_ERROR_INVALID_ARGUMENT);
+}
+
+/* Per-sample gradient rows: computed on one handle, gathered in two pieces and installed on
+   another, they precondition like tengrad_update_curvature on the whole batch; bad rows, sizes,
+   pointers and aliasing are refused with the state unchanged. */
+static void test_per_sample_rows(void) {
+    tengrad_preconditioner *worker = NULL, *owner = NULL, *direct = NULL;
+    int32_t a = -1, b = -1, c = -1;
+    static float rows[M * D], w1[OUT * IN], b1[OUT], w2[OUT * IN], b2[OUT];
+    CHECK_STATUS(tengrad_create(&worker), TENGRAD_OK);
+    CHECK_STATUS(tengrad_create(&owner), TENGRAD_OK);
+    CHECK_STATUS(tengrad_create(&direct), TENGRAD_OK);
+    CHECK_STATUS(tengrad_add_linear(worker, IN, OUT, 1, &a), TENGRAD_OK);
+    CHECK_STATUS(tengrad_add_linear(owner, IN, OUT, 1, &b), TENGRAD_OK);
+    CHECK_STATUS(tengrad_add_linear(direct, IN, OUT, 1, &c), TENGRAD_OK);
+    /* rows of samples 0..1 and 2..M-1 from two calls, as two workers would send them */
+    CHECK_STATUS(tengrad_per_sample_gradients(worker, a, 2, act, grads, (float)M, rows), TENGRAD_OK);
+    CHECK_STATUS(tengrad_per_sample_gradients(worker, a, M - 2, act + 2 * IN, grads + 2 * OUT, (float)M, rows + 2 * D),
+                 TENGRAD_OK);
+    CHECK_STATUS(tengrad_update_curvature_from_gradients(owner, b, M, rows), TENGRAD_OK);
+    CHECK_STATUS(tengrad_update_curvature(direct, c, M, act, grads, (float)M), TENGRAD_OK);
+    CHECK_STATUS(tengrad_precondition(owner, b, vw, vb, w1, b1), TENGRAD_OK);
+    CHECK_STATUS(tengrad_precondition(direct, c, vw, vb, w2, b2), TENGRAD_OK);
+    double num = 0, den = 0;
+    for (int i = 0; i < OUT * IN; i++) { num += (w1[i] - w2[i]) * (w1[i] - w2[i]); den += w2[i] * w2[i]; }
+    for (int i = 0; i < OUT; i++) { num += (b1[i] - b2[i]) * (b1[i] - b2[i]); den += b2[i] * b2[i]; }
+    CHECK(den > 0 && sqrt(num / den) < 1e-5);
+    tengrad_snapshot_info info;
+    memset(&info, 0, sizeof info);
+    info.size = sizeof info;
+    CHECK_STATUS(tengrad_get_snapshot_info(owner, b, &info), TENGRAD_OK);
+    CHECK(info.representation == TENGRAD_SNAPSHOT_PER_SAMPLE);
+
+    /* refusals, each leaving the owner's snapshot as it was */
+    float saved = rows[7];
+    rows[7] = NAN;
+    CHECK_STATUS(tengrad_update_curvature_from_gradients(owner, b, M, rows), TENGRAD_ERROR_NOT_FINITE);
+    rows[7] = saved;
+    CHECK_STATUS(tengrad_update_curvature_from_gradients(owner, b, M, NULL), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_update_curvature_from_gradients(owner, b, 0, rows), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_update_curvature_from_gradients(owner, b, -3, rows), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_update_curvature_from_gradients(owner, 5, M, rows), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_update_curvature_from_gradients(owner, b, INT64_MAX / 2, rows), TENGRAD_ERROR_SHAPE);
+    CHECK_STATUS(tengrad_per_sample_gradients(worker, a, M, act, grads, 0.0f, rows), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_per_sample_gradients(worker, a, M, act, grads, 1.0f, NULL), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_per_sample_gradients(worker, a, M, act, grads, 1.0f, act), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_precondition(owner, b, vw, vb, w1, b1), TENGRAD_OK);
+    num = 0;
+    for (int i = 0; i < OUT * IN; i++) num += (w1[i] - w2[i]) * (w1[i] - w2[i]);
+    CHECK(sqrt(num / den) < 1e-5);
+    tengrad_destroy(worker);
+    tengrad_destroy(owner);
+    tengrad_destroy(direct);
 }
 
 static void test_settings_and_layers(void) {
@@ -391,5 +446,6 @@ int main(void) {
     test_settings_and_layers();
     test_numerics_and_errors();
     test_conv2d();
+    test_per_sample_rows();
     return report();
 }

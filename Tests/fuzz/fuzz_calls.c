@@ -29,7 +29,7 @@ static float f32(input *in) { uint32_t b = (uint32_t)u64(in); float f; memcpy(&f
 static int64_t size_value(input *in) { uint8_t k = u8(in); return k < 240 ? (int64_t)(k % 9) : (int64_t)u64(in); }
 
 enum { MAX_FLOATS = 1 << 16 };
-static float pool[MAX_FLOATS], out_w[MAX_FLOATS], out_b[4096];
+static float pool[MAX_FLOATS], out_w[MAX_FLOATS], out_b[4096], rows[MAX_FLOATS];
 
 /* Fills the pool with a mix of ordinary values and raw bit patterns (NaN, Inf, huge, tiny). */
 static void fill_pool(input *in, size_t n) {
@@ -72,7 +72,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     tengrad_preconditioner *p = NULL;
     if (tengrad_create(&p) != TENGRAD_OK) abort();
     for (int step = 0; step < 24 && in.at < in.size; step++) {
-        uint8_t op = u8(&in) % 11;
+        uint8_t op = u8(&in) % 12;
         int32_t id = 0, layer = (int32_t)(u8(&in) % 5) - 1;
         int64_t batch = size_value(&in);
         size_t acts, grads, weight, bias;
@@ -145,6 +145,20 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 if (st != TENGRAD_OK && st != TENGRAD_ERROR_OUT_OF_MEMORY) abort();
             }
             free(blob);
+            break;
+        }
+        case 10: { /* per-sample rows: from a batch, maybe corrupted, into a snapshot */
+            layer_sizes(p, layer, batch, &acts, &grads, &weight, &bias);
+            size_t n = (size_t)(batch > 0 ? batch : 1) * (weight + bias);
+            fill_pool(&in, acts + grads > 0 ? acts + grads : 1);
+            if (acts == 0 || n > MAX_FLOATS) {
+                (void)tengrad_update_curvature_from_gradients(p, layer, batch, NULL);
+                break;
+            }
+            if (tengrad_per_sample_gradients(p, layer, batch, pool, pool + acts, f32(&in), rows) != TENGRAD_OK) break;
+            uint8_t v = u8(&in);
+            if (v & 1) rows[u8(&in) * 31 % n] = f32(&in);
+            (void)tengrad_update_curvature_from_gradients(p, layer, v & 2 ? batch - 1 : batch, rows);
             break;
         }
         default: (void)tengrad_last_error(p); break;

@@ -248,6 +248,11 @@ final class ExactBlock {
             sa.base.update(from: a, count: sa.count)
             sg.base.update(from: g, count: sg.count)
         }
+        install(p, context: context)
+    }
+
+    /// Installs a prepared snapshot and records how it was made. Cannot fail.
+    private func install(_ p: Prepared, context: LayerContext) {
         replaceSnapshot(p.snapshot)
         record.convStrategy = geometry.kind == .conv2d ? p.strategy : .auto
         record.factoredFlopsEstimate = geometry.kind == .conv2d ? p.factoredEstimate : 0
@@ -263,6 +268,49 @@ final class ExactBlock {
         let start = monotonicSeconds()
         let p = try prepare(batch: batch, activations: activations, outputGrads: outputGrads, scale: scale, context: context)
         commit(p, activations: activations, outputGrads: outputGrads, context: context)
+        record.curvatureSeconds = monotonicSeconds() - start
+    }
+
+    // MARK: - Per-sample gradients as data (docs/DESIGN.md §11)
+
+    /// Writes U of a batch, scaled (row i = s · sample i's gradient, [weight | bias]), to `out`
+    /// (m × d). Changes no state; the inputs are checked before anything is written.
+    func perSampleGradients(
+        batch m: Int, activations a: UnsafePointer<Float>, outputGrads g: UnsafePointer<Float>, scale s: Float,
+        into out: UnsafeMutablePointer<Float>, context: LayerContext
+    ) throws(TENGraDError) {
+        let count = try checkedProduct(m, dims.parameters, what: "batch × parameters (per-sample gradients)")
+        _ = try scanInputs(a, g, start: 0, count: m)
+        let chunk = kernel.formChunk(m: m, available: workspaceFloats(context, reserve: 0))
+        let work = try context.workspace.floats(geometry.patchScratch(samples: chunk))
+        _ = kernel.formAllGradients(m: m, a: a, g: g, into: out, chunk: chunk, work: work)
+        if s != 1 {
+            for i in 0..<count { out[i] *= s }
+        }
+        guard ArrayScan(out, count: count).finite else {
+            throw TENGraDError(.numerical, "the per-sample gradients overflow float32 (inputs too large)")
+        }
+    }
+
+    /// A per-sample snapshot from U given by the caller (m × d rows, already scaled: the rows of
+    /// `perSampleGradients`, e.g. gathered from several processes): K = UUᵀ by one syrk, U kept.
+    func updateCurvature(batch m: Int, perSampleGradients u: UnsafePointer<Float>, context: LayerContext) throws(TENGraDError) {
+        let start = monotonicSeconds()
+        _ = try dims.inputCounts(batch: m)
+        let count = try checkedProduct(m, dims.parameters, what: "batch × parameters (per-sample gradients)")
+        let scan = ArrayScan(u, count: count)
+        guard scan.finite else { throw TENGraDError(.notFinite, "per_sample_gradients contain NaN or Inf") }
+        let kept = try Storage<Float>(count: count, budget: context.budget, what: "per-sample gradients (\(m) × \(dims.parameters) floats)")
+        let gram = try newGram(m: m, context: context)
+        let work = try context.workspace.floats(try checkedProduct(m, m, what: "batch²"))
+        var flops = kernel.accumulateGram(m: m, u: u, width: dims.parameters, ldu: dims.parameters, into: gram.base, scratch: work)
+        let system = try finishSystem(gram, m: m, scale: 1, context: context)
+        flops += system.factorFlops
+        kept.base.update(from: u, count: count)
+        let estimates = gramEstimates(m: m, uFormed: true)
+        let snap = Snapshot(m: m, scale: 1, data: .perSample(kept), entryBound: Double(scan.maxAbs), system: system)
+        install(Prepared(snapshot: snap, flops: flops, strategy: .explicit, factoredEstimate: estimates.factored,
+                         explicitEstimate: estimates.explicit, workspaceU: nil), context: context)
         record.curvatureSeconds = monotonicSeconds() - start
     }
 

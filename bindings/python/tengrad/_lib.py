@@ -208,6 +208,14 @@ tengrad_layer_count = _declare("tengrad_layer_count", c_int32, _handle, POINTER(
 #                                         const float *output_grads, float grad_scale);
 tengrad_update_curvature = _declare(
     "tengrad_update_curvature", c_int32, _handle, c_int32, c_int64, _f32p, _f32p, c_float)
+# tengrad_status tengrad_per_sample_gradients(p, int32_t layer, int64_t batch, const float *activations,
+#                                             const float *output_grads, float grad_scale, float *out_rows);
+tengrad_per_sample_gradients = _declare(
+    "tengrad_per_sample_gradients", c_int32, _handle, c_int32, c_int64, _f32p, _f32p, c_float, _f32p)
+# tengrad_status tengrad_update_curvature_from_gradients(p, int32_t layer, int64_t batch,
+#                                                        const float *per_sample_gradients);
+tengrad_update_curvature_from_gradients = _declare(
+    "tengrad_update_curvature_from_gradients", c_int32, _handle, c_int32, c_int64, _f32p)
 # tengrad_status tengrad_precondition(p, int32_t layer, const float *weight_grad,
 #                                     const float *bias_grad, float *weight_update, float *bias_update);
 tengrad_precondition = _declare(

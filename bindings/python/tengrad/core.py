@@ -340,6 +340,33 @@ class Preconditioner:
         _lib.tengrad_update_curvature(self._h, int(layer), batch, _ptr(activations),
                                       _ptr(output_grads), float(grad_scale))
 
+    @staticmethod
+    def _row_size(spec) -> int:
+        return int(np.prod(spec.weight_shape)) + (spec.out_features if isinstance(spec, LinearSpec) else
+                                                   spec.out_channels) * int(spec.bias)
+
+    def per_sample_gradients(self, layer: int, activations: np.ndarray, output_grads: np.ndarray,
+                             grad_scale: float) -> np.ndarray:
+        """The batch's per-sample gradients as a [batch, d] array (d = weight + bias numbers; row i
+        = grad_scale × sample i's gradient, the weight flattened as ``weight_grad`` then the bias).
+        No state changes. Rows from several processes, concatenated, go to
+        ``update_curvature_from_gradients`` (data-parallel training, docs/DESIGN.md §11)."""
+        spec, batch = self._inputs(layer, activations, output_grads)
+        rows = np.empty((batch, self._row_size(spec)), dtype=np.float32)
+        _lib.tengrad_per_sample_gradients(self._h, int(layer), batch, _ptr(activations), _ptr(output_grads),
+                                          float(grad_scale), _ptr(rows))
+        return rows
+
+    def update_curvature_from_gradients(self, layer: int, rows: np.ndarray) -> None:
+        """Take this layer's curvature snapshot from per-sample gradient rows ([batch, d], already
+        scaled, as ``per_sample_gradients`` returns them): the snapshot ``update_curvature`` takes
+        from the batch the rows came from. The rows are kept (per-sample representation)."""
+        spec = self.layer_spec(layer)
+        if not isinstance(rows, np.ndarray) or rows.ndim != 2:
+            raise TypeError("rows must be a 2-D numpy.ndarray [batch, weight + bias numbers]")
+        _check("rows", rows, (rows.shape[0], self._row_size(spec)))
+        _lib.tengrad_update_curvature_from_gradients(self._h, int(layer), rows.shape[0], _ptr(rows))
+
     def precondition(self, layer: int, weight_grad: np.ndarray, bias_grad: Optional[np.ndarray] = None,
                      out=None):
         """(F + λI)^-1 grad with F from the layer's snapshot. Returns (weight_update, bias_update);

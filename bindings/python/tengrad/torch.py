@@ -57,7 +57,7 @@ output gradients (``grad_scale``): mean-reduced losses hand out 1/m of each samp
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -165,7 +165,8 @@ class TENGraD:
         process_group: a ``torch.distributed`` process group (gloo; NCCL/MPI backends take the same
             calls) for data-parallel training with exact global-batch blocks (docs/DESIGN.md §11):
             every rank runs the same model on its own samples and calls ``step()``; each layer's
-            curvature lives on one owner rank, which gathers the layer's per-sample rows,
+            curvature lives on one owner rank, which gathers the layer's per-sample rows (raw
+            inputs and output gradients, or a convolution's per-sample gradients when shorter),
             preconditions the global mean gradient (each rank's mean weighted by its share of the
             samples) and broadcasts the update, so every rank gets the update one process would
             compute on the concatenated batch. ``step()`` replaces the gradient allreduce of the
@@ -519,6 +520,20 @@ class TENGraD:
         self.steps += 1
 
     # -- data parallel (docs/DESIGN.md §11) -------------------------------------------------------
+    def _rows(self, layer: _Layer) -> Tuple[str, int]:
+        """What a refresh sends of each sample of this layer (docs/DESIGN.md §11): the raw row
+        (inputs + output gradients) or, when it is shorter, the per-sample gradient (weight + bias
+        numbers) — a convolution with many output positions. Returns (kind, floats per sample)."""
+        spec = layer.spec
+        if isinstance(spec, LinearSpec):
+            return "raw", spec.in_features + spec.out_features
+        h, w = spec.input_size
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = spec.kernel_size, spec.stride, spec.padding, spec.dilation
+        positions = ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+        raw = spec.in_channels * h * w + spec.out_channels * positions
+        d = spec.out_channels * (spec.in_channels // spec.groups * kh * kw + int(spec.bias))
+        return ("per-sample", d) if d < raw else ("raw", raw)
+
     def _owner_map(self) -> List[int]:
         """Layer → owner rank, identical on every rank without communication: layers by estimated
         refresh cost (descending, ties by index), each to the least-loaded rank (ties: lowest)."""
@@ -528,13 +543,8 @@ class TENGraD:
             costs = []
             for i, layer in enumerate(self._layers):
                 spec = layer.spec
-                if isinstance(spec, LinearSpec):
-                    row, d = spec.in_features + spec.out_features, spec.out_features * (spec.in_features + 1)
-                else:
-                    h, w = spec.input_size
-                    row = spec.in_channels * h * w + spec.out_channels * h * w
-                    d = spec.out_channels * (spec.in_channels // spec.groups * spec.kernel_size[0] * spec.kernel_size[1] + 1)
-                costs.append((-(row + 4 * d), i))
+                weights = int(np.prod(spec.weight_shape)) + (spec.bias_shape[0] if spec.bias else 0)
+                costs.append((-(self._rows(layer)[1] + 4 * weights), i))
             load = [0] * size
             owners = [0] * len(self._layers)
             for cost, i in sorted(costs):
@@ -616,12 +626,21 @@ class TENGraD:
             grad = np.concatenate([w.ravel(), b.ravel()]) if b is not None else w.ravel().copy()
             g_sum = torch.from_numpy(grad * weight).to(device)
             dist.reduce(g_sum, dst=owner, group=group)
+            kind, width = self._rows(layer)
             if refresh:
                 a, g = batch
-                g = g * self._grad_scale(a.shape[0])  # per-sample output gradients
-                rows = torch.from_numpy(np.concatenate([a.reshape(a.shape[0], -1), g.reshape(g.shape[0], -1)], 1))
-                pad = torch.zeros((max(counts), rows.shape[1]), dtype=rows.dtype)
-                pad[:rows.shape[0]] = rows
+                pad = torch.zeros((max(counts), width), dtype=torch.float32)
+                if kind == "raw":  # inputs and per-sample output gradients
+                    g = g * self._grad_scale(a.shape[0])
+                    pad[:a.shape[0]] = torch.from_numpy(
+                        np.concatenate([a.reshape(a.shape[0], -1), g.reshape(g.shape[0], -1)], 1))
+                else:
+                    try:
+                        pad[:a.shape[0]] = torch.from_numpy(
+                            self._pre.per_sample_gradients(layer.id, a, g, self._grad_scale(a.shape[0])))
+                    except Exception as e:  # noqa: BLE001 — NaN rows make the owner refuse too
+                        status, error = 1, e
+                        pad.fill_(float("nan"))
                 pad = pad.to(device)
                 gathered = [torch.zeros_like(pad) for _ in range(size)] if rank == owner else None
                 dist.gather(pad, gathered, dst=owner, group=group)
@@ -630,10 +649,13 @@ class TENGraD:
                 try:
                     if refresh:
                         full = torch.cat([blk[:n] for blk, n in zip(gathered, counts)]).cpu().numpy()
-                        cut = a[0].size
-                        fa = np.ascontiguousarray(full[:, :cut]).reshape((m_total,) + a.shape[1:])
-                        fg = np.ascontiguousarray(full[:, cut:]).reshape((m_total,) + batch[1].shape[1:])
-                        self._pre.update_curvature(layer.id, fa, fg, 1.0)
+                        if kind == "raw":
+                            cut = a[0].size
+                            fa = np.ascontiguousarray(full[:, :cut]).reshape((m_total,) + a.shape[1:])
+                            fg = np.ascontiguousarray(full[:, cut:]).reshape((m_total,) + batch[1].shape[1:])
+                            self._pre.update_curvature(layer.id, fa, fg, 1.0)
+                        else:
+                            self._pre.update_curvature_from_gradients(layer.id, np.ascontiguousarray(full))
                     reduced = g_sum.cpu().numpy()
                     gw = reduced[:w.size].reshape(w.shape).copy()
                     gb = reduced[w.size:].copy() if b is not None else None

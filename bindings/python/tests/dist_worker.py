@@ -116,7 +116,8 @@ def main():
         with torch.no_grad():                               # a fixed, rank-independent move
             for p in model.parameters():
                 p.sub_(0.05 * p.grad)
-    np.savez(f"{out}.{rank}.npz", owners=np.array(pre._owners or []), nu=np.array(pre.last_nu), **saved)
+    kinds = np.array([pre._rows(layer)[0] == "per-sample" for layer in pre._layers])  # rows a refresh sends
+    np.savez(f"{out}.{rank}.npz", owners=np.array(pre._owners or []), kinds=kinds, nu=np.array(pre.last_nu), **saved)
     if distributed:
         # Every rank has finished every collective once the barrier returns; leave without
         # gloo's teardown, which aborted now and then when a peer's connection closed first.

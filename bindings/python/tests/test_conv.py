@@ -224,3 +224,39 @@ def test_auto_representation_follows_the_cost_model():
     with tengrad.Preconditioner() as empty:
         empty.add_linear(2, 2)
         assert empty.snapshot_info(0)["representation"] is None and empty.snapshot_info(0)["batch"] == 0
+
+
+@pytest.mark.parametrize("name", ["3x3-pad1", "groups2", "stride2", "batch1"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_snapshot_from_gathered_per_sample_rows(name, bias):
+    """Data-parallel building block (docs/DESIGN.md §11): rows from per_sample_gradients of two
+    pieces of the batch (two workers), concatenated, make a snapshot on another handle (the owner)
+    that preconditions like the dense oracle of the whole batch; the rows are the oracle's
+    per-sample gradients; NaN rows and wrong shapes are refused with the snapshot unchanged."""
+    m, x, g, spec, layer_args, rng = make(name, bias)
+    U = conv_per_sample(x.astype(np.float64), g.astype(np.float64), spec, 2.0)
+    with tengrad.Preconditioner() as worker, tengrad.Preconditioner(damping=0.05) as owner:
+        a, b = worker.add_conv2d(*layer_args), owner.add_conv2d(*layer_args)
+        pieces = [slice(0, m // 2), slice(m // 2, m)] if m > 1 else [slice(0, 1)]
+        rows = np.concatenate([worker.per_sample_gradients(a, x[s], g[s], 2.0) for s in pieces])
+        assert worker.layer_stats(a)["batch"] == 0                   # rows change no state
+        cout = layer_args[1]
+        weights = rows[:, :rows.shape[1] - (cout if bias else 0)].reshape((m, cout, -1))
+        biases = rows[:, rows.shape[1] - cout:] if bias else None
+        for i in range(m):
+            assert relative_error(join_conv(weights[i], None if biases is None else biases[i]), U[:, i]) <= TOL
+        owner.update_curvature_from_gradients(b, rows)
+        assert owner.snapshot_info(b)["representation"] == "per-sample"
+        shape = owner.layer_spec(b).weight_shape
+        vw = rng.standard_normal(shape).astype(np.float32)
+        vb = rng.standard_normal(cout).astype(np.float32) if bias else None
+        w, wb = owner.precondition(b, vw, vb)
+        assert relative_error(join_conv(w, wb), damped_solve(U, 0.05, join_conv(vw, vb))) <= TOL
+        before = owner.save_state()
+        bad = rows.copy()
+        bad[0, 0] = np.nan
+        with pytest.raises(tengrad.TengradError, match="NOT_FINITE"):
+            owner.update_curvature_from_gradients(b, bad)
+        with pytest.raises(ValueError):
+            owner.update_curvature_from_gradients(b, rows[:, 1:].copy())
+        assert owner.save_state() == before

@@ -1,6 +1,7 @@
 """Data-parallel TENGraD (torch.distributed, gloo on 127.0.0.1) equals a single process on the
 concatenated batch: P ∈ {2, 3, 4} ranks (m = 10: uneven for 3 and 4; 4 ranks > the MLP's 2
-layers), linear and conv layers, empirical and sampled Fisher, refresh and reuse steps. Every
+layers), linear and conv layers (the convolutions send per-sample gradient rows, the linear
+layers raw rows), empirical and sampled Fisher, refresh and reuse steps. Every
 rank's preconditioned gradients match the single process's within 1e-4 relative (float32 rounding
 of a differently ordered sum of per-rank means; observed ~1e-6), ranks agree bitwise (the owner
 broadcasts), and every rank computed the same owner map. With KL clipping, ν comes from the
@@ -68,15 +69,18 @@ def check(make, fisher, tmp_path, variant, m, sizes):
         for r in ranks[1:]:
             np.testing.assert_array_equal(r["owners"], ranks[0]["owners"])
             for key in reference:
-                if key != "owners":
+                if key not in ("owners", "kinds"):
                     np.testing.assert_array_equal(r[key], ranks[0][key])
             for key in (k for k in r if k.startswith("local/")):
                 # the comm hook: DDP averaged the skipped layer "0" only; the others stay local
                 same = np.array_equal(r[key], ranks[0][key])
                 assert same == key.startswith("local/0."), (size, key, same)
         assert sorted(set(ranks[0]["owners"].tolist())) == list(range(min(size, len(ranks[0]["owners"]))))
+        # the convolutions send per-sample gradients (shorter than their inputs + outputs), linear layers raw rows
+        want_kinds = [True, True, False][-len(ranks[0]["kinds"]):] if make == "cnn" else [False] * len(ranks[0]["kinds"])
+        assert ranks[0]["kinds"].tolist() == want_kinds
         for key, want in reference.items():
-            if key == "owners":
+            if key in ("owners", "kinds"):
                 continue
             if key == "nu":                                  # KL clipping: the same ν from global sums
                 if fisher.endswith("+kl"):
