@@ -341,19 +341,25 @@ public func tengrad_load_state(_ p: OpaquePointer?, _ buffer: UnsafeRawPointer?,
 
 // MARK: - Preconditioning
 
+/// The batch arrays of a call, checked non-NULL and sized from the layer and batch.
+private func batchArrays(
+    _ h: Handle, _ layer: Int32, _ batch: Int64, _ activations: UnsafePointer<Float>?, _ outputGrads: UnsafePointer<Float>?
+) throws(TENGraDError) -> (Preconditioner.ArrayCounts, UnsafeBufferPointer<Float>, UnsafeBufferPointer<Float>) {
+    let counts = try h.core.arrayCounts(layer: Int(layer), batch: Int(batch))
+    let a = try required(activations, "activations")
+    let g = try required(outputGrads, "output_grads")
+    return (counts, UnsafeBufferPointer(start: a, count: counts.activations),
+            UnsafeBufferPointer(start: g, count: counts.outputGrads))
+}
+
 @_cdecl("tengrad_update_curvature")
 public func tengrad_update_curvature(
     _ p: OpaquePointer?, _ layer: Int32, _ batch: Int64, _ activations: UnsafePointer<Float>?,
     _ outputGrads: UnsafePointer<Float>?, _ gradScale: Float
 ) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        let counts = try h.core.arrayCounts(layer: Int(layer), batch: Int(batch))
-        let a = try required(activations, "activations")
-        let g = try required(outputGrads, "output_grads")
-        try h.core.updateCurvature(
-            layer: Int(layer), batch: Int(batch),
-            activations: UnsafeBufferPointer(start: a, count: counts.activations),
-            outputGrads: UnsafeBufferPointer(start: g, count: counts.outputGrads), gradScale: gradScale)
+        let (_, a, g) = try batchArrays(h, layer, batch, activations, outputGrads)
+        try h.core.updateCurvature(layer: Int(layer), batch: Int(batch), activations: a, outputGrads: g, gradScale: gradScale)
     }
 }
 
@@ -363,14 +369,10 @@ public func tengrad_per_sample_gradients(
     _ outputGrads: UnsafePointer<Float>?, _ gradScale: Float, _ outRows: UnsafeMutablePointer<Float>?
 ) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        let counts = try h.core.arrayCounts(layer: Int(layer), batch: Int(batch))
-        let a = try required(activations, "activations")
-        let g = try required(outputGrads, "output_grads")
+        let (counts, a, g) = try batchArrays(h, layer, batch, activations, outputGrads)
         let o = try required(outRows, "out_rows")
         try h.core.perSampleGradients(
-            layer: Int(layer), batch: Int(batch),
-            activations: UnsafeBufferPointer(start: a, count: counts.activations),
-            outputGrads: UnsafeBufferPointer(start: g, count: counts.outputGrads), gradScale: gradScale,
+            layer: Int(layer), batch: Int(batch), activations: a, outputGrads: g, gradScale: gradScale,
             into: UnsafeMutableBufferPointer(start: o, count: counts.perSampleGradients))
     }
 }
@@ -412,14 +414,10 @@ public func tengrad_natural_gradient(
     _ weightUpdate: UnsafeMutablePointer<Float>?, _ biasUpdate: UnsafeMutablePointer<Float>?
 ) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        let counts = try h.core.arrayCounts(layer: Int(layer), batch: Int(batch))
-        let a = try required(activations, "activations")
-        let g = try required(outputGrads, "output_grads")
+        let (counts, a, g) = try batchArrays(h, layer, batch, activations, outputGrads)
         let wu = try required(weightUpdate, "weight_update")
         try h.core.naturalGradient(
-            layer: Int(layer), batch: Int(batch),
-            activations: UnsafeBufferPointer(start: a, count: counts.activations),
-            outputGrads: UnsafeBufferPointer(start: g, count: counts.outputGrads), gradScale: gradScale,
+            layer: Int(layer), batch: Int(batch), activations: a, outputGrads: g, gradScale: gradScale,
             weightUpdate: UnsafeMutableBufferPointer(start: wu, count: counts.weight),
             biasUpdate: biasUpdate.map { UnsafeMutableBufferPointer(start: $0, count: counts.bias) })
     }
