@@ -1,9 +1,9 @@
 """Data-parallel TENGraD (torch.distributed, gloo on 127.0.0.1) equals a single process on the
-concatenated batch: P ∈ {2, 3, 4} ranks (m = 10: uneven for 3 and 4; 4 ranks > the MLP's 2
+concatenated batch: P ∈ {1, 2, 3, 4} ranks (m = 10: uneven for 3 and 4; 4 ranks > the MLP's 2
 layers), linear and conv layers (the convolutions send per-sample gradient rows, the linear
 layers raw rows), empirical and sampled Fisher, refresh and reuse steps. Every
 rank's preconditioned gradients match the single process's within 1e-4 relative (float32 rounding
-of a differently ordered sum of per-rank means; observed ~1e-6), ranks agree bitwise (the owner
+of a differently ordered sum of per-rank means; observed 2e-7 to 1.2e-5), ranks agree bitwise (the owner
 broadcasts), and every rank computed the same owner map. With KL clipping, ν comes from the
 global sum of ⟨update, grad⟩ and equals the single process's. With the model wrapped in
 DistributedDataParallel, DDP averages only the layer TENGraD skips (its gradient equals the single
@@ -49,7 +49,7 @@ def run(make, fisher, size, tmp, distributed, variant="plain", m=10):
 @pytest.mark.parametrize("make,fisher", [("mlp", "empirical"), ("cnn", "empirical"), ("mlp", "sampled"), ("cnn", "sampled"),
                                          ("cnn", "empirical+kl")])
 def test_distributed_equals_single_process(make, fisher, tmp_path):
-    check(make, fisher, tmp_path, "plain", 10, (2, 3, 4))
+    check(make, fisher, tmp_path, "plain", 10, (1, 2, 3, 4))
 
 
 @pytest.mark.parametrize("make,fisher", [("mlp", "empirical"), ("cnn", "sampled")])
