@@ -213,6 +213,46 @@ TENGRAD_NODISCARD tengrad_status tengrad_update_curvature(tengrad_preconditioner
                                                           const float *output_grads,
                                                           float grad_scale);
 
+/* ---- Linear layers over token sequences ------------------------------------------------ */
+
+/* A linear layer applied to sequences (PyTorch's nn.Linear on [batch, T, in] inputs, as in every
+   transformer): activations [batch][tokens][in], output_grads [batch][tokens][out], row-major
+   (batch-first). `tokens` T may differ between calls. The mask, if not NULL, is
+   [batch][tokens] bytes, 1 for a token and 0 for padding; padding contributes nothing, whatever
+   its activations and gradients hold (NaN included); a mask of all ones equals no mask. Values
+   other than 0 and 1: TENGRAD_ERROR_INVALID_ARGUMENT.
+
+   TENGRAD_TOKENS_PER_SEQUENCE (default): a sample is a sequence, its gradient the sum over its
+     tokens u_i = s Σ_t g_it ã_itᵀ (s = grad_scale), and the block is the exact Fisher block of
+     these per-sequence gradients: K_ij = s² Σ_{t,t'} (ã_it·ã_jt')(g_it·g_jt'). Both Gram strategies
+     (factored over token pairs, ≈ m²T²(in + out) flops; explicit per-sample gradients,
+     ≈ 2mT·in·out + m²·out·(in + 1)) and both snapshot representations apply, picked by the
+     same cost models as for convolutions (L = T). tokens = 1 is the plain linear layer.
+   TENGRAD_TOKENS_PER_TOKEN: every unmasked token is a sample (the "expand" view of KFAC
+     libraries, for losses that are sums over tokens): the same as the plain calls on the
+     unmasked tokens flattened into the batch (m = their number; grad_scale then makes token
+     gradients out of the output gradients).
+   The mode takes effect at the next curvature update; conv2d layers take only PER_SEQUENCE (and
+   tokens = 1). tengrad_precondition applies whatever snapshot the layer holds. */
+enum { TENGRAD_TOKENS_PER_SEQUENCE = 0, TENGRAD_TOKENS_PER_TOKEN = 1 };
+
+TENGRAD_NODISCARD tengrad_status tengrad_set_token_mode(tengrad_preconditioner *p, int32_t layer, int32_t mode);
+TENGRAD_NODISCARD tengrad_status tengrad_get_token_mode(const tengrad_preconditioner *p, int32_t layer,
+                                                        int32_t *out_mode);
+
+/* tengrad_update_curvature and tengrad_natural_gradient over sequences (see above). */
+TENGRAD_NODISCARD tengrad_status tengrad_update_curvature_tokens(tengrad_preconditioner *p, int32_t layer,
+                                                                 int64_t batch, int64_t tokens,
+                                                                 const float *activations,
+                                                                 const float *output_grads,
+                                                                 const uint8_t *mask, float grad_scale);
+TENGRAD_NODISCARD tengrad_status tengrad_natural_gradient_tokens(tengrad_preconditioner *p, int32_t layer,
+                                                                 int64_t batch, int64_t tokens,
+                                                                 const float *activations,
+                                                                 const float *output_grads,
+                                                                 const uint8_t *mask, float grad_scale,
+                                                                 float *weight_update, float *bias_update);
+
 /* Per-sample gradients as data, for moving a snapshot between processes (data-parallel training:
    a layer's owner gathers its rows from every worker; docs/DESIGN.md §11). Rows are smaller than
    the batch they come from when a layer has many output positions (a convolution's d = weight +

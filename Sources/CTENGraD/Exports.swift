@@ -276,6 +276,27 @@ public func tengrad_set_snapshot_representation(_ p: OpaquePointer?, _ layer: In
     }
 }
 
+@_cdecl("tengrad_set_token_mode")
+public func tengrad_set_token_mode(_ p: OpaquePointer?, _ layer: Int32, _ mode: Int32) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let m: TokenMode
+        switch Int(mode) {
+        case Int(TENGRAD_TOKENS_PER_SEQUENCE): m = .perSequence
+        case Int(TENGRAD_TOKENS_PER_TOKEN): m = .perToken
+        default: throw TENGraDError(.invalidArgument, "mode must be TENGRAD_TOKENS_PER_SEQUENCE or _PER_TOKEN, got \(mode)")
+        }
+        try h.core.setTokenMode(layer: Int(layer), m)
+    }
+}
+
+@_cdecl("tengrad_get_token_mode")
+public func tengrad_get_token_mode(_ p: OpaquePointer?, _ layer: Int32, _ out: UnsafeMutablePointer<Int32>?) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let o = try required(out, "out")
+        o.pointee = Int32(try h.core.tokenMode(layer: Int(layer)) == .perToken ? TENGRAD_TOKENS_PER_TOKEN : TENGRAD_TOKENS_PER_SEQUENCE)
+    }
+}
+
 @_cdecl("tengrad_layer_count")
 public func tengrad_layer_count(_ p: OpaquePointer?, _ out: UnsafeMutablePointer<Int32>?) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
@@ -341,11 +362,13 @@ public func tengrad_load_state(_ p: OpaquePointer?, _ buffer: UnsafeRawPointer?,
 
 // MARK: - Preconditioning
 
-/// The batch arrays of a call, checked non-NULL and sized from the layer and batch.
+/// The batch arrays of a call, checked non-NULL and sized from the layer, batch and tokens.
 private func batchArrays(
-    _ h: Handle, _ layer: Int32, _ batch: Int64, _ activations: UnsafePointer<Float>?, _ outputGrads: UnsafePointer<Float>?
+    _ h: Handle, _ layer: Int32, _ batch: Int64, tokens: Int64 = 1, _ activations: UnsafePointer<Float>?,
+    _ outputGrads: UnsafePointer<Float>?
 ) throws(TENGraDError) -> (Preconditioner.ArrayCounts, UnsafeBufferPointer<Float>, UnsafeBufferPointer<Float>) {
-    let counts = try h.core.arrayCounts(layer: Int(layer), batch: Int(batch))
+    guard tokens > 0 else { throw TENGraDError(.invalidArgument, "tokens must be positive, got \(tokens)") }
+    let counts = try h.core.arrayCounts(layer: Int(layer), batch: Int(batch), tokens: Int(tokens))
     let a = try required(activations, "activations")
     let g = try required(outputGrads, "output_grads")
     return (counts, UnsafeBufferPointer(start: a, count: counts.activations),
@@ -360,6 +383,40 @@ public func tengrad_update_curvature(
     run(p) { (h) throws(TENGraDError) in
         let (_, a, g) = try batchArrays(h, layer, batch, activations, outputGrads)
         try h.core.updateCurvature(layer: Int(layer), batch: Int(batch), activations: a, outputGrads: g, gradScale: gradScale)
+    }
+}
+
+/// The optional mask of a sequence call (batch × tokens bytes).
+private func maskBuffer(_ mask: UnsafePointer<UInt8>?, _ counts: Preconditioner.ArrayCounts) -> UnsafeBufferPointer<UInt8>? {
+    mask.map { UnsafeBufferPointer(start: $0, count: counts.mask) }
+}
+
+@_cdecl("tengrad_update_curvature_tokens")
+public func tengrad_update_curvature_tokens(
+    _ p: OpaquePointer?, _ layer: Int32, _ batch: Int64, _ tokens: Int64, _ activations: UnsafePointer<Float>?,
+    _ outputGrads: UnsafePointer<Float>?, _ mask: UnsafePointer<UInt8>?, _ gradScale: Float
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let (counts, a, g) = try batchArrays(h, layer, batch, tokens: tokens, activations, outputGrads)
+        try h.core.updateCurvature(layer: Int(layer), batch: Int(batch), tokens: Int(tokens), activations: a, outputGrads: g,
+                                   mask: maskBuffer(mask, counts), gradScale: gradScale)
+    }
+}
+
+@_cdecl("tengrad_natural_gradient_tokens")
+public func tengrad_natural_gradient_tokens(
+    _ p: OpaquePointer?, _ layer: Int32, _ batch: Int64, _ tokens: Int64, _ activations: UnsafePointer<Float>?,
+    _ outputGrads: UnsafePointer<Float>?, _ mask: UnsafePointer<UInt8>?, _ gradScale: Float,
+    _ weightUpdate: UnsafeMutablePointer<Float>?, _ biasUpdate: UnsafeMutablePointer<Float>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let (counts, a, g) = try batchArrays(h, layer, batch, tokens: tokens, activations, outputGrads)
+        let wu = try required(weightUpdate, "weight_update")
+        try h.core.naturalGradient(
+            layer: Int(layer), batch: Int(batch), tokens: Int(tokens), activations: a, outputGrads: g,
+            mask: maskBuffer(mask, counts), gradScale: gradScale,
+            weightUpdate: UnsafeMutableBufferPointer(start: wu, count: counts.weight),
+            biasUpdate: biasUpdate.map { UnsafeMutableBufferPointer(start: $0, count: counts.bias) })
     }
 }
 

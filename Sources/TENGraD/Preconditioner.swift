@@ -92,6 +92,20 @@ public final class Preconditioner {
         try layer(id).representationSetting
     }
 
+    /// How a linear layer called over token sequences defines its samples (`TokenMode`); takes
+    /// effect at the next curvature update. Conv layers take `.perSequence` only.
+    public func setTokenMode(layer id: Int, _ mode: TokenMode) throws(TENGraDError) {
+        let l = try layer(id)
+        guard l.geometry.kind == .linear || mode == .perSequence else {
+            throw .invalid("token modes apply to linear layers; layer \(id) is a conv2d layer")
+        }
+        l.tokenMode = mode
+    }
+
+    public func tokenMode(layer id: Int) throws(TENGraDError) -> TokenMode {
+        try layer(id).tokenMode
+    }
+
     func append(_ layer: ExactBlock) throws(TENGraDError) -> Int {
         guard layers.count < Int(Int32.max) else { throw .invalid("too many layers") }
         layers.append(layer)
@@ -116,15 +130,17 @@ public final class Preconditioner {
         public var parameters: Int { weight + bias }
         /// batch × parameters: the per-sample gradient rows of the batch.
         public var perSampleGradients: Int
+        /// batch × tokens: the mask of a sequence call.
+        public var mask: Int
     }
 
     /// Overflow-checked sizes of the arrays of a call; `batch` 0 gives the parameter sizes only.
-    public func arrayCounts(layer id: Int, batch: Int) throws(TENGraDError) -> ArrayCounts {
+    public func arrayCounts(layer id: Int, batch: Int, tokens: Int = 1) throws(TENGraDError) -> ArrayCounts {
         let l = try layer(id)
-        let inputs = batch == 0 ? (0, 0) : try l.dims.inputCounts(batch: batch)
+        let inputs = batch == 0 ? (0, 0) : try l.kernel(tokens: tokens).dims.inputCounts(batch: batch)
         let rows = try checkedProduct(batch, l.dims.parameters, what: "batch × parameters (per-sample gradients)")
         return ArrayCounts(activations: inputs.0, outputGrads: inputs.1, weight: l.dims.weightCount, bias: l.dims.biasCount,
-                           perSampleGradients: rows)
+                           perSampleGradients: rows, mask: try checkedProduct(batch, tokens, what: "batch × tokens"))
     }
 
     /// Kind and shape of a registered layer.
@@ -224,11 +240,8 @@ public final class Preconditioner {
         layer id: Int, batch: Int, activations: UnsafeBufferPointer<Float>,
         outputGrads: UnsafeBufferPointer<Float>, gradScale: Float
     ) throws(TENGraDError) {
-        let l = try layer(id)
-        let (a, g) = try Self.batchInputs(l, batch: batch, activations, outputGrads, gradScale: gradScale)
-        try compute { () throws(TENGraDError) in
-            try l.updateCurvature(batch: batch, activations: a, outputGrads: g, scale: gradScale, context: context)
-        }
+        try updateCurvature(layer: id, batch: batch, tokens: 1, activations: activations, outputGrads: outputGrads,
+                            mask: nil, gradScale: gradScale)
     }
 
     /// The per-sample gradients of a batch as data: row i of `out` (batch × (weight + bias)) is
@@ -266,6 +279,106 @@ public final class Preconditioner {
         }
     }
 
+    // MARK: - Sequences (linear layers over tokens, docs/DESIGN.md §12)
+
+    /// A sequence batch as the layer's calls take it: samples, positions and the arrays — the
+    /// caller's, or copies (kept alive here) with masked tokens zeroed (per sequence) or left out
+    /// (per token).
+    private struct SequenceBatch {
+        let batch: Int
+        let tokens: Int
+        let activations: UnsafePointer<Float>
+        let outputGrads: UnsafePointer<Float>
+        let copies: (Storage<Float>, Storage<Float>)?
+    }
+
+    /// Checks a sequence call's arrays and mask (batch × tokens bytes, each 0 or 1) and applies
+    /// the layer's token mode. Nothing is written anywhere the caller can see.
+    private func sequenceBatch(
+        _ l: ExactBlock, batch: Int, tokens: Int, _ activations: UnsafeBufferPointer<Float>,
+        _ outputGrads: UnsafeBufferPointer<Float>, mask: UnsafeBufferPointer<UInt8>?, gradScale: Float
+    ) throws(TENGraDError) -> SequenceBatch {
+        guard tokens > 0 else { throw .invalid("tokens must be positive, got \(tokens)") }
+        let counts = try l.kernel(tokens: tokens).dims.inputCounts(batch: batch)
+        try Self.checkScale(gradScale)
+        let a = try Self.base(activations, count: counts.activations, "activations")
+        let g = try Self.base(outputGrads, count: counts.outputGrads, "output_grads")
+        let perToken = l.tokenMode == .perToken
+        guard let mask else {
+            return perToken ? SequenceBatch(batch: try checkedProduct(batch, tokens, what: "batch × tokens"), tokens: 1,
+                                            activations: a, outputGrads: g, copies: nil)
+                            : SequenceBatch(batch: batch, tokens: tokens, activations: a, outputGrads: g, copies: nil)
+        }
+        let positions = try checkedProduct(batch, tokens, what: "batch × tokens")
+        let flags = try Self.base(mask, count: positions, "mask")
+        var kept = 0
+        for i in 0..<positions {
+            guard flags[i] <= 1 else { throw .invalid("mask[\(i)] is \(flags[i]); a mask holds 0 (padding) or 1 (token)") }
+            kept += Int(flags[i])
+        }
+        if perToken, kept == 0 { throw .invalid("the mask selects no token (per-token mode needs at least one)") }
+        let width = l.dims.inputSize, outWidth = l.dims.outputSize  // one token's features (the layer's own T = 1)
+        let rows = perToken ? kept : positions
+        let ca = try Storage<Float>(count: try checkedProduct(rows, width, what: "masked activations"), budget: budget, what: "masked activations")
+        let cg = try Storage<Float>(count: try checkedProduct(rows, outWidth, what: "masked output gradients"), budget: budget, what: "masked output gradients")
+        var r = 0
+        for i in 0..<positions {
+            if flags[i] == 1 {
+                (ca.base + r * width).update(from: a + i * width, count: width)
+                (cg.base + r * outWidth).update(from: g + i * outWidth, count: outWidth)
+                r += 1
+            } else if !perToken {  // padding contributes nothing, whatever it holds
+                (ca.base + r * width).update(repeating: 0, count: width)
+                (cg.base + r * outWidth).update(repeating: 0, count: outWidth)
+                r += 1
+            }
+        }
+        return SequenceBatch(batch: perToken ? kept : batch, tokens: perToken ? 1 : tokens,
+                             activations: ca.base, outputGrads: cg.base, copies: (ca, cg))
+    }
+
+    /// `updateCurvature` for a linear layer applied over sequences: activations [batch][tokens][in],
+    /// output gradients [batch][tokens][out] (PyTorch's batch-first layout), an optional mask
+    /// [batch][tokens] of 0 (padding: contributes nothing, whatever its values) and 1. Per
+    /// sequence (default), a sample is a sequence: `u_i = s Σ_t g_it ã_itᵀ`, the exact Fisher block
+    /// of per-sequence gradients; per token, every unmasked token is a sample. `tokens` may differ
+    /// between calls.
+    public func updateCurvature(
+        layer id: Int, batch: Int, tokens: Int, activations: UnsafeBufferPointer<Float>,
+        outputGrads: UnsafeBufferPointer<Float>, mask: UnsafeBufferPointer<UInt8>?, gradScale: Float
+    ) throws(TENGraDError) {
+        let l = try layer(id)
+        try compute { () throws(TENGraDError) in
+            let b = try sequenceBatch(l, batch: batch, tokens: tokens, activations, outputGrads, mask: mask, gradScale: gradScale)
+            try withExtendedLifetime(b.copies) { () throws(TENGraDError) in
+                try l.updateCurvature(batch: b.batch, tokens: b.tokens, activations: b.activations, outputGrads: b.outputGrads,
+                                      scale: gradScale, context: context)
+            }
+        }
+    }
+
+    /// `naturalGradient` for a linear layer over sequences (see the sequence `updateCurvature`).
+    public func naturalGradient(
+        layer id: Int, batch: Int, tokens: Int, activations: UnsafeBufferPointer<Float>,
+        outputGrads: UnsafeBufferPointer<Float>, mask: UnsafeBufferPointer<UInt8>?, gradScale: Float,
+        weightUpdate: UnsafeMutableBufferPointer<Float>, biasUpdate: UnsafeMutableBufferPointer<Float>?
+    ) throws(TENGraDError) {
+        let l = try layer(id)
+        let (wu, bu) = try Self.updateOutputs(l, weightUpdate, biasUpdate)
+        try compute { () throws(TENGraDError) in
+            let b = try sequenceBatch(l, batch: batch, tokens: tokens, activations, outputGrads, mask: mask, gradScale: gradScale)
+            // The caller's arrays (checked non-NULL and sized by now) must not overlap the outputs.
+            guard let a = activations.baseAddress, let g = outputGrads.baseAddress else { throw .invalid("activations is NULL") }
+            try Self.checkNoOverlap(outputs: (wu, l.dims.weightCount), (bu, l.dims.biasCount),
+                                    inputs: [(a, activations.count, "activations"), (g, outputGrads.count, "output_grads")])
+            try withExtendedLifetime(b.copies) { () throws(TENGraDError) in
+                try l.naturalGradient(
+                    batch: b.batch, tokens: b.tokens, activations: b.activations, outputGrads: b.outputGrads, scale: gradScale,
+                    weightUpdate: wu, biasUpdate: bu, context: context)
+            }
+        }
+    }
+
     /// `update = (F + λI)⁻¹ grad` with F from the layer's current snapshot. The update buffers may
     /// be the gradient buffers themselves (in place).
     public func precondition(
@@ -288,17 +401,8 @@ public final class Preconditioner {
         outputGrads: UnsafeBufferPointer<Float>, gradScale: Float,
         weightUpdate: UnsafeMutableBufferPointer<Float>, biasUpdate: UnsafeMutableBufferPointer<Float>?
     ) throws(TENGraDError) {
-        let l = try layer(id)
-        let (a, g) = try Self.batchInputs(l, batch: batch, activations, outputGrads, gradScale: gradScale)
-        let (wu, bu) = try Self.updateOutputs(l, weightUpdate, biasUpdate)
-        let counts = try l.dims.inputCounts(batch: batch)
-        try Self.checkNoOverlap(outputs: (wu, l.dims.weightCount), (bu, l.dims.biasCount),
-                                inputs: [(a, counts.activations, "activations"), (g, counts.outputGrads, "output_grads")])
-        try compute { () throws(TENGraDError) in
-            try l.naturalGradient(
-                batch: batch, activations: a, outputGrads: g, scale: gradScale, weightUpdate: wu, biasUpdate: bu,
-                context: context)
-        }
+        try naturalGradient(layer: id, batch: batch, tokens: 1, activations: activations, outputGrads: outputGrads,
+                            mask: nil, gradScale: gradScale, weightUpdate: weightUpdate, biasUpdate: biasUpdate)
     }
 
     // MARK: - KL clipping
@@ -371,9 +475,31 @@ extension Preconditioner {
         return (weight, bias)
     }
 
+    /// Sequence `updateCurvature` with arrays: activations [batch][tokens][in], mask [batch][tokens] or nil.
+    public func updateCurvature(
+        layer: Int, batch: Int, tokens: Int, activations: [Float], outputGrads: [Float], mask: [UInt8]?, gradScale: Float
+    ) throws(TENGraDError) {
+        try activations.withUnsafeBufferPointer { (a) throws(TENGraDError) in
+            try outputGrads.withUnsafeBufferPointer { (g) throws(TENGraDError) in
+                try withOptionalBuffer(mask) { (k) throws(TENGraDError) in
+                    try updateCurvature(layer: layer, batch: batch, tokens: tokens, activations: a, outputGrads: g, mask: k,
+                                        gradScale: gradScale)
+                }
+            }
+        }
+    }
+
     /// `naturalGradient` with arrays; returns the weight update and the bias update (nil without bias).
     public func naturalGradient(
         layer: Int, batch: Int, activations: [Float], outputGrads: [Float], gradScale: Float
+    ) throws(TENGraDError) -> (weight: [Float], bias: [Float]?) {
+        try naturalGradient(layer: layer, batch: batch, tokens: 1, activations: activations, outputGrads: outputGrads, mask: nil,
+                            gradScale: gradScale)
+    }
+
+    /// Sequence `naturalGradient` with arrays (see the sequence `updateCurvature`).
+    public func naturalGradient(
+        layer: Int, batch: Int, tokens: Int, activations: [Float], outputGrads: [Float], mask: [UInt8]?, gradScale: Float
     ) throws(TENGraDError) -> (weight: [Float], bias: [Float]?) {
         let counts = try arrayCounts(layer: layer, batch: 0)
         var weight = [Float](repeating: 0, count: counts.weight)
@@ -382,9 +508,11 @@ extension Preconditioner {
             try outputGrads.withUnsafeBufferPointer { (g) throws(TENGraDError) in
                 try weight.withUnsafeMutableBufferPointer { (wu) throws(TENGraDError) in
                     try withOptionalMutableBuffer(&bias) { (bu) throws(TENGraDError) in
-                        try naturalGradient(
-                            layer: layer, batch: batch, activations: a, outputGrads: g, gradScale: gradScale,
-                            weightUpdate: wu, biasUpdate: bu)
+                        try withOptionalBuffer(mask) { (k) throws(TENGraDError) in
+                            try naturalGradient(
+                                layer: layer, batch: batch, tokens: tokens, activations: a, outputGrads: g, mask: k,
+                                gradScale: gradScale, weightUpdate: wu, biasUpdate: bu)
+                        }
                     }
                 }
             }
@@ -393,8 +521,8 @@ extension Preconditioner {
     }
 }
 
-private func withOptionalBuffer<R>(
-    _ array: [Float]?, _ body: (UnsafeBufferPointer<Float>?) throws(TENGraDError) -> R
+private func withOptionalBuffer<T, R>(
+    _ array: [T]?, _ body: (UnsafeBufferPointer<T>?) throws(TENGraDError) -> R
 ) throws(TENGraDError) -> R {
     guard let array else { return try body(nil) }
     return try array.withUnsafeBufferPointer { (p) throws(TENGraDError) in try body(p) }

@@ -113,6 +113,60 @@ static void test_null_handle(void) {
     CHECK_STATUS(tengrad_clear_updates(NULL), TENGRAD_ERROR_INVALID_ARGUMENT);
     CHECK_STATUS(tengrad_per_sample_gradients(NULL, 0, M, act, grads, 1, vw), TENGRAD_ERROR_INVALID_ARGUMENT);
     CHECK_STATUS(tengrad_update_curvature_from_gradients(NULL, 0, M, vw), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_set_token_mode(NULL, 0, TENGRAD_TOKENS_PER_TOKEN), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_get_token_mode(NULL, 0, &id), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_update_curvature_tokens(NULL, 0, M, 1, act, grads, NULL, 1), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_natural_gradient_tokens(NULL, 0, M, 1, act, grads, NULL, 1, vw, vb), TENGRAD_ERROR_INVALID_ARGUMENT);
+}
+
+static int same(const float *x, const float *y, int n) { return memcmp(x, y, sizeof(float) * (size_t)n) == 0; }
+
+/* Sequence calls: tokens = 1 equals the plain call bitwise, a mask of ones equals no mask, per-token
+   mode equals the plain call on the flattened tokens; bad tokens, masks and modes are refused with
+   the state unchanged. M = 5 samples are read as 1 sequence of 5 tokens or 5 of 1. */
+static void test_sequences(void) {
+    tengrad_preconditioner *p = NULL;
+    int32_t l = -1, c = -1, mode = -1;
+    static float w1[OUT * IN], b1[OUT], w2[OUT * IN], b2[OUT];
+    uint8_t ones[M], bad[M], zeros[M];
+    for (int i = 0; i < M; i++) { ones[i] = 1; bad[i] = (uint8_t)(i == 2 ? 2 : 1); zeros[i] = 0; }
+    CHECK_STATUS(tengrad_create(&p), TENGRAD_OK);
+    CHECK_STATUS(tengrad_add_linear(p, IN, OUT, 1, &l), TENGRAD_OK);
+    tengrad_conv2d_shape cs;
+    memset(&cs, 0, sizeof cs);
+    cs.in_channels = 1; cs.out_channels = 1; cs.in_height = 2; cs.in_width = 2; cs.kernel_height = 1; cs.kernel_width = 1;
+    cs.stride_height = 1; cs.stride_width = 1; cs.dilation_height = 1; cs.dilation_width = 1; cs.groups = 1;
+    CHECK_STATUS(tengrad_add_conv2d(p, &cs, &c), TENGRAD_OK);
+    CHECK_STATUS(tengrad_natural_gradient(p, l, M, act, grads, (float)M, w1, b1), TENGRAD_OK);
+    CHECK_STATUS(tengrad_natural_gradient_tokens(p, l, M, 1, act, grads, NULL, (float)M, w2, b2), TENGRAD_OK);
+    CHECK(same(w1, w2, OUT * IN) && same(b1, b2, OUT));
+    CHECK_STATUS(tengrad_natural_gradient_tokens(p, l, 1, M, act, grads, NULL, 1.0f, w1, b1), TENGRAD_OK);
+    CHECK_STATUS(tengrad_natural_gradient_tokens(p, l, 1, M, act, grads, ones, 1.0f, w2, b2), TENGRAD_OK);
+    CHECK(same(w1, w2, OUT * IN) && same(b1, b2, OUT));
+    CHECK_STATUS(tengrad_get_token_mode(p, l, &mode), TENGRAD_OK);
+    CHECK(mode == TENGRAD_TOKENS_PER_SEQUENCE);
+    CHECK_STATUS(tengrad_set_token_mode(p, l, TENGRAD_TOKENS_PER_TOKEN), TENGRAD_OK);
+    CHECK_STATUS(tengrad_natural_gradient_tokens(p, l, 1, M, act, grads, NULL, 2.0f, w1, b1), TENGRAD_OK);
+    CHECK_STATUS(tengrad_natural_gradient(p, l, M, act, grads, 2.0f, w2, b2), TENGRAD_OK);
+    CHECK(same(w1, w2, OUT * IN) && same(b1, b2, OUT));
+    CHECK_STATUS(tengrad_update_curvature_tokens(p, l, 1, M, act, grads, zeros, 1.0f), TENGRAD_ERROR_INVALID_ARGUMENT);
+    size_t n = 0;
+    CHECK_STATUS(tengrad_save_state(p, NULL, 0, &n), TENGRAD_OK);
+    static unsigned char before[1 << 14], after[1 << 14];
+    CHECK(n <= sizeof before);
+    CHECK_STATUS(tengrad_save_state(p, before, sizeof before, &n), TENGRAD_OK);
+    CHECK_STATUS(tengrad_set_token_mode(p, l, 7), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_set_token_mode(p, c, TENGRAD_TOKENS_PER_TOKEN), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_update_curvature_tokens(p, l, 1, 0, act, grads, NULL, 1.0f), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_update_curvature_tokens(p, l, 1, -2, act, grads, NULL, 1.0f), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_update_curvature_tokens(p, l, 1, M, act, grads, bad, 1.0f), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_update_curvature_tokens(p, l, 1, INT64_MAX / 2, act, grads, NULL, 1.0f), TENGRAD_ERROR_SHAPE);
+    CHECK_STATUS(tengrad_update_curvature_tokens(p, c, 1, 2, act, grads, NULL, 1.0f), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_natural_gradient_tokens(p, l, 1, M, act, grads, NULL, 1.0f, NULL, b1), TENGRAD_ERROR_INVALID_ARGUMENT);
+    size_t n2 = 0;
+    CHECK_STATUS(tengrad_save_state(p, after, sizeof after, &n2), TENGRAD_OK);
+    CHECK(n2 == n && memcmp(before, after, n) == 0);
+    tengrad_destroy(p);
 }
 
 /* Per-sample gradient rows: computed on one handle, gathered in two pieces and installed on
@@ -447,5 +501,6 @@ int main(void) {
     test_numerics_and_errors();
     test_conv2d();
     test_per_sample_rows();
+    test_sequences();
     return report();
 }

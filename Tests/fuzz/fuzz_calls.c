@@ -30,6 +30,7 @@ static int64_t size_value(input *in) { uint8_t k = u8(in); return k < 240 ? (int
 
 enum { MAX_FLOATS = 1 << 16 };
 static float pool[MAX_FLOATS], out_w[MAX_FLOATS], out_b[4096], rows[MAX_FLOATS];
+static uint8_t mask_buf[4096];
 
 /* Fills the pool with a mix of ordinary values and raw bit patterns (NaN, Inf, huge, tiny). */
 static void fill_pool(input *in, size_t n) {
@@ -72,7 +73,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     tengrad_preconditioner *p = NULL;
     if (tengrad_create(&p) != TENGRAD_OK) abort();
     for (int step = 0; step < 24 && in.at < in.size; step++) {
-        uint8_t op = u8(&in) % 12;
+        uint8_t op = u8(&in) % 13;
         int32_t id = 0, layer = (int32_t)(u8(&in) % 5) - 1;
         int64_t batch = size_value(&in);
         size_t acts, grads, weight, bias;
@@ -159,6 +160,23 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             uint8_t v = u8(&in);
             if (v & 1) rows[u8(&in) * 31 % n] = f32(&in);
             (void)tengrad_update_curvature_from_gradients(p, layer, v & 2 ? batch - 1 : batch, rows);
+            break;
+        }
+        case 11: { /* sequences: tokens, a fuzzed mask, token mode */
+            int64_t tokens = (int64_t)(u8(&in) % 6) - 1;  /* -1 .. 4 */
+            uint8_t v = u8(&in);
+            if (v & 1) (void)tengrad_set_token_mode(p, layer, (int32_t)(v >> 1) % 3);
+            layer_sizes(p, layer, batch, &acts, &grads, &weight, &bias);
+            size_t t = tokens > 0 ? (size_t)tokens : 1;
+            if (acts == 0 || (acts + grads) * t > MAX_FLOATS || (size_t)batch * t > sizeof mask_buf) {
+                (void)tengrad_update_curvature_tokens(p, layer, batch, tokens, NULL, pool, NULL, 1.0f);
+                break;
+            }
+            fill_pool(&in, (acts + grads) * t);
+            for (size_t i = 0; i < (size_t)batch * t; i++) mask_buf[i] = (uint8_t)(u8(&in) % (v & 2 ? 3 : 2));
+            const uint8_t *mask = v & 4 ? mask_buf : NULL;
+            if (v & 8) (void)tengrad_update_curvature_tokens(p, layer, batch, tokens, pool, pool + acts * t, mask, f32(&in));
+            else (void)tengrad_natural_gradient_tokens(p, layer, batch, tokens, pool, pool + acts * t, mask, 1.0f, out_w, bias ? out_b : NULL);
             break;
         }
         default: (void)tengrad_last_error(p); break;

@@ -17,6 +17,11 @@ protocol BlockGeometry: Sendable {
     var dims: BlockDims { get }
     /// The public description of the layer (kind and shape).
     var description: Preconditioner.Layer { get }
+    /// Tokens per sample of a linear layer over sequences (`overTokens`); 1 for every other call.
+    var tokens: Int { get }
+    /// The same layer applied over `tokens` positions per sample (inputs [batch][tokens][...]):
+    /// a linear layer over a sequence; other kinds refuse.
+    func overTokens(_ tokens: Int) throws(TENGraDError) -> any BlockGeometry
     /// Floats of scratch `patches` needs for `count` samples (0 when the patches are a view).
     func patchScratch(samples count: Int) -> Int
     /// The patch matrix (P features × count·L positions, samples side by side) of samples

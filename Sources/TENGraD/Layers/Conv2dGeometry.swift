@@ -101,6 +101,13 @@ struct Conv2dGeometry: BlockGeometry {
     var kind: LayerKind { .conv2d }
     var description: Preconditioner.Layer { .conv2d(shape) }
 
+    var tokens: Int { 1 }
+
+    func overTokens(_ tokens: Int) throws(TENGraDError) -> any BlockGeometry {
+        guard tokens == 1 else { throw .invalid("tokens apply to linear layers; a conv2d layer takes tokens = 1, got \(tokens)") }
+        return self
+    }
+
     func patchScratch(samples count: Int) -> Int { patch * positions * count }
 
     /// Unfolds the samples side by side: P rows of count·L columns.

@@ -15,6 +15,8 @@ final class ExactBlock {
     /// Gram strategy setting (meaningful for every kind; only convolutions expose it).
     var strategySetting: ConvStrategy = .auto
     var representationSetting: SnapshotRepresentation = .auto
+    /// Linear layers over sequences: per-sequence (exact) or per-token samples.
+    var tokenMode: TokenMode = .perSequence
 
     private(set) var snapshot: Snapshot?
     /// Statistics recorded by the calls; `stats` adds the lazily computed condition estimate.
@@ -85,45 +87,45 @@ final class ExactBlock {
     /// Everything that can fail in a refresh, done before any state or output is touched.
     private func prepare(
         batch m: Int, activations a: UnsafePointer<Float>, outputGrads g: UnsafePointer<Float>,
-        scale s: Float, context: LayerContext
+        scale s: Float, kernel k: BlockKernel, context: LayerContext
     ) throws(TENGraDError) -> Prepared {
-        _ = try dims.inputCounts(batch: m)
+        _ = try k.dims.inputCounts(batch: m)
         switch representationSetting {
         case .raw:
-            return try prepareRaw(m: m, a: a, g: g, scale: s, context: context)
+            return try prepareRaw(m: m, a: a, g: g, scale: s, kernel: k, context: context)
         case .perSample:
-            return try preparePerSample(m: m, a: a, g: g, scale: s, context: context)
+            return try preparePerSample(m: m, a: a, g: g, scale: s, kernel: k, context: context)
         case .auto:
-            guard RepresentationModel(dims: dims, batch: m).pick(memoryLimit: context.budget.limit) == .perSample else {
-                return try prepareRaw(m: m, a: a, g: g, scale: s, context: context)
+            guard RepresentationModel(dims: k.dims, batch: m).pick(memoryLimit: context.budget.limit) == .perSample else {
+                return try prepareRaw(m: m, a: a, g: g, scale: s, kernel: k, context: context)
             }
             do {
-                return try preparePerSample(m: m, a: a, g: g, scale: s, context: context)
+                return try preparePerSample(m: m, a: a, g: g, scale: s, kernel: k, context: context)
             } catch where error.code == .outOfMemory {
                 // U does not fit what the memory limit leaves: the raw batch may.
-                return try prepareRaw(m: m, a: a, g: g, scale: s, context: context)
+                return try prepareRaw(m: m, a: a, g: g, scale: s, kernel: k, context: context)
             }
         }
     }
 
     /// Rejects NaN and Inf in samples `start..<start+count` of the batch; returns max |a|, max |g|.
     private func scanInputs(
-        _ a: UnsafePointer<Float>, _ g: UnsafePointer<Float>, start: Int, count: Int
+        _ k: BlockKernel, _ a: UnsafePointer<Float>, _ g: UnsafePointer<Float>, start: Int, count: Int
     ) throws(TENGraDError) -> (a: Float, g: Float) {
-        let scanA = ArrayScan(a + start * dims.inputSize, count: count * dims.inputSize)
+        let scanA = ArrayScan(a + start * k.dims.inputSize, count: count * k.dims.inputSize)
         guard scanA.finite else { throw TENGraDError(.notFinite, "activations contain NaN or Inf") }
-        let scanG = ArrayScan(g + start * dims.outputSize, count: count * dims.outputSize)
+        let scanG = ArrayScan(g + start * k.dims.outputSize, count: count * k.dims.outputSize)
         guard scanG.finite else { throw TENGraDError(.notFinite, "output_grads contain NaN or Inf") }
         return (scanA.maxAbs, scanG.maxAbs)
     }
 
     /// Flop-model estimates of the two Gram strategies; `uFormed`: U exists anyway (per-sample
     /// snapshot), so the explicit Gram costs only its syrk.
-    private func gramEstimates(m: Int, uFormed: Bool) -> (factored: Double, explicit: Double) {
-        let dm = Double(m), dl = Double(dims.positions), d = Double(dims.parameters)
-        let factored = Double(dims.groups) * dm * dm * dl * dl * Double(dims.patch + dims.groupOut + 1)
+    private func gramEstimates(_ k: BlockKernel, m: Int, uFormed: Bool) -> (factored: Double, explicit: Double) {
+        let dm = Double(m), dl = Double(k.dims.positions), d = Double(k.dims.parameters)
+        let factored = Double(k.dims.groups) * dm * dm * dl * dl * Double(k.dims.patch + k.dims.groupOut + 1)
         let syrk = dm * dm * d
-        return (factored, uFormed ? syrk : 2 * dm * dl * Double(dims.weightCount) + syrk)
+        return (factored, uFormed ? syrk : 2 * dm * dl * Double(k.dims.weightCount) + syrk)
     }
 
     private func pickStrategy(_ estimates: (factored: Double, explicit: Double)) -> ConvStrategy {
@@ -153,40 +155,40 @@ final class ExactBlock {
         return gram
     }
 
-    /// Raw snapshot: storage for the batch copies (the current one reused when the batch size is
-    /// unchanged; it is overwritten only in `commit`), the Gram by either strategy.
+    /// Raw snapshot: storage for the batch copies (the current one reused when it has the same
+    /// size — batch and tokens; it is overwritten only in `commit`), the Gram by either strategy.
     private func prepareRaw(
-        m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, scale s: Float, context: LayerContext
+        m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, scale s: Float, kernel k: BlockKernel, context: LayerContext
     ) throws(TENGraDError) -> Prepared {
-        let (countA, countG) = try dims.inputCounts(batch: m)
-        let maxima = try scanInputs(a, g, start: 0, count: m)
+        let (countA, countG) = try k.dims.inputCounts(batch: m)
+        let maxima = try scanInputs(k, a, g, start: 0, count: m)
         let activations: Storage<Float>, outputGrads: Storage<Float>
-        if let old = snapshot, old.m == m, case let .raw(oldA, oldG) = old.data {
+        if let old = snapshot, case let .raw(oldA, oldG) = old.data, oldA.count == countA, oldG.count == countG {
             (activations, outputGrads) = (oldA, oldG)
         } else {
             activations = try Storage<Float>(count: countA, budget: context.budget, what: "snapshot activations")
             outputGrads = try Storage<Float>(count: countG, budget: context.budget, what: "snapshot output gradients")
         }
         let gram = try newGram(m: m, context: context)
-        let estimates = gramEstimates(m: m, uFormed: false)
+        let estimates = gramEstimates(k, m: m, uFormed: false)
         let strategy = pickStrategy(estimates)
         // Still to come after the Gram: the Cholesky factor (m² doubles) and the solve's 2m doubles.
         let available = workspaceFloats(context, reserve: (m * m + 2 * m) * MemoryLayout<Double>.stride)
         var flops: Double
         var workspaceU: UnsafePointer<Float>?
         if strategy == .factored {
-            let c = kernel.factoredChunk(m: m, available: available)
-            let work = try context.workspace.floats(try kernel.factoredWorkspace(chunk: c))
-            flops = kernel.factoredGram(m: m, a: a, g: g, into: gram.base, chunk: c, work: work)
+            let c = k.factoredChunk(m: m, available: available)
+            let work = try context.workspace.floats(try k.factoredWorkspace(chunk: c))
+            flops = k.factoredGram(m: m, a: a, g: g, into: gram.base, chunk: c, work: work)
         } else {
-            let plan = try kernel.explicitPlan(m: m, available: available)
+            let plan = try k.explicitPlan(m: m, available: available)
             let work = try context.workspace.floats(plan.floats)
-            (flops, workspaceU) = kernel.explicitGram(m: m, a: a, g: g, into: gram.base, plan: plan, work: work)
+            (flops, workspaceU) = k.explicitGram(m: m, a: a, g: g, into: gram.base, plan: plan, work: work)
         }
         let system = try finishSystem(gram, m: m, scale: s, context: context)
         flops += system.factorFlops
         let snap = Snapshot(
-            m: m, scale: s, data: .raw(activations: activations, outputGrads: outputGrads),
+            m: m, tokens: k.geometry.tokens, scale: s, data: .raw(activations: activations, outputGrads: outputGrads),
             entryBound: Snapshot.rawEntryBound(scale: s, dims: dims, maxActivation: maxima.a, maxOutputGrad: maxima.g),
             system: system)
         return Prepared(
@@ -198,20 +200,20 @@ final class ExactBlock {
     /// Gram by one syrk (or the factored strategy if forced or cheaper). The inputs are scanned for
     /// NaN and Inf chunk by chunk just before they are used, while in cache (the bound comes from U).
     private func preparePerSample(
-        m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, scale s: Float, context: LayerContext
+        m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, scale s: Float, kernel k: BlockKernel, context: LayerContext
     ) throws(TENGraDError) -> Prepared {
-        let count = try checkedProduct(m, dims.parameters, what: "batch × parameters (per-sample gradients)")
-        let u = try Storage<Float>(count: count, budget: context.budget, what: "per-sample gradients (\(m) × \(dims.parameters) floats)")
+        let count = try checkedProduct(m, k.dims.parameters, what: "batch × parameters (per-sample gradients)")
+        let u = try Storage<Float>(count: count, budget: context.budget, what: "per-sample gradients (\(m) × \(k.dims.parameters) floats)")
         let gram = try newGram(m: m, context: context)
-        let estimates = gramEstimates(m: m, uFormed: true)
+        let estimates = gramEstimates(k, m: m, uFormed: true)
         let strategy = pickStrategy(estimates)
         let available = workspaceFloats(context, reserve: (m * m + 2 * m) * MemoryLayout<Double>.stride)
-        let formChunk = kernel.formChunk(m: m, available: available)
-        var need = geometry.patchScratch(samples: formChunk)
+        let formChunk = k.formChunk(m: m, available: available)
+        var need = k.geometry.patchScratch(samples: formChunk)
         var factoredChunk = 0
         if strategy == .factored {
-            factoredChunk = kernel.factoredChunk(m: m, available: available)
-            need = max(need, try kernel.factoredWorkspace(chunk: factoredChunk))
+            factoredChunk = k.factoredChunk(m: m, available: available)
+            need = max(need, try k.factoredWorkspace(chunk: factoredChunk))
         } else {
             need = max(need, m * m)  // the float32 syrk's output
         }
@@ -220,8 +222,8 @@ final class ExactBlock {
         var i0 = 0
         while i0 < m {
             let c = min(formChunk, m - i0)
-            _ = try scanInputs(a, g, start: i0, count: c)
-            flops += kernel.formGradients(m: m, a: a, g: g, start: i0, count: c, into: u.base, work: work)
+            _ = try scanInputs(k, a, g, start: i0, count: c)
+            flops += k.formGradients(m: m, a: a, g: g, start: i0, count: c, into: u.base, work: work)
             i0 += c
         }
         let scan = ArrayScan(u.base, count: count)
@@ -229,14 +231,14 @@ final class ExactBlock {
             throw TENGraDError(.numerical, "the per-sample gradients overflow float32 (inputs too large)")
         }
         if strategy == .factored {
-            flops += kernel.factoredGram(m: m, a: a, g: g, into: gram.base, chunk: factoredChunk, work: work)
+            flops += k.factoredGram(m: m, a: a, g: g, into: gram.base, chunk: factoredChunk, work: work)
         } else {
-            flops += kernel.accumulateGram(m: m, u: u.base, width: dims.parameters, ldu: dims.parameters, into: gram.base, scratch: work)
+            flops += k.accumulateGram(m: m, u: u.base, width: k.dims.parameters, ldu: k.dims.parameters, into: gram.base, scratch: work)
         }
         let system = try finishSystem(gram, m: m, scale: s, context: context)
         flops += system.factorFlops
         let snap = Snapshot(
-            m: m, scale: s, data: .perSample(u), entryBound: Double(s) * Double(scan.maxAbs), system: system)
+            m: m, tokens: k.geometry.tokens, scale: s, data: .perSample(u), entryBound: Double(s) * Double(scan.maxAbs), system: system)
         return Prepared(
             snapshot: snap, flops: flops, strategy: strategy, factoredEstimate: estimates.factored,
             explicitEstimate: estimates.explicit, workspaceU: nil)
@@ -254,19 +256,27 @@ final class ExactBlock {
     /// Installs a prepared snapshot and records how it was made. Cannot fail.
     private func install(_ p: Prepared, context: LayerContext) {
         replaceSnapshot(p.snapshot)
-        record.convStrategy = geometry.kind == .conv2d ? p.strategy : .auto
-        record.factoredFlopsEstimate = geometry.kind == .conv2d ? p.factoredEstimate : 0
-        record.explicitFlopsEstimate = geometry.kind == .conv2d ? p.explicitEstimate : 0
+        // The Gram strategy is a choice for convolutions and for linear layers over tokens.
+        let chosen = geometry.kind == .conv2d || p.snapshot.tokens > 1
+        record.convStrategy = chosen ? p.strategy : .auto
+        record.factoredFlopsEstimate = chosen ? p.factoredEstimate : 0
+        record.explicitFlopsEstimate = chosen ? p.explicitEstimate : 0
         record.workspaceBytes = context.workspace.bytes
         record.curvatureFlops = p.flops
     }
 
+    /// The kernel of a call over `tokens` positions per sample (1: the layer's own).
+    func kernel(tokens: Int) throws(TENGraDError) -> BlockKernel {
+        tokens == 1 ? kernel : BlockKernel(try geometry.overTokens(tokens))
+    }
+
     func updateCurvature(
-        batch: Int, activations: UnsafePointer<Float>, outputGrads: UnsafePointer<Float>,
+        batch: Int, tokens: Int = 1, activations: UnsafePointer<Float>, outputGrads: UnsafePointer<Float>,
         scale: Float, context: LayerContext
     ) throws(TENGraDError) {
         let start = monotonicSeconds()
-        let p = try prepare(batch: batch, activations: activations, outputGrads: outputGrads, scale: scale, context: context)
+        let p = try prepare(batch: batch, activations: activations, outputGrads: outputGrads, scale: scale,
+                            kernel: try kernel(tokens: tokens), context: context)
         commit(p, activations: activations, outputGrads: outputGrads, context: context)
         record.curvatureSeconds = monotonicSeconds() - start
     }
@@ -276,14 +286,15 @@ final class ExactBlock {
     /// Writes U of a batch, scaled (row i = s · sample i's gradient, [weight | bias]), to `out`
     /// (m × d). Changes no state; the inputs are checked before anything is written.
     func perSampleGradients(
-        batch m: Int, activations a: UnsafePointer<Float>, outputGrads g: UnsafePointer<Float>, scale s: Float,
-        into out: UnsafeMutablePointer<Float>, context: LayerContext
+        batch m: Int, tokens: Int = 1, activations a: UnsafePointer<Float>, outputGrads g: UnsafePointer<Float>,
+        scale s: Float, into out: UnsafeMutablePointer<Float>, context: LayerContext
     ) throws(TENGraDError) {
+        let k = try kernel(tokens: tokens)
         let count = try checkedProduct(m, dims.parameters, what: "batch × parameters (per-sample gradients)")
-        _ = try scanInputs(a, g, start: 0, count: m)
-        let chunk = kernel.formChunk(m: m, available: workspaceFloats(context, reserve: 0))
-        let work = try context.workspace.floats(geometry.patchScratch(samples: chunk))
-        _ = kernel.formAllGradients(m: m, a: a, g: g, into: out, chunk: chunk, work: work)
+        _ = try scanInputs(k, a, g, start: 0, count: m)
+        let chunk = k.formChunk(m: m, available: workspaceFloats(context, reserve: 0))
+        let work = try context.workspace.floats(k.geometry.patchScratch(samples: chunk))
+        _ = k.formAllGradients(m: m, a: a, g: g, into: out, chunk: chunk, work: work)
         if s != 1 {
             for i in 0..<count { out[i] *= s }
         }
@@ -307,8 +318,8 @@ final class ExactBlock {
         let system = try finishSystem(gram, m: m, scale: 1, context: context)
         flops += system.factorFlops
         kept.base.update(from: u, count: count)
-        let estimates = gramEstimates(m: m, uFormed: true)
-        let snap = Snapshot(m: m, scale: 1, data: .perSample(kept), entryBound: Double(scan.maxAbs), system: system)
+        let estimates = gramEstimates(kernel, m: m, uFormed: true)
+        let snap = Snapshot(m: m, tokens: 1, scale: 1, data: .perSample(kept), entryBound: Double(scan.maxAbs), system: system)
         install(Prepared(snapshot: snap, flops: flops, strategy: .explicit, factoredEstimate: estimates.factored,
                          explicitEstimate: estimates.explicit, workspaceU: nil), context: context)
         record.curvatureSeconds = monotonicSeconds() - start
@@ -317,12 +328,13 @@ final class ExactBlock {
     // MARK: - Updates
 
     func naturalGradient(
-        batch: Int, activations a: UnsafePointer<Float>, outputGrads g: UnsafePointer<Float>,
+        batch: Int, tokens: Int = 1, activations a: UnsafePointer<Float>, outputGrads g: UnsafePointer<Float>,
         scale s: Float, weightUpdate: UnsafeMutablePointer<Float>, biasUpdate: UnsafeMutablePointer<Float>?,
         context: LayerContext
     ) throws(TENGraDError) {
         let start = monotonicSeconds()
-        let p = try prepare(batch: batch, activations: a, outputGrads: g, scale: s, context: context)
+        let k = try kernel(tokens: tokens)
+        let p = try prepare(batch: batch, activations: a, outputGrads: g, scale: s, kernel: k, context: context)
         let middle = monotonicSeconds()
         let m = p.snapshot.m, system = p.snapshot.system
         // c = (K + mλI)⁻¹ 1; the update of the mean gradient is U c (docs/DESIGN.md §2).
@@ -343,13 +355,13 @@ final class ExactBlock {
         if case let .perSample(u) = p.snapshot.data { kept = UnsafePointer(u.base) } else { kept = p.workspaceU }
         if let kept {
             let xf = try Storage<Float>(count: m, budget: context.budget, what: "update scratch")
-            flops = kernel.applyKept(
+            flops = k.applyKept(
                 m: m, u: kept, scale: Double(s), x: c, alpha: 1, beta: 0, weight: weightUpdate, bias: biasUpdate, xf: xf.base)
         } else {
             let available = workspaceFloats(context, reserve: 0)
-            let plan = try kernel.updatePlan(m: m, available: available)
+            let plan = try k.updatePlan(m: m, available: available)
             let work = try context.workspace.floats(plan.floats)
-            flops = kernel.apply(
+            flops = k.apply(
                 m: m, a: a, g: g, scale: Double(s), x: c, alpha: 1, beta: 0, weight: weightUpdate, bias: biasUpdate,
                 chunk: plan.chunk, work: work)
         }
@@ -380,6 +392,7 @@ final class ExactBlock {
         }
         // A new damping factorizes a new system from the kept Gram; installed only at the end.
         let system = try snap.system.refactored(damping: context.damping, budget: context.budget)
+        let k = try kernel(tokens: snap.tokens)
         let m = snap.m, s = Double(snap.scale)
         let t = try context.workspace.doubles(try checkedProduct(2, m, what: "2·batch"))
         let tCopy = t + m
@@ -395,7 +408,7 @@ final class ExactBlock {
             // The float workspace is idle on this path: no allocation per reuse step.
             source = .kept(u: UnsafePointer(u.base), scratch: try context.workspace.floats(try checkedProduct(2, m, what: "2·batch")))
         case let .raw(a, g):
-            let plan = try kernel.updatePlan(m: m, available: workspaceFloats(context, reserve: 0))
+            let plan = try k.updatePlan(m: m, available: workspaceFloats(context, reserve: 0))
             source = .raw(a: UnsafePointer(a.base), g: UnsafePointer(g.base), chunk: plan.chunk, work: try context.workspace.floats(plan.floats))
         }
 
@@ -403,9 +416,9 @@ final class ExactBlock {
         var keptPatches: Block?
         switch source {
         case let .kept(u, scratch):
-            flops = kernel.projectKept(m: m, u: u, scale: s, weightGrad: weightGrad, biasGrad: biasGrad, into: t, tf: scratch)
+            flops = k.projectKept(m: m, u: u, scale: s, weightGrad: weightGrad, biasGrad: biasGrad, into: t, tf: scratch)
         case let .raw(a, g, chunk, work):
-            (flops, keptPatches) = kernel.project(
+            (flops, keptPatches) = k.project(
                 m: m, a: a, g: g, scale: s, weightGrad: weightGrad, biasGrad: biasGrad, into: t, chunk: chunk, work: work)
         }
         var finite = true
@@ -430,11 +443,11 @@ final class ExactBlock {
         if let biasUpdate, let biasGrad, UnsafePointer(biasUpdate) != biasGrad { biasUpdate.update(from: biasGrad, count: dims.biasCount) }
         switch source {
         case let .kept(u, scratch):
-            flops += kernel.applyKept(
+            flops += k.applyKept(
                 m: m, u: u, scale: s, x: x, alpha: -1 / λ, beta: Float(1 / λ), weight: weightUpdate, bias: biasUpdate,
                 xf: scratch + m)
         case let .raw(a, g, chunk, work):
-            flops += kernel.apply(
+            flops += k.apply(
                 m: m, a: a, g: g, scale: s, x: x, alpha: -1 / λ, beta: Float(1 / λ), weight: weightUpdate, bias: biasUpdate,
                 chunk: chunk, work: work, kept: keptPatches)
         }

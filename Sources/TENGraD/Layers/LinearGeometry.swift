@@ -32,6 +32,10 @@ struct LinearGeometry: BlockGeometry {
     var kind: LayerKind { .linear }
     var description: Preconditioner.Layer { .linear(inFeatures: inFeatures, outFeatures: outFeatures, bias: hasBias) }
 
+    func overTokens(_ tokens: Int) throws(TENGraDError) -> any BlockGeometry {
+        try LinearGeometry(inFeatures: inFeatures, outFeatures: outFeatures, hasBias: hasBias, tokens: tokens)
+    }
+
     func patchScratch(samples count: Int) -> Int { 0 }
 
     func patches(

@@ -11,6 +11,17 @@ public enum SnapshotRepresentation: Sendable, Equatable {
     case perSample
 }
 
+/// How a linear layer applied over token sequences (inputs [batch][T][in]) defines its samples
+/// (docs/DESIGN.md §12).
+public enum TokenMode: Sendable, Equatable {
+    /// Exact per-sequence blocks (default): a sequence is one sample, its gradient the sum over its
+    /// tokens, `u_i = s Σ_t g_it ã_itᵀ`.
+    case perSequence
+    /// Every unmasked token is a sample (the "expand" view of KFAC libraries, for losses that are
+    /// sums over tokens): the same as the plain linear layer on the tokens flattened into the batch.
+    case perToken
+}
+
 /// A layer's curvature snapshot: its data in one of the two representations and the factorized
 /// m×m system. A value: a new damping or a refresh makes a new snapshot that is installed whole.
 struct Snapshot {
@@ -21,6 +32,9 @@ struct Snapshot {
     }
 
     let m: Int
+    /// Positions per sample of the batch (tokens of a linear layer over sequences; 1 otherwise):
+    /// the kernel a raw snapshot's reuse products need.
+    let tokens: Int
     /// s, the caller's grad_scale of the batch.
     let scale: Float
     let data: Data
@@ -45,7 +59,7 @@ struct Snapshot {
     var bytes: Int { dataBytes + system.bytes }
 
     func with(system newSystem: DampedSystem) -> Snapshot {
-        Snapshot(m: m, scale: scale, data: data, entryBound: entryBound, system: newSystem)
+        Snapshot(m: m, tokens: tokens, scale: scale, data: data, entryBound: entryBound, system: newSystem)
     }
 
     /// The entry bound of a raw snapshot: an entry of u_i sums L products g·ã, so

@@ -1,24 +1,27 @@
 /// A layer's part of saved state: its settings, its curvature snapshot (either representation,
 /// Gram, Cholesky factor) and the last update's ⟨update, grad⟩ for KL clipping.
 ///
-/// Format version 2:
+/// Format version 3:
 ///
 ///     u32 strategy setting        (0 auto, 1 factored, 2 explicit; 0 for linear layers)
 ///     u32 representation setting  (0 auto, 1 raw, 2 per-sample)
+///     u32 token mode setting      (0 per sequence, 1 per token; 0 for conv layers)
 ///     u32 snapshot                (0 none, 1 raw, 2 per-sample); if not 0:
-///         i64 m, f32 grad scale, f64 λ of the factor, f64 jitter, f64 1-norm,
+///         i64 m, i64 tokens T (positions per sample of a raw batch; 1 for conv layers),
+///         f32 grad scale, f64 λ of the factor, f64 jitter, f64 1-norm,
 ///         raw:        f32 × activations count, f32 × output-gradient count
 ///         per-sample: f32 × m·d  (U unscaled, rows [weight | bias])
 ///         f64 × m² Gram, f64 × m² factor
 ///     u32 has update, f64 ⟨update, grad⟩
 ///
-/// Version 1 (still read): u32 strategy setting, u32 has snapshot (raw only, no representation
-/// setting), then the same fields.
+/// Version 2 (still read): no token mode, no T (T = 1). Version 1 (still read): u32 strategy
+/// setting, u32 has snapshot (raw only, no representation setting), then the same fields.
 extension ExactBlock {
     /// A layer state parsed and allocated, not yet installed.
     struct Restored {
         let strategy: ConvStrategy
         let representation: SnapshotRepresentation
+        let tokenMode: TokenMode
         let snapshot: Snapshot?
         let hasUpdate: Bool
         let updateDotGrad: Double
@@ -27,6 +30,7 @@ extension ExactBlock {
     // Format numbers of the settings (the state format's own, independent of the C ABI's).
     private static let strategyCodes: [(ConvStrategy, UInt32)] = [(.auto, 0), (.factored, 1), (.explicit, 2)]
     private static let representationCodes: [(SnapshotRepresentation, UInt32)] = [(.auto, 0), (.raw, 1), (.perSample, 2)]
+    private static let tokenModeCodes: [(TokenMode, UInt32)] = [(.perSequence, 0), (.perToken, 1)]
 
     private static func code<T: Equatable>(_ value: T, in table: [(T, UInt32)]) -> UInt32 {
         table.first { $0.0 == value }?.1 ?? 0
@@ -39,6 +43,7 @@ extension ExactBlock {
     func writeState(_ w: inout StateWriter) {
         w.u32(Self.code(strategySetting, in: Self.strategyCodes))
         w.u32(Self.code(representationSetting, in: Self.representationCodes))
+        w.u32(Self.code(tokenMode, in: Self.tokenModeCodes))
         guard let s = snapshot else {
             w.u32(0)
             w.bool(record.hasUpdate)
@@ -47,6 +52,7 @@ extension ExactBlock {
         }
         w.u32(Self.code(s.representation, in: Self.representationCodes))
         w.i64(s.m)
+        w.i64(s.tokens)
         w.f32(s.scale)
         w.f64(s.system.damping)
         w.f64(s.system.jitter)
@@ -72,6 +78,7 @@ extension ExactBlock {
         guard let strategy = Self.value(strategyCode, in: Self.strategyCodes),
               geometry.kind == .conv2d || strategy == .auto else { throw corrupt("invalid strategy setting \(strategyCode)") }
         var representation = SnapshotRepresentation.auto
+        var tokenMode = TokenMode.perSequence
         var kind = SnapshotRepresentation.auto
         if version >= 2 {
             let settingCode = try r.u32("representation setting")
@@ -79,6 +86,12 @@ extension ExactBlock {
                 throw corrupt("invalid representation setting \(settingCode)")
             }
             representation = setting
+            if version >= 3 {
+                let modeCode = try r.u32("token mode")
+                guard let mode = Self.value(modeCode, in: Self.tokenModeCodes),
+                      geometry.kind == .linear || mode == .perSequence else { throw corrupt("invalid token mode \(modeCode)") }
+                tokenMode = mode
+            }
             let kindCode = try r.u32("snapshot kind")
             guard let k = Self.value(kindCode, in: Self.representationCodes) else { throw corrupt("invalid snapshot kind \(kindCode)") }
             kind = k
@@ -88,8 +101,11 @@ extension ExactBlock {
         var snap: Snapshot?
         if kind != .auto {
             let m = try r.i64("batch")
+            let tokens = version >= 3 ? try r.i64("tokens") : 1
+            let k: BlockKernel
+            do { k = try kernel(tokens: tokens) } catch { throw corrupt("invalid tokens \(tokens)") }
             let counts: (activations: Int, outputGrads: Int)
-            do { counts = try dims.inputCounts(batch: m) } catch { throw corrupt("invalid batch \(m)") }
+            do { counts = try k.dims.inputCounts(batch: m) } catch { throw corrupt("invalid batch \(m)") }
             let scale = try r.f32("grad scale"), damping = try r.f64("damping"), jitter = try r.f64("jitter"), anorm = try r.f64("norm")
             guard scale.isFinite, scale > 0 else { throw corrupt("invalid grad scale \(scale)") }
             guard damping.isFinite, damping > 0 else { throw corrupt("invalid damping \(damping)") }
@@ -112,7 +128,7 @@ extension ExactBlock {
                 let scanA = ArrayScan(a.base, count: a.count), scanG = ArrayScan(g.base, count: g.count)
                 guard scanA.finite, scanG.finite else { throw corrupt("non-finite activations or output gradients") }
                 data = .raw(activations: a, outputGrads: g)
-                entryBound = Snapshot.rawEntryBound(scale: scale, dims: dims, maxActivation: scanA.maxAbs, maxOutputGrad: scanG.maxAbs)
+                entryBound = Snapshot.rawEntryBound(scale: scale, dims: k.dims, maxActivation: scanA.maxAbs, maxOutputGrad: scanG.maxAbs)
             } else {
                 let u = try Storage<Float>(count: numbers, budget: budget, what: "restored per-sample gradients")
                 try r.floats(into: u.base, numbers, "per-sample gradients")
@@ -130,18 +146,20 @@ extension ExactBlock {
             for i in 0..<m { finite = finite && factor.base[i * m + i] > 0 }
             guard finite else { throw corrupt("non-finite Gram, or a factor without a positive diagonal") }
             let system = DampedSystem(restoring: gram, factor: factor, m: m, damping: damping, jitter: jitter, anorm: anorm)
-            snap = Snapshot(m: m, scale: scale, data: data, entryBound: entryBound, system: system)
+            snap = Snapshot(m: m, tokens: tokens, scale: scale, data: data, entryBound: entryBound, system: system)
         }
         let hasUpdate = try r.bool("update flag")
         let dot = try r.f64("update · grad")
         guard dot.isFinite else { throw corrupt("non-finite update · grad") }
-        return Restored(strategy: strategy, representation: representation, snapshot: snap, hasUpdate: hasUpdate, updateDotGrad: dot)
+        return Restored(strategy: strategy, representation: representation, tokenMode: tokenMode, snapshot: snap,
+                        hasUpdate: hasUpdate, updateDotGrad: dot)
     }
 
     /// Makes restored state current. Cannot fail.
     func install(_ restored: Restored) {
         strategySetting = restored.strategy
         representationSetting = restored.representation
+        tokenMode = restored.tokenMode
         replaceSnapshot(restored.snapshot)
         record.hasUpdate = restored.hasUpdate
         record.updateDotGrad = restored.updateDotGrad

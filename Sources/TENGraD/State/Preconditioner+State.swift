@@ -1,9 +1,9 @@
 /// Saved state: everything a resumed run needs to compute bit-identical updates.
 ///
-/// Format (version 2; version 1 is still read), all numbers little-endian:
+/// Format (version 3; versions 1 and 2 are still read), all numbers little-endian:
 ///
 ///     magic      8 bytes  "TENGRAD" 0x1A
-///     u32 format version (2), u32 reserved (0), u64 payload bytes
+///     u32 format version (3), u32 reserved (0), u64 payload bytes
 ///     payload:   f64 damping, i64 memory limit, u32 layer count,
 ///                per layer: u32 kind (1 linear, 2 conv2d) and its shape
 ///                  linear: i64 in, i64 out, u32 bias
@@ -22,7 +22,7 @@
 /// Settings (damping, memory limit, conv strategies) are restored either way.
 extension Preconditioner {
     static let stateMagic: [UInt8] = [0x54, 0x45, 0x4E, 0x47, 0x52, 0x41, 0x44, 0x1A]
-    static let stateVersion: UInt32 = 2
+    static let stateVersion: UInt32 = 3
     /// Oldest format version `loadState` reads.
     static let oldestStateVersion: UInt32 = 1
     private static let headerBytes = 8 + 4 + 4 + 8

@@ -30,6 +30,8 @@ CONV_EXPLICIT = 2
 SNAPSHOT_AUTO = 0
 SNAPSHOT_RAW = 1
 SNAPSHOT_PER_SAMPLE = 2
+TOKENS_PER_SEQUENCE = 0  # tengrad_set_token_mode
+TOKENS_PER_TOKEN = 1
 
 
 class Conv2dShape(ctypes.Structure):
@@ -208,6 +210,20 @@ tengrad_layer_count = _declare("tengrad_layer_count", c_int32, _handle, POINTER(
 #                                         const float *output_grads, float grad_scale);
 tengrad_update_curvature = _declare(
     "tengrad_update_curvature", c_int32, _handle, c_int32, c_int64, _f32p, _f32p, c_float)
+# tengrad_status tengrad_set_token_mode(p, int32_t layer, int32_t mode);
+tengrad_set_token_mode = _declare("tengrad_set_token_mode", c_int32, _handle, c_int32, c_int32)
+# tengrad_status tengrad_get_token_mode(const tengrad_preconditioner *p, int32_t layer, int32_t *out_mode);
+tengrad_get_token_mode = _declare("tengrad_get_token_mode", c_int32, _handle, c_int32, POINTER(c_int32))
+# tengrad_status tengrad_update_curvature_tokens(p, int32_t layer, int64_t batch, int64_t tokens,
+#     const float *activations, const float *output_grads, const uint8_t *mask, float grad_scale);
+tengrad_update_curvature_tokens = _declare(
+    "tengrad_update_curvature_tokens", c_int32, _handle, c_int32, c_int64, c_int64, _f32p, _f32p, c_void_p, c_float)
+# tengrad_status tengrad_natural_gradient_tokens(p, int32_t layer, int64_t batch, int64_t tokens,
+#     const float *activations, const float *output_grads, const uint8_t *mask, float grad_scale,
+#     float *weight_update, float *bias_update);
+tengrad_natural_gradient_tokens = _declare(
+    "tengrad_natural_gradient_tokens", c_int32, _handle, c_int32, c_int64, c_int64, _f32p, _f32p, c_void_p, c_float,
+    _f32p, _f32p)
 # tengrad_status tengrad_per_sample_gradients(p, int32_t layer, int64_t batch, const float *activations,
 #                                             const float *output_grads, float grad_scale, float *out_rows);
 tengrad_per_sample_gradients = _declare(

@@ -98,6 +98,7 @@ class Conv2dSpec:
 
 _STRATEGIES = {"auto": _lib.CONV_AUTO, "factored": _lib.CONV_FACTORED, "explicit": _lib.CONV_EXPLICIT}
 _REPRESENTATIONS = {"auto": _lib.SNAPSHOT_AUTO, "raw": _lib.SNAPSHOT_RAW, "per-sample": _lib.SNAPSHOT_PER_SAMPLE}
+_TOKEN_MODES = {"per-sequence": _lib.TOKENS_PER_SEQUENCE, "per-token": _lib.TOKENS_PER_TOKEN}
 
 
 def _ptr(array: Optional[np.ndarray]):
@@ -258,6 +259,20 @@ class Preconditioner:
             raise ValueError(f"representation must be one of {sorted(_REPRESENTATIONS)}, got {representation!r}")
         _lib.tengrad_set_snapshot_representation(self._h, self._id(layer), _REPRESENTATIONS[representation])
 
+    def set_token_mode(self, layer: int, mode: str) -> None:
+        """How a linear layer called over sequences defines its samples: "per-sequence" (default:
+        the exact Fisher block of per-sequence gradients, a sequence's gradient summing its
+        tokens') or "per-token" (every unmasked token a sample, as KFAC's "expand" view; the same
+        as flattening the tokens into the batch). Takes effect at the next curvature update."""
+        if mode not in _TOKEN_MODES:
+            raise ValueError(f"mode must be one of {sorted(_TOKEN_MODES)}, got {mode!r}")
+        _lib.tengrad_set_token_mode(self._h, self._id(layer), _TOKEN_MODES[mode])
+
+    def token_mode(self, layer: int) -> str:
+        out = ctypes.c_int32()
+        _lib.tengrad_get_token_mode(self._h, self._id(layer), ctypes.byref(out))
+        return {v: k for k, v in _TOKEN_MODES.items()}[out.value]
+
     def _sync_layers(self) -> None:
         """Rebuild the Python-side layer specs from the library (after loading state)."""
         specs = []
@@ -316,6 +331,29 @@ class Preconditioner:
         _check("output_grads", output_grads, g_shape)
         return spec, batch
 
+    def _sequence(self, layer, activations, output_grads, mask):
+        """(spec, batch, tokens, mask array or None) of a call on a linear layer whose inputs have
+        token dimensions between the batch and the features: [batch, T..., in]."""
+        spec = self.layer_spec(layer)
+        if not isinstance(activations, np.ndarray) or activations.ndim < 2:
+            raise TypeError("activations must be a numpy.ndarray [batch, tokens..., features]")
+        if not isinstance(spec, LinearSpec):
+            raise ValueError("token dimensions and masks apply to linear layers")
+        batch, positions = activations.shape[0], activations.shape[1:-1]
+        tokens = int(np.prod(positions)) if positions else 1
+        _check("activations", activations, (batch,) + positions + (spec.in_features,))
+        _check("output_grads", output_grads, (batch,) + positions + (spec.out_features,))
+        if mask is not None:
+            if not isinstance(mask, np.ndarray) or mask.shape != (batch,) + positions:
+                raise ValueError(f"mask must be a numpy.ndarray of shape {(batch,) + positions}, got "
+                                 f"{getattr(mask, 'shape', type(mask).__name__)}")
+            if mask.dtype == np.bool_:
+                mask = mask.view(np.uint8)
+            elif mask.dtype != np.uint8:
+                raise TypeError(f"mask must have dtype bool or uint8, got {mask.dtype}")
+            mask = np.ascontiguousarray(mask)
+        return spec, batch, tokens, mask
+
     def _outputs(self, spec, out):
         if out is None:
             weight = np.empty(spec.weight_shape, dtype=np.float32)
@@ -333,9 +371,20 @@ class Preconditioner:
 
     # -- preconditioning -----------------------------------------------------------------------
     def update_curvature(self, layer: int, activations: np.ndarray, output_grads: np.ndarray,
-                         grad_scale: float) -> None:
+                         grad_scale: float, mask: Optional[np.ndarray] = None) -> None:
         """Take this layer's curvature snapshot from a batch (replaces the previous one).
-        grad_scale: batch size for a mean-reduced loss, 1 for a sum-reduced one."""
+        grad_scale: batch size for a mean-reduced loss, 1 for a sum-reduced one.
+
+        A linear layer also takes sequences: activations [batch, T..., in] and output gradients
+        [batch, T..., out] (token dimensions between batch and features), with an optional
+        ``mask`` [batch, T...] (bool or uint8; 0 = padding, which contributes nothing). See
+        ``set_token_mode``."""
+        if mask is not None or (isinstance(activations, np.ndarray) and activations.ndim > 2
+                                and isinstance(self.layer_spec(layer), LinearSpec)):
+            _, batch, tokens, mask = self._sequence(layer, activations, output_grads, mask)
+            _lib.tengrad_update_curvature_tokens(self._h, int(layer), batch, tokens, _ptr(activations),
+                                                 _ptr(output_grads), _ptr(mask), float(grad_scale))
+            return
         _, batch = self._inputs(layer, activations, output_grads)
         _lib.tengrad_update_curvature(self._h, int(layer), batch, _ptr(activations),
                                       _ptr(output_grads), float(grad_scale))
@@ -385,9 +434,18 @@ class Preconditioner:
         return weight, bias
 
     def natural_gradient(self, layer: int, activations: np.ndarray, output_grads: np.ndarray,
-                         grad_scale: float, out=None):
+                         grad_scale: float, out=None, mask: Optional[np.ndarray] = None):
         """Empirical Fisher in one call: snapshot from this batch and (F + λI)^-1 of the batch's
-        mean gradient. Returns (weight_update, bias_update); ``out=(w, b)`` writes into given arrays."""
+        mean gradient. Returns (weight_update, bias_update); ``out=(w, b)`` writes into given arrays.
+        Linear layers take sequences and masks as in ``update_curvature``."""
+        if mask is not None or (isinstance(activations, np.ndarray) and activations.ndim > 2
+                                and isinstance(self.layer_spec(layer), LinearSpec)):
+            spec, batch, tokens, mask = self._sequence(layer, activations, output_grads, mask)
+            weight, bias = self._outputs(spec, out)
+            _lib.tengrad_natural_gradient_tokens(self._h, int(layer), batch, tokens, _ptr(activations),
+                                                 _ptr(output_grads), _ptr(mask), float(grad_scale),
+                                                 _ptr(weight), _ptr(bias))
+            return weight, bias
         spec, batch = self._inputs(layer, activations, output_grads)
         weight, bias = self._outputs(spec, out)
         _lib.tengrad_natural_gradient(self._h, int(layer), batch, _ptr(activations),
