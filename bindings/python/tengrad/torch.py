@@ -148,7 +148,10 @@ class TENGraD:
         update_freq: refresh the curvature every this many steps (reuse path in between).
         kl_clip: KL clipping constant κ, or None for no clipping; needs ``lr``.
         lr: the learning rate KL clipping assumes (update it with ``set_lr`` when it changes).
-        loss_reduction: ``"mean"``, ``"sum"`` or a per-sample scale for the real loss.
+        loss_reduction: ``"mean"``, ``"sum"`` or a per-sample scale for the real loss: the number
+            the layers' output gradients are multiplied by to give one sample's gradient
+            (``"mean"`` = the batch size; for a loss averaged over all tokens of a batch, in
+            per-sequence mode, pass batch · T; in per-token mode, the number of tokens).
         skip: module names (as in ``named_modules``) or module types not to precondition.
         fast_path: allow the one-call path for the empirical Fisher refreshed every step.
         memory_limit: byte cap of the underlying handle (0: none).
@@ -162,6 +165,11 @@ class TENGraD:
             torch and this module are imported), in which case they too use OpenBLAS's setting
             (README, "Threads").
             An int n uses n threads for every call (0: OpenBLAS's setting).
+        token_mode: for ``nn.Linear`` applied to sequences (inputs [batch, T..., d]; the
+            dimensions between batch and features are positions): ``"per-sequence"`` (default) —
+            the exact Fisher block of per-sequence gradients, a sequence's gradient summing its
+            tokens' — or ``"per-token"``, every token a sample (KFAC's "expand" view, for losses
+            that are sums over tokens). docs/DESIGN.md §12.
         process_group: a ``torch.distributed`` process group (gloo; NCCL/MPI backends take the same
             calls) for data-parallel training with exact global-batch blocks (docs/DESIGN.md §11):
             every rank runs the same model on its own samples and calls ``step()``; each layer's
@@ -181,7 +189,8 @@ class TENGraD:
                  kl_clip: Optional[float] = None, lr: Optional[float] = None,
                  loss_reduction: Union[str, float] = "mean",
                  skip: Iterable[Union[str, type]] = (), fast_path: bool = True, memory_limit: int = 0,
-                 conv_strategy: str = "auto", blas_threads: Union[str, int] = "auto", process_group=None):
+                 conv_strategy: str = "auto", blas_threads: Union[str, int] = "auto", process_group=None,
+                 token_mode: str = "per-sequence"):
         if fisher not in ("empirical", "sampled"):
             raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
         if int(update_freq) < 1:
@@ -190,6 +199,8 @@ class TENGraD:
             raise ValueError("kl_clip needs a positive kl_clip and a learning rate lr (>= 0; at 0 nothing is clipped)")
         if not (blas_threads == "auto" or (isinstance(blas_threads, int) and 0 <= blas_threads <= 1024)):
             raise ValueError(f"blas_threads must be 'auto' or an int in 0..1024, got {blas_threads!r}")
+        if token_mode not in ("per-sequence", "per-token"):
+            raise ValueError(f"token_mode must be 'per-sequence' or 'per-token', got {token_mode!r}")
         if not (loss_reduction in ("mean", "sum") or isinstance(loss_reduction, (int, float))):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or a number, got {loss_reduction!r}")
         self.model = model
@@ -199,6 +210,7 @@ class TENGraD:
         self.loss_reduction = loss_reduction
         self.fast_path = fast_path
         self.conv_strategy = conv_strategy
+        self.token_mode = token_mode
         self.blas_threads = blas_threads
         self.process_group = process_group
         self._owners: Optional[List[int]] = None
@@ -372,9 +384,9 @@ class TENGraD:
     def _spec_for(self, layer: _Layer, x: torch.Tensor):
         m = layer.module
         if isinstance(m, nn.Linear):
-            if x.dim() != 2:
-                raise ValueError(f"TENGraD: linear layer {layer.name!r} got a {x.dim()}-D input; only [batch, features] "
-                                 "inputs are supported (per-sample gradients of sequences are not single rows)")
+            if x.dim() < 2:
+                raise ValueError(f"TENGraD: linear layer {layer.name!r} got a {x.dim()}-D input; it needs a batch "
+                                 "dimension first ([batch, features] or [batch, tokens..., features])")
             return self._module_spec(m)
         if x.dim() != 4:
             raise ValueError(f"TENGraD: conv layer {layer.name!r} needs NCHW input, got {x.dim()}-D")
@@ -389,6 +401,7 @@ class TENGraD:
             return
         if isinstance(spec, LinearSpec):
             layer.id = self._pre.add_linear(spec.in_features, spec.out_features, spec.bias)
+            self._pre.set_token_mode(layer.id, self.token_mode)
         else:
             layer.id = self._pre.add_conv2d(spec.in_channels, spec.out_channels, spec.kernel_size, spec.input_size,
                                             spec.stride, spec.padding, spec.dilation, spec.groups, spec.bias)
@@ -466,6 +479,9 @@ class TENGraD:
                 done = [c for c in layer.captures if c.grads is not None]
                 inputs = [self._array(c.inputs, layer, "input") for c in done]
                 grads = [self._array(c.grads, layer, "output gradient") for c in done]
+                if len({x.shape[1:] for x in inputs}) > 1:
+                    raise ValueError(f"TENGraD: layer {layer.name!r}: the accumulated micro-batches have different "
+                                     f"token shapes {sorted({x.shape[1:-1] for x in inputs})}; one refresh needs one shape")
                 batch = (inputs[0], grads[0]) if len(done) == 1 else (np.concatenate(inputs), np.concatenate(grads))
             plans.append((layer, w, bias, batch))
         return plans
@@ -629,6 +645,8 @@ class TENGraD:
             kind, width = self._rows(layer)
             if refresh:
                 a, g = batch
+                if kind == "raw":
+                    width = a[0].size + g[0].size  # a linear layer over tokens: T · (in + out)
                 pad = torch.zeros((max(counts), width), dtype=torch.float32)
                 if kind == "raw":  # inputs and per-sample output gradients
                     g = g * self._grad_scale(a.shape[0])

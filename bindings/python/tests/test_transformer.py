@@ -1,0 +1,108 @@
+"""A 2-block transformer built of nn.Linear (separate q, k, v, output projections, MLP, patch
+embedding on [batch, T, p] tokens, classifier on the pooled [batch, d]) through tengrad.torch:
+every Linear's update equals the dense float64 oracle's (F + λI)⁻¹ grad with F from per-sequence
+gradients that PyTorch computes (torch.func.vmap of grad over the whole model). LayerNorm and the
+position embedding stay unpreconditioned (their .grad is the plain gradient). Tolerance 1e-3."""
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import tengrad.torch as tt  # noqa: E402
+from oracle import relative_error  # noqa: E402
+from test_torch import oracle_updates, per_sample_grads, tengrad_updates  # noqa: E402
+
+TOL = 1e-3
+
+
+class Attention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        split = lambda y: y.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads), dim=-1)
+        return self.o((att @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = Attention(d, heads)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, patch=6, tokens=5, d=8, heads=2, blocks=2, classes=3):
+        super().__init__()
+        self.embed = nn.Linear(patch, d)
+        self.pos = nn.Parameter(0.1 * torch.randn(tokens, d))
+        self.blocks = nn.Sequential(*(Block(d, heads) for _ in range(blocks)))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):                                   # x: [batch, tokens, patch]
+        x = self.blocks(self.embed(x) + self.pos)
+        return self.head(self.ln(x).mean(1))
+
+
+def data(m, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, 5, 6, generator=g), torch.randint(0, 3, (m,), generator=g)
+
+
+def test_transformer_empirical_fisher_matches_oracle():
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    x, y = data(7, 1)
+    ps = per_sample_grads(model, x, y)                       # per-sequence gradients
+    mean = {k: v.mean(0) for k, v in ps.items()}
+    want = oracle_updates(model, ps, mean, 0.05)
+    pre = tt.TENGraD(model, damping=0.05, fisher="empirical")
+    assert len(pre.layer_names) == 1 + 2 * 6 + 1
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    got = tengrad_updates(model)
+    for name in want:
+        assert relative_error(got[name], want[name]) <= TOL, name
+    np.testing.assert_allclose(model.pos.grad.numpy(), mean["pos"].numpy(), rtol=1e-4, atol=1e-6)  # not preconditioned
+
+
+def test_transformer_sampled_fisher_and_reuse_match_oracle():
+    torch.manual_seed(1)
+    model = TinyTransformer()
+    pre = tt.TENGraD(model, damping=0.1, fisher="sampled", update_freq=2)
+    for step in range(2):                                   # a refresh, then a reuse step on a new batch
+        x, y = data(6, 10 + step)
+        if step == 0:
+            # the oracle first (its functional forwards would count as new forwards), with the
+            # labels sample_fisher will draw from the same logits and generator seed
+            with torch.no_grad():
+                labels = torch.multinomial(torch.softmax(model(x), -1), 1,
+                                           generator=torch.Generator().manual_seed(3)).squeeze(-1)
+            ps = per_sample_grads(model, x, labels)
+            logits = model(x)
+            pre.sample_fisher(logits, generator=torch.Generator().manual_seed(3))
+        else:
+            logits = model(x)
+        model.zero_grad()
+        F.cross_entropy(logits, y).backward()
+        real = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        want = oracle_updates(model, ps, real, 0.1)         # the step-0 snapshot, this step's gradient
+        pre.step()
+        got = tengrad_updates(model)
+        for name in want:
+            assert relative_error(got[name], want[name]) <= TOL, (step, name)
