@@ -26,7 +26,7 @@ FUZZ_SWIFT   := -Xswiftc -sanitize=address -Xswiftc -sanitize-coverage=edge,inli
 # Swift's own crash backtracer would mask the sanitizer's report.
 export SWIFT_BACKTRACE := enable=no
 
-.PHONY: demo-c demo-distributed demo-mpi test-mpi help setup build test test-swift test-c test-python test-example test-asan fuzz fuzz-smoke fuzz-build demo bench clean
+.PHONY: demo-c demo-vit demo-distributed demo-mpi test-mpi help setup build test test-swift test-c test-python test-example test-asan fuzz fuzz-smoke fuzz-build demo bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -71,6 +71,9 @@ demo: build ## Main job: the paper's Fashion-MNIST ConvNet in PyTorch, TENGraD v
 demo-c: $(BUILD)/mlp $(DATA)/.done ## The C trainer: 784-128-10 MLP on Fashion-MNIST, TENGraD vs SGD
 	$(BUILD)/mlp --data $(DATA)
 
+demo-vit: build ## A small ViT on Fashion-MNIST: TENGraD (exact per-sequence blocks) vs AdamW vs SGD (~7 min)
+	$(PYTHON) examples/torch/vit.py --data $(DATA_SRC) --plot $(BUILD)/vit.png $(DEMO_ARGS)
+
 demo-distributed: build ## The demo data-parallel on 2 processes (torchrun, gloo): TENGraD vs SGD vs Adam
 	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=2 examples/torch/fashion_mnist.py --distributed \
 	  --data $(DATA_SRC) --optimizers tengrad,sgd,adam $(DEMO_ARGS)
@@ -102,6 +105,8 @@ test-example: $(BUILD)/mlp $(DATA)/.done ## The examples on real data; the C tra
 	$(PYTHON) examples/python/numpy_conv.py --epochs 1 --train-limit 2000
 	$(PYTHON) examples/torch/fashion_mnist.py --budget 3 --train-limit 3000 --test-limit 1000 --eval-seconds 1 \
 	  --plot $(BUILD)/fashion_mnist_smoke.png
+	$(PYTHON) examples/torch/vit.py --budget 3 --train-limit 3000 --test-limit 1000 --eval-seconds 1.5 \
+	  --plot $(BUILD)/vit_smoke.png
 	timeout 300 $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=2 examples/torch/fashion_mnist.py \
 	  --distributed --budget 3 --train-limit 3000 --test-limit 1000 --eval-seconds 1.5 --optimizers tengrad,adam
 	swift build -c release --product tengrad-swift-example

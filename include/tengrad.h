@@ -164,7 +164,9 @@ TENGRAD_NODISCARD tengrad_status tengrad_add_conv2d(tengrad_preconditioner *p,
      ≈ 2·m·L·C_out·P + m²·C_out·(P + 1) flops — cheap when L is large.
    TENGRAD_CONV_AUTO (default) picks the one with fewer flops by these formulas; the layer's
    stats report the choice and both estimates. Workspaces are chunked over samples and output
-   channels to stay within 64 MiB, or within what the memory limit leaves. */
+   channels to stay within 64 MiB, or within what the memory limit leaves. Linear layers accept
+   the setting too: it decides their Gram when they are called over tokens (T > 1, L = T above;
+   see tengrad_update_curvature_tokens); with T = 1 the factored Gram is always used. */
 TENGRAD_NODISCARD tengrad_status tengrad_set_conv_strategy(tengrad_preconditioner *p, int32_t layer,
                                                            int32_t strategy);
 
@@ -342,7 +344,8 @@ enum { TENGRAD_LAYER_LINEAR = 1, TENGRAD_LAYER_CONV2D = 2 };
 
 typedef struct tengrad_layer_stats {
     int32_t kind;              /* TENGRAD_LAYER_* */
-    int32_t conv_strategy;     /* TENGRAD_CONV_FACTORED/EXPLICIT chosen for the last snapshot; 0 linear */
+    int32_t conv_strategy;     /* TENGRAD_CONV_FACTORED/EXPLICIT chosen for the last snapshot; 0 for
+                                  a linear layer's snapshot of T = 1 */
     int64_t batch;             /* m of the current snapshot; 0 before the first */
     int64_t parameters;        /* numbers in weight (+ bias) */
     int64_t snapshot_bytes;    /* bytes held by the current snapshot */

@@ -76,9 +76,8 @@ public final class Preconditioner {
 
     /// Forces a convolution's Gram strategy (`.auto`, the default, lets the flop model choose).
     public func setConvStrategy(layer id: Int, _ strategy: ConvStrategy) throws(TENGraDError) {
-        let l = try layer(id)
-        guard l.geometry.kind == .conv2d else { throw .invalid("layer \(id) is not a convolution") }
-        l.strategySetting = strategy
+        // Linear layers take it too: it decides their Gram when called over tokens (T > 1).
+        try layer(id).strategySetting = strategy
     }
 
     /// Forces what a layer's snapshots keep (`.auto`, the default, lets the cost model choose at

@@ -102,6 +102,7 @@ let convCases: [ConvCase] = [
         #expect { try p.addConv2d(bad) } throws: { ($0 as? TENGraDError)?.code == .shape }
         #expect(p.layerCount == 0)
         let linear = try p.addLinear(inFeatures: 2, outFeatures: 2, bias: false)
-        #expect { try p.setConvStrategy(layer: linear, .explicit) } throws: { ($0 as? TENGraDError)?.code == .invalidArgument }
+        try p.setConvStrategy(layer: linear, .explicit)  // linear layers take it (it matters over tokens)
+        #expect { try p.setConvStrategy(layer: 7, .explicit) } throws: { ($0 as? TENGraDError)?.code == .invalidArgument }
     }
 }

@@ -170,7 +170,7 @@ let cases: [Case] = [(4, 6, 5), (40, 5, 3), (1, 7, 4), (12, 12, 12), (9, 1, 1)].
             let p = Preconditioner()
             try p.setDamping(0.2)
             let layer = try p.addLinear(inFeatures: inF, outFeatures: outF, bias: bias)
-            p.layers[layer].strategySetting = strategy
+            try p.setConvStrategy(layer: layer, strategy)
             try p.setSnapshotRepresentation(layer: layer, representation)
             var rng = SeededRandom(bias ? 5 : 6)
             // T changes between calls; the second call has padding.
@@ -187,9 +187,7 @@ let cases: [Case] = [(4, 6, 5), (40, 5, 3), (1, 7, 4), (12, 12, 12), (9, 1, 1)].
                 #expect(relativeError(joined(w2, b2, out: outF, in: inF), oracle.solve(damping: 0.2, joined(vw, vb, out: outF, in: inF))) <= tolerance)
                 // A saved and restored handle keeps T (raw snapshots need it for the reuse path).
                 let q = Preconditioner()
-                p.layers[layer].strategySetting = .auto  // forcing it is internal to these tests (not in saved state)
                 try q.loadState(p.saveState())
-                p.layers[layer].strategySetting = strategy
                 #expect(try q.precondition(layer: layer, weightGrad: vw, biasGrad: vb) == (w2, b2))
             }
         }

@@ -279,7 +279,8 @@ static void test_settings_and_layers(void) {
     CHECK(stats.kind == TENGRAD_LAYER_LINEAR && stats.parameters == 10 && stats.batch == 0);
     CHECK_STATUS(tengrad_get_layer_stats(p, 2, &stats), TENGRAD_ERROR_INVALID_ARGUMENT);
     CHECK_STATUS(tengrad_get_layer_stats(p, -1, &stats), TENGRAD_ERROR_INVALID_ARGUMENT);
-    CHECK_STATUS(tengrad_set_conv_strategy(p, 0, TENGRAD_CONV_EXPLICIT), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK_STATUS(tengrad_set_conv_strategy(p, 0, TENGRAD_CONV_EXPLICIT), TENGRAD_OK); /* linear: for tokens */
+    CHECK_STATUS(tengrad_set_conv_strategy(p, 0, TENGRAD_CONV_AUTO), TENGRAD_OK);
     int64_t usage = -1;
     CHECK_STATUS(tengrad_get_memory_usage(p, &usage), TENGRAD_OK);
     CHECK(usage == 0); /* no snapshot yet */

@@ -3,7 +3,7 @@
 ///
 /// Format version 3:
 ///
-///     u32 strategy setting        (0 auto, 1 factored, 2 explicit; 0 for linear layers)
+///     u32 strategy setting        (0 auto, 1 factored, 2 explicit)
 ///     u32 representation setting  (0 auto, 1 raw, 2 per-sample)
 ///     u32 token mode setting      (0 per sequence, 1 per token; 0 for conv layers)
 ///     u32 snapshot                (0 none, 1 raw, 2 per-sample); if not 0:
@@ -75,8 +75,9 @@ extension ExactBlock {
     func readState(_ r: inout StateReader, version: UInt32, layer id: Int, budget: MemoryBudget) throws(TENGraDError) -> Restored {
         func corrupt(_ message: String) -> TENGraDError { StateReader.corrupt("layer \(id): \(message)") }
         let strategyCode = try r.u32("strategy setting")
-        guard let strategy = Self.value(strategyCode, in: Self.strategyCodes),
-              geometry.kind == .conv2d || strategy == .auto else { throw corrupt("invalid strategy setting \(strategyCode)") }
+        guard let strategy = Self.value(strategyCode, in: Self.strategyCodes) else {
+            throw corrupt("invalid strategy setting \(strategyCode)")
+        }
         var representation = SnapshotRepresentation.auto
         var tokenMode = TokenMode.perSequence
         var kind = SnapshotRepresentation.auto

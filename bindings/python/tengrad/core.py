@@ -246,7 +246,8 @@ class Preconditioner:
         return out.value
 
     def set_conv_strategy(self, layer: int, strategy: str) -> None:
-        """Force a convolution's Gram strategy: "auto" (default), "factored" or "explicit"."""
+        """Force a layer's Gram strategy: "auto" (default), "factored" or "explicit" — for a
+        convolution, or a linear layer called over tokens (T > 1)."""
         if strategy not in _STRATEGIES:
             raise ValueError(f"strategy must be one of {sorted(_STRATEGIES)}, got {strategy!r}")
         _lib.tengrad_set_conv_strategy(self._h, self._id(layer), _STRATEGIES[strategy])
