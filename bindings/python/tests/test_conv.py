@@ -189,14 +189,16 @@ def test_overflowing_geometry_is_a_shape_error():
         assert e.value.status == tengrad.ERROR_SHAPE
 
 
-def test_strategy_setting_rejects_linear_layers_and_unknown_names():
+def test_strategy_setting_on_linear_layers_and_unknown_names():
+    """Linear layers take a strategy (it decides their Gram over tokens); unknown names and layer
+    ids are refused."""
     with tengrad.Preconditioner() as p:
         layer = p.add_linear(3, 3)
-        with pytest.raises(tengrad.TengradError) as e:
-            p.set_conv_strategy(layer, "explicit")
-        assert e.value.status == tengrad.ERROR_INVALID_ARGUMENT
+        p.set_conv_strategy(layer, "explicit")
         with pytest.raises(ValueError):
             p.set_conv_strategy(layer, "fastest")
+        with pytest.raises((tengrad.TengradError, ValueError)):
+            p.set_conv_strategy(5, "explicit")
 
 
 def test_auto_representation_follows_the_cost_model():
