@@ -44,7 +44,6 @@ def child():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bindings", "python"))
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "torch"))
     import tengrad
-    from tengrad.torch import _OMP_SPINS_BRIEFLY  # before fashion_mnist, which sets GOMP_SPINCOUNT
     from fashion_mnist import ConvNet
 
     torch.manual_seed(0)
@@ -78,8 +77,8 @@ def child():
     mode = os.environ.get("TORCH_LOOP_CALLS", "natural_gradient")
     if os.environ.get("TORCH_LOOP_POLICY") == "integration":
         # What tengrad.torch's blas_threads="auto" does: refreshes with OpenBLAS's setting,
-        # reuse steps on one thread unless torch's workers stop spinning early.
-        p.blas_threads = 0 if mode == "natural_gradient" or _OMP_SPINS_BRIEFLY else 1
+        # reuse steps on one thread.
+        p.blas_threads = 0 if mode == "natural_gradient" else 1
 
     def ours():
         t = time.perf_counter()
