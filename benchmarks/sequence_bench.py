@@ -48,7 +48,8 @@ def estimates(m, T, n_in, n_out):
 
 
 def kfac_expand(a, g, v, damping):
-    """Expand-style KFAC for one linear layer: factors over all tokens, eigendecompositions, update."""
+    """Expand-style KFAC for one linear layer: factors over all tokens, eigendecompositions, and
+    the update of v = [weight gradient | bias gradient] (out × (in + 1))."""
     tokens = a.shape[0] * a.shape[1]
     at = np.concatenate([a.reshape(tokens, -1), np.ones((tokens, 1), np.float32)], 1)
     gt = g.reshape(tokens, -1)
@@ -79,7 +80,7 @@ def main():
             for m in (32, 128):
                 for T in lengths:
                     a = rng.standard_normal((m, T, n_in), dtype=np.float32)
-                    g = rng.standard_normal((m, T, n_out), dtype=np.float32) / np.sqrt(m * T)
+                    g = (rng.standard_normal((m, T, n_out), dtype=np.float32) / np.sqrt(m * T)).astype(np.float32)
                     v = rng.standard_normal((n_out, n_in), dtype=np.float32)
                     vb = rng.standard_normal(n_out, dtype=np.float32)
                     big = m * T * n_out * n_in > 2e10
@@ -97,7 +98,7 @@ def main():
                                 continue
                             p.set_conv_strategy(layer, name)
                             forced[name] = f"{timed(lambda: p.update_curvature(layer, a, g, float(m)), reps):.4f}"
-                    kfac_curv, kfac_step = kfac_expand(a, g, v, 0.1)
+                    kfac_curv, kfac_step = kfac_expand(a, g, np.concatenate([v, vb[:, None]], 1), 0.1)
                     print(f"{m:>4}{T:>5}{f'{n_in}→{n_out}':>12}{f'{strategy}/{rep}':>20}{curv:>9.4f}{reuse:>9.4f}"
                           f"{forced['factored']:>12}{forced['explicit']:>12}{kfac_curv:>13.4f}{kfac_step:>13.4f}"
                           f"{curv / kfac_curv:>16.2f}", flush=True)
