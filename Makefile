@@ -167,6 +167,8 @@ bench: build ## Benchmark table (not a test): seconds, GFLOP/s, ratio to OpenBLA
 	OPENBLAS_NUM_THREADS=2 $(PYTHON) benchmarks/compare.py
 	@echo; echo "== conv layers: TENGraD vs the authors' explicit path (PyTorch, AX kept), refresh and reuse"
 	OPENBLAS_NUM_THREADS=2 $(PYTHON) benchmarks/conv_compare.py
+	@echo; echo "== linear layers over tokens (transformer shapes): strategies, representation, vs expand-KFAC"
+	OPENBLAS_NUM_THREADS=2 $(PYTHON) benchmarks/sequence_bench.py
 
 clean: ## Remove build outputs
 	rm -rf .build $(BUILD)
