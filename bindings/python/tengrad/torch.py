@@ -56,6 +56,7 @@ output gradients (``grad_scale``): mean-reduced losses hand out 1/m of each samp
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
@@ -71,11 +72,12 @@ __all__ = ["TENGraD"]
 class _Capture:
     """One forward's input of a layer and, once its backward ran, the output gradient."""
 
-    __slots__ = ("inputs", "grads")
+    __slots__ = ("inputs", "grads", "mask")
 
-    def __init__(self, inputs: torch.Tensor):
+    def __init__(self, inputs: torch.Tensor, mask: Optional[torch.Tensor] = None):
         self.inputs = inputs
         self.grads: Optional[torch.Tensor] = None
+        self.mask = mask  # [batch, tokens...] of a sequence input, 1 = token, 0 = padding
 
 
 class _Layer:
@@ -203,6 +205,7 @@ class TENGraD:
         self._removed = False
         self._forward_id = 0
         self._batch = 0
+        self._token_mask: Optional[torch.Tensor] = None
         if lr is not None:
             lr = _check_lr(lr)
         self.lr = lr
@@ -312,7 +315,7 @@ class TENGraD:
                         f"TENGraD: layer {layer.name!r} ran twice in one forward pass: a layer used more than "
                         f"once per forward has no single per-sample block (skip=[{layer.name!r}])")
                 layer.captures.pop()  # that forward got no backward (a skipped batch): a new capture
-            capture = _Capture(x.detach())
+            capture = _Capture(x.detach(), self._mask_for(layer, x))
             layer.captures.append(capture)
             layer.pending = capture
             layer.forward_id = self._forward_id
@@ -392,6 +395,36 @@ class TENGraD:
         layer.spec = spec
         self._registered.append(layer)
 
+    # -- padding masks ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def token_mask(self, mask: torch.Tensor):
+        """Forwards inside this context carry a padding mask for the sequence layers:
+        ``mask`` [batch, tokens...] (bool or 0/1), 0 marking padding, which then contributes
+        nothing to their curvature (docs/DESIGN.md §12). It applies to every hooked ``nn.Linear``
+        whose input is [batch, tokens..., features] with those leading dimensions::
+
+            with pre.token_mask(attention_mask):
+                logits = model(x)
+        """
+        if not isinstance(mask, torch.Tensor) or mask.dim() < 2:
+            raise ValueError("token_mask needs a [batch, tokens...] tensor")
+        if self.process_group is not None:
+            raise ValueError("TENGraD: token masks are not supported with a process_group yet")
+        previous, self._token_mask = self._token_mask, mask.detach()
+        try:
+            yield
+        finally:
+            self._token_mask = previous
+
+    def _mask_for(self, layer: _Layer, x: torch.Tensor) -> Optional[torch.Tensor]:
+        mask = self._token_mask
+        if mask is None or not isinstance(layer.module, nn.Linear) or x.dim() < 3:
+            return None
+        if tuple(mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"TENGraD: layer {layer.name!r}: token_mask has shape {tuple(mask.shape)}, its input "
+                             f"{tuple(x.shape)} needs {tuple(x.shape[:-1])}")
+        return mask
+
     # -- the sampled-label Fisher --------------------------------------------------------------
     def sample_fisher(self, logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> None:
         """For ``fisher="sampled"``: draw labels from softmax(logits) and backpropagate their
@@ -466,6 +499,10 @@ class TENGraD:
                     raise ValueError(f"TENGraD: layer {layer.name!r}: the accumulated micro-batches have different "
                                      f"token shapes {sorted({x.shape[1:-1] for x in inputs})}; one refresh needs one shape")
                 batch = (inputs[0], grads[0]) if len(done) == 1 else (np.concatenate(inputs), np.concatenate(grads))
+                if any(c.mask is not None for c in done):  # the union's mask: unmasked captures are all tokens
+                    masks = [np.ascontiguousarray((c.mask if c.mask is not None else torch.ones(c.inputs.shape[:-1]))
+                                                  .detach().cpu().numpy() != 0).view(np.uint8) for c in done]
+                    batch = batch + (masks[0] if len(masks) == 1 else np.concatenate(masks),)
             plans.append((layer, w, bias, batch))
         return plans
 
@@ -492,16 +529,16 @@ class TENGraD:
         updates = []
         for layer, w, b, batch in plans:
             if batch is not None:
-                a, g = batch
+                a, g, mask = batch if len(batch) == 3 else batch + (None,)
                 scale = self._grad_scale(a.shape[0])
                 single = len([c for c in layer.captures if c.grads is not None]) == 1
                 if self.fisher == "empirical" and self.update_freq == 1 and self.fast_path and single:
                     # The one-call path does not read .grad: check it as precondition would.
                     if not (np.isfinite(w).all() and (b is None or np.isfinite(b).all())):
                         raise ValueError(f"TENGraD: layer {layer.name!r}: .grad contains NaN or Inf")
-                    updates.append((layer, *self._pre.natural_gradient(layer.id, a, g, scale)))
+                    updates.append((layer, *self._pre.natural_gradient(layer.id, a, g, scale, mask=mask)))
                     continue
-                self._pre.update_curvature(layer.id, a, g, scale)
+                self._pre.update_curvature(layer.id, a, g, scale, mask=mask)
             updates.append((layer, *self._pre.precondition(layer.id, w, b)))
         nu = 1.0
         if self.kl_clip is not None and self.lr > 0 and updates:

@@ -85,3 +85,80 @@ def test_transformer_sampled_fisher_and_reuse_match_oracle():
         got = tengrad_updates(model)
         for name in want:
             assert relative_error(got[name], want[name]) <= TOL, (step, name)
+
+
+def test_token_mask_reaches_the_library():
+    """pre.token_mask(mask) around the forward: each sequence layer's curvature excludes the
+    padded tokens — the updates equal the core library's on the same inputs, output gradients and
+    mask (and differ from unmasked ones, since the loss here also reaches padded positions); two
+    accumulated micro-batches, one masked and one not, use the union of their masks."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 3))
+    x = torch.randn(5, 7, 4)
+    mask = torch.ones(5, 7, dtype=torch.bool)
+    mask[1, 4:], mask[3, 2:] = False, False
+    pre = tt.TENGraD(model, damping=0.1, fisher="empirical")
+    kept = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: kept.__setitem__(n, (i[0].detach(), o)))
+             for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    with pre.token_mask(mask):
+        out = model(x)
+    outs = {n: o for n, (_, o) in kept.items()}
+    for o in outs.values():
+        o.retain_grad()
+    loss = (out ** 2).mean()                                # reaches padded positions too
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    pre.step()
+    for h in hooks:
+        h.remove()
+    from tengrad import Preconditioner
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        a, g = kept[name][0].numpy(), outs[name].grad.numpy()
+        with Preconditioner(damping=0.1) as p:
+            layer = p.add_linear(module.in_features, module.out_features)
+            want = p.natural_gradient(layer, a, g, 5.0, mask=mask.numpy())
+            unmasked = p.natural_gradient(layer, a, g, 5.0)
+        np.testing.assert_allclose(module.weight.grad.numpy(), want[0], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(module.bias.grad.numpy(), want[1], rtol=1e-5, atol=1e-7)
+        assert not np.allclose(want[0], unmasked[0], rtol=1e-3)
+    with pytest.raises(ValueError, match="token_mask has shape"):
+        with pre.token_mask(torch.ones(5, 6)):
+            model(x)
+    del grads
+
+    # Accumulation: a masked micro-batch, then an unmasked one; the refresh uses their union.
+    model.zero_grad()
+    pre2 = tt.TENGraD(model, damping=0.1, fisher="empirical")
+    kept.clear()
+    caught = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: caught.setdefault(n, []).append((i[0].detach(), o)))
+             for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    x2 = torch.randn(5, 7, 4)
+    with pre2.token_mask(mask):
+        out1 = model(x)
+    for n in caught:
+        caught[n][-1][1].retain_grad()
+    ((out1 ** 2).mean() / 2).backward()
+    out2 = model(x2)
+    for n in caught:
+        caught[n][-1][1].retain_grad()
+    ((out2 ** 2).mean() / 2).backward()
+    for h in hooks:
+        h.remove()
+    raw = {n: (m.weight.grad.clone().numpy(), m.bias.grad.clone().numpy())
+           for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    pre2.step()
+    union = np.concatenate([mask.numpy(), np.ones((5, 7), bool)])
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        a = np.concatenate([c[0].numpy() for c in caught[name]])
+        g = np.concatenate([c[1].grad.numpy() for c in caught[name]])
+        with Preconditioner(damping=0.1) as p:
+            layer = p.add_linear(module.in_features, module.out_features)
+            p.update_curvature(layer, a, g, 10.0, mask=union)
+            want = p.precondition(layer, *raw[name])
+        np.testing.assert_allclose(module.weight.grad.numpy(), want[0], rtol=1e-5, atol=1e-7)
