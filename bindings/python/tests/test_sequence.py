@@ -2,7 +2,8 @@
 per-sequence gradients PyTorch computes itself (torch.func.vmap of torch.func.grad; a loop over
 sequences when their lengths differ): F = (1/m) Σ u_i u_iᵀ + λI formed and solved densely.
 T = 1 equals the plain layer, T > 1 and T varying between calls on one layer, masks (padding full
-of NaN contributes nothing), bias on and off, both entry points, both snapshot representations,
+of NaN contributes nothing), bias on and off, both entry points, both Gram strategies and both
+snapshot representations,
 per-token mode against flattening, and bad input refused with the state unchanged.
 Tolerance 1e-3 relative, as everywhere (observed ~1e-6)."""
 import numpy as np
@@ -64,11 +65,13 @@ def flat(w, b):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("representation", ["raw", "per-sample"])
-def test_sequences_match_torch_func_oracle(bias, representation):
+@pytest.mark.parametrize("strategy", ["factored", "explicit"])
+def test_sequences_match_torch_func_oracle(bias, representation, strategy):
     n_in, n_out, damping = 5, 4, 0.1
     with tengrad.Preconditioner(damping=damping) as p:
         layer_id = p.add_linear(n_in, n_out, bias=bias)
         p.set_snapshot_representation(layer_id, representation)
+        p.set_conv_strategy(layer_id, strategy)                     # the Gram of T > 1
         for seed, (m, T) in enumerate([(6, 1), (4, 7), (8, 3)]):       # T varies between calls
             layer, x, c = make(seed, m, T, n_in, n_out, bias)
             u, dy = oracle_rows(layer, x, c)
@@ -76,6 +79,7 @@ def test_sequences_match_torch_func_oracle(bias, representation):
             w, b = p.natural_gradient(layer_id, a32, g32, 1.0)
             assert rel(flat(w, b), solve(u, damping, u.mean(0))) <= TOL, (m, T)
             assert p.snapshot_info(layer_id)["representation"] == representation
+            assert p.layer_stats(layer_id)["conv_strategy"] == (strategy if T > 1 else None)  # T = 1: no choice
             assert p.layer_stats(layer_id)["batch"] == m
             v = np.random.default_rng(seed).standard_normal(u.shape[1]).astype(np.float32)
             vw, vb = v[: n_in * n_out].reshape(n_out, n_in), (v[n_in * n_out:] if bias else None)
