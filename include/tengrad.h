@@ -56,7 +56,7 @@ extern "C" {
 /* ---- Version ---------------------------------------------------------------------------- */
 
 #define TENGRAD_VERSION_MAJOR 0
-#define TENGRAD_VERSION_MINOR 2
+#define TENGRAD_VERSION_MINOR 3
 #define TENGRAD_VERSION_PATCH 0
 #define TENGRAD_VERSION_NUMBER \
     (TENGRAD_VERSION_MAJOR * 10000 + TENGRAD_VERSION_MINOR * 100 + TENGRAD_VERSION_PATCH)

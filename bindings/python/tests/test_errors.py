@@ -168,6 +168,19 @@ def test_status_strings_and_version():
     assert tengrad.version().count(".") == 2
 
 
+def test_versions_agree():
+    """The header's macros, the loaded library and the Python package say the same version."""
+    import os
+    import re
+    import tomllib
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..")
+    header = open(os.path.join(root, "include", "tengrad.h")).read()
+    parts = [re.search(rf"#define TENGRAD_VERSION_{k} (\d+)", header).group(1) for k in ("MAJOR", "MINOR", "PATCH")]
+    with open(os.path.join(root, "bindings", "python", "pyproject.toml"), "rb") as f:
+        package = tomllib.load(f)["project"]["version"]
+    assert tengrad.version() == ".".join(parts) == package
+
+
 def test_blas_threads_setting():
     with tengrad.Preconditioner(blas_threads=1) as p:
         assert p.blas_threads == 1
