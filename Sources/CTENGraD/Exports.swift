@@ -380,10 +380,7 @@ public func tengrad_update_curvature(
     _ p: OpaquePointer?, _ layer: Int32, _ batch: Int64, _ activations: UnsafePointer<Float>?,
     _ outputGrads: UnsafePointer<Float>?, _ gradScale: Float
 ) -> Int32 {
-    run(p) { (h) throws(TENGraDError) in
-        let (_, a, g) = try batchArrays(h, layer, batch, activations, outputGrads)
-        try h.core.updateCurvature(layer: Int(layer), batch: Int(batch), activations: a, outputGrads: g, gradScale: gradScale)
-    }
+    tengrad_update_curvature_tokens(p, layer, batch, 1, activations, outputGrads, nil, gradScale)
 }
 
 /// The optional mask of a sequence call (batch × tokens bytes).
@@ -470,14 +467,7 @@ public func tengrad_natural_gradient(
     _ outputGrads: UnsafePointer<Float>?, _ gradScale: Float,
     _ weightUpdate: UnsafeMutablePointer<Float>?, _ biasUpdate: UnsafeMutablePointer<Float>?
 ) -> Int32 {
-    run(p) { (h) throws(TENGraDError) in
-        let (counts, a, g) = try batchArrays(h, layer, batch, activations, outputGrads)
-        let wu = try required(weightUpdate, "weight_update")
-        try h.core.naturalGradient(
-            layer: Int(layer), batch: Int(batch), activations: a, outputGrads: g, gradScale: gradScale,
-            weightUpdate: UnsafeMutableBufferPointer(start: wu, count: counts.weight),
-            biasUpdate: biasUpdate.map { UnsafeMutableBufferPointer(start: $0, count: counts.bias) })
-    }
+    tengrad_natural_gradient_tokens(p, layer, batch, 1, activations, outputGrads, nil, gradScale, weightUpdate, biasUpdate)
 }
 
 // MARK: - KL clipping and diagnostics
