@@ -12,10 +12,16 @@ DATA         := $(BUILD)/data
 PYTHON       ?= python3
 CWARN        := -Wall -Wextra -Werror
 LINK_TENGRAD := -L$(RELEASE_DIR) -ltengrad -Wl,-rpath,$(abspath $(RELEASE_DIR))
-APT_PACKAGES := libopenblas-dev liblapacke-dev dataset-fashion-mnist openmpi-bin libopenmpi-dev
+APT_PACKAGES := libopenblas-dev liblapacke-dev dataset-fashion-mnist openmpi-bin libopenmpi-dev cmake pkg-config
 PIP_PACKAGES := numpy pytest xxhash matplotlib tqdm asdfghjkl==0.1a5
 TORCH        := torch==2.13.0+cpu
 export OPENBLAS_NUM_THREADS ?= 2
+
+# The one version number lives in include/tengrad.h (TENGRAD_VERSION_MAJOR/MINOR/PATCH).
+VERSION      := $(shell sed -n 's/^\#define TENGRAD_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\).*/\2/p' include/tengrad.h | paste -sd.)
+MAJOR        := $(firstword $(subst ., ,$(VERSION)))
+PREFIX       ?= /usr/local
+INSTALL_BUILD := .build-install
 
 ASAN_CC      ?= clang
 SAN_FLAGS    := -g -O1 -fsanitize=address,undefined -fno-sanitize-recover=undefined -fuse-ld=bfd
@@ -26,7 +32,7 @@ FUZZ_SWIFT   := -Xswiftc -sanitize=address -Xswiftc -sanitize-coverage=edge,inli
 # Swift's own crash backtracer would mask the sanitizer's report.
 export SWIFT_BACKTRACE := enable=no
 
-.PHONY: demo-c demo-vit demo-distributed demo-mpi test-mpi help setup build test test-swift test-c test-python test-example test-asan fuzz fuzz-smoke fuzz-build demo bench clean
+.PHONY: install test-install demo-c demo-vit demo-distributed demo-mpi test-mpi help setup build test test-swift test-c test-python test-example test-asan fuzz fuzz-smoke fuzz-build demo bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -81,7 +87,7 @@ demo-distributed: build ## The demo data-parallel on 2 processes (torchrun, gloo
 demo-mpi: $(BUILD)/mlp_mpi $(DATA)/.done ## The C trainer data-parallel on 2 MPI ranks (exact global-batch blocks)
 	$(MPIRUN) -np 2 $(BUILD)/mlp_mpi --data $(DATA) --epochs 3 --verify 3
 
-test: test-swift test-c test-python test-example test-mpi test-asan fuzz-smoke ## Run every test suite (what CI runs)
+test: test-swift test-c test-python test-example test-mpi test-install test-asan fuzz-smoke ## Run every test suite (what CI runs)
 
 test-swift: setup ## Swift tests of the core against the dense float64 oracle
 	swift test
@@ -123,6 +129,42 @@ test-mpi: $(BUILD)/mlp_mpi $(DATA)/.done ## MPI trainer: P = 2, 3 equal one proc
 	@test "$$(grep -c 'step 3 failed on 1 rank' $(BUILD)/mpi_fail.log)" = 2 || \
 	  { cat $(BUILD)/mpi_fail.log; echo "not every rank stopped at step 3"; exit 1; }
 	@echo "MPI failure test: both ranks stopped at step 3"
+
+# The installed library: the Swift standard library linked in statically (no Swift runtime
+# needed at run time), only the C ABI exported, SONAME libtengrad.so.MAJOR.
+$(INSTALL_BUILD)/release/libtengrad.so: $(shell find Sources include -type f) install/tengrad.map | setup
+	swift build -c release --product tengrad --scratch-path $(INSTALL_BUILD) -Xswiftc -static-stdlib \
+	  -Xlinker -soname -Xlinker libtengrad.so.$(MAJOR) -Xlinker --version-script -Xlinker $(abspath install/tengrad.map)
+
+install: $(INSTALL_BUILD)/release/libtengrad.so ## Install header, library, pkg-config and CMake files (PREFIX=/usr/local, DESTDIR)
+	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/lib/cmake/TENGraD
+	install -m 644 include/tengrad.h $(DESTDIR)$(PREFIX)/include/tengrad.h
+	install -m 755 $< $(DESTDIR)$(PREFIX)/lib/libtengrad.so.$(VERSION)
+	ln -sf libtengrad.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/libtengrad.so.$(MAJOR)
+	ln -sf libtengrad.so.$(MAJOR) $(DESTDIR)$(PREFIX)/lib/libtengrad.so
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' install/tengrad.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/tengrad.pc
+	for f in TENGraDConfig TENGraDConfigVersion; do \
+	  sed -e 's|@VERSION@|$(VERSION)|' -e 's|@MAJOR@|$(MAJOR)|' install/$$f.cmake.in > $(DESTDIR)$(PREFIX)/lib/cmake/TENGraD/$$f.cmake; done
+
+test-install: setup ## Install into a temporary prefix; build and run a pkg-config C consumer and a CMake C++ consumer
+	@set -e; prefix=$$(mktemp -d); stage=$$(mktemp -d); \
+	$(MAKE) --no-print-directory install PREFIX=$$prefix; \
+	$(MAKE) --no-print-directory install PREFIX=/opt/tengrad DESTDIR=$$stage >/dev/null; \
+	test -f $$stage/opt/tengrad/lib/libtengrad.so.$(VERSION) && test -f $$stage/opt/tengrad/lib/pkgconfig/tengrad.pc; \
+	lib=$$prefix/lib/libtengrad.so.$(VERSION); \
+	test "$$(readelf -d $$lib | sed -n 's/.*SONAME.*\[\(.*\)\]/\1/p')" = libtengrad.so.$(MAJOR); \
+	! readelf -d $$lib | grep -q 'NEEDED.*swift' || { echo "installed library needs the Swift runtime"; exit 1; }; \
+	exported=$$(nm -D --defined-only $$lib | awk '$$2 == "T" {print $$3}' | sort); \
+	declared=$$(grep -o '\btengrad_[a-z0-9_]*(' include/tengrad.h | tr -d '(' | sort -u); \
+	test "$$exported" = "$$declared" || { echo "exports differ from the header:"; diff <(echo "$$exported") <(echo "$$declared"); exit 1; }; \
+	test "$$(PKG_CONFIG_PATH=$$prefix/lib/pkgconfig pkg-config --modversion tengrad)" = $(VERSION); \
+	$(CC) -std=c11 $(CWARN) Tests/install/consumer.c -o $$prefix/consumer-c \
+	  $$(PKG_CONFIG_PATH=$$prefix/lib/pkgconfig pkg-config --cflags --libs tengrad) -lm; \
+	env -u LD_LIBRARY_PATH $$prefix/consumer-c; \
+	cmake -S Tests/install/cmake -B $$prefix/cmake-build -DCMAKE_PREFIX_PATH=$$prefix >/dev/null; \
+	cmake --build $$prefix/cmake-build >/dev/null; \
+	env -u LD_LIBRARY_PATH $$prefix/cmake-build/consumer; \
+	rm -rf $$prefix $$stage; echo "install test passed (version $(VERSION), SONAME libtengrad.so.$(MAJOR))"
 
 test-asan: setup ## Swift and C tests under AddressSanitizer (+ UBSan and LeakSanitizer for C)
 	swift build --sanitize=address --scratch-path .build-asan --product tengrad
