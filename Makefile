@@ -32,7 +32,7 @@ FUZZ_SWIFT   := -Xswiftc -sanitize=address -Xswiftc -sanitize-coverage=edge,inli
 # Swift's own crash backtracer would mask the sanitizer's report.
 export SWIFT_BACKTRACE := enable=no
 
-.PHONY: install test-install demo-c demo-vit demo-distributed demo-mpi test-mpi help setup build test test-swift test-c test-python test-example test-asan fuzz fuzz-smoke fuzz-build demo bench clean
+.PHONY: install test-install test-wheel demo-c demo-vit demo-distributed demo-mpi test-mpi help setup build test test-swift test-c test-python test-example test-asan fuzz fuzz-smoke fuzz-build demo bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -132,7 +132,7 @@ test-mpi: $(BUILD)/mlp_mpi $(DATA)/.done ## MPI trainer: P = 2, 3 equal one proc
 
 # The installed library: the Swift standard library linked in statically (no Swift runtime
 # needed at run time), only the C ABI exported, SONAME libtengrad.so.MAJOR.
-$(INSTALL_BUILD)/release/libtengrad.so: $(shell find Sources include -type f) install/tengrad.map | setup
+$(INSTALL_BUILD)/release/libtengrad.so: $(shell find Sources include -type f) install/tengrad.map
 	swift build -c release --product tengrad --scratch-path $(INSTALL_BUILD) -Xswiftc -static-stdlib \
 	  -Xlinker -soname -Xlinker libtengrad.so.$(MAJOR) -Xlinker --version-script -Xlinker $(abspath install/tengrad.map)
 
@@ -146,7 +146,7 @@ install: $(INSTALL_BUILD)/release/libtengrad.so ## Install header, library, pkg-
 	for f in TENGraDConfig TENGraDConfigVersion; do \
 	  sed -e 's|@VERSION@|$(VERSION)|' -e 's|@MAJOR@|$(MAJOR)|' install/$$f.cmake.in > $(DESTDIR)$(PREFIX)/lib/cmake/TENGraD/$$f.cmake; done
 
-test-install: setup ## Install into a temporary prefix; build and run a pkg-config C consumer and a CMake C++ consumer
+test-install: setup test-wheel ## Install into a temporary prefix; build and run a pkg-config C consumer and a CMake C++ consumer
 	@set -e; prefix=$$(mktemp -d); stage=$$(mktemp -d); \
 	$(MAKE) --no-print-directory install PREFIX=$$prefix; \
 	$(MAKE) --no-print-directory install PREFIX=/opt/tengrad DESTDIR=$$stage >/dev/null; \
@@ -161,10 +161,22 @@ test-install: setup ## Install into a temporary prefix; build and run a pkg-conf
 	$(CC) -std=c11 $(CWARN) Tests/install/consumer.c -o $$prefix/consumer-c \
 	  $$(PKG_CONFIG_PATH=$$prefix/lib/pkgconfig pkg-config --cflags --libs tengrad) -lm; \
 	env -u LD_LIBRARY_PATH $$prefix/consumer-c; \
-	cmake -S Tests/install/cmake -B $$prefix/cmake-build -DCMAKE_PREFIX_PATH=$$prefix >/dev/null; \
+	cmake -S Tests/install/cmake -B $$prefix/cmake-build -DCMAKE_PREFIX_PATH=$$prefix -DEXPECTED_VERSION=$(VERSION) >/dev/null; \
 	cmake --build $$prefix/cmake-build >/dev/null; \
 	env -u LD_LIBRARY_PATH $$prefix/cmake-build/consumer; \
 	rm -rf $$prefix $$stage; echo "install test passed (version $(VERSION), SONAME libtengrad.so.$(MAJOR))"
+
+test-wheel: setup ## pip install the package into a fresh venv; import it from elsewhere; the wheel bundles the library
+	@set -e; tmp=$$(mktemp -d); \
+	$(PYTHON) -m venv $$tmp/venv; \
+	$$tmp/venv/bin/pip install -q ./bindings/python; \
+	cd $$tmp && env -u TENGRAD_LIBRARY -u PYTHONPATH $$tmp/venv/bin/python $(abspath Tests/install/wheel_check.py); \
+	cd $(CURDIR) && $$tmp/venv/bin/pip wheel -q --no-deps ./bindings/python -w $$tmp/wheels; \
+	wheel=$$(ls $$tmp/wheels/*.whl); echo "built $$(basename $$wheel)"; \
+	case "$$(basename $$wheel)" in *-none-any.whl) echo "the wheel claims to be pure Python"; exit 1;; esac; \
+	$(PYTHON) -c "import sys, zipfile; names = zipfile.ZipFile(sys.argv[1]).namelist(); \
+	  assert 'tengrad/libtengrad.so' in names, names" $$wheel; \
+	rm -rf $$tmp; echo "wheel test passed"
 
 test-asan: setup ## Swift and C tests under AddressSanitizer (+ UBSan and LeakSanitizer for C)
 	swift build --sanitize=address --scratch-path .build-asan --product tengrad

@@ -1,8 +1,9 @@
 """ctypes declarations of every C function of include/tengrad.h, next to its C prototype.
 
 The shared library is found through, in order: the ``TENGRAD_LIBRARY`` environment variable (a
-path to libtengrad.so), the package's own build output (``.build/release`` then ``.build/debug``
-of the repository this binding lives in), then the system's library path.
+path to libtengrad.so), the copy bundled in the installed package (``pip install
+./bindings/python``), the build output of the repository this binding lives in
+(``.build/release`` then ``.build/debug``), then the system's library path.
 """
 from __future__ import annotations
 
@@ -113,8 +114,9 @@ def library_path() -> str:
         if not os.path.isfile(env):
             raise OSError(f"TENGRAD_LIBRARY={env!r} is not a file")
         return env
-    for config in ("release", "debug"):
-        candidate = os.path.join(_REPO, ".build", config, "libtengrad.so")
+    candidates = [os.path.join(_HERE, "libtengrad.so")]
+    candidates += [os.path.join(_REPO, ".build", config, "libtengrad.so") for config in ("release", "debug")]
+    for candidate in candidates:
         if os.path.isfile(candidate):
             return candidate
     found = ctypes.util.find_library("tengrad")
