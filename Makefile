@@ -32,7 +32,7 @@ FUZZ_SWIFT   := -Xswiftc -sanitize=address -Xswiftc -sanitize-coverage=edge,inli
 # Swift's own crash backtracer would mask the sanitizer's report.
 export SWIFT_BACKTRACE := enable=no
 
-.PHONY: install test-install test-wheel demo-c demo-vit demo-distributed demo-mpi test-mpi help setup build test test-swift test-c test-python test-example test-asan fuzz fuzz-smoke fuzz-build demo bench clean
+.PHONY: install test-install test-wheel test-swiftpm demo-c demo-vit demo-distributed demo-mpi test-mpi help setup build test test-swift test-c test-python test-example test-asan fuzz fuzz-smoke fuzz-build demo bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -146,7 +146,7 @@ install: $(INSTALL_BUILD)/release/libtengrad.so ## Install header, library, pkg-
 	for f in TENGraDConfig TENGraDConfigVersion; do \
 	  sed -e 's|@VERSION@|$(VERSION)|' -e 's|@MAJOR@|$(MAJOR)|' install/$$f.cmake.in > $(DESTDIR)$(PREFIX)/lib/cmake/TENGraD/$$f.cmake; done
 
-test-install: setup test-wheel ## Install into a temporary prefix; build and run a pkg-config C consumer and a CMake C++ consumer
+test-install: setup test-wheel test-swiftpm ## Install into a temporary prefix; build and run a pkg-config C consumer and a CMake C++ consumer
 	@set -e; prefix=$$(mktemp -d); stage=$$(mktemp -d); \
 	$(MAKE) --no-print-directory install PREFIX=$$prefix; \
 	$(MAKE) --no-print-directory install PREFIX=/opt/tengrad DESTDIR=$$stage >/dev/null; \
@@ -177,6 +177,13 @@ test-wheel: setup ## pip install the package into a fresh venv; import it from e
 	$(PYTHON) -c "import sys, zipfile; names = zipfile.ZipFile(sys.argv[1]).namelist(); \
 	  assert 'tengrad/libtengrad.so' in names, names" $$wheel; \
 	rm -rf $$tmp; echo "wheel test passed"
+
+test-swiftpm: setup ## A package outside the checkout depends on it by path, imports TENGraD, builds and runs
+	@set -e; tmp=$$(mktemp -d); cp -r Tests/install/swiftpm/Sources $$tmp/; \
+	sed -e 's|@REPO@|$(CURDIR)|' -e "s|@IDENTITY@|$$(basename $(CURDIR) | tr A-Z a-z)|" \
+	  Tests/install/swiftpm/Package.swift.in > $$tmp/Package.swift; \
+	swift build --package-path $$tmp -c release 2>&1 | tail -1; \
+	$$tmp/.build/release/Consumer; rm -rf $$tmp
 
 test-asan: setup ## Swift and C tests under AddressSanitizer (+ UBSan and LeakSanitizer for C)
 	swift build --sanitize=address --scratch-path .build-asan --product tengrad
