@@ -262,6 +262,13 @@ class TENGraD:
         >= 0; at 0 (the end of a cosine schedule) the step is not clipped (ν = 1)."""
         self.lr = _check_lr(lr)
 
+    def parameters(self) -> List[nn.Parameter]:
+        """The parameters whose gradients ``step()`` preconditions (weights and trainable biases of
+        the hooked layers), e.g. to give them and the others (norms, embeddings) different
+        optimizers or parameter groups."""
+        return [p for layer in self._layers for p in (layer.module.weight, layer.module.bias)
+                if p is not None and p.requires_grad]
+
     @property
     def layer_names(self) -> List[str]:
         return [layer.name for layer in self._layers]

@@ -162,3 +162,12 @@ def test_token_mask_reaches_the_library():
             p.update_curvature(layer, a, g, 10.0, mask=union)
             want = p.precondition(layer, *raw[name])
         np.testing.assert_allclose(module.weight.grad.numpy(), want[0], rtol=1e-5, atol=1e-7)
+
+
+def test_parameters_are_the_preconditioned_ones():
+    model = TinyTransformer()
+    pre = tt.TENGraD(model, skip=["head"])
+    mine = {id(p) for p in pre.parameters()}
+    for name, p in model.named_parameters():
+        linear = name.endswith((".weight", ".bias")) and ".ln" not in name and not name.startswith(("ln", "head"))
+        assert (id(p) in mine) == linear, name
