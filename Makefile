@@ -48,6 +48,9 @@ setup: ## Install the apt and pip packages a fresh machine lacks (no-op when pre
 	  $(PYTHON) -m pip install -q $(PIP_PACKAGES) "$(TORCH)"
 
 build: setup ## Build libtengrad.so and the Swift products (release)
+	@# SwiftPM does not track the header behind the CTENGraDHeader module map: after a header
+	@# change, make it recompile the thunks (which use the header's types and version macros).
+	@if [ -f $(LIB) ] && [ include/tengrad.h -nt $(LIB) ]; then touch Sources/CTENGraD/Exports.swift; fi
 	swift build -c release
 
 $(DATA)/.done: | setup
@@ -133,6 +136,7 @@ test-mpi: $(BUILD)/mlp_mpi $(DATA)/.done ## MPI trainer: P = 2, 3 equal one proc
 # The installed library: the Swift standard library linked in statically (no Swift runtime
 # needed at run time), only the C ABI exported, SONAME libtengrad.so.MAJOR.
 $(INSTALL_BUILD)/release/libtengrad.so: $(shell find Sources include -type f) install/tengrad.map
+	@if [ -f $@ ] && [ include/tengrad.h -nt $@ ]; then touch Sources/CTENGraD/Exports.swift; fi
 	swift build -c release --product tengrad --scratch-path $(INSTALL_BUILD) -Xswiftc -static-stdlib \
 	  -Xlinker -soname -Xlinker libtengrad.so.$(MAJOR) -Xlinker --version-script -Xlinker $(abspath install/tengrad.map)
 
