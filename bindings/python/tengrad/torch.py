@@ -502,16 +502,36 @@ class TENGraD:
                 done = [c for c in layer.captures if c.grads is not None]
                 inputs = [self._array(c.inputs, layer, "input") for c in done]
                 grads = [self._array(c.grads, layer, "output gradient") for c in done]
-                if len({x.shape[1:] for x in inputs}) > 1:
-                    raise ValueError(f"TENGraD: layer {layer.name!r}: the accumulated micro-batches have different "
-                                     f"token shapes {sorted({x.shape[1:-1] for x in inputs})}; one refresh needs one shape")
-                batch = (inputs[0], grads[0]) if len(done) == 1 else (np.concatenate(inputs), np.concatenate(grads))
+                masks = None
                 if any(c.mask is not None for c in done):  # the union's mask: unmasked captures are all tokens
                     masks = [np.ascontiguousarray((c.mask if c.mask is not None else torch.ones(c.inputs.shape[:-1]))
                                                   .detach().cpu().numpy() != 0).view(np.uint8) for c in done]
+                if len({x.shape[1:] for x in inputs}) > 1:
+                    inputs, grads, masks = self._pad_tokens(layer, inputs, grads, masks)
+                batch = (inputs[0], grads[0]) if len(done) == 1 else (np.concatenate(inputs), np.concatenate(grads))
+                if masks is not None:
                     batch = batch + (masks[0] if len(masks) == 1 else np.concatenate(masks),)
             plans.append((layer, w, bias, batch))
         return plans
+
+    @staticmethod
+    def _pad_tokens(layer: _Layer, inputs, grads, masks):
+        """Micro-batches of one refresh with different sequence lengths ([batch, T_k, features]):
+        padded to the longest T with zeros and masked, so the union is one batch whose padding
+        counts for nothing."""
+        if not isinstance(layer.module, nn.Linear) or any(x.ndim != 3 for x in inputs):
+            raise ValueError(f"TENGraD: layer {layer.name!r}: the accumulated micro-batches have different shapes "
+                             f"{sorted({x.shape[1:] for x in inputs})}; only [batch, tokens, features] sequences of "
+                             "different lengths can be joined")
+        longest = max(x.shape[1] for x in inputs)
+        if masks is None:
+            masks = [np.ones(x.shape[:2], np.uint8) for x in inputs]
+
+        def pad(x, fill=0):
+            out = np.full((x.shape[0], longest) + x.shape[2:], fill, dtype=x.dtype)
+            out[:, :x.shape[1]] = x
+            return out
+        return [pad(x) for x in inputs], [pad(g) for g in grads], [pad(k) for k in masks]
 
     @torch.no_grad()
     def step(self) -> None:

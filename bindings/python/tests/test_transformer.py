@@ -171,3 +171,39 @@ def test_parameters_are_the_preconditioned_ones():
     for name, p in model.named_parameters():
         linear = name.endswith((".weight", ".bias")) and ".ln" not in name and not name.startswith(("ln", "head"))
         assert (id(p) in mine) == linear, name
+
+
+def test_micro_batches_of_different_lengths_join_with_padding():
+    """Gradient accumulation over sequences of lengths 4 and 6: the refresh equals the library's
+    on the union padded to 6 tokens with the padding masked."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    pre = tt.TENGraD(model, damping=0.2, fisher="empirical", fast_path=False)
+    caught = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: caught.setdefault(n, []).append((i[0].detach(), o)))
+             for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for T in (4, 6):
+        out = model(torch.randn(3, T, 3))
+        for n in caught:
+            caught[n][-1][1].retain_grad()
+        (out.sum(1) ** 2).mean().backward()
+    for h in hooks:
+        h.remove()
+    raw = {n: (m.weight.grad.clone().numpy(), m.bias.grad.clone().numpy())
+           for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    pre.step()
+    from tengrad import Preconditioner
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        (a4, o4), (a6, o6) = caught[name]
+        a = np.zeros((6, 6, a4.shape[-1]), np.float32)
+        g = np.zeros((6, 6, o4.shape[-1]), np.float32)
+        mask = np.zeros((6, 6), bool)
+        a[:3, :4], g[:3, :4], mask[:3, :4] = a4.numpy(), o4.grad.numpy(), True
+        a[3:], g[3:], mask[3:] = a6.numpy(), o6.grad.numpy(), True
+        with Preconditioner(damping=0.2) as p:
+            layer = p.add_linear(module.in_features, module.out_features)
+            p.update_curvature(layer, a, g, 6.0, mask=mask)
+            want = p.precondition(layer, *raw[name])
+        np.testing.assert_allclose(module.weight.grad.numpy(), want[0], rtol=1e-5, atol=1e-7)
