@@ -275,6 +275,16 @@ TENGRAD_NODISCARD tengrad_status tengrad_per_sample_gradients(tengrad_preconditi
                                                               int64_t batch, const float *activations,
                                                               const float *output_grads, float grad_scale,
                                                               float *out_rows);
+/* tengrad_per_sample_gradients of sequences (a linear layer over tokens in per-sequence mode; see
+   tengrad_update_curvature_tokens): row i is sequence i's gradient s Σ_t mask_it g_it ã_itᵀ, one
+   row of d numbers per sequence whatever T — processes with different sequence lengths send rows
+   of one width. A per-token layer refuses (TENGRAD_ERROR_INVALID_ARGUMENT): send its tokens. */
+TENGRAD_NODISCARD tengrad_status tengrad_per_sample_gradients_tokens(tengrad_preconditioner *p, int32_t layer,
+                                                                     int64_t batch, int64_t tokens,
+                                                                     const float *activations,
+                                                                     const float *output_grads,
+                                                                     const uint8_t *mask, float grad_scale,
+                                                                     float *out_rows);
 TENGRAD_NODISCARD tengrad_status tengrad_update_curvature_from_gradients(tengrad_preconditioner *p,
                                                                          int32_t layer, int64_t batch,
                                                                          const float *per_sample_gradients);

@@ -422,11 +422,21 @@ public func tengrad_per_sample_gradients(
     _ p: OpaquePointer?, _ layer: Int32, _ batch: Int64, _ activations: UnsafePointer<Float>?,
     _ outputGrads: UnsafePointer<Float>?, _ gradScale: Float, _ outRows: UnsafeMutablePointer<Float>?
 ) -> Int32 {
+    tengrad_per_sample_gradients_tokens(p, layer, batch, 1, activations, outputGrads, nil, gradScale, outRows)
+}
+
+@_cdecl("tengrad_per_sample_gradients_tokens")
+public func tengrad_per_sample_gradients_tokens(
+    _ p: OpaquePointer?, _ layer: Int32, _ batch: Int64, _ tokens: Int64, _ activations: UnsafePointer<Float>?,
+    _ outputGrads: UnsafePointer<Float>?, _ mask: UnsafePointer<UInt8>?, _ gradScale: Float,
+    _ outRows: UnsafeMutablePointer<Float>?
+) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        let (counts, a, g) = try batchArrays(h, layer, batch, activations, outputGrads)
+        let (counts, a, g) = try batchArrays(h, layer, batch, tokens: tokens, activations, outputGrads)
         let o = try required(outRows, "out_rows")
         try h.core.perSampleGradients(
-            layer: Int(layer), batch: Int(batch), activations: a, outputGrads: g, gradScale: gradScale,
+            layer: Int(layer), batch: Int(batch), tokens: Int(tokens), activations: a, outputGrads: g,
+            mask: maskBuffer(mask, counts), gradScale: gradScale,
             into: UnsafeMutableBufferPointer(start: o, count: counts.perSampleGradients))
     }
 }

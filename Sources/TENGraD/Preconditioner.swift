@@ -211,17 +211,6 @@ public final class Preconditioner {
         return try base(buffer, count: count, name)
     }
 
-    /// The checked batch arrays of a call: sizes from the layer, a valid grad scale.
-    private static func batchInputs(
-        _ l: ExactBlock, batch: Int, _ activations: UnsafeBufferPointer<Float>,
-        _ outputGrads: UnsafeBufferPointer<Float>, gradScale: Float
-    ) throws(TENGraDError) -> (UnsafePointer<Float>, UnsafePointer<Float>) {
-        let counts = try l.dims.inputCounts(batch: batch)
-        try checkScale(gradScale)
-        return (try base(activations, count: counts.activations, "activations"),
-                try base(outputGrads, count: counts.outputGrads, "output_grads"))
-    }
-
     /// The checked update arrays of a call, as mutable pointers.
     private static func updateOutputs(
         _ l: ExactBlock, _ weightUpdate: UnsafeMutableBufferPointer<Float>,
@@ -252,15 +241,33 @@ public final class Preconditioner {
         layer id: Int, batch: Int, activations: UnsafeBufferPointer<Float>, outputGrads: UnsafeBufferPointer<Float>,
         gradScale: Float, into out: UnsafeMutableBufferPointer<Float>
     ) throws(TENGraDError) {
+        try perSampleGradients(layer: id, batch: batch, tokens: 1, activations: activations, outputGrads: outputGrads,
+                               mask: nil, gradScale: gradScale, into: out)
+    }
+
+    /// `perSampleGradients` of sequences (a linear layer over tokens, per-sequence mode): row i is
+    /// sequence i's gradient, `s Σ_t mask_it g_it ã_itᵀ`; one row per sequence whatever T and the
+    /// mask, so processes with different sequence lengths send rows of one width.
+    public func perSampleGradients(
+        layer id: Int, batch: Int, tokens: Int, activations: UnsafeBufferPointer<Float>,
+        outputGrads: UnsafeBufferPointer<Float>, mask: UnsafeBufferPointer<UInt8>?, gradScale: Float,
+        into out: UnsafeMutableBufferPointer<Float>
+    ) throws(TENGraDError) {
         let l = try layer(id)
-        let (a, g) = try Self.batchInputs(l, batch: batch, activations, outputGrads, gradScale: gradScale)
+        guard l.tokenMode == .perSequence || (tokens == 1 && mask == nil) else {
+            throw .invalid("per-sample gradient rows of a per-token layer: use its raw tokens (layer \(id))")
+        }
         let count = try checkedProduct(batch, l.dims.parameters, what: "batch × parameters (per-sample gradients)")
         let o = UnsafeMutablePointer(mutating: try Self.base(UnsafeBufferPointer(out), count: count, "out_rows"))
-        let counts = try l.dims.inputCounts(batch: batch)
-        try Self.checkNoOverlap(outputs: (o, count), (nil, 0),
-                                inputs: [(a, counts.activations, "activations"), (g, counts.outputGrads, "output_grads")])
         try compute { () throws(TENGraDError) in
-            try l.perSampleGradients(batch: batch, activations: a, outputGrads: g, scale: gradScale, into: o, context: context)
+            let b = try sequenceBatch(l, batch: batch, tokens: tokens, activations, outputGrads, mask: mask, gradScale: gradScale)
+            guard let a = activations.baseAddress, let g = outputGrads.baseAddress else { throw .invalid("activations is NULL") }
+            try Self.checkNoOverlap(outputs: (o, count), (nil, 0),
+                                    inputs: [(a, activations.count, "activations"), (g, outputGrads.count, "output_grads")])
+            try withExtendedLifetime(b.copies) { () throws(TENGraDError) in
+                try l.perSampleGradients(batch: b.batch, tokens: b.tokens, activations: b.activations, outputGrads: b.outputGrads,
+                                         scale: gradScale, into: o, context: context)
+            }
         }
     }
 

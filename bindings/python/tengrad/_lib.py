@@ -230,6 +230,12 @@ tengrad_natural_gradient_tokens = _declare(
 #                                             const float *output_grads, float grad_scale, float *out_rows);
 tengrad_per_sample_gradients = _declare(
     "tengrad_per_sample_gradients", c_int32, _handle, c_int32, c_int64, _f32p, _f32p, c_float, _f32p)
+# tengrad_status tengrad_per_sample_gradients_tokens(p, int32_t layer, int64_t batch, int64_t tokens,
+#     const float *activations, const float *output_grads, const uint8_t *mask, float grad_scale,
+#     float *out_rows);
+tengrad_per_sample_gradients_tokens = _declare(
+    "tengrad_per_sample_gradients_tokens", c_int32, _handle, c_int32, c_int64, c_int64, _f32p, _f32p, c_void_p,
+    c_float, _f32p)
 # tengrad_status tengrad_update_curvature_from_gradients(p, int32_t layer, int64_t batch,
 #                                                        const float *per_sample_gradients);
 tengrad_update_curvature_from_gradients = _declare(

@@ -396,11 +396,19 @@ class Preconditioner:
                                                    spec.out_channels) * int(spec.bias)
 
     def per_sample_gradients(self, layer: int, activations: np.ndarray, output_grads: np.ndarray,
-                             grad_scale: float) -> np.ndarray:
+                             grad_scale: float, mask: Optional[np.ndarray] = None) -> np.ndarray:
         """The batch's per-sample gradients as a [batch, d] array (d = weight + bias numbers; row i
         = grad_scale × sample i's gradient, the weight flattened as ``weight_grad`` then the bias).
         No state changes. Rows from several processes, concatenated, go to
-        ``update_curvature_from_gradients`` (data-parallel training, docs/DESIGN.md §11)."""
+        ``update_curvature_from_gradients`` (data-parallel training, docs/DESIGN.md §11). A linear
+        layer takes sequences ([batch, T..., features], ``mask=``): one row per sequence."""
+        if mask is not None or (isinstance(activations, np.ndarray) and activations.ndim > 2
+                                and isinstance(self.layer_spec(layer), LinearSpec)):
+            spec, batch, tokens, mask = self._sequence(layer, activations, output_grads, mask)
+            rows = np.empty((batch, self._row_size(spec)), dtype=np.float32)
+            _lib.tengrad_per_sample_gradients_tokens(self._h, int(layer), batch, tokens, _ptr(activations),
+                                                     _ptr(output_grads), _ptr(mask), float(grad_scale), _ptr(rows))
+            return rows
         spec, batch = self._inputs(layer, activations, output_grads)
         rows = np.empty((batch, self._row_size(spec)), dtype=np.float32)
         _lib.tengrad_per_sample_gradients(self._h, int(layer), batch, _ptr(activations), _ptr(output_grads),

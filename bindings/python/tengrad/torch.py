@@ -94,6 +94,8 @@ class _Layer:
         self.pending: Optional[_Capture] = None
         # The root forward that made the last capture.
         self.forward_id = -1
+        # A linear layer whose inputs are sequences ([batch, tokens..., features]).
+        self.sequence = False
 
     @property
     def has_bias(self) -> bool:
@@ -186,6 +188,8 @@ class TENGraD:
             raise ValueError(f"blas_threads must be 'auto' or an int in 0..1024, got {blas_threads!r}")
         if token_mode not in ("per-sequence", "per-token"):
             raise ValueError(f"token_mode must be 'per-sequence' or 'per-token', got {token_mode!r}")
+        if token_mode == "per-token" and process_group is not None:
+            raise ValueError("TENGraD: token_mode='per-token' with a process_group is not supported yet")
         if not (loss_reduction in ("mean", "sum") or isinstance(loss_reduction, (int, float))):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or a number, got {loss_reduction!r}")
         self.model = model
@@ -315,6 +319,7 @@ class TENGraD:
             x = inputs[0]
             self._check_tensor(layer, x, "input")
             self._ensure_registered(layer, x)
+            layer.sequence = isinstance(module, nn.Linear) and x.dim() > 2
             last = layer.captures[-1] if layer.captures else None
             if last is not None and last.grads is None:
                 if layer.forward_id == self._forward_id:
@@ -415,8 +420,6 @@ class TENGraD:
         """
         if not isinstance(mask, torch.Tensor) or mask.dim() < 2:
             raise ValueError("token_mask needs a [batch, tokens...] tensor")
-        if self.process_group is not None:
-            raise ValueError("TENGraD: token masks are not supported with a process_group yet")
         previous, self._token_mask = self._token_mask, mask.detach()
         try:
             yield
@@ -586,9 +589,13 @@ class TENGraD:
     def _rows(self, layer: _Layer) -> Tuple[str, int]:
         """What a refresh sends of each sample of this layer (docs/DESIGN.md §11): the raw row
         (inputs + output gradients) or, when it is shorter, the per-sample gradient (weight + bias
-        numbers) — a convolution with many output positions. Returns (kind, floats per sample)."""
+        numbers) — a convolution with many output positions. A linear layer over sequences always
+        sends per-sequence gradients: one width whatever the ranks' sequence lengths and masks.
+        Returns (kind, floats per sample)."""
         spec = layer.spec
         if isinstance(spec, LinearSpec):
+            if layer.sequence:  # one row per sequence, whatever its length and mask
+                return "per-sample", spec.out_features * (spec.in_features + int(spec.bias))
             return "raw", spec.in_features + spec.out_features
         h, w = spec.input_size
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = spec.kernel_size, spec.stride, spec.padding, spec.dilation
@@ -691,7 +698,8 @@ class TENGraD:
             dist.reduce(g_sum, dst=owner, group=group)
             kind, width = self._rows(layer)
             if refresh:
-                a, g = batch
+                a, g = batch[:2]
+                mask = batch[2] if len(batch) == 3 else None
                 if kind == "raw":
                     width = a[0].size + g[0].size  # a linear layer over tokens: T · (in + out)
                 pad = torch.zeros((max(counts), width), dtype=torch.float32)
@@ -702,7 +710,7 @@ class TENGraD:
                 else:
                     try:
                         pad[:a.shape[0]] = torch.from_numpy(
-                            self._pre.per_sample_gradients(layer.id, a, g, self._grad_scale(a.shape[0])))
+                            self._pre.per_sample_gradients(layer.id, a, g, self._grad_scale(a.shape[0]), mask=mask))
                     except Exception as e:  # noqa: BLE001 — NaN rows make the owner refuse too
                         status, error = 1, e
                         pad.fill_(float("nan"))

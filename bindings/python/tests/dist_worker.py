@@ -3,7 +3,7 @@ trains a few steps on its shard of fixed batches with a gloo process group and w
 step's preconditioned gradients to OUT.rank.npz. With WORLD_SIZE=1 and no process group it is the
 single-process reference on the concatenated batches.
 
-VARIANT "ddp": the model is wrapped in DistributedDataParallel (TENGraD registers its comm hook)
+VARIANT "mask": forwards under pre.token_mask (padded sequences). VARIANT "ddp": the model is wrapped in DistributedDataParallel (TENGraD registers its comm hook)
 and the first layer is skipped, so DDP averages it while TENGraD handles the others; the reference
 skips the same layer. VARIANT "inject": rank 1 makes steps fail (a NaN gradient seen by the owner,
 a NaN activation seen by the owner's curvature update, a missing gradient seen locally); every rank
@@ -20,7 +20,32 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tengrad.torch as tt  # noqa: E402
-from test_torch import batch, cnn, mlp  # noqa: E402
+from test_torch import batch as plain_batch, cnn, mlp  # noqa: E402
+
+
+class MeanTokens(torch.nn.Module):
+    def forward(self, x):
+        return x.mean(1)
+
+
+def seq():
+    """A linear layer over 5 tokens, pooled, then a head: sequence rows in the distributed step."""
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), MeanTokens(), torch.nn.Linear(6, 3))
+
+
+def batch(model, m, seed):
+    if isinstance(model[2], MeanTokens):
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(m, 5, 4, generator=g), torch.randint(0, 3, (m,), generator=g)
+    return plain_batch(model, m, seed)
+
+
+def token_mask(m, seed):
+    """Padding: sequence i keeps its first 5 - (i + seed) % 3 tokens."""
+    mask = torch.ones(m, 5, dtype=torch.bool)
+    for i in range(m):
+        mask[i, 5 - (i + seed) % 3:] = False
+    return mask
 
 
 def must_fail(pre, model, what):
@@ -72,7 +97,7 @@ def main():
         dist.init_process_group("gloo", rank=rank, world_size=size, timeout=__import__("datetime").timedelta(seconds=60))
         group = dist.group.WORLD
     torch.manual_seed(0)
-    model = {"mlp": mlp, "cnn": cnn}[make]()
+    model = {"mlp": mlp, "cnn": cnn, "seq": seq}[make]()
     kl = fisher.endswith("+kl")                             # KL clipping that is active (ν < 1)
     fisher = fisher.removesuffix("+kl")
     skip, hooked = [], model
@@ -90,7 +115,11 @@ def main():
         x, y = batch(model, m, 100 + step)
         x, y = x[mine], y[mine]
         model.zero_grad()
-        logits = hooked(x)
+        if variant == "mask":
+            with pre.token_mask(token_mask(m, step)[mine]):
+                logits = hooked(x)
+        else:
+            logits = hooked(x)
         if fisher == "sampled":
             # the same sampled labels as the single process: draw for the whole batch, take mine
             g = torch.Generator().manual_seed(7 + step)

@@ -62,8 +62,14 @@ def test_failing_rank_raises_everywhere(make, fisher, tmp_path):
     check(make, fisher, tmp_path, "inject", 10, (2, 3))
 
 
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+def test_sequence_layers_with_padding(fisher, tmp_path):
+    """A linear layer over tokens sends per-sequence gradients (one width whatever the padding)."""
+    check("seq", fisher, tmp_path, "mask", 10, (2, 3))
+
+
 def check(make, fisher, tmp_path, variant, m, sizes):
-    reference = run(make, fisher, 1, str(tmp_path), False, "ddp" if variant == "ddp" else "plain", m)[0]
+    reference = run(make, fisher, 1, str(tmp_path), False, variant if variant in ("ddp", "mask") else "plain", m)[0]
     for size in sizes:
         ranks = run(make, fisher, size, str(tmp_path), True, variant, m)
         worst = 0.0
@@ -78,7 +84,8 @@ def check(make, fisher, tmp_path, variant, m, sizes):
                 assert same == key.startswith("local/0."), (size, key, same)
         assert sorted(set(ranks[0]["owners"].tolist())) == list(range(min(size, len(ranks[0]["owners"]))))
         # the convolutions send per-sample gradients (shorter than their inputs + outputs), linear layers raw rows
-        want_kinds = [True, True, False][-len(ranks[0]["kinds"]):] if make == "cnn" else [False] * len(ranks[0]["kinds"])
+        n = len(ranks[0]["kinds"])                          # the DDP variant skips the first layer
+        want_kinds = {"cnn": [True, True, False], "seq": [True, False]}.get(make, [False] * 3)[-n:]
         assert ranks[0]["kinds"].tolist() == want_kinds
         for key, want in reference.items():
             if key in ("owners", "kinds"):
