@@ -175,7 +175,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             fill_pool(&in, (acts + grads) * t);
             for (size_t i = 0; i < (size_t)batch * t; i++) mask_buf[i] = (uint8_t)(u8(&in) % (v & 2 ? 3 : 2));
             const uint8_t *mask = v & 4 ? mask_buf : NULL;
-            if (v & 8) (void)tengrad_update_curvature_tokens(p, layer, batch, tokens, pool, pool + acts * t, mask, f32(&in));
+            if ((v & 16) && (size_t)batch * (weight + bias) <= MAX_FLOATS) {
+                if (tengrad_per_sample_gradients_tokens(p, layer, batch, tokens, pool, pool + acts * t, mask, f32(&in), rows)
+                    == TENGRAD_OK)
+                    (void)tengrad_update_curvature_from_gradients(p, layer, batch, rows);
+            } else if (v & 8) (void)tengrad_update_curvature_tokens(p, layer, batch, tokens, pool, pool + acts * t, mask, f32(&in));
             else (void)tengrad_natural_gradient_tokens(p, layer, batch, tokens, pool, pool + acts * t, mask, 1.0f, out_w, bias ? out_b : NULL);
             break;
         }
