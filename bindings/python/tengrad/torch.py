@@ -548,7 +548,7 @@ class TENGraD:
         supported: a refresh uses the union of the micro-batches (see ``loss_reduction``)."""
         self._check_alive()
         refresh = self._refresh_step()
-        if self.process_group is not None:
+        if self.process_group is not None and self._world_size() > 1:
             return self._distributed_step(refresh)
         plans = self._plan(refresh)
         if self.blas_threads == "auto":
@@ -623,6 +623,11 @@ class TENGraD:
                 load[rank] += -cost
             self._owners = owners
         return self._owners
+
+    def _world_size(self) -> int:
+        """Ranks of the process group (one rank: the single-process step, with its fast path)."""
+        import torch.distributed as dist
+        return dist.get_world_size(self.process_group)
 
     def _comm_device(self) -> torch.device:
         """Where collective buffers live: NCCL needs the current GPU, gloo and MPI take CPU tensors."""
