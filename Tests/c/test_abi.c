@@ -258,6 +258,11 @@ static void test_settings_and_layers(void) {
     CHECK_STATUS(tengrad_add_linear(p, 3, 3, 2, &id), TENGRAD_ERROR_INVALID_ARGUMENT);
     CHECK_STATUS(tengrad_add_linear(p, 3, 3, 1, NULL), TENGRAD_ERROR_INVALID_ARGUMENT);
     CHECK_STATUS(tengrad_add_linear(p, INT64_MAX, INT64_MAX, 1, &id), TENGRAD_ERROR_SHAPE);
+    /* one huge side (found by the fuzzer: in_features + 1 overflowed without a bias) */
+    CHECK_STATUS(tengrad_add_linear(p, INT64_MAX, 1, 0, &id), TENGRAD_ERROR_SHAPE);
+    CHECK_STATUS(tengrad_add_linear(p, INT64_MAX, 1, 1, &id), TENGRAD_ERROR_SHAPE);
+    CHECK_STATUS(tengrad_add_linear(p, 1, INT64_MAX, 0, &id), TENGRAD_ERROR_SHAPE);
+    CHECK_STATUS(tengrad_add_linear(p, INT64_MAX - 1, 1, 0, &id), TENGRAD_ERROR_SHAPE);
     CHECK_STATUS(tengrad_add_linear(p, (int64_t)1 << 40, 1, 0, &id), TENGRAD_ERROR_SHAPE);
     CHECK(id == -7); /* out-parameters untouched on failure */
     tengrad_conv2d_shape shape;

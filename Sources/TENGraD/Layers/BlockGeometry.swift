@@ -72,8 +72,9 @@ struct BlockDims: Sendable, Equatable {
         biasCount = hasBias ? outChannels : 0
         parameters = try checkedSum(weightCount, biasCount, what: "parameter count")
         // Every matrix handed to BLAS: a patch block of one sample, a gradient block, the weight.
-        _ = try checkedProduct(patch + 1, max(positions, outChannels), what: "patch matrix size")
-        for (value, name) in [(patch + 1, "patch features"), (positions, "positions"), (outChannels, "output features"),
+        let patchFeatures = try checkedSum(patch, 1, what: "patch features")
+        _ = try checkedProduct(patchFeatures, max(positions, outChannels), what: "patch matrix size")
+        for (value, name) in [(patchFeatures, "patch features"), (positions, "positions"), (outChannels, "output features"),
                               (inputSize, "input size"), (outputSize, "output size"), (parameters, "parameter count")]
         where value > BLAS.maxDimension {
             throw .shape("\(name) \(value) exceeds \(BLAS.maxDimension) (32-bit BLAS)")
