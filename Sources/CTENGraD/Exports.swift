@@ -362,17 +362,25 @@ public func tengrad_load_state(_ p: OpaquePointer?, _ buffer: UnsafeRawPointer?,
 
 // MARK: - Preconditioning
 
-/// The batch arrays of a call, checked non-NULL and sized from the layer, batch and tokens.
-private func batchArrays(
-    _ h: Handle, _ layer: Int32, _ batch: Int64, tokens: Int64 = 1, _ activations: UnsafePointer<Float>?,
-    _ outputGrads: UnsafePointer<Float>?
-) throws(TENGraDError) -> (Preconditioner.ArrayCounts, UnsafeBufferPointer<Float>, UnsafeBufferPointer<Float>) {
-    guard tokens > 0 else { throw TENGraDError(.invalidArgument, "tokens must be positive, got \(tokens)") }
-    let counts = try h.core.arrayCounts(layer: Int(layer), batch: Int(batch), tokens: Int(tokens))
-    let a = try required(activations, "activations")
-    let g = try required(outputGrads, "output_grads")
-    return (counts, UnsafeBufferPointer(start: a, count: counts.activations),
-            UnsafeBufferPointer(start: g, count: counts.outputGrads))
+/// The batch arrays of a call: activations and output gradients checked non-NULL and sized from
+/// the layer, batch and tokens, and the optional mask (batch × tokens bytes).
+private struct BatchArrays {
+    let counts: Preconditioner.ArrayCounts
+    let activations: UnsafeBufferPointer<Float>
+    let outputGrads: UnsafeBufferPointer<Float>
+    let mask: UnsafeBufferPointer<UInt8>?
+
+    init(
+        _ h: Handle, _ layer: Int32, _ batch: Int64, _ tokens: Int64, _ activations: UnsafePointer<Float>?,
+        _ outputGrads: UnsafePointer<Float>?, _ mask: UnsafePointer<UInt8>?
+    ) throws(TENGraDError) {
+        guard tokens > 0 else { throw TENGraDError(.invalidArgument, "tokens must be positive, got \(tokens)") }
+        let counts = try h.core.arrayCounts(layer: Int(layer), batch: Int(batch), tokens: Int(tokens))
+        self.counts = counts
+        self.activations = UnsafeBufferPointer(start: try required(activations, "activations"), count: counts.activations)
+        self.outputGrads = UnsafeBufferPointer(start: try required(outputGrads, "output_grads"), count: counts.outputGrads)
+        self.mask = mask.map { UnsafeBufferPointer(start: $0, count: counts.mask) }
+    }
 }
 
 @_cdecl("tengrad_update_curvature")
@@ -383,20 +391,15 @@ public func tengrad_update_curvature(
     tengrad_update_curvature_tokens(p, layer, batch, 1, activations, outputGrads, nil, gradScale)
 }
 
-/// The optional mask of a sequence call (batch × tokens bytes).
-private func maskBuffer(_ mask: UnsafePointer<UInt8>?, _ counts: Preconditioner.ArrayCounts) -> UnsafeBufferPointer<UInt8>? {
-    mask.map { UnsafeBufferPointer(start: $0, count: counts.mask) }
-}
-
 @_cdecl("tengrad_update_curvature_tokens")
 public func tengrad_update_curvature_tokens(
     _ p: OpaquePointer?, _ layer: Int32, _ batch: Int64, _ tokens: Int64, _ activations: UnsafePointer<Float>?,
     _ outputGrads: UnsafePointer<Float>?, _ mask: UnsafePointer<UInt8>?, _ gradScale: Float
 ) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        let (counts, a, g) = try batchArrays(h, layer, batch, tokens: tokens, activations, outputGrads)
-        try h.core.updateCurvature(layer: Int(layer), batch: Int(batch), tokens: Int(tokens), activations: a, outputGrads: g,
-                                   mask: maskBuffer(mask, counts), gradScale: gradScale)
+        let b = try BatchArrays(h, layer, batch, tokens, activations, outputGrads, mask)
+        try h.core.updateCurvature(layer: Int(layer), batch: Int(batch), tokens: Int(tokens), activations: b.activations,
+                                   outputGrads: b.outputGrads, mask: b.mask, gradScale: gradScale)
     }
 }
 
@@ -407,13 +410,13 @@ public func tengrad_natural_gradient_tokens(
     _ weightUpdate: UnsafeMutablePointer<Float>?, _ biasUpdate: UnsafeMutablePointer<Float>?
 ) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        let (counts, a, g) = try batchArrays(h, layer, batch, tokens: tokens, activations, outputGrads)
+        let b = try BatchArrays(h, layer, batch, tokens, activations, outputGrads, mask)
         let wu = try required(weightUpdate, "weight_update")
         try h.core.naturalGradient(
-            layer: Int(layer), batch: Int(batch), tokens: Int(tokens), activations: a, outputGrads: g,
-            mask: maskBuffer(mask, counts), gradScale: gradScale,
-            weightUpdate: UnsafeMutableBufferPointer(start: wu, count: counts.weight),
-            biasUpdate: biasUpdate.map { UnsafeMutableBufferPointer(start: $0, count: counts.bias) })
+            layer: Int(layer), batch: Int(batch), tokens: Int(tokens), activations: b.activations, outputGrads: b.outputGrads,
+            mask: b.mask, gradScale: gradScale,
+            weightUpdate: UnsafeMutableBufferPointer(start: wu, count: b.counts.weight),
+            biasUpdate: biasUpdate.map { UnsafeMutableBufferPointer(start: $0, count: b.counts.bias) })
     }
 }
 
@@ -432,12 +435,11 @@ public func tengrad_per_sample_gradients_tokens(
     _ outRows: UnsafeMutablePointer<Float>?
 ) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        let (counts, a, g) = try batchArrays(h, layer, batch, tokens: tokens, activations, outputGrads)
+        let b = try BatchArrays(h, layer, batch, tokens, activations, outputGrads, mask)
         let o = try required(outRows, "out_rows")
         try h.core.perSampleGradients(
-            layer: Int(layer), batch: Int(batch), tokens: Int(tokens), activations: a, outputGrads: g,
-            mask: maskBuffer(mask, counts), gradScale: gradScale,
-            into: UnsafeMutableBufferPointer(start: o, count: counts.perSampleGradients))
+            layer: Int(layer), batch: Int(batch), tokens: Int(tokens), activations: b.activations, outputGrads: b.outputGrads,
+            mask: b.mask, gradScale: gradScale, into: UnsafeMutableBufferPointer(start: o, count: b.counts.perSampleGradients))
     }
 }
 

@@ -259,15 +259,10 @@ public final class Preconditioner {
         }
         let count = try checkedProduct(batch, l.dims.parameters, what: "batch × parameters (per-sample gradients)")
         let o = UnsafeMutablePointer(mutating: try Self.base(UnsafeBufferPointer(out), count: count, "out_rows"))
-        try compute { () throws(TENGraDError) in
-            let b = try sequenceBatch(l, batch: batch, tokens: tokens, activations, outputGrads, mask: mask, gradScale: gradScale)
-            guard let a = activations.baseAddress, let g = outputGrads.baseAddress else { throw .invalid("activations is NULL") }
-            try Self.checkNoOverlap(outputs: (o, count), (nil, 0),
-                                    inputs: [(a, activations.count, "activations"), (g, outputGrads.count, "output_grads")])
-            try withExtendedLifetime(b.copies) { () throws(TENGraDError) in
-                try l.perSampleGradients(batch: b.batch, tokens: b.tokens, activations: b.activations, outputGrads: b.outputGrads,
-                                         scale: gradScale, into: o, context: context)
-            }
+        try withSequenceBatch(l, batch: batch, tokens: tokens, activations, outputGrads, mask: mask, gradScale: gradScale,
+                              outputs: ((o, count), (nil, 0))) { (b) throws(TENGraDError) in
+            try l.perSampleGradients(batch: b.batch, tokens: b.tokens, activations: b.activations, outputGrads: b.outputGrads,
+                                     scale: gradScale, into: o, context: context)
         }
     }
 
@@ -343,6 +338,27 @@ public final class Preconditioner {
                              activations: ca.base, outputGrads: cg.base, copies: (ca, cg))
     }
 
+    /// A computing call (`compute`) on the sequence batch of the caller's arrays: checks them,
+    /// refuses `outputs` (weight, bias) that overlap them, and keeps any masked copies alive while
+    /// `body` runs.
+    private func withSequenceBatch(
+        _ l: ExactBlock, batch: Int, tokens: Int, _ activations: UnsafeBufferPointer<Float>,
+        _ outputGrads: UnsafeBufferPointer<Float>, mask: UnsafeBufferPointer<UInt8>?, gradScale: Float,
+        outputs: ((UnsafeMutablePointer<Float>, Int), (UnsafeMutablePointer<Float>?, Int))?,
+        _ body: (SequenceBatch) throws(TENGraDError) -> Void
+    ) throws(TENGraDError) {
+        try compute { () throws(TENGraDError) in
+            let b = try sequenceBatch(l, batch: batch, tokens: tokens, activations, outputGrads, mask: mask, gradScale: gradScale)
+            if let (weight, bias) = outputs {
+                // sequenceBatch checked the caller's arrays non-NULL and sized.
+                guard let a = activations.baseAddress, let g = outputGrads.baseAddress else { throw .invalid("activations is NULL") }
+                try Self.checkNoOverlap(outputs: weight, bias,
+                                        inputs: [(a, activations.count, "activations"), (g, outputGrads.count, "output_grads")])
+            }
+            try withExtendedLifetime(b.copies) { () throws(TENGraDError) in try body(b) }
+        }
+    }
+
     /// `updateCurvature` for a linear layer applied over sequences: activations [batch][tokens][in],
     /// output gradients [batch][tokens][out] (PyTorch's batch-first layout), an optional mask
     /// [batch][tokens] of 0 (padding: contributes nothing, whatever its values) and 1. Per
@@ -354,12 +370,10 @@ public final class Preconditioner {
         outputGrads: UnsafeBufferPointer<Float>, mask: UnsafeBufferPointer<UInt8>?, gradScale: Float
     ) throws(TENGraDError) {
         let l = try layer(id)
-        try compute { () throws(TENGraDError) in
-            let b = try sequenceBatch(l, batch: batch, tokens: tokens, activations, outputGrads, mask: mask, gradScale: gradScale)
-            try withExtendedLifetime(b.copies) { () throws(TENGraDError) in
-                try l.updateCurvature(batch: b.batch, tokens: b.tokens, activations: b.activations, outputGrads: b.outputGrads,
-                                      scale: gradScale, context: context)
-            }
+        try withSequenceBatch(l, batch: batch, tokens: tokens, activations, outputGrads, mask: mask, gradScale: gradScale,
+                              outputs: nil) { (b) throws(TENGraDError) in
+            try l.updateCurvature(batch: b.batch, tokens: b.tokens, activations: b.activations, outputGrads: b.outputGrads,
+                                  scale: gradScale, context: context)
         }
     }
 
@@ -371,17 +385,11 @@ public final class Preconditioner {
     ) throws(TENGraDError) {
         let l = try layer(id)
         let (wu, bu) = try Self.updateOutputs(l, weightUpdate, biasUpdate)
-        try compute { () throws(TENGraDError) in
-            let b = try sequenceBatch(l, batch: batch, tokens: tokens, activations, outputGrads, mask: mask, gradScale: gradScale)
-            // The caller's arrays (checked non-NULL and sized by now) must not overlap the outputs.
-            guard let a = activations.baseAddress, let g = outputGrads.baseAddress else { throw .invalid("activations is NULL") }
-            try Self.checkNoOverlap(outputs: (wu, l.dims.weightCount), (bu, l.dims.biasCount),
-                                    inputs: [(a, activations.count, "activations"), (g, outputGrads.count, "output_grads")])
-            try withExtendedLifetime(b.copies) { () throws(TENGraDError) in
-                try l.naturalGradient(
-                    batch: b.batch, tokens: b.tokens, activations: b.activations, outputGrads: b.outputGrads, scale: gradScale,
-                    weightUpdate: wu, biasUpdate: bu, context: context)
-            }
+        try withSequenceBatch(l, batch: batch, tokens: tokens, activations, outputGrads, mask: mask, gradScale: gradScale,
+                              outputs: ((wu, l.dims.weightCount), (bu, l.dims.biasCount))) { (b) throws(TENGraDError) in
+            try l.naturalGradient(
+                batch: b.batch, tokens: b.tokens, activations: b.activations, outputGrads: b.outputGrads, scale: gradScale,
+                weightUpdate: wu, biasUpdate: bu, context: context)
         }
     }
 

@@ -332,6 +332,16 @@ class Preconditioner:
         _check("output_grads", output_grads, g_shape)
         return spec, batch
 
+    def _batch(self, layer, activations, output_grads, mask):
+        """(spec, batch, tokens, mask) of a batch call: plain arrays ([batch, features], NCHW) are
+        one token per sample; a linear layer's [batch, T..., features] arrays or a mask make it a
+        sequence call. Every batch call goes through the C `_tokens` entry points."""
+        if mask is not None or (isinstance(activations, np.ndarray) and activations.ndim > 2
+                                and isinstance(self.layer_spec(layer), LinearSpec)):
+            return self._sequence(layer, activations, output_grads, mask)
+        spec, batch = self._inputs(layer, activations, output_grads)
+        return spec, batch, 1, None
+
     def _sequence(self, layer, activations, output_grads, mask):
         """(spec, batch, tokens, mask array or None) of a call on a linear layer whose inputs have
         token dimensions between the batch and the features: [batch, T..., in]."""
@@ -380,15 +390,9 @@ class Preconditioner:
         [batch, T..., out] (token dimensions between batch and features), with an optional
         ``mask`` [batch, T...] (bool or uint8; 0 = padding, which contributes nothing). See
         ``set_token_mode``."""
-        if mask is not None or (isinstance(activations, np.ndarray) and activations.ndim > 2
-                                and isinstance(self.layer_spec(layer), LinearSpec)):
-            _, batch, tokens, mask = self._sequence(layer, activations, output_grads, mask)
-            _lib.tengrad_update_curvature_tokens(self._h, int(layer), batch, tokens, _ptr(activations),
-                                                 _ptr(output_grads), _ptr(mask), float(grad_scale))
-            return
-        _, batch = self._inputs(layer, activations, output_grads)
-        _lib.tengrad_update_curvature(self._h, int(layer), batch, _ptr(activations),
-                                      _ptr(output_grads), float(grad_scale))
+        _, batch, tokens, mask = self._batch(layer, activations, output_grads, mask)
+        _lib.tengrad_update_curvature_tokens(self._h, int(layer), batch, tokens, _ptr(activations),
+                                             _ptr(output_grads), _ptr(mask), float(grad_scale))
 
     @staticmethod
     def _row_size(spec) -> int:
@@ -402,17 +406,10 @@ class Preconditioner:
         No state changes. Rows from several processes, concatenated, go to
         ``update_curvature_from_gradients`` (data-parallel training, docs/DESIGN.md §11). A linear
         layer takes sequences ([batch, T..., features], ``mask=``): one row per sequence."""
-        if mask is not None or (isinstance(activations, np.ndarray) and activations.ndim > 2
-                                and isinstance(self.layer_spec(layer), LinearSpec)):
-            spec, batch, tokens, mask = self._sequence(layer, activations, output_grads, mask)
-            rows = np.empty((batch, self._row_size(spec)), dtype=np.float32)
-            _lib.tengrad_per_sample_gradients_tokens(self._h, int(layer), batch, tokens, _ptr(activations),
-                                                     _ptr(output_grads), _ptr(mask), float(grad_scale), _ptr(rows))
-            return rows
-        spec, batch = self._inputs(layer, activations, output_grads)
+        spec, batch, tokens, mask = self._batch(layer, activations, output_grads, mask)
         rows = np.empty((batch, self._row_size(spec)), dtype=np.float32)
-        _lib.tengrad_per_sample_gradients(self._h, int(layer), batch, _ptr(activations), _ptr(output_grads),
-                                          float(grad_scale), _ptr(rows))
+        _lib.tengrad_per_sample_gradients_tokens(self._h, int(layer), batch, tokens, _ptr(activations),
+                                                 _ptr(output_grads), _ptr(mask), float(grad_scale), _ptr(rows))
         return rows
 
     def update_curvature_from_gradients(self, layer: int, rows: np.ndarray) -> None:
@@ -447,18 +444,10 @@ class Preconditioner:
         """Empirical Fisher in one call: snapshot from this batch and (F + λI)^-1 of the batch's
         mean gradient. Returns (weight_update, bias_update); ``out=(w, b)`` writes into given arrays.
         Linear layers take sequences and masks as in ``update_curvature``."""
-        if mask is not None or (isinstance(activations, np.ndarray) and activations.ndim > 2
-                                and isinstance(self.layer_spec(layer), LinearSpec)):
-            spec, batch, tokens, mask = self._sequence(layer, activations, output_grads, mask)
-            weight, bias = self._outputs(spec, out)
-            _lib.tengrad_natural_gradient_tokens(self._h, int(layer), batch, tokens, _ptr(activations),
-                                                 _ptr(output_grads), _ptr(mask), float(grad_scale),
-                                                 _ptr(weight), _ptr(bias))
-            return weight, bias
-        spec, batch = self._inputs(layer, activations, output_grads)
+        spec, batch, tokens, mask = self._batch(layer, activations, output_grads, mask)
         weight, bias = self._outputs(spec, out)
-        _lib.tengrad_natural_gradient(self._h, int(layer), batch, _ptr(activations),
-                                      _ptr(output_grads), float(grad_scale), _ptr(weight), _ptr(bias))
+        _lib.tengrad_natural_gradient_tokens(self._h, int(layer), batch, tokens, _ptr(activations),
+                                             _ptr(output_grads), _ptr(mask), float(grad_scale), _ptr(weight), _ptr(bias))
         return weight, bias
 
     # -- KL clipping and diagnostics -----------------------------------------------------------

@@ -705,13 +705,12 @@ class TENGraD:
             if refresh:
                 a, g = batch[:2]
                 mask = batch[2] if len(batch) == 3 else None
-                if kind == "raw":
-                    width = a[0].size + g[0].size  # a linear layer over tokens: T · (in + out)
                 pad = torch.zeros((max(counts), width), dtype=torch.float32)
-                if kind == "raw":  # inputs and per-sample output gradients
-                    g = g * self._grad_scale(a.shape[0])
-                    pad[:a.shape[0]] = torch.from_numpy(
-                        np.concatenate([a.reshape(a.shape[0], -1), g.reshape(g.shape[0], -1)], 1))
+                if kind == "raw":  # inputs and per-sample output gradients, written into place
+                    n, cut = a.shape[0], a[0].size
+                    pad[:n, :cut] = torch.from_numpy(a.reshape(n, -1))
+                    pad[:n, cut:] = torch.from_numpy(g.reshape(n, -1))
+                    pad[:n, cut:].mul_(self._grad_scale(n))
                 else:
                     try:
                         pad[:a.shape[0]] = torch.from_numpy(
