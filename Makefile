@@ -5,7 +5,36 @@ SHELL        := /bin/bash
 CC           ?= cc
 CXX          ?= c++
 BUILD        := build
-RELEASE_DIR  := .build/release
+# BLAS (docs/DESIGN.md §14): `scipy-openblas` (default) links PyPI's scipy-openblas32, a current
+# OpenBLAS with every kernel set and runtime dispatch; `system` links the distribution's
+# libopenblas-dev + liblapacke-dev (Debian 12's 0.3.21 runs generic SSE3 kernels on CPUs newer
+# than it, e.g. Intel family 6 model 207). Each has its own build directory.
+BLAS         ?= scipy-openblas
+SCIPY_OPENBLAS := scipy-openblas32==0.3.34.481.3
+ifeq ($(BLAS),scipy-openblas)
+SCRATCH      := .build
+INSTALL_BUILD := .build-install
+# Evaluated when used (after `setup` installed the package), not when the Makefile is read.
+SCIPY_OPENBLAS_DIR = $(shell $(PYTHON) -c 'import os, scipy_openblas32 as s; print(os.path.dirname(s.__file__))')
+SWIFT_BLAS   = --disable-default-traits --traits ScipyOpenBLAS -Xcc -I$(SCIPY_OPENBLAS_DIR)/include \
+               -Xlinker -L$(SCIPY_OPENBLAS_DIR)/lib
+SWIFT_BLAS_RPATH = -Xlinker -rpath -Xlinker $(SCIPY_OPENBLAS_DIR)/lib
+# The installed library finds it beside itself (make install copies it to lib/tengrad/) or, in
+# the Python wheel, in the scipy_openblas32 package next to the tengrad package.
+INSTALL_RPATH = -Xlinker -rpath -Xlinker '$$ORIGIN/tengrad:$$ORIGIN/../scipy_openblas32/lib'
+PC_LIBS_PRIVATE := -lm
+else ifeq ($(BLAS),system)
+SCRATCH      := .build-system
+INSTALL_BUILD := .build-install-system
+SWIFT_BLAS   :=
+SWIFT_BLAS_RPATH :=
+INSTALL_RPATH :=
+PC_LIBS_PRIVATE := -lopenblas -llapacke -lm
+else
+$(error BLAS must be scipy-openblas or system, not '$(BLAS)')
+endif
+SWIFT_FLAGS  = --scratch-path $(SCRATCH) $(SWIFT_BLAS) $(SWIFT_BLAS_RPATH)
+RELEASE_DIR  := $(SCRATCH)/release
 LIB          := $(RELEASE_DIR)/libtengrad.so
 DATA_SRC     := /usr/share/datasets/fashion-mnist
 DATA         := $(BUILD)/data
@@ -13,9 +42,11 @@ PYTHON       ?= python3
 CWARN        := -Wall -Wextra -Werror
 LINK_TENGRAD := -L$(RELEASE_DIR) -ltengrad -Wl,-rpath,$(abspath $(RELEASE_DIR))
 APT_PACKAGES := libopenblas-dev liblapacke-dev dataset-fashion-mnist openmpi-bin libopenmpi-dev cmake pkg-config
-PIP_PACKAGES := numpy pytest xxhash matplotlib tqdm asdfghjkl==0.1a5
+PIP_PACKAGES := numpy pytest xxhash matplotlib tqdm asdfghjkl==0.1a5 $(SCIPY_OPENBLAS)
 TORCH        := torch==2.13.0+cpu
 export OPENBLAS_NUM_THREADS ?= 2
+# The Python binding, examples and benchmarks load the library this BLAS setting built.
+export TENGRAD_LIBRARY := $(abspath $(RELEASE_DIR))/libtengrad.so
 
 # The one version number lives in include/tengrad.h (TENGRAD_VERSION_MAJOR/MINOR/PATCH).
 VERSION      := $(shell sed -n 's/^\#define TENGRAD_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\).*/\2/p' include/tengrad.h | paste -sd.)
@@ -32,7 +63,7 @@ FUZZ_SWIFT   := -Xswiftc -sanitize=address -Xswiftc -sanitize-coverage=edge,inli
 # Swift's own crash backtracer would mask the sanitizer's report.
 export SWIFT_BACKTRACE := enable=no
 
-.PHONY: install test-install test-wheel test-swiftpm demo-c demo-vit demo-distributed demo-mpi test-mpi help setup build test test-swift test-c test-python test-example test-asan fuzz fuzz-smoke fuzz-build demo bench clean
+.PHONY: test-blas-system install test-install test-wheel test-swiftpm demo-c demo-vit demo-distributed demo-mpi test-mpi help setup build test test-swift test-c test-python test-example test-asan fuzz fuzz-smoke fuzz-build demo bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -44,14 +75,14 @@ setup: ## Install the apt and pip packages a fresh machine lacks (no-op when pre
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	@# One pip call with the torch pin: asdfghjkl requires an unpinned torch (a 2.8 GB CUDA build).
-	@$(PYTHON) -c "import numpy, pytest, xxhash, matplotlib, tqdm, asdl, torch" 2>/dev/null || \
+	@$(PYTHON) -c "import numpy, pytest, xxhash, matplotlib, tqdm, asdl, torch, scipy_openblas32" 2>/dev/null || \
 	  $(PYTHON) -m pip install -q $(PIP_PACKAGES) "$(TORCH)"
 
 build: setup ## Build libtengrad.so and the Swift products (release)
 	@# SwiftPM does not track the header behind the CTENGraDHeader module map: after a header
 	@# change, make it recompile the thunks (which use the header's types and version macros).
 	@if [ -f $(LIB) ] && [ include/tengrad.h -nt $(LIB) ]; then touch Sources/CTENGraD/Exports.swift; fi
-	swift build -c release
+	swift build -c release $(SWIFT_FLAGS)
 
 $(DATA)/.done: | setup
 	mkdir -p $(DATA)
@@ -90,10 +121,19 @@ demo-distributed: build ## The demo data-parallel on 2 processes (torchrun, gloo
 demo-mpi: $(BUILD)/mlp_mpi $(DATA)/.done ## The C trainer data-parallel on 2 MPI ranks (exact global-batch blocks)
 	$(MPIRUN) -np 2 $(BUILD)/mlp_mpi --data $(DATA) --epochs 3 --verify 3
 
-test: test-swift test-c test-python test-example test-mpi test-install test-asan fuzz-smoke ## Run every test suite (what CI runs)
+test: test-swift test-c test-python test-example test-mpi test-install test-asan fuzz-smoke test-blas-system ## Run every test suite (what CI runs)
+
+# The numerics must not depend on the BLAS: the oracle suites again on the other build.
+NUMPY_TESTS  := tests/test_linear.py tests/test_conv.py tests/test_sequence.py tests/test_state.py tests/test_errors.py \
+                tests/test_blas.py
+test-blas-system: ## The Swift, C ABI and numpy oracle suites against the system OpenBLAS build (BLAS=system)
+	$(MAKE) --no-print-directory BLAS=system test-swift test-c
+	$(MAKE) --no-print-directory BLAS=system build
+	cd bindings/python && TENGRAD_LIBRARY=$(abspath .build-system/release/libtengrad.so) \
+	  $(PYTHON) -m pytest -q $(NUMPY_TESTS)
 
 test-swift: setup ## Swift tests of the core against the dense float64 oracle
-	swift test
+	swift test $(SWIFT_FLAGS)
 
 test-c: build ## C ABI tests, compiled as C11 and C++17 with warnings as errors
 	mkdir -p $(BUILD)
@@ -118,7 +158,7 @@ test-example: $(BUILD)/mlp $(DATA)/.done ## The examples on real data; the C tra
 	  --plot $(BUILD)/vit_smoke.png
 	timeout 300 $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=2 examples/torch/fashion_mnist.py \
 	  --distributed --budget 3 --train-limit 3000 --test-limit 1000 --eval-seconds 1.5 --optimizers tengrad,adam
-	swift build -c release --product tengrad-swift-example
+	swift build -c release --product tengrad-swift-example $(SWIFT_FLAGS)
 	$(RELEASE_DIR)/tengrad-swift-example $(DATA) 1
 
 test-mpi: $(BUILD)/mlp_mpi $(DATA)/.done ## MPI trainer: P = 2, 3 equal one process, lower the loss; a failing rank stops all
@@ -137,7 +177,7 @@ test-mpi: $(BUILD)/mlp_mpi $(DATA)/.done ## MPI trainer: P = 2, 3 equal one proc
 # needed at run time), only the C ABI exported, SONAME libtengrad.so.MAJOR.
 $(INSTALL_BUILD)/release/libtengrad.so: $(shell find Sources include -type f) install/tengrad.map
 	@if [ -f $@ ] && [ include/tengrad.h -nt $@ ]; then touch Sources/CTENGraD/Exports.swift; fi
-	swift build -c release --product tengrad --scratch-path $(INSTALL_BUILD) -Xswiftc -static-stdlib \
+	swift build -c release --product tengrad --scratch-path $(INSTALL_BUILD) $(SWIFT_BLAS) $(INSTALL_RPATH) -Xswiftc -static-stdlib \
 	  -Xlinker -soname -Xlinker libtengrad.so.$(MAJOR) -Xlinker --version-script -Xlinker $(abspath install/tengrad.map)
 
 install: $(INSTALL_BUILD)/release/libtengrad.so ## Install header, library, pkg-config and CMake files (PREFIX=/usr/local, DESTDIR)
@@ -146,7 +186,16 @@ install: $(INSTALL_BUILD)/release/libtengrad.so ## Install header, library, pkg-
 	install -m 755 $< $(DESTDIR)$(PREFIX)/lib/libtengrad.so.$(VERSION)
 	ln -sf libtengrad.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/libtengrad.so.$(MAJOR)
 	ln -sf libtengrad.so.$(MAJOR) $(DESTDIR)$(PREFIX)/lib/libtengrad.so
-	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' install/tengrad.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/tengrad.pc
+ifeq ($(BLAS),scipy-openblas)
+	@# The library's private BLAS (found through its rpath $$ORIGIN/tengrad), with its licence.
+	install -d $(DESTDIR)$(PREFIX)/lib/tengrad
+	install -m 755 $(SCIPY_OPENBLAS_DIR)/lib/libscipy_openblas.so $(DESTDIR)$(PREFIX)/lib/tengrad/
+	install -m 644 $$($(PYTHON) -c "import importlib.metadata as m; \
+	  print(next(f.locate() for f in m.files('scipy-openblas32') if f.name.startswith('LICENSE')))") \
+	  $(DESTDIR)$(PREFIX)/lib/tengrad/LICENSE.scipy-openblas32.txt
+endif
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' -e 's|@LIBS_PRIVATE@|$(PC_LIBS_PRIVATE)|' \
+	  install/tengrad.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/tengrad.pc
 	for f in TENGraDConfig TENGraDConfigVersion; do \
 	  sed -e 's|@VERSION@|$(VERSION)|' -e 's|@MAJOR@|$(MAJOR)|' install/$$f.cmake.in > $(DESTDIR)$(PREFIX)/lib/cmake/TENGraD/$$f.cmake; done
 
@@ -164,7 +213,7 @@ test-install: setup test-wheel test-swiftpm ## Install into a temporary prefix; 
 	test "$$(PKG_CONFIG_PATH=$$prefix/lib/pkgconfig pkg-config --modversion tengrad)" = $(VERSION); \
 	$(CC) -std=c11 $(CWARN) Tests/install/consumer.c -o $$prefix/consumer-c \
 	  $$(PKG_CONFIG_PATH=$$prefix/lib/pkgconfig pkg-config --cflags --libs tengrad) -lm; \
-	env -u LD_LIBRARY_PATH $$prefix/consumer-c; \
+	env -u LD_LIBRARY_PATH $$prefix/consumer-c $(if $(filter scipy-openblas,$(BLAS)),scipy-openblas32); \
 	cmake -S Tests/install/cmake -B $$prefix/cmake-build -DCMAKE_PREFIX_PATH=$$prefix -DEXPECTED_VERSION=$(VERSION) >/dev/null; \
 	cmake --build $$prefix/cmake-build >/dev/null; \
 	env -u LD_LIBRARY_PATH $$prefix/cmake-build/consumer; \
@@ -190,8 +239,9 @@ test-swiftpm: setup ## A package outside the checkout depends on it by path, imp
 	$$tmp/.build/release/Consumer; rm -rf $$tmp
 
 test-asan: setup ## Swift and C tests under AddressSanitizer (+ UBSan and LeakSanitizer for C)
-	swift build --sanitize=address --scratch-path .build-asan --product tengrad
-	LSAN_OPTIONS=suppressions=$(abspath Tests/sanitizers/lsan.supp) swift test --sanitize=address --scratch-path .build-asan
+	swift build --sanitize=address --scratch-path .build-asan --product tengrad $(SWIFT_BLAS) $(SWIFT_BLAS_RPATH)
+	LSAN_OPTIONS=suppressions=$(abspath Tests/sanitizers/lsan.supp) swift test --sanitize=address --scratch-path .build-asan \
+	  $(SWIFT_BLAS) $(SWIFT_BLAS_RPATH)
 	mkdir -p $(BUILD)/asan
 	$(ASAN_CC) -std=c11 $(SAN_FLAGS) $(CWARN) -Iinclude Tests/c/test_abi.c -o $(BUILD)/asan/test_abi \
 	  -L$(ASAN_DIR) -ltengrad -Wl,-rpath,$(abspath $(ASAN_DIR)) -lm
@@ -204,7 +254,7 @@ test-asan: setup ## Swift and C tests under AddressSanitizer (+ UBSan and LeakSa
 	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/asan/leak_loop
 
 fuzz-build: setup
-	swift build --scratch-path .build-fuzz --product tengrad $(FUZZ_SWIFT)
+	swift build --scratch-path .build-fuzz --product tengrad $(FUZZ_SWIFT) $(SWIFT_BLAS) $(SWIFT_BLAS_RPATH)
 	mkdir -p $(BUILD)/fuzz
 	for h in calls state; do \
 	  $(ASAN_CC) -g -O1 -fsanitize=fuzzer,address,undefined -fuse-ld=bfd -Iinclude Tests/fuzz/fuzz_$$h.c \
@@ -224,7 +274,7 @@ fuzz-smoke: ## Both fuzzers for 15 s each (part of `make test`)
 	$(MAKE) fuzz FUZZ_SECONDS=15
 
 bench: build ## Benchmark table (not a test): seconds, GFLOP/s, ratio to OpenBLAS sgemm
-	swift build -c release --product tengrad-bench
+	swift build -c release --product tengrad-bench $(SWIFT_FLAGS)
 	$(RELEASE_DIR)/tengrad-bench
 	@echo; echo "== TENGraD vs numpy (authors' style) vs KFAC inverse update, one BLAS thread per pool"
 	OPENBLAS_NUM_THREADS=1 $(PYTHON) benchmarks/compare.py

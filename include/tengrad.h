@@ -56,7 +56,7 @@ extern "C" {
 /* ---- Version ---------------------------------------------------------------------------- */
 
 #define TENGRAD_VERSION_MAJOR 0
-#define TENGRAD_VERSION_MINOR 3
+#define TENGRAD_VERSION_MINOR 4
 #define TENGRAD_VERSION_PATCH 0
 #define TENGRAD_VERSION_NUMBER \
     (TENGRAD_VERSION_MAJOR * 10000 + TENGRAD_VERSION_MINOR * 100 + TENGRAD_VERSION_PATCH)
@@ -81,6 +81,45 @@ enum {
 
 /* Static English text for a status ("unknown status" for values outside the enum); never NULL. */
 const char *tengrad_status_string(tengrad_status status);
+
+/* ---- BLAS and CPU ----------------------------------------------------------------------- */
+
+/* What BLAS the library runs on and how well its kernels fit the CPU. Process-wide (no handle).
+   The library links one OpenBLAS build: the system's ("system") or PyPI's scipy-openblas32
+   ("scipy-openblas32", a current OpenBLAS; the Python wheel's and `make build`'s default). An
+   OpenBLAS older than the CPU does not recognize it and runs generic kernels: on an AVX-512 CPU,
+   Debian 12's 0.3.21 runs its SSE3 "Prescott" kernels, sgemm 3-5x slower. generic_fallback says
+   so; the remedies are the newer build or, for an older build, OPENBLAS_CORETYPE set by the user
+   before the process starts (the library never sets it). Strings are NUL-terminated, truncated
+   to fit. */
+enum {
+    TENGRAD_ISA_UNKNOWN = 0, /* not x86-64, or a kernel set this library does not list */
+    TENGRAD_ISA_SSE = 1,
+    TENGRAD_ISA_AVX = 2,
+    TENGRAD_ISA_AVX2 = 3,
+    TENGRAD_ISA_AVX512 = 4
+};
+
+typedef struct tengrad_blas_info {
+    size_t size;              /* in: sizeof(tengrad_blas_info) */
+    char library[16];         /* "OpenBLAS" */
+    char build[32];           /* "system" or "scipy-openblas32" */
+    char version[32];         /* as OpenBLAS reports it, e.g. "0.3.34.481.3" */
+    char core[32];            /* the kernel set in use, e.g. "SkylakeX", "Haswell", "Prescott" */
+    char config[160];         /* openblas_get_config(), verbatim */
+    int32_t threads;          /* OpenBLAS's thread count now */
+    int32_t core_isa;         /* TENGRAD_ISA_*: what the kernels of `core` are written for */
+    int32_t cpu_isa;          /* TENGRAD_ISA_*: the widest the CPU and the OS support */
+    int32_t generic_fallback; /* 1: core_isa is below AVX2 on a CPU with AVX2 or AVX-512 */
+    char cpu_model[64];       /* the CPU's brand string ("" where unknown) */
+    int32_t cpu_family;       /* x86 family and model numbers (0 where unknown) */
+    int32_t cpu_model_number;
+} tengrad_blas_info;
+
+/* Fills *info (set info->size first; a larger size from a later header is accepted and only
+   this version's fields are written). TENGRAD_ERROR_INVALID_ARGUMENT for NULL or a size smaller
+   than this header's struct. */
+TENGRAD_NODISCARD tengrad_status tengrad_get_blas_info(tengrad_blas_info *info);
 
 /* ---- Handle ----------------------------------------------------------------------------- */
 

@@ -90,6 +90,44 @@ static void test_static_functions(void) {
     CHECK(tengrad_last_error(NULL) != NULL);
 }
 
+/* tengrad_get_blas_info: NULL and a short size refused with nothing written; fields filled and
+   consistent (NUL-terminated strings, ISA codes in range, the fallback flag = its definition);
+   a longer struct of a later header is accepted and its tail left alone. */
+static void test_blas_info(void) {
+    tengrad_blas_info info;
+    CHECK_STATUS(tengrad_get_blas_info(NULL), TENGRAD_ERROR_INVALID_ARGUMENT);
+    memset(&info, 0x5a, sizeof info);
+    info.size = sizeof info - 1;
+    CHECK_STATUS(tengrad_get_blas_info(&info), TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(info.size == sizeof info - 1 && info.threads == 0x5a5a5a5a);
+    info.size = sizeof info;
+    CHECK_STATUS(tengrad_get_blas_info(&info), TENGRAD_OK);
+    CHECK(info.size == sizeof info);
+    CHECK(strcmp(info.library, "OpenBLAS") == 0);
+    CHECK(strcmp(info.build, "system") == 0 || strcmp(info.build, "scipy-openblas32") == 0);
+    CHECK(strlen(info.version) > 0 && strlen(info.core) > 0 && strstr(info.config, info.version) != NULL);
+    CHECK(memchr(info.cpu_model, 0, sizeof info.cpu_model) != NULL);
+    CHECK(info.threads >= 1);
+    CHECK(info.core_isa >= TENGRAD_ISA_UNKNOWN && info.core_isa <= TENGRAD_ISA_AVX512);
+    CHECK(info.cpu_isa >= TENGRAD_ISA_UNKNOWN && info.cpu_isa <= TENGRAD_ISA_AVX512);
+    CHECK(info.generic_fallback ==
+          (info.core_isa != TENGRAD_ISA_UNKNOWN && info.core_isa < TENGRAD_ISA_AVX2 && info.cpu_isa >= TENGRAD_ISA_AVX2));
+#if defined(__x86_64__)
+    CHECK(info.cpu_isa >= TENGRAD_ISA_SSE && info.cpu_family > 0);
+#endif
+    struct {
+        tengrad_blas_info info;
+        char later[16];
+    } longer;
+    memset(&longer, 0x33, sizeof longer);
+    longer.info.size = sizeof longer;
+    CHECK_STATUS(tengrad_get_blas_info(&longer.info), TENGRAD_OK);
+    CHECK(longer.info.size == sizeof(tengrad_blas_info) && longer.later[0] == 0x33 && longer.later[15] == 0x33);
+    printf("BLAS: %s %s (%s), core %s; CPU %s (family %d model %d), ISA %d, kernels %d\n", info.library, info.version,
+           info.build, info.core, info.cpu_model, (int)info.cpu_family, (int)info.cpu_model_number, (int)info.cpu_isa,
+           (int)info.core_isa);
+}
+
 static void test_null_handle(void) {
     int32_t id = 0;
     double d = 0;
@@ -502,6 +540,7 @@ int main(void) {
     fill(vw, OUT * IN, 3);
     fill(vb, OUT, 4);
     test_static_functions();
+    test_blas_info();
     test_null_handle();
     test_settings_and_layers();
     test_numerics_and_errors();

@@ -6,7 +6,11 @@
 // (out×m times m×in). Each time is the median of several timed repetitions.
 //
 //   tengrad-bench [--quick]
+#if ScipyOpenBLAS
+import CScipyOpenBLAS
+#else
 import COpenBLAS
+#endif
 import TENGraD
 
 #if canImport(Glibc)

@@ -1,6 +1,12 @@
+#if ScipyOpenBLAS
+import CScipyOpenBLAS
+#else
 import COpenBLAS
+#endif
 
 // The one seam to BLAS/LAPACK. Every call into OpenBLAS or LAPACKE goes through this file.
+// Two builds, chosen by the package trait (docs/DESIGN.md §14): the system's OpenBLAS +
+// LAPACKE, or PyPI's scipy-openblas32, whose shim gives its prefixed symbols the same names.
 // Matrices are row-major (the C ABI's layout) for BLAS; LAPACK sees the symmetric m×m system,
 // which is the same in either layout, and is called column-major (its native, faster layout).
 // Callers validate that every dimension fits a 32-bit BLAS index (`BLAS.maxDimension`).
@@ -16,6 +22,15 @@ enum BLAS {
         get { Int(openblas_get_num_threads()) }
         set { openblas_set_num_threads(Int32(clamping: newValue)) }
     }
+
+    /// Which OpenBLAS build is linked: "system" or "scipy-openblas32".
+    static var build: String { TENGRAD_BLAS_BUILD }
+
+    /// OpenBLAS's build configuration, e.g. "OpenBLAS 0.3.34 DYNAMIC_ARCH NO_AFFINITY SkylakeX MAX_THREADS=64".
+    static var config: String { openblas_get_config().map { String(cString: $0) } ?? "" }
+
+    /// The kernel set OpenBLAS chose for this CPU at load time (or OPENBLAS_CORETYPE's), e.g. "SkylakeX".
+    static var coreName: String { openblas_get_corename().map { String(cString: $0) } ?? "" }
 
     /// Runs `body` with OpenBLAS using `count` threads (0: as configured), then restores the count.
     static func withThreads<R, E: Error>(_ count: Int, _ body: () throws(E) -> R) throws(E) -> R {

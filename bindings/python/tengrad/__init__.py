@@ -5,10 +5,11 @@
 from ._lib import TengradError, library_path, status_name
 from ._lib import (ERROR_CORRUPT, ERROR_INVALID_ARGUMENT, ERROR_NOT_FINITE, ERROR_NUMERICAL,
                    ERROR_OUT_OF_MEMORY, ERROR_SHAPE, ERROR_STATE, OK)
+from .blas import blas_info, blas_summary
 from .core import Preconditioner
 
 __all__ = [
-    "Preconditioner", "TengradError", "library_path", "status_name", "version",
+    "Preconditioner", "TengradError", "blas_info", "blas_summary", "library_path", "status_name", "version",
     "OK", "ERROR_INVALID_ARGUMENT", "ERROR_SHAPE", "ERROR_NOT_FINITE", "ERROR_NUMERICAL",
     "ERROR_OUT_OF_MEMORY", "ERROR_STATE", "ERROR_CORRUPT",
 ]
@@ -22,3 +23,8 @@ def version() -> str:
 
 
 __version__ = version()
+
+# Once per process, at import: say so when the BLAS runs generic kernels on a newer CPU.
+from .blas import warn_if_generic as _warn_if_generic  # noqa: E402
+
+_warn_if_generic(stacklevel=3)

@@ -3,7 +3,10 @@
 The shared library is found through, in order: the ``TENGRAD_LIBRARY`` environment variable (a
 path to libtengrad.so), the copy bundled in the installed package (``pip install
 ./bindings/python``), the build output of the repository this binding lives in
-(``.build/release`` then ``.build/debug``), then the system's library path.
+(``.build/release`` then ``.build/debug``), then the system's library path. A library built
+on PyPI's scipy-openblas32 (the wheel's and ``make build``'s BLAS) finds it through its rpath;
+where that fails (the two packages in different site directories), the copy the
+``scipy_openblas32`` package reports is loaded first.
 """
 from __future__ import annotations
 
@@ -77,6 +80,21 @@ class SnapshotInfo(ctypes.Structure):
     ]
 
 
+class BlasInfo(ctypes.Structure):
+    """typedef struct tengrad_blas_info { size_t size; ... } tengrad_blas_info;"""
+
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("library", ctypes.c_char * 16), ("build", ctypes.c_char * 32), ("version", ctypes.c_char * 32),
+        ("core", ctypes.c_char * 32), ("config", ctypes.c_char * 160),
+        ("threads", c_int32), ("core_isa", c_int32), ("cpu_isa", c_int32), ("generic_fallback", c_int32),
+        ("cpu_model", ctypes.c_char * 64), ("cpu_family", c_int32), ("cpu_model_number", c_int32),
+    ]
+
+
+ISA_NAMES = {0: "unknown", 1: "SSE", 2: "AVX", 3: "AVX2", 4: "AVX-512"}  # TENGRAD_ISA_*
+
+
 class TengradError(Exception):
     """Any failure reported by libtengrad: ``status`` is the tengrad_status value, ``message`` the
     handle's explanation (tengrad_last_error) or the static text of the status."""
@@ -127,7 +145,23 @@ def library_path() -> str:
         "or set TENGRAD_LIBRARY to its path")
 
 
-lib = ctypes.CDLL(library_path())
+def _load(path: str) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(path)
+    except OSError as error:
+        if "libscipy_openblas" not in str(error):
+            raise
+        try:
+            import scipy_openblas32
+        except ImportError:
+            raise OSError(f"{path} links scipy-openblas32's BLAS: pip install scipy-openblas32") from error
+        # Loaded once under its SONAME, it satisfies libtengrad's dependency whatever the rpath says.
+        ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(fullname=True)),
+                    mode=ctypes.RTLD_GLOBAL)
+        return ctypes.CDLL(path)
+
+
+lib = _load(library_path())
 
 _handle = c_void_p
 # `float *` arguments take the array's address (numpy's ``.ctypes.data``, an int): half the cost
@@ -163,6 +197,8 @@ tengrad_version_number = _declare("tengrad_version_number", c_int32)
 tengrad_last_error = _declare("tengrad_last_error", c_char_p, _handle)
 # const char *tengrad_status_string(tengrad_status status);
 tengrad_status_string = _declare("tengrad_status_string", c_char_p, c_int32)
+# tengrad_status tengrad_get_blas_info(tengrad_blas_info *info);
+tengrad_get_blas_info = _declare("tengrad_get_blas_info", c_int32, POINTER(BlasInfo))
 # tengrad_status tengrad_create(tengrad_preconditioner **out);
 tengrad_create = _declare("tengrad_create", c_int32, POINTER(c_void_p))
 # void tengrad_destroy(tengrad_preconditioner *p);
