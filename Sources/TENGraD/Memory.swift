@@ -36,7 +36,7 @@ final class Storage<Element: BitwiseCopyable> {
     init(count: Int, budget: MemoryBudget, what: @autoclosure () -> String) throws(TENGraDError) {
         let bytes = try checkedProduct(max(count, 1), MemoryLayout<Element>.stride, what: what())
         try budget.reserve(bytes, for: what())
-        guard let raw = malloc(bytes) else {
+        guard let raw = Storage.allocate(bytes) else {
             budget.release(bytes)
             throw TENGraDError(.outOfMemory, "\(what()): malloc of \(bytes) bytes failed")
         }
@@ -52,6 +52,25 @@ final class Storage<Element: BitwiseCopyable> {
     }
 
     var buffer: UnsafeMutableBufferPointer<Element> { UnsafeMutableBufferPointer(start: base, count: count) }
+
+    /// Blocks this large (a per-sample snapshot's U is tens to hundreds of MiB, allocated anew at
+    /// every refresh) are 2 MiB-aligned and, on Linux, advised to use transparent huge pages:
+    /// first touch then faults once per 2 MiB instead of once per 4 KiB page (measured: the faults
+    /// of a new 302 MB U took ~15 % of a 256→256 convolution's refresh). Freed with `free` as
+    /// every other block.
+    static var hugePageThreshold: Int { 16 << 20 }
+
+    private static func allocate(_ bytes: Int) -> UnsafeMutableRawPointer? {
+        guard bytes >= hugePageThreshold else { return malloc(bytes) }
+        let huge = 2 << 20
+        var raw: UnsafeMutableRawPointer?
+        let rounded = (bytes + huge - 1) / huge * huge
+        guard posix_memalign(&raw, huge, rounded) == 0, let raw else { return nil }
+        #if os(Linux)
+        _ = madvise(raw, rounded, 14)  // MADV_HUGEPAGE; advice only: failure changes nothing
+        #endif
+        return raw
+    }
 }
 
 /// Scratch space shared by all layers of one preconditioner (a handle is used by one thread at a

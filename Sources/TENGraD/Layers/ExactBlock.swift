@@ -226,19 +226,32 @@ final class ExactBlock {
             flops += k.formGradients(m: m, a: a, g: g, start: i0, count: c, into: u.base, work: work)
             i0 += c
         }
-        let scan = ArrayScan(u.base, count: count)
-        guard scan.finite else {
-            throw TENGraDError(.numerical, "the per-sample gradients overflow float32 (inputs too large)")
-        }
+        // The bound on |U| entries (and their finiteness): with the Gram taken from U itself, its
+        // diagonal K_ii = s²‖u_i‖² ≥ s² max_j u_ij² is finite exactly when row i is finite (NaN and
+        // Inf propagate through the syrk; entries above √FLT_MAX overflow it), and finishSystem
+        // refuses a Gram that is not. That saves a pass over U (hundreds of MB for large
+        // convolutions). The factored Gram does not read U: scan it.
+        var entryBound: Double?
         if strategy == .factored {
+            let scan = ArrayScan(u.base, count: count)
+            guard scan.finite else {
+                throw TENGraDError(.numerical, "the per-sample gradients overflow float32 (inputs too large)")
+            }
+            entryBound = Double(s) * Double(scan.maxAbs)
             flops += k.factoredGram(m: m, a: a, g: g, into: gram.base, chunk: factoredChunk, work: work)
         } else {
             flops += k.accumulateGram(m: m, u: u.base, width: k.dims.parameters, ldu: k.dims.parameters, into: gram.base, scratch: work)
         }
         let system = try finishSystem(gram, m: m, scale: s, context: context)
         flops += system.factorFlops
+        if entryBound == nil {
+            // max_ij |s·u_ij| ≤ max_i √K_ii; the float32 sum of d squares may round low by up to d·2⁻²⁴ relative.
+            var largest = 0.0
+            for i in 0..<m { largest = max(largest, system.gram.base[i * m + i]) }
+            entryBound = (largest * (1 + Double(k.dims.parameters) * 0x1p-24)).squareRoot()
+        }
         let snap = Snapshot(
-            m: m, tokens: k.geometry.tokens, scale: s, data: .perSample(u), entryBound: Double(s) * Double(scan.maxAbs), system: system)
+            m: m, tokens: k.geometry.tokens, scale: s, data: .perSample(u), entryBound: entryBound ?? .infinity, system: system)
         return Prepared(
             snapshot: snap, flops: flops, strategy: strategy, factoredEstimate: estimates.factored,
             explicitEstimate: estimates.explicit, workspaceU: nil)
@@ -438,17 +451,20 @@ final class ExactBlock {
         guard sumAbsX.isFinite, bound <= safeMagnitude else {
             throw TENGraDError(.numerical, "the preconditioned update would overflow float32 (bound \(bound))")
         }
-        // update = (1/λ) v − (1/λ) U x, accumulated onto v (copied unless in place) with β = 1/λ.
-        if UnsafePointer(weightUpdate) != weightGrad { weightUpdate.update(from: weightGrad, count: dims.weightCount) }
-        if let biasUpdate, let biasGrad, UnsafePointer(biasUpdate) != biasGrad { biasUpdate.update(from: biasGrad, count: dims.biasCount) }
+        // update = (1/λ) v − (1/λ) U x: (1/λ) v written first (one pass, in place or not, so both
+        // give the same bits), then U x accumulated with β = 1 (no separate β pass over the update).
+        let inverse = Float(1 / λ)
+        Reduce.scaledCopy(weightGrad, inverse, into: weightUpdate, dims.weightCount)
+        if let biasUpdate, let biasGrad { Reduce.scaledCopy(biasGrad, inverse, into: biasUpdate, dims.biasCount) }
+        let beta: Float = 1
         switch source {
         case let .kept(u, scratch):
             flops += k.applyKept(
-                m: m, u: u, scale: s, x: x, alpha: -1 / λ, beta: Float(1 / λ), weight: weightUpdate, bias: biasUpdate,
+                m: m, u: u, scale: s, x: x, alpha: -1 / λ, beta: beta, weight: weightUpdate, bias: biasUpdate,
                 xf: scratch + m)
         case let .raw(a, g, chunk, work):
             flops += k.apply(
-                m: m, a: a, g: g, scale: s, x: x, alpha: -1 / λ, beta: Float(1 / λ), weight: weightUpdate, bias: biasUpdate,
+                m: m, a: a, g: g, scale: s, x: x, alpha: -1 / λ, beta: beta, weight: weightUpdate, bias: biasUpdate,
                 chunk: chunk, work: work, kept: keptPatches)
         }
         if system !== snap.system { replaceSnapshot(snap.with(system: system)) }
