@@ -63,7 +63,7 @@ FUZZ_SWIFT   := -Xswiftc -sanitize=address -Xswiftc -sanitize-coverage=edge,inli
 # Swift's own crash backtracer would mask the sanitizer's report.
 export SWIFT_BACKTRACE := enable=no
 
-.PHONY: test-blas-system install test-install test-wheel test-swiftpm demo-c demo-vit demo-distributed demo-mpi test-mpi help setup build test test-swift test-c test-python test-example test-asan fuzz fuzz-smoke fuzz-build demo bench clean
+.PHONY: test-blas-system print-blas-flags install test-install test-wheel test-swiftpm demo-c demo-vit demo-distributed demo-mpi test-mpi help setup build test test-swift test-c test-python test-example test-asan fuzz fuzz-smoke fuzz-build demo bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -122,6 +122,9 @@ demo-mpi: $(BUILD)/mlp_mpi $(DATA)/.done ## The C trainer data-parallel on 2 MPI
 	$(MPIRUN) -np 2 $(BUILD)/mlp_mpi --data $(DATA) --epochs 3 --verify 3
 
 test: test-swift test-c test-python test-example test-mpi test-install test-asan fuzz-smoke test-blas-system ## Run every test suite (what CI runs)
+
+print-blas-flags: setup ## The swift build -X flags that link scipy-openblas32 (for a SwiftPM consumer; see README)
+	@echo $(if $(filter scipy-openblas,$(BLAS)),-Xcc -I$(SCIPY_OPENBLAS_DIR)/include -Xlinker -L$(SCIPY_OPENBLAS_DIR)/lib $(SWIFT_BLAS_RPATH))
 
 # The numerics must not depend on the BLAS: the oracle suites again on the other build.
 NUMPY_TESTS  := tests/test_linear.py tests/test_conv.py tests/test_sequence.py tests/test_state.py tests/test_errors.py \
@@ -232,11 +235,16 @@ test-wheel: setup ## pip install the package into a fresh venv; import it from e
 	rm -rf $$tmp; echo "wheel test passed"
 
 test-swiftpm: setup ## A package outside the checkout depends on it by path, imports TENGraD, builds and runs
-	@set -e; tmp=$$(mktemp -d); cp -r Tests/install/swiftpm/Sources $$tmp/; \
-	sed -e 's|@REPO@|$(CURDIR)|' -e "s|@IDENTITY@|$$(basename $(CURDIR) | tr A-Z a-z)|" \
-	  Tests/install/swiftpm/Package.swift.in > $$tmp/Package.swift; \
-	swift build --package-path $$tmp -c release 2>&1 | tail -1; \
-	$$tmp/.build/release/Consumer; rm -rf $$tmp
+	@# Default traits (the system OpenBLAS), then the ScipyOpenBLAS trait with print-blas-flags' flags.
+	@set -e; for blas in system scipy-openblas32; do \
+	  tmp=$$(mktemp -d); cp -r Tests/install/swiftpm/Sources $$tmp/; \
+	  if [ $$blas = system ]; then traits=""; flags=""; \
+	  else traits=', traits: ["ScipyOpenBLAS"]'; flags="$$($(MAKE) -s --no-print-directory BLAS=scipy-openblas print-blas-flags)"; fi; \
+	  sed -e 's|@REPO@|$(CURDIR)|' -e "s|@IDENTITY@|$$(basename $(CURDIR) | tr A-Z a-z)|" -e "s|@TRAITS@|$$traits|" \
+	    Tests/install/swiftpm/Package.swift.in > $$tmp/Package.swift; \
+	  swift build --package-path $$tmp -c release $$flags 2>&1 | tail -1; \
+	  $$tmp/.build/release/Consumer | tee $$tmp/out; grep -q "BLAS build $$blas," $$tmp/out; rm -rf $$tmp; \
+	done
 
 test-asan: setup ## Swift and C tests under AddressSanitizer (+ UBSan and LeakSanitizer for C)
 	swift build --sanitize=address --scratch-path .build-asan --product tengrad $(SWIFT_BLAS) $(SWIFT_BLAS_RPATH)

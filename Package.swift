@@ -11,7 +11,7 @@
 //                             liblapacke-dev)
 //   ScipyOpenBLAS             PyPI's scipy-openblas32 (a current OpenBLAS, symbols prefixed
 //                             scipy_); its include and lib directories come on the command line:
-//                             `make build` does this by default (`make print-swift-flags` shows them)
+//                             `make build` does this by default; `make -s print-blas-flags` prints them
 import PackageDescription
 
 let package = Package(

@@ -71,6 +71,7 @@ def main():
     damping = 0.1
     rng = np.random.default_rng(0)
     threads = os.environ.get("OPENBLAS_NUM_THREADS", "default")
+    print(f"CPU and our BLAS: {tengrad.blas_summary()}")
     print(f"numpy {np.__version__}; libtengrad {tengrad.version()}; λ = {damping}; bias on; "
           f"OPENBLAS_NUM_THREADS={threads}")
     print(f"{'m':>5} {'n':>6} {'tengrad s':>11} {'numpy s':>11} {'kfac s':>11} {'numpy/ours':>11} {'kfac/ours':>10}")

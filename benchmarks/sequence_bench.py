@@ -73,6 +73,7 @@ def main():
     rng = np.random.default_rng(0)
     widths = (256,) if args.quick else (256, 1024)
     lengths = (16, 64) if args.quick else (16, 64, 256)
+    print(f"CPU and our BLAS: {tengrad.blas_summary()}")
     print(f"{'m':>4}{'T':>5}{'in→out':>12}{'picks':>20}{'curv s':>9}{'reuse s':>9}{'factored s':>12}"
           f"{'explicit s':>12}{'KFAC curv s':>13}{'KFAC step s':>13}{'ours÷KFAC curv':>16}")
     for d in widths:

@@ -28,6 +28,14 @@ static inline void cblas_sgemm(enum CBLAS_ORDER order, enum CBLAS_TRANSPOSE ta, 
                                const float *b, blasint ldb, float beta, float *c, blasint ldc) {
     scipy_cblas_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
+static inline void cblas_sgemm_batch_strided(enum CBLAS_ORDER order, enum CBLAS_TRANSPOSE ta,
+                                             enum CBLAS_TRANSPOSE tb, blasint m, blasint n, blasint k, float alpha,
+                                             const float *a, blasint lda, blasint stridea, const float *b,
+                                             blasint ldb, blasint strideb, float beta, float *c, blasint ldc,
+                                             blasint stridec, blasint count) {
+    scipy_cblas_sgemm_batch_strided(order, ta, tb, m, n, k, alpha, a, lda, stridea, b, ldb, strideb, beta, c, ldc,
+                                    stridec, count);
+}
 static inline void cblas_ssyrk(enum CBLAS_ORDER order, enum CBLAS_UPLO uplo, enum CBLAS_TRANSPOSE t,
                                blasint n, blasint k, float alpha, const float *a, blasint lda, float beta,
                                float *c, blasint ldc) {

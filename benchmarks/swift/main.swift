@@ -53,6 +53,10 @@ let batches = quick ? [32, 128] : [32, 128, 512]
 let widths = quick ? [256, 1024] : [256, 1024, 4096]
 let threads = getenv("OPENBLAS_NUM_THREADS").map { String(cString: $0) } ?? "default"
 
+let blas = BLASInfo.current
+print("CPU: \(blas.cpuModel) (family \(blas.cpuFamily) model \(blas.cpuModelNumber), \(blas.cpuISA.name)); "
+      + "BLAS: \(blas.library) \(blas.version) (\(blas.build)), core \(blas.core) (\(blas.coreISA.name)"
+      + (blas.isGenericFallback ? ", GENERIC FALLBACK" : "") + "), \(blas.threads) thread(s)\n")
 if runLinear {
 print("TENGraD linear-layer benchmark (OPENBLAS_NUM_THREADS=\(threads)); bias on; λ = 0.1")
 print("GFLOP/s count the docs/DESIGN.md §2 algorithm: Grams m(m+1)(in+out), Cholesky m³/3, GEMMs 2·m·in·out each")

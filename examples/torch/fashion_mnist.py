@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bindings", "python"))
+import tengrad  # noqa: E402
 import tengrad.torch as tt  # noqa: E402
 
 try:
@@ -299,6 +300,7 @@ def main():
     print(f"Fashion-MNIST {len(x_train)}/{len(x_test)}; ConvNet width {args.width}, batch {args.batch}; "
           f"{'%d epochs' % args.epochs if args.epochs else '%.0f s of training' % args.budget} per optimizer; "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print(f"CPU and TENGraD's BLAS: {tengrad.blas_summary()}")
     seeds = list(range(args.seed, args.seed + args.seeds))
     runs = {n: [train(n, args, (x_train, y_train, x_test, y_test), seed) for seed in seeds] for n in names}
     report(runs, args)

@@ -22,6 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fashion_mnist as fm  # noqa: E402  (sets GOMP_SPINCOUNT before torch loads)
+import tengrad  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -89,6 +90,7 @@ def main():
           f"{args.heads} heads, 4×4 patches (49 tokens), batch {args.batch}; "
           f"{'%d epochs' % args.epochs if args.epochs else '%.0f s of training' % args.budget} per optimizer; "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print(f"CPU and TENGraD's BLAS: {tengrad.blas_summary()}")
     make = lambda: ViT(args.width, args.depth, args.heads)  # noqa: E731
     seeds = list(range(args.seed, args.seed + args.seeds))
     runs = {n: [fm.train(n, args, data, seed, make_model=make) for seed in seeds] for n in names}

@@ -175,12 +175,19 @@ struct BlockKernel {
     ) -> Double {
         let L = dims.positions, P = dims.patch
         let patches = geometry.patches(a, start: start, count: count, group: group, scratch: patchBuf)
+        // One product per sample, G_i Ĩ_iᵀ, as one batched call: the samples' gradient views are
+        // outputSize apart in the caller's array, their patch views L positions apart.
+        let g0 = gradients(g, start: start, count: 1, group: group, scratch: patchBuf).from(feature: o0)
+        let p0 = patches.from(position: 0)
+        BLAS.sgemmBatch(
+            transA: g0.positionMajor, transB: !p0.positionMajor, m: n, n: P, k: L,
+            a: g0.base, lda: g0.ld, strideA: dims.outputSize,
+            b: p0.base, ldb: p0.ld, strideB: patches.from(position: L).base - p0.base,
+            c: u + start * ldu + weightColumn, ldc: P, strideC: ldu, count: count)
         for li in 0..<count {
             let i = start + li
             let gi = gradients(g, start: i, count: 1, group: group, scratch: patchBuf).from(feature: o0)
             let row = u + i * ldu
-            productOverPositions(
-                gi, patches.from(position: li * L), rows: n, cols: P, count: L, beta: 0, into: row + weightColumn, ldc: P)
             if dims.hasBias {
                 for o in 0..<n {
                     row[biasColumn + o] = gi.positionMajor

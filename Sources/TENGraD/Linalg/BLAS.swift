@@ -53,6 +53,29 @@ enum BLAS {
             i(m), i(n), i(k), alpha, a, i(lda), b, i(ldb), beta, c, i(ldc))
     }
 
+    /// C_b = op(A_b) · op(B_b) for b < count, row-major, with A_b = a + b·strideA and so on (β = 0).
+    /// Many small products (one per sample): OpenBLAS ≥ 0.3.28's sgemm_batch_strided spreads the
+    /// batch over its threads (measured on 32×784·784×288 per sample, 128 samples: 96 vs 80 GFLOP/s
+    /// as a loop of sgemm calls, and 94 vs 24 for 32×784·784×9); older OpenBLAS builds loop.
+    static func sgemmBatch(
+        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+        a: UnsafePointer<Float>, lda: Int, strideA: Int, b: UnsafePointer<Float>, ldb: Int, strideB: Int,
+        c: UnsafeMutablePointer<Float>, ldc: Int, strideC: Int, count: Int
+    ) {
+        #if ScipyOpenBLAS
+        if count > 1, let sa = Int32(exactly: strideA), let sb = Int32(exactly: strideB), let sc = Int32(exactly: strideC) {
+            cblas_sgemm_batch_strided(
+                CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
+                i(m), i(n), i(k), 1, a, i(lda), sa, b, i(ldb), sb, 0, c, i(ldc), sc, i(count))
+            return
+        }
+        #endif
+        for j in 0..<count {
+            sgemm(transA: transA, transB: transB, m: m, n: n, k: k, alpha: 1, a: a + j * strideA, lda: lda,
+                  b: b + j * strideB, ldb: ldb, beta: 0, c: c + j * strideC, ldc: ldc)
+        }
+    }
+
     /// Lower triangle of C[n×n] = A · Aᵀ for row-major A[n×k] (`trans`: Aᵀ · A for A[k×n]).
     static func syrkLower(
         trans: Bool, n: Int, k: Int, a: UnsafePointer<Float>, lda: Int, c: UnsafeMutablePointer<Float>, ldc: Int

@@ -13,7 +13,8 @@ do {
         print("natural gradient \(w[0]), want \(want)")
         exit(1)
     }
-    print("SwiftPM consumer: natural gradient \(w[0]) (want \(want))")
+    let blas = BLASInfo.current
+    print("SwiftPM consumer: natural gradient \(w[0]) (want \(want)); BLAS build \(blas.build), core \(blas.core)")
 } catch {
     print("failed: \(error)")
     exit(1)
