@@ -41,22 +41,30 @@ def blas_summary(info: dict | None = None) -> str:
             f"{i['threads']} thread(s)")
 
 
+def generic_warning(info: dict, user_coretype: str | None) -> str | None:
+    """The warning text when ``info`` (a ``blas_info()``) describes kernels below AVX2 on a CPU with
+    AVX2 or AVX-512 and the user has not chosen the kernels (``user_coretype``: the value of
+    OPENBLAS_CORETYPE, or None); else None."""
+    if user_coretype or not info["generic_fallback"]:
+        return None
+    suggestion = "SkylakeX" if info["cpu_isa"] == "AVX-512" else "Haswell"
+    return (f"libtengrad's BLAS ({info['library']} {info['version']}, {info['build']} build) does not know this "
+            f"{info['cpu_isa']} CPU ({info['cpu_model'] or 'unknown model'}) and runs its generic {info['core']} "
+            f"kernels: matrix products run several times slower. Use the build on PyPI's scipy-openblas32 "
+            f"(`pip install ./bindings/python`, or `make build` with the default BLAS=scipy-openblas), or start the "
+            f"process with OPENBLAS_CORETYPE={suggestion} set.")
+
+
 def warn_if_generic(stacklevel: int = 2) -> bool:
-    """Warns once per process (``warnings.warn``, RuntimeWarning) when the BLAS runs kernels below
-    AVX2 on a CPU that has AVX2 or AVX-512, unless the user chose the kernels with
-    OPENBLAS_CORETYPE. Returns whether it warned now."""
+    """Warns once per process (``warnings.warn``, RuntimeWarning) with ``generic_warning``'s text,
+    read against this process's OPENBLAS_CORETYPE (never set or changed here). Returns whether it
+    warned now."""
     global _warned
-    if _warned or os.environ.get("OPENBLAS_CORETYPE"):
+    if _warned:
         return False
-    info = blas_info()
-    if not info["generic_fallback"]:
+    text = generic_warning(blas_info(), os.environ.get("OPENBLAS_CORETYPE"))
+    if text is None:
         return False
     _warned = True
-    suggestion = "SkylakeX" if info["cpu_isa"] == "AVX-512" else "Haswell"
-    warnings.warn(
-        f"libtengrad's BLAS ({info['library']} {info['version']}, {info['build']} build) does not know this "
-        f"{info['cpu_isa']} CPU ({info['cpu_model'] or 'unknown model'}) and runs its generic {info['core']} "
-        f"kernels: matrix products run several times slower. Use the build on PyPI's scipy-openblas32 "
-        f"(`pip install ./bindings/python`, or `make build` with the default BLAS=scipy-openblas), or start the "
-        f"process with OPENBLAS_CORETYPE={suggestion} set.", RuntimeWarning, stacklevel=stacklevel)
+    warnings.warn(text, RuntimeWarning, stacklevel=stacklevel)
     return True

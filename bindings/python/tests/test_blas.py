@@ -1,4 +1,5 @@
 """tengrad.blas_info / blas_summary and the one-time generic-fallback warning (docs/DESIGN.md §14)."""
+import re
 import warnings
 
 import pytest
@@ -22,28 +23,33 @@ def test_blas_info_fields():
     assert info["core"] in line and info["version"] in line and info["build"] in line
 
 
-def _fake(monkeypatch, fallback):
-    info = dict(tengrad.blas_info(), core="Prescott", core_isa="SSE", cpu_isa="AVX-512", generic_fallback=fallback)
-    monkeypatch.setattr(blas, "blas_info", lambda: info)
+def _info(fallback):
+    return dict(tengrad.blas_info(), core="Prescott", core_isa="SSE", cpu_isa="AVX-512", generic_fallback=fallback)
+
+
+def test_warning_text_on_generic_fallback():
+    text = blas.generic_warning(_info(True), None)
+    assert text is not None
+    assert re.search("Prescott.*scipy-openblas32.*OPENBLAS_CORETYPE=SkylakeX", text)
+    assert "OPENBLAS_CORETYPE=Haswell" in blas.generic_warning(dict(_info(True), cpu_isa="AVX2"), None)
+
+
+def test_no_warning_when_kernels_fit_or_user_chose():
+    assert blas.generic_warning(_info(False), None) is None
+    assert blas.generic_warning(_info(True), "Prescott") is None  # the user's choice is respected
+
+
+def test_warns_once(monkeypatch):
+    # The environment is not touched: the decision is replaced, the once-per-process logic tested.
+    monkeypatch.setattr(blas, "generic_warning", lambda info, coretype: "generic kernels")
     monkeypatch.setattr(blas, "_warned", False)
-
-
-def test_warns_once_on_generic_fallback(monkeypatch):
-    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
-    _fake(monkeypatch, True)
-    with pytest.warns(RuntimeWarning, match="Prescott.*scipy-openblas32.*OPENBLAS_CORETYPE=SkylakeX"):
+    with pytest.warns(RuntimeWarning, match="generic kernels"):
         assert blas.warn_if_generic()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not blas.warn_if_generic()  # once per process
-
-
-def test_no_warning_when_kernels_fit_or_user_chose(monkeypatch):
+    monkeypatch.setattr(blas, "generic_warning", lambda info, coretype: None)
+    monkeypatch.setattr(blas, "_warned", False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
-        _fake(monkeypatch, False)
-        assert not blas.warn_if_generic()
-        _fake(monkeypatch, True)
-        monkeypatch.setenv("OPENBLAS_CORETYPE", "Prescott")  # the user's choice is respected
         assert not blas.warn_if_generic()
