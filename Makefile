@@ -16,8 +16,8 @@ SCRATCH      := .build
 INSTALL_BUILD := .build-install
 # Evaluated when used (after `setup` installed the package), not when the Makefile is read.
 SCIPY_OPENBLAS_DIR = $(shell $(PYTHON) -c 'import os, scipy_openblas32 as s; print(os.path.dirname(s.__file__))')
-SWIFT_BLAS   = --disable-default-traits --traits ScipyOpenBLAS -Xcc -I$(SCIPY_OPENBLAS_DIR)/include \
-               -Xlinker -L$(SCIPY_OPENBLAS_DIR)/lib
+SWIFT_BLAS_PATHS = -Xcc -I$(SCIPY_OPENBLAS_DIR)/include -Xlinker -L$(SCIPY_OPENBLAS_DIR)/lib
+SWIFT_BLAS   = --disable-default-traits --traits ScipyOpenBLAS $(SWIFT_BLAS_PATHS)
 SWIFT_BLAS_RPATH = -Xlinker -rpath -Xlinker $(SCIPY_OPENBLAS_DIR)/lib
 # The installed library finds it beside itself (make install copies it to lib/tengrad/) or, in
 # the Python wheel, in the scipy_openblas32 package next to the tengrad package.
@@ -26,6 +26,7 @@ PC_LIBS_PRIVATE := -lm
 else ifeq ($(BLAS),system)
 SCRATCH      := .build-system
 INSTALL_BUILD := .build-install-system
+SWIFT_BLAS_PATHS :=
 SWIFT_BLAS   :=
 SWIFT_BLAS_RPATH :=
 INSTALL_RPATH :=
@@ -81,7 +82,7 @@ setup: ## Install the apt and pip packages a fresh machine lacks (no-op when pre
 build: setup ## Build libtengrad.so and the Swift products (release)
 	@# SwiftPM does not track the header behind the CTENGraDHeader module map: after a header
 	@# change, make it recompile the thunks (which use the header's types and version macros).
-	@if [ -f $(LIB) ] && [ include/tengrad.h -nt $(LIB) ]; then touch Sources/CTENGraD/Exports.swift; fi
+	@if [ -f $(LIB) ] && [ include/tengrad.h -nt $(LIB) ]; then touch Sources/CTENGraD/*.swift; fi
 	swift build -c release $(SWIFT_FLAGS)
 
 $(DATA)/.done: | setup
@@ -124,14 +125,13 @@ demo-mpi: $(BUILD)/mlp_mpi $(DATA)/.done ## The C trainer data-parallel on 2 MPI
 test: test-swift test-c test-python test-example test-mpi test-install test-asan fuzz-smoke test-blas-system ## Run every test suite (what CI runs)
 
 print-blas-flags: setup ## The swift build -X flags that link scipy-openblas32 (for a SwiftPM consumer; see README)
-	@echo $(if $(filter scipy-openblas,$(BLAS)),-Xcc -I$(SCIPY_OPENBLAS_DIR)/include -Xlinker -L$(SCIPY_OPENBLAS_DIR)/lib $(SWIFT_BLAS_RPATH))
+	@echo $(SWIFT_BLAS_PATHS) $(SWIFT_BLAS_RPATH)
 
 # The numerics must not depend on the BLAS: the oracle suites again on the other build.
 NUMPY_TESTS  := tests/test_linear.py tests/test_conv.py tests/test_sequence.py tests/test_state.py tests/test_errors.py \
                 tests/test_blas.py
 test-blas-system: ## The Swift, C ABI and numpy oracle suites against the system OpenBLAS build (BLAS=system)
 	$(MAKE) --no-print-directory BLAS=system test-swift test-c
-	$(MAKE) --no-print-directory BLAS=system build
 	cd bindings/python && TENGRAD_LIBRARY=$(abspath .build-system/release/libtengrad.so) \
 	  $(PYTHON) -m pytest -q $(NUMPY_TESTS)
 
@@ -179,7 +179,7 @@ test-mpi: $(BUILD)/mlp_mpi $(DATA)/.done ## MPI trainer: P = 2, 3 equal one proc
 # The installed library: the Swift standard library linked in statically (no Swift runtime
 # needed at run time), only the C ABI exported, SONAME libtengrad.so.MAJOR.
 $(INSTALL_BUILD)/release/libtengrad.so: $(shell find Sources include -type f) install/tengrad.map
-	@if [ -f $@ ] && [ include/tengrad.h -nt $@ ]; then touch Sources/CTENGraD/Exports.swift; fi
+	@if [ -f $@ ] && [ include/tengrad.h -nt $@ ]; then touch Sources/CTENGraD/*.swift; fi
 	swift build -c release --product tengrad --scratch-path $(INSTALL_BUILD) $(SWIFT_BLAS) $(INSTALL_RPATH) -Xswiftc -static-stdlib \
 	  -Xlinker -soname -Xlinker libtengrad.so.$(MAJOR) -Xlinker --version-script -Xlinker $(abspath install/tengrad.map)
 

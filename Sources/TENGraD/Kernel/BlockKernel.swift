@@ -184,11 +184,11 @@ struct BlockKernel {
             a: g0.base, lda: g0.ld, strideA: dims.outputSize,
             b: p0.base, ldb: p0.ld, strideB: patches.from(position: L).base - p0.base,
             c: u + start * ldu + weightColumn, ldc: P, strideC: ldu, count: count)
-        for li in 0..<count {
-            let i = start + li
-            let gi = gradients(g, start: i, count: 1, group: group, scratch: patchBuf).from(feature: o0)
-            let row = u + i * ldu
-            if dims.hasBias {
+        if dims.hasBias {
+            for li in 0..<count {
+                let i = start + li
+                let gi = gradients(g, start: i, count: 1, group: group, scratch: patchBuf).from(feature: o0)
+                let row = u + i * ldu
                 for o in 0..<n {
                     row[biasColumn + o] = gi.positionMajor
                         ? Reduce.stridedSum(gi.base + o, stride: gi.ld, L) : Reduce.sum(gi.base + o * gi.ld, L)

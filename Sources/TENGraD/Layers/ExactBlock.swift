@@ -231,30 +231,34 @@ final class ExactBlock {
         // Inf propagate through the syrk; entries above √FLT_MAX overflow it), and finishSystem
         // refuses a Gram that is not. That saves a pass over U (hundreds of MB for large
         // convolutions). The factored Gram does not read U: scan it.
-        var entryBound: Double?
+        var scannedBound: Double?
         if strategy == .factored {
             let scan = ArrayScan(u.base, count: count)
             guard scan.finite else {
                 throw TENGraDError(.numerical, "the per-sample gradients overflow float32 (inputs too large)")
             }
-            entryBound = Double(s) * Double(scan.maxAbs)
+            scannedBound = Double(s) * Double(scan.maxAbs)
             flops += k.factoredGram(m: m, a: a, g: g, into: gram.base, chunk: factoredChunk, work: work)
         } else {
             flops += k.accumulateGram(m: m, u: u.base, width: k.dims.parameters, ldu: k.dims.parameters, into: gram.base, scratch: work)
         }
         let system = try finishSystem(gram, m: m, scale: s, context: context)
         flops += system.factorFlops
-        if entryBound == nil {
-            // max_ij |s·u_ij| ≤ max_i √K_ii; the float32 sum of d squares may round low by up to d·2⁻²⁴ relative.
-            var largest = 0.0
-            for i in 0..<m { largest = max(largest, system.gram.base[i * m + i]) }
-            entryBound = (largest * (1 + Double(k.dims.parameters) * 0x1p-24)).squareRoot()
-        }
+        let entryBound = scannedBound ?? Self.diagonalBound(system, parameters: k.dims.parameters)
         let snap = Snapshot(
-            m: m, tokens: k.geometry.tokens, scale: s, data: .perSample(u), entryBound: entryBound ?? .infinity, system: system)
+            m: m, tokens: k.geometry.tokens, scale: s, data: .perSample(u), entryBound: entryBound, system: system)
         return Prepared(
             snapshot: snap, flops: flops, strategy: strategy, factoredEstimate: estimates.factored,
             explicitEstimate: estimates.explicit, workspaceU: nil)
+    }
+
+    /// max_ij |s·u_ij| ≤ max_i √K_ii for a Gram taken from U's own float32 syrk, whose sum of d
+    /// squares may round low by up to d·2⁻²⁴ relative.
+    private static func diagonalBound(_ system: DampedSystem, parameters d: Int) -> Double {
+        let m = system.m
+        var largest = 0.0
+        for i in 0..<m { largest = max(largest, system.gram.base[i * m + i]) }
+        return (largest * (1 + Double(d) * 0x1p-24)).squareRoot()
     }
 
     /// Copies the batch into a raw snapshot and installs it. Cannot fail.
@@ -456,15 +460,14 @@ final class ExactBlock {
         let inverse = Float(1 / λ)
         Reduce.scaledCopy(weightGrad, inverse, into: weightUpdate, dims.weightCount)
         if let biasUpdate, let biasGrad { Reduce.scaledCopy(biasGrad, inverse, into: biasUpdate, dims.biasCount) }
-        let beta: Float = 1
         switch source {
         case let .kept(u, scratch):
             flops += k.applyKept(
-                m: m, u: u, scale: s, x: x, alpha: -1 / λ, beta: beta, weight: weightUpdate, bias: biasUpdate,
+                m: m, u: u, scale: s, x: x, alpha: -1 / λ, beta: 1, weight: weightUpdate, bias: biasUpdate,
                 xf: scratch + m)
         case let .raw(a, g, chunk, work):
             flops += k.apply(
-                m: m, a: a, g: g, scale: s, x: x, alpha: -1 / λ, beta: beta, weight: weightUpdate, bias: biasUpdate,
+                m: m, a: a, g: g, scale: s, x: x, alpha: -1 / λ, beta: 1, weight: weightUpdate, bias: biasUpdate,
                 chunk: chunk, work: work, kept: keptPatches)
         }
         if system !== snap.system { replaceSnapshot(snap.with(system: system)) }
