@@ -5,11 +5,11 @@ import TENGraD
 
 @_cdecl("tengrad_get_blas_info")
 public func tengrad_get_blas_info(_ info: UnsafeMutablePointer<tengrad_blas_info>?) -> Int32 {
-    guard let info else { return tengrad_status(TENGRAD_ERROR_INVALID_ARGUMENT) }
+    guard let info else { return statusInvalid }
     let ours = MemoryLayout<tengrad_blas_info>.size
     // The caller's struct may be a later, longer version: read its size without assuming ours.
     let size = UnsafeRawPointer(info).loadUnaligned(as: Int.self)
-    guard size >= ours else { return tengrad_status(TENGRAD_ERROR_INVALID_ARGUMENT) }
+    guard size >= ours else { return statusInvalid }
     let b = BLASInfo.current
     var c = tengrad_blas_info()
     c.size = ours
@@ -26,7 +26,7 @@ public func tengrad_get_blas_info(_ info: UnsafeMutablePointer<tengrad_blas_info
     c.cpu_family = Int32(clamping: b.cpuFamily)
     c.cpu_model_number = Int32(clamping: b.cpuModelNumber)
     UnsafeMutableRawPointer(info).copyMemory(from: &c, byteCount: ours)
-    return tengrad_status(TENGRAD_OK)
+    return statusOK
 }
 
 /// Copies `text` into a fixed C char array (imported as a tuple), truncated to leave a NUL.

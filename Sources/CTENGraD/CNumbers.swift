@@ -1,0 +1,94 @@
+import CTENGraDHeader
+import TENGraD
+
+// C numbers: statuses and setting codes (they live here, not in the core), and the header's
+// structs converted to the core's types.
+
+extension TENGraDError.Code {
+    var status: tengrad_status {
+        switch self {
+        case .invalidArgument: tengrad_status(TENGRAD_ERROR_INVALID_ARGUMENT)
+        case .shape: tengrad_status(TENGRAD_ERROR_SHAPE)
+        case .notFinite: tengrad_status(TENGRAD_ERROR_NOT_FINITE)
+        case .numerical: tengrad_status(TENGRAD_ERROR_NUMERICAL)
+        case .outOfMemory: tengrad_status(TENGRAD_ERROR_OUT_OF_MEMORY)
+        case .state: tengrad_status(TENGRAD_ERROR_STATE)
+        case .corrupt: tengrad_status(TENGRAD_ERROR_CORRUPT)
+        }
+    }
+}
+
+extension ConvStrategy {
+    init?(code: Int32) {
+        switch Int(code) {
+        case Int(TENGRAD_CONV_AUTO): self = .auto
+        case Int(TENGRAD_CONV_FACTORED): self = .factored
+        case Int(TENGRAD_CONV_EXPLICIT): self = .explicit
+        default: return nil
+        }
+    }
+
+    var code: Int32 {
+        switch self {
+        case .auto: Int32(TENGRAD_CONV_AUTO)
+        case .factored: Int32(TENGRAD_CONV_FACTORED)
+        case .explicit: Int32(TENGRAD_CONV_EXPLICIT)
+        }
+    }
+}
+
+extension SnapshotRepresentation {
+    init?(code: Int32) {
+        switch Int(code) {
+        case Int(TENGRAD_SNAPSHOT_AUTO): self = .auto
+        case Int(TENGRAD_SNAPSHOT_RAW): self = .raw
+        case Int(TENGRAD_SNAPSHOT_PER_SAMPLE): self = .perSample
+        default: return nil
+        }
+    }
+
+    var code: Int32 {
+        switch self {
+        case .auto: Int32(TENGRAD_SNAPSHOT_AUTO)
+        case .raw: Int32(TENGRAD_SNAPSHOT_RAW)
+        case .perSample: Int32(TENGRAD_SNAPSHOT_PER_SAMPLE)
+        }
+    }
+}
+
+extension LayerKind {
+    var code: Int32 {
+        switch self {
+        case .linear: Int32(TENGRAD_LAYER_LINEAR)
+        case .conv2d: Int32(TENGRAD_LAYER_CONV2D)
+        }
+    }
+}
+
+// MARK: - Shape conversion (the header's struct ⇄ the core's type; has_bias validated by callers)
+
+extension Conv2dShape {
+    init(_ c: tengrad_conv2d_shape) {
+        self.init(
+            inChannels: Int(c.in_channels), outChannels: Int(c.out_channels),
+            inHeight: Int(c.in_height), inWidth: Int(c.in_width),
+            kernelHeight: Int(c.kernel_height), kernelWidth: Int(c.kernel_width),
+            strideHeight: Int(c.stride_height), strideWidth: Int(c.stride_width),
+            paddingHeight: Int(c.padding_height), paddingWidth: Int(c.padding_width),
+            dilationHeight: Int(c.dilation_height), dilationWidth: Int(c.dilation_width),
+            groups: Int(c.groups), hasBias: c.has_bias == 1)
+    }
+}
+
+extension tengrad_conv2d_shape {
+    init(_ s: Conv2dShape) {
+        self.init(
+            in_channels: Int64(s.inChannels), out_channels: Int64(s.outChannels),
+            in_height: Int64(s.inHeight), in_width: Int64(s.inWidth),
+            kernel_height: Int64(s.kernelHeight), kernel_width: Int64(s.kernelWidth),
+            stride_height: Int64(s.strideHeight), stride_width: Int64(s.strideWidth),
+            padding_height: Int64(s.paddingHeight), padding_width: Int64(s.paddingWidth),
+            dilation_height: Int64(s.dilationHeight), dilation_width: Int64(s.dilationWidth),
+            groups: Int64(s.groups), has_bias: s.hasBias ? 1 : 0)
+    }
+}

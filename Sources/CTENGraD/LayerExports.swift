@@ -1,0 +1,116 @@
+import CTENGraDHeader
+import TENGraD
+
+// Thunks: registering layers, their settings and shapes.
+
+// MARK: - Layers
+
+@_cdecl("tengrad_add_linear")
+public func tengrad_add_linear(
+    _ p: OpaquePointer?, _ inFeatures: Int64, _ outFeatures: Int64, _ hasBias: Int32,
+    _ outLayer: UnsafeMutablePointer<Int32>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let out = try required(outLayer, "out_layer")
+        guard hasBias == 0 || hasBias == 1 else {
+            throw TENGraDError(.invalidArgument, "has_bias must be 0 or 1, got \(hasBias)")
+        }
+        let id = try h.core.addLinear(inFeatures: Int(inFeatures), outFeatures: Int(outFeatures), bias: hasBias == 1)
+        out.pointee = Int32(truncatingIfNeeded: id)
+    }
+}
+
+@_cdecl("tengrad_add_conv2d")
+public func tengrad_add_conv2d(
+    _ p: OpaquePointer?, _ shape: UnsafePointer<tengrad_conv2d_shape>?, _ outLayer: UnsafeMutablePointer<Int32>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let s = try required(shape, "shape").pointee
+        let out = try required(outLayer, "out_layer")
+        guard s.has_bias == 0 || s.has_bias == 1 else {
+            throw TENGraDError(.invalidArgument, "has_bias must be 0 or 1, got \(s.has_bias)")
+        }
+        let id = try h.core.addConv2d(Conv2dShape(s))
+        out.pointee = Int32(truncatingIfNeeded: id)
+    }
+}
+
+@_cdecl("tengrad_set_conv_strategy")
+public func tengrad_set_conv_strategy(_ p: OpaquePointer?, _ layer: Int32, _ strategy: Int32) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        guard let s = ConvStrategy(code: strategy) else {
+            throw TENGraDError(.invalidArgument, "strategy must be TENGRAD_CONV_AUTO, _FACTORED or _EXPLICIT, got \(strategy)")
+        }
+        try h.core.setConvStrategy(layer: Int(layer), s)
+    }
+}
+
+@_cdecl("tengrad_set_snapshot_representation")
+public func tengrad_set_snapshot_representation(_ p: OpaquePointer?, _ layer: Int32, _ representation: Int32) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        guard let r = SnapshotRepresentation(code: representation) else {
+            throw TENGraDError(
+                .invalidArgument,
+                "representation must be TENGRAD_SNAPSHOT_AUTO, _RAW or _PER_SAMPLE, got \(representation)")
+        }
+        try h.core.setSnapshotRepresentation(layer: Int(layer), r)
+    }
+}
+
+@_cdecl("tengrad_set_token_mode")
+public func tengrad_set_token_mode(_ p: OpaquePointer?, _ layer: Int32, _ mode: Int32) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let m: TokenMode
+        switch Int(mode) {
+        case Int(TENGRAD_TOKENS_PER_SEQUENCE): m = .perSequence
+        case Int(TENGRAD_TOKENS_PER_TOKEN): m = .perToken
+        default: throw TENGraDError(.invalidArgument, "mode must be TENGRAD_TOKENS_PER_SEQUENCE or _PER_TOKEN, got \(mode)")
+        }
+        try h.core.setTokenMode(layer: Int(layer), m)
+    }
+}
+
+@_cdecl("tengrad_get_token_mode")
+public func tengrad_get_token_mode(_ p: OpaquePointer?, _ layer: Int32, _ out: UnsafeMutablePointer<Int32>?) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let o = try required(out, "out")
+        o.pointee = Int32(try h.core.tokenMode(layer: Int(layer)) == .perToken ? TENGRAD_TOKENS_PER_TOKEN : TENGRAD_TOKENS_PER_SEQUENCE)
+    }
+}
+
+@_cdecl("tengrad_layer_count")
+public func tengrad_layer_count(_ p: OpaquePointer?, _ out: UnsafeMutablePointer<Int32>?) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        try required(out, "out").pointee = Int32(truncatingIfNeeded: h.core.layerCount)
+    }
+}
+
+@_cdecl("tengrad_get_linear_shape")
+public func tengrad_get_linear_shape(
+    _ p: OpaquePointer?, _ layer: Int32, _ inFeatures: UnsafeMutablePointer<Int64>?,
+    _ outFeatures: UnsafeMutablePointer<Int64>?, _ hasBias: UnsafeMutablePointer<Int32>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let i = try required(inFeatures, "in_features"), o = try required(outFeatures, "out_features")
+        let b = try required(hasBias, "has_bias")
+        guard case let .linear(inF, outF, bias) = try h.core.layerDescription(layer: Int(layer)) else {
+            throw TENGraDError(.invalidArgument, "layer \(layer) is not a linear layer")
+        }
+        i.pointee = Int64(inF)
+        o.pointee = Int64(outF)
+        b.pointee = bias ? 1 : 0
+    }
+}
+
+@_cdecl("tengrad_get_conv2d_shape")
+public func tengrad_get_conv2d_shape(
+    _ p: OpaquePointer?, _ layer: Int32, _ out: UnsafeMutablePointer<tengrad_conv2d_shape>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let o = try required(out, "out")
+        guard case let .conv2d(s) = try h.core.layerDescription(layer: Int(layer)) else {
+            throw TENGraDError(.invalidArgument, "layer \(layer) is not a conv2d layer")
+        }
+        o.pointee = tengrad_conv2d_shape(s)
+    }
+}

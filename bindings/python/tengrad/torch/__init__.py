@@ -1,0 +1,307 @@
+"""TENGraD for PyTorch: exact natural-gradient preconditioning of ``nn.Linear`` and ``nn.Conv2d``.
+
+    import tengrad.torch as tt
+
+    precond = tt.TENGraD(model, damping=0.1, fisher="sampled", update_freq=1, kl_clip=1e-3, lr=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for x, y in loader:
+        optimizer.zero_grad()
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        precond.sample_fisher(logits)     # only for fisher="sampled": curvature backward, .grad untouched
+        loss.backward()
+        precond.step()                    # rewrites each layer's .grad with (F + λI)⁻¹ .grad, in place
+        optimizer.step()                  # momentum, weight decay ... as usual
+
+How it works. A forward-pre hook keeps each layer's input and a forward hook puts a tensor hook
+on its output, which keeps the gradient of the loss with respect to that output; both hand CPU
+float32 tensors to libtengrad without copies (through numpy views). Tensor hooks on the output are
+used rather than ``register_full_backward_hook`` because the latter fails when an in-place op
+(``nn.ReLU(inplace=True)``) follows the layer, which is common.
+
+Fisher types:
+
+* ``"empirical"`` — curvature from the real loss's output gradients. With ``update_freq=1`` each
+  layer takes the one-call path (``natural_gradient``): the update of the batch's mean gradient,
+  which is ``.grad`` for a standard loss; set ``fast_path=False`` to precondition ``.grad`` as it
+  is instead (e.g. when the loss has extra terms that reach these layers).
+* ``"sampled"`` — the true Fisher of the paper: ``sample_fisher(logits)`` draws labels from the
+  model's softmax and backpropagates their (sum-reduced) cross-entropy with ``torch.autograd.grad``
+  — hooks capture the output gradients, ``.grad`` stays untouched — and ``step()`` preconditions
+  ``.grad`` with that curvature (reuse path).
+
+``update_freq`` T refreshes the curvature every T steps and reuses the snapshot in between.
+
+Ordinary PyTorch habits work:
+
+* every forward in train mode with gradients on starts a new capture: a forward that gets no
+  backward (a skipped batch, a validation forward in train mode) is simply replaced;
+* gradient accumulation (k forward/backward passes before ``step()``): a refresh uses the union
+  of the micro-batches; with ``loss_reduction="mean"`` the standard recipe is assumed (each
+  micro-batch's mean loss divided by k, so ``.grad`` is the mean over the union and s = the union's
+  size); otherwise pass the per-sample scale as a number. ``.grad`` is preconditioned as it is;
+* activation checkpointing (``use_reentrant=False``): the recomputation is not a new forward;
+* ``torch.compile(model)``: the hooks run eagerly (``torch.compiler.disable``);
+* ``channels_last`` models and frozen biases (a weight-only block) are handled;
+* ``step()`` is atomic: all updates are computed before any ``.grad`` is written; when it raises,
+  every ``.grad`` is as it was and the captures are kept, so a retry after fixing the cause is a
+  clean step. KL clipping counts only the layers updated in this step; ``lr = 0`` means ν = 1.
+
+Refused with an error naming the layer and the way out (usually ``skip=[name]``): a layer run
+twice in one forward, a parameter shared by two hooked layers (tied weights), non-zero padding
+modes, ``padding='same'`` with an even kernel span, inputs that are not float32 on the CPU.
+``kl_clip`` scales all updates of a step by ``ν = min(1, sqrt(kl_clip / (lr² Σ⟨update, grad⟩)))``.
+``loss_reduction`` ("mean" or "sum", or a number) gives the per-sample scale of the real loss's
+output gradients (``grad_scale``): mean-reduced losses hand out 1/m of each sample's gradient.
+
+Layout: this module holds the ``TENGraD`` façade (construction, settings, ``step``); the rest is
+in rooms mixed into it: ``modules`` (the supported module types), ``capture`` (hooks, masks,
+registration), ``fisher`` (sampled labels), ``batch`` (a step's arrays, accumulation, padding),
+``assignment`` and ``distributed`` (data parallel), ``state`` (checkpoints).
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..core import Preconditioner
+from . import modules
+from .batch import Batches
+from .capture import Capturing, _Layer
+from .distributed import DataParallel
+from .fisher import SampledFisher
+from .modules import ModuleAdapter
+from .state import Checkpoints
+
+__all__ = ["TENGraD"]
+
+
+def _check_lr(lr) -> float:
+    lr = float(lr)
+    if not (lr >= 0 and lr != float("inf")):
+        raise ValueError(f"lr must be finite and >= 0, got {lr}")
+    return lr
+
+
+class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Checkpoints):
+    """Exact block-diagonal natural-gradient preconditioner for a PyTorch model.
+
+    Args:
+        model: the network; every ``nn.Linear`` and ``nn.Conv2d`` in it is preconditioned unless
+            skipped.
+        damping: λ of ``F + λI`` (> 0). Change it later with ``set_damping`` (schedules).
+        fisher: ``"empirical"`` or ``"sampled"`` (see the module docstring).
+        update_freq: refresh the curvature every this many steps (reuse path in between).
+        kl_clip: KL clipping constant κ, or None for no clipping; needs ``lr``.
+        lr: the learning rate KL clipping assumes (update it with ``set_lr`` when it changes).
+        loss_reduction: ``"mean"``, ``"sum"`` or a per-sample scale for the real loss: the number
+            the layers' output gradients are multiplied by to give one sample's gradient
+            (``"mean"`` = the batch size; for a loss averaged over all tokens of a batch, in
+            per-sequence mode, pass batch · T; in per-token mode, the number of tokens).
+        skip: module names (as in ``named_modules``) or module types not to precondition.
+        fast_path: allow the one-call path for the empirical Fisher refreshed every step.
+        memory_limit: byte cap of the underlying handle (0: none).
+        conv_strategy: ``"auto"``, ``"factored"`` or ``"explicit"`` for every conv layer.
+        blas_threads: OpenBLAS threads of the library's calls. ``"auto"`` (default): refreshes
+            use OpenBLAS's setting; reuse steps (``precondition`` between refreshes) use one
+            thread: they are short and sit between torch's passes, where two pools spin against
+            each other — torch's OpenMP workers (~5 ms after each op, unless ``GOMP_SPINCOUNT``
+            is lowered) slow a second BLAS thread, and OpenBLAS's idle workers spin after every
+            call and slow torch's next pass (a ViT with 19 layers: 65 → 52 ms per step with one
+            thread; README, "Threads").
+            An int n uses n threads for every call (0: OpenBLAS's setting).
+        token_mode: for ``nn.Linear`` applied to sequences (inputs [batch, T..., d]; the
+            dimensions between batch and features are positions): ``"per-sequence"`` (default) —
+            the exact Fisher block of per-sequence gradients, a sequence's gradient summing its
+            tokens' — or ``"per-token"``, every token a sample (KFAC's "expand" view, for losses
+            that are sums over tokens). docs/DESIGN.md §12.
+        process_group: a ``torch.distributed`` process group (gloo; NCCL/MPI backends take the same
+            calls) for data-parallel training with exact global-batch blocks (docs/DESIGN.md §11):
+            every rank runs the same model on its own samples and calls ``step()``; each layer's
+            curvature lives on one owner rank, which gathers the layer's per-sample rows (raw
+            inputs and output gradients, or a convolution's per-sample gradients when shorter),
+            preconditions the global mean gradient (each rank's mean weighted by its share of the
+            samples) and broadcasts the update, so every rank gets the update one process would
+            compute on the concatenated batch. ``step()`` replaces the gradient allreduce of the
+            preconditioned layers: pass the ``DistributedDataParallel`` module itself as ``model``
+            and ``ddp_comm_hook`` is registered so DDP averages only the other parameters (norms,
+            embeddings, skipped layers), or use no DDP. A failure on any rank (bad input, NaN, a
+            layer without gradient) raises on every rank and changes no ``.grad``. KL clipping uses
+            the global sum of ⟨update, grad⟩.
+    """
+
+    def __init__(self, model: nn.Module, damping: float = 0.1, fisher: str = "empirical", update_freq: int = 1,
+                 kl_clip: Optional[float] = None, lr: Optional[float] = None,
+                 loss_reduction: Union[str, float] = "mean",
+                 skip: Iterable[Union[str, type]] = (), fast_path: bool = True, memory_limit: int = 0,
+                 conv_strategy: str = "auto", blas_threads: Union[str, int] = "auto", process_group=None,
+                 token_mode: str = "per-sequence"):
+        if fisher not in ("empirical", "sampled"):
+            raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
+        if int(update_freq) < 1:
+            raise ValueError(f"update_freq must be >= 1, got {update_freq}")
+        if kl_clip is not None and (lr is None or not kl_clip > 0):
+            raise ValueError("kl_clip needs a positive kl_clip and a learning rate lr (>= 0; at 0 nothing is clipped)")
+        if not (blas_threads == "auto" or (isinstance(blas_threads, int) and 0 <= blas_threads <= 1024)):
+            raise ValueError(f"blas_threads must be 'auto' or an int in 0..1024, got {blas_threads!r}")
+        if token_mode not in ("per-sequence", "per-token"):
+            raise ValueError(f"token_mode must be 'per-sequence' or 'per-token', got {token_mode!r}")
+        if token_mode == "per-token" and process_group is not None:
+            raise ValueError("TENGraD: token_mode='per-token' with a process_group is not supported yet")
+        if not (loss_reduction in ("mean", "sum") or isinstance(loss_reduction, (int, float))):
+            raise ValueError(f"loss_reduction must be 'mean', 'sum' or a number, got {loss_reduction!r}")
+        self.model = model
+        self.fisher = fisher
+        self.update_freq = int(update_freq)
+        self.kl_clip = kl_clip
+        self.loss_reduction = loss_reduction
+        self.fast_path = fast_path
+        self.conv_strategy = conv_strategy
+        self.token_mode = token_mode
+        self.blas_threads = blas_threads
+        self.process_group = process_group
+        self._owners: Optional[List[int]] = None
+        self.steps = 0
+        self.last_nu = 1.0
+        self._sampling = False
+        self._removed = False
+        self._forward_id = 0
+        self._batch = 0
+        self._token_mask: Optional[torch.Tensor] = None
+        if lr is not None:
+            lr = _check_lr(lr)
+        self.lr = lr
+        skip = tuple(skip)
+        skip_names = {s for s in skip if isinstance(s, str)}
+        skip_types = tuple(s for s in skip if isinstance(s, type))
+        self._layers: List[_Layer] = []
+        self._by_name: Dict[str, _Layer] = {}
+        self._handles = []
+        for name, module in model.named_modules():
+            if not isinstance(module, modules.SUPPORTED) or name in skip_names:
+                continue
+            if skip_types and isinstance(module, skip_types):
+                continue
+            self._check_supported(name, module)
+            layer = _Layer(name, module)
+            self._layers.append(layer)
+            self._by_name[name] = layer
+        if not self._layers:
+            raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition")
+        owners: Dict[int, str] = {}
+        for layer in self._layers:
+            for kind in ("weight", "bias"):
+                param = getattr(layer.module, kind)
+                if param is None:
+                    continue
+                if id(param) in owners:
+                    raise ValueError(
+                        f"TENGraD: layers {owners[id(param)]!r} and {layer.name!r} share one {kind} (tied weights): "
+                        "the exact block of a parameter used by two layers is not supported; precondition one of "
+                        f"them only (skip=[{layer.name!r}])")
+                owners[id(param)] = layer.name
+        self._preconditioned = set(owners)  # ids of the parameters step() replaces
+        if process_group is not None and isinstance(model, nn.parallel.DistributedDataParallel):
+            model.register_comm_hook(process_group, self.ddp_comm_hook)
+        self._pre = Preconditioner(damping=damping, memory_limit=memory_limit)
+        self._handles.append(model.register_forward_pre_hook(self._root_pre_hook))
+        for layer in self._layers:
+            self._handles.append(layer.module.register_forward_pre_hook(self._make_pre_hook(layer)))
+            self._handles.append(layer.module.register_forward_hook(self._make_forward_hook(layer)))
+        self._registered: List[_Layer] = []  # in registration (= first forward) order
+
+    # -- settings ------------------------------------------------------------------------------
+    @property
+    def damping(self) -> float:
+        return self._pre.damping
+
+    def set_damping(self, damping: float) -> None:
+        """Set λ; snapshots are kept and re-factorized at their next use."""
+        self._pre.damping = damping
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate KL clipping assumes (call when a scheduler changes it). Finite and
+        >= 0; at 0 (the end of a cosine schedule) the step is not clipped (ν = 1)."""
+        self.lr = _check_lr(lr)
+
+    def parameters(self) -> List[nn.Parameter]:
+        """The parameters whose gradients ``step()`` preconditions (weights and trainable biases of
+        the hooked layers), e.g. to give them and the others (norms, embeddings) different
+        optimizers or parameter groups."""
+        return [p for layer in self._layers for p in (layer.module.weight, layer.module.bias)
+                if p is not None and p.requires_grad]
+
+    @property
+    def layer_names(self) -> List[str]:
+        return [layer.name for layer in self._layers]
+
+    def layer_stats(self, name: str) -> dict:
+        """Diagnostics of a hooked layer (see ``Preconditioner.layer_stats``)."""
+        layer = self._by_name[name]
+        if layer.id is None:
+            raise ValueError(f"layer {name!r} has not run a forward pass yet")
+        return self._pre.layer_stats(layer.id)
+
+    def remove(self) -> None:
+        """Remove the hooks and release the native handle (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._pre.close()
+        self._removed = True
+
+    def _check_alive(self) -> None:
+        if self._removed:
+            raise RuntimeError("TENGraD: this preconditioner was removed (remove() released its hooks and handle)")
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Replace ``.grad`` of every hooked layer with its preconditioned update, apply KL clipping,
+        and advance the step counter. Call after ``loss.backward()``.
+
+        Atomic: all updates are computed first; ``.grad`` is written only when every layer
+        succeeded. If step() raises, every ``.grad`` is as it was and the captured batches are
+        kept, so fixing the cause (e.g. ``set_lr``) and calling step() again gives the same result
+        as a first call. Gradient accumulation (several forward/backward passes before step()) is
+        supported: a refresh uses the union of the micro-batches (see ``loss_reduction``)."""
+        self._check_alive()
+        refresh = self._refresh_step()
+        if self.process_group is not None and self._world_size() > 1:
+            return self._distributed_step(refresh)
+        plans = self._plan(refresh)
+        if self.blas_threads == "auto":
+            self._pre.blas_threads = 0 if refresh else 1
+        else:
+            self._pre.blas_threads = self.blas_threads
+        self._pre.clear_updates()  # KL clipping sums only this step's layers
+        updates = []
+        for layer, w, b, batch in plans:
+            if batch is not None:
+                a, g, mask = batch if len(batch) == 3 else batch + (None,)
+                scale = self._grad_scale(a.shape[0])
+                single = len([c for c in layer.captures if c.grads is not None]) == 1
+                if self.fisher == "empirical" and self.update_freq == 1 and self.fast_path and single:
+                    # The one-call path does not read .grad: check it as precondition would.
+                    if not (np.isfinite(w).all() and (b is None or np.isfinite(b).all())):
+                        raise ValueError(f"TENGraD: layer {layer.name!r}: .grad contains NaN or Inf")
+                    updates.append((layer, *self._pre.natural_gradient(layer.id, a, g, scale, mask=mask)))
+                    continue
+                self._pre.update_curvature(layer.id, a, g, scale, mask=mask)
+            updates.append((layer, *self._pre.precondition(layer.id, w, b)))
+        nu = 1.0
+        if self.kl_clip is not None and self.lr > 0 and updates:
+            nu = self._pre.kl_clip_factor(self.lr, self.kl_clip)
+        # Every call succeeded: write.
+        for layer, w_up, b_up in updates:
+            for param, update in ((layer.module.weight, w_up), (layer.module.bias, b_up)):
+                if update is not None:
+                    new = torch.from_numpy(update).view(param.shape)
+                    param.grad.copy_(new if nu == 1 else new * nu)
+        self.last_nu = nu
+        for layer in self._layers:
+            layer.captures = []
+            layer.pending = None
+        self.steps += 1

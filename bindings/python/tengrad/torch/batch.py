@@ -1,0 +1,87 @@
+"""What a step hands the library: per layer the gradient arrays and, on a refresh, the batch —
+the union of the accumulated micro-batches (sequences of different lengths padded and masked)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from . import modules
+if TYPE_CHECKING:  # annotations only
+    from .capture import _Layer
+
+
+class Batches:
+    """Mixed into TENGraD."""
+
+    def _grad_scale(self, batch: int) -> float:
+        if self.fisher == "sampled":
+            return 1.0  # sample_fisher's loss is sum-reduced
+        if self.loss_reduction == "mean":
+            return float(batch)
+        if self.loss_reduction == "sum":
+            return 1.0
+        return float(self.loss_reduction)
+
+    @staticmethod
+    def _array(t: torch.Tensor, layer: _Layer, what: str) -> np.ndarray:
+        if t.dtype != torch.float32:
+            raise TypeError(f"TENGraD: layer {layer.name!r}: {what} must be a float32 tensor, got {t.dtype}")
+        # The library runs on the CPU: tensors elsewhere are copied here (and updates copied back).
+        return np.ascontiguousarray(t.detach().cpu().numpy())  # no copy for contiguous CPU tensors
+
+    def _plan(self, refresh: bool):
+        """Everything step() needs, checked before any call or .grad write: per layer the gradient
+        arrays and, on a refresh, the batch (micro-batches joined)."""
+        plans = []
+        for layer in self._layers:
+            weight = layer.module.weight
+            if not weight.requires_grad or weight.grad is None:
+                continue  # no gradient this step: no update, no KL term
+            if layer.id is None or (refresh and not any(c.grads is not None for c in layer.captures)):
+                raise RuntimeError(
+                    f"TENGraD: no curvature captured for layer {layer.name!r} in this refresh step: was the model in "
+                    "eval mode or under no_grad during the forward, or did its backward not reach this layer"
+                    + (", or was sample_fisher not called" if self.fisher == "sampled" else "") + "?")
+            bias = None
+            if layer.spec.bias:
+                if layer.module.bias.grad is None:
+                    raise RuntimeError(f"TENGraD: layer {layer.name!r} has a weight gradient but no bias gradient")
+                bias = self._array(layer.module.bias.grad, layer, "bias .grad")
+            w = self._array(weight.grad, layer, "weight .grad").reshape(layer.spec.weight_shape)
+            batch = None
+            if refresh:
+                done = [c for c in layer.captures if c.grads is not None]
+                inputs = [self._array(c.inputs, layer, "input") for c in done]
+                grads = [self._array(c.grads, layer, "output gradient") for c in done]
+                masks = None
+                if any(c.mask is not None for c in done):  # the union's mask: unmasked captures are all tokens
+                    masks = [np.ascontiguousarray((c.mask if c.mask is not None else torch.ones(c.inputs.shape[:-1]))
+                                                  .detach().cpu().numpy() != 0).view(np.uint8) for c in done]
+                if len({x.shape[1:] for x in inputs}) > 1:
+                    inputs, grads, masks = self._pad_tokens(layer, inputs, grads, masks)
+                batch = (inputs[0], grads[0]) if len(done) == 1 else (np.concatenate(inputs), np.concatenate(grads))
+                if masks is not None:
+                    batch = batch + (masks[0] if len(masks) == 1 else np.concatenate(masks),)
+            plans.append((layer, w, bias, batch))
+        return plans
+
+    @staticmethod
+    def _pad_tokens(layer: _Layer, inputs, grads, masks):
+        """Micro-batches of one refresh with different sequence lengths ([batch, T_k, features]):
+        padded to the longest T with zeros and masked, so the union is one batch whose padding
+        counts for nothing."""
+        if not modules.can_join_lengths(layer.module) or any(x.ndim != 3 for x in inputs):
+            raise ValueError(f"TENGraD: layer {layer.name!r}: the accumulated micro-batches have different shapes "
+                             f"{sorted({x.shape[1:] for x in inputs})}; only [batch, tokens, features] sequences of "
+                             "different lengths can be joined")
+        longest = max(x.shape[1] for x in inputs)
+        if masks is None:
+            masks = [np.ones(x.shape[:2], np.uint8) for x in inputs]
+
+        def pad(x, fill=0):
+            out = np.full((x.shape[0], longest) + x.shape[2:], fill, dtype=x.dtype)
+            out[:, :x.shape[1]] = x
+            return out
+        return [pad(x) for x in inputs], [pad(g) for g in grads], [pad(k) for k in masks]

@@ -1,0 +1,178 @@
+"""Data-parallel steps with exact global-batch blocks (docs/DESIGN.md §11): rows gathered to each
+layer's owner, gradients reduced there, updates broadcast; the DDP communication hook; failures
+agreed on by every rank."""
+from __future__ import annotations
+
+from typing import List
+
+import numpy as np
+import torch
+
+from .assignment import owner_map
+
+
+class DataParallel:
+    """Mixed into TENGraD."""
+
+    def _owner_map(self) -> List[int]:
+        """Layer → owner rank (``assignment.owner_map``); a layer's cost is the floats of a
+        refresh's row plus 4× its parameters (the reuse products). Computed once."""
+        import torch.distributed as dist
+        if self._owners is None:
+            costs = []
+            for layer in self._layers:
+                spec = layer.spec
+                weights = int(np.prod(spec.weight_shape)) + (spec.bias_shape[0] if spec.bias else 0)
+                costs.append(self._rows(layer)[1] + 4 * weights)
+            self._owners = owner_map(costs, dist.get_world_size(self.process_group))
+        return self._owners
+
+    def _world_size(self) -> int:
+        """Ranks of the process group (one rank: the single-process step, with its fast path)."""
+        import torch.distributed as dist
+        return dist.get_world_size(self.process_group)
+
+    def _comm_device(self) -> torch.device:
+        """Where collective buffers live: NCCL needs the current GPU, gloo and MPI take CPU tensors."""
+        import torch.distributed as dist
+        if dist.get_backend(self.process_group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def ddp_comm_hook(self, group, bucket):
+        """A ``DistributedDataParallel`` communication hook that allreduces (averages) only the
+        gradients TENGraD does not precondition; preconditioned layers keep their local gradients,
+        which ``step()`` reduces to each layer's owner (docs/DESIGN.md §11). Registered
+        automatically when the model given to ``TENGraD`` is the DDP module; otherwise
+        ``ddp_model.register_comm_hook(process_group, pre.ddp_comm_hook)``."""
+        import torch.distributed as dist
+        buffer = bucket.buffer()
+        others, offset = [], 0
+        for param in bucket.parameters():
+            n = param.numel()
+            if id(param) not in self._preconditioned:
+                others.append((offset, n))
+            offset += n
+        if not others:
+            done = torch.futures.Future()
+            done.set_result(buffer)
+            return done
+        flat = torch.cat([buffer[o:o + n] for o, n in others]) / dist.get_world_size(group)  # DDP's average
+        future = dist.all_reduce(flat, group=group, async_op=True).get_future()
+
+        def write(fut):
+            total, at = fut.value()[0], 0
+            for o, n in others:
+                buffer[o:o + n].copy_(total[at:at + n])
+                at += n
+            return buffer
+        return future.then(write)
+
+    def _distributed_step(self, refresh: bool) -> None:
+        import torch.distributed as dist
+        group = self.process_group
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        device = self._comm_device()
+        # Local checks first; their outcome travels with the sample counts (one small allgather),
+        # so a rank that cannot take part makes every rank raise instead of leaving them waiting.
+        error = None
+        try:
+            if any(layer.id is None for layer in self._layers):
+                raise RuntimeError("TENGraD: every layer must have run a forward pass before a distributed step")
+            owners = self._owner_map()
+            plans = self._plan(refresh)
+            if len(plans) != len(self._layers):
+                raise RuntimeError("TENGraD: with a process_group every hooked layer needs a gradient in every step")
+            local = plans[0][3][0].shape[0] if refresh else self._batch
+        except Exception as e:  # noqa: BLE001 — reported collectively below
+            error, local = e, 0
+        counts = [torch.zeros(2, dtype=torch.int64, device=device) for _ in range(size)]
+        dist.all_gather(counts, torch.tensor([local, error is not None], dtype=torch.int64, device=device), group=group)
+        failed = [r for r, c in enumerate(counts) if c[1].item()]
+        if failed:
+            if error is not None:
+                raise error
+            raise RuntimeError(f"TENGraD: the distributed step failed on rank(s) {failed} before any exchange; "
+                               "no .grad was changed (the failing ranks raised the cause)")
+        counts = [int(c[0].item()) for c in counts]
+        m_total = sum(counts)
+        weight = counts[rank] / m_total
+        status, updates = 0, []
+        # Samples of every rank: the global mean gradient weights each rank's mean by its share; a
+        # refresh gathers that many rows from each rank to the layer's owner.
+        for (layer, w, b, batch), owner in zip(plans, owners):
+            grad = np.concatenate([w.ravel(), b.ravel()]) if b is not None else w.ravel().copy()
+            g_sum = torch.from_numpy(grad * weight).to(device)
+            dist.reduce(g_sum, dst=owner, group=group)
+            kind, width = self._rows(layer)
+            if refresh:
+                a, g = batch[:2]
+                mask = batch[2] if len(batch) == 3 else None
+                pad = torch.zeros((max(counts), width), dtype=torch.float32)
+                if kind == "raw":  # inputs and per-sample output gradients, written into place
+                    n, cut = a.shape[0], a[0].size
+                    pad[:n, :cut] = torch.from_numpy(a.reshape(n, -1))
+                    pad[:n, cut:] = torch.from_numpy(g.reshape(n, -1))
+                    pad[:n, cut:].mul_(self._grad_scale(n))
+                else:
+                    try:
+                        pad[:a.shape[0]] = torch.from_numpy(
+                            self._pre.per_sample_gradients(layer.id, a, g, self._grad_scale(a.shape[0]), mask=mask))
+                    except Exception as e:  # noqa: BLE001 — NaN rows make the owner refuse too
+                        status, error = 1, e
+                        pad.fill_(float("nan"))
+                pad = pad.to(device)
+                gathered = [torch.zeros_like(pad) for _ in range(size)] if rank == owner else None
+                dist.gather(pad, gathered, dst=owner, group=group)
+            out = torch.zeros(grad.size, dtype=torch.float32, device=device)
+            if rank == owner:
+                try:
+                    if refresh:
+                        full = torch.cat([blk[:n] for blk, n in zip(gathered, counts)]).cpu().numpy()
+                        if kind == "raw":
+                            cut = a[0].size
+                            fa = np.ascontiguousarray(full[:, :cut]).reshape((m_total,) + a.shape[1:])
+                            fg = np.ascontiguousarray(full[:, cut:]).reshape((m_total,) + batch[1].shape[1:])
+                            self._pre.update_curvature(layer.id, fa, fg, 1.0)
+                        else:
+                            self._pre.update_curvature_from_gradients(layer.id, np.ascontiguousarray(full))
+                    reduced = g_sum.cpu().numpy()
+                    gw = reduced[:w.size].reshape(w.shape).copy()
+                    gb = reduced[w.size:].copy() if b is not None else None
+                    uw, ub = self._pre.precondition(layer.id, gw, gb)
+                    out = torch.from_numpy(np.concatenate([uw.ravel(), ub.ravel()]) if ub is not None
+                                           else uw.ravel().copy()).to(device)
+                except Exception as e:  # noqa: BLE001 — every rank learns of it below
+                    status, error = 1, e
+            dist.broadcast(out, src=owner, group=group)
+            updates.append((layer, out))
+        # One allreduce: a failure flag per rank and this rank's ⟨update, grad⟩ terms of the layers
+        # it owns (the global KL sum).
+        dots = sum(self._pre.layer_stats(layer.id)["update_dot_grad"]
+                   for (layer, *_), owner in zip(plans, owners) if owner == rank) if status == 0 else 0.0
+        summary = torch.zeros(size + 1, dtype=torch.float64, device=device)
+        summary[rank], summary[size] = float(status), dots
+        dist.all_reduce(summary, group=group)
+        summary = summary.cpu()
+        failed = [r for r in range(size) if summary[r].item() != 0]
+        if failed:
+            message = (f"TENGraD: the distributed step failed on layer owner rank(s) {failed}; no .grad was changed "
+                       "and the captures are kept (a retry after fixing the cause equals a clean step)")
+            if error is not None:
+                raise RuntimeError(f"{message}: {error}") from error
+            raise RuntimeError(message)
+        nu, total = 1.0, float(summary[size].item())
+        if self.kl_clip is not None and self.lr > 0 and total > 0:
+            nu = min(1.0, (self.kl_clip / (self.lr * self.lr * total)) ** 0.5)
+        for layer, out in updates:
+            n = layer.module.weight.numel()
+            if nu != 1:
+                out = out * nu
+            layer.module.weight.grad.copy_(out[:n].view_as(layer.module.weight))
+            if layer.spec.bias:
+                layer.module.bias.grad.copy_(out[n:].view_as(layer.module.bias))
+        self.last_nu = nu
+        for layer in self._layers:
+            layer.captures = []
+            layer.pending = None
+        self.steps += 1

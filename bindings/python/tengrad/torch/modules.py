@@ -1,0 +1,94 @@
+"""The module types tengrad.torch preconditions — ``nn.Linear`` (over features or token sequences)
+and ``nn.Conv2d`` — and everything that depends on the type: what is refused at construction,
+the library's layer spec, and the row a data-parallel refresh sends per sample. The only module of
+tengrad.torch that tests those types."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..core import Conv2dSpec, LinearSpec
+if TYPE_CHECKING:  # annotations only
+    from .capture import _Layer
+
+SUPPORTED = (nn.Linear, nn.Conv2d)
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def is_sequence(module: nn.Module, x: torch.Tensor) -> bool:
+    """A linear layer whose input is [batch, tokens..., features]."""
+    return isinstance(module, nn.Linear) and x.dim() > 2
+
+
+def can_join_lengths(module: nn.Module) -> bool:
+    """Micro-batches of different sequence lengths can be padded into one batch."""
+    return isinstance(module, nn.Linear)
+
+
+def same_kind(spec, module: nn.Module) -> bool:
+    """A saved spec and a module are the same kind of layer."""
+    return isinstance(spec, LinearSpec) == isinstance(module, nn.Linear)
+
+
+class ModuleAdapter:
+    """Per-type knowledge, mixed into TENGraD (methods keep their names of before the split)."""
+
+    @staticmethod
+    def _check_supported(name: str, module: nn.Module) -> None:
+        """Refuse at construction what no forward can fix."""
+        if isinstance(module, nn.Conv2d):
+            if module.padding_mode != "zeros":
+                raise ValueError(f"TENGraD: conv layer {name!r} uses padding_mode={module.padding_mode!r}; only 'zeros' "
+                                 f"padding is supported: skip it (skip=[{name!r}])")
+            if module.padding == "same":
+                k, d = _pair(module.kernel_size), _pair(module.dilation)
+                if any(d[i] * (k[i] - 1) % 2 for i in (0, 1)):
+                    raise ValueError(f"TENGraD: conv layer {name!r}: padding='same' with an even kernel span pads "
+                                     f"asymmetrically, which is not supported: skip it (skip=[{name!r}])")
+
+    @staticmethod
+    def _module_spec(module: nn.Module, input_size=None, bias: Optional[bool] = None):
+        """The layer's spec from the module; a conv's input size from the first input (or given)."""
+        has_bias = module.bias is not None and module.bias.requires_grad if bias is None else bias
+        if isinstance(module, nn.Linear):
+            return LinearSpec(module.in_features, module.out_features, has_bias)
+        k, d = _pair(module.kernel_size), _pair(module.dilation)
+        if isinstance(module.padding, str):
+            pad = (0, 0) if module.padding == "valid" else (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
+        else:
+            pad = _pair(module.padding)
+        return Conv2dSpec(module.in_channels, module.out_channels, tuple(input_size or (0, 0)), k,
+                          _pair(module.stride), pad, d, module.groups, has_bias)
+
+    def _spec_for(self, layer: _Layer, x: torch.Tensor):
+        m = layer.module
+        if isinstance(m, nn.Linear):
+            if x.dim() < 2:
+                raise ValueError(f"TENGraD: linear layer {layer.name!r} got a {x.dim()}-D input; it needs a batch "
+                                 "dimension first ([batch, features] or [batch, tokens..., features])")
+            return self._module_spec(m)
+        if x.dim() != 4:
+            raise ValueError(f"TENGraD: conv layer {layer.name!r} needs NCHW input, got {x.dim()}-D")
+        return self._module_spec(m, (x.shape[2], x.shape[3]))
+
+    def _rows(self, layer: _Layer) -> Tuple[str, int]:
+        """What a refresh sends of each sample of this layer (docs/DESIGN.md §11): the raw row
+        (inputs + output gradients) or, when it is shorter, the per-sample gradient (weight + bias
+        numbers) — a convolution with many output positions. A linear layer over sequences always
+        sends per-sequence gradients: one width whatever the ranks' sequence lengths and masks.
+        Returns (kind, floats per sample)."""
+        spec = layer.spec
+        if isinstance(spec, LinearSpec):
+            if layer.sequence:  # one row per sequence, whatever its length and mask
+                return "per-sample", spec.out_features * (spec.in_features + int(spec.bias))
+            return "raw", spec.in_features + spec.out_features
+        h, w = spec.input_size
+        (kh, kw), (oh, ow) = spec.kernel_size, spec.output_size
+        raw = spec.in_channels * h * w + spec.out_channels * oh * ow
+        d = spec.out_channels * (spec.in_channels // spec.groups * kh * kw + int(spec.bias))
+        return ("per-sample", d) if d < raw else ("raw", raw)
