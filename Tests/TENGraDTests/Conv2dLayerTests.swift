@@ -14,6 +14,9 @@ let convCases: [ConvCase] = [
     ConvCase(name: "depthwise no bias", m: 2, shape: Conv2dShape(inChannels: 3, outChannels: 3, inHeight: 5, inWidth: 5, kernelHeight: 3, kernelWidth: 3, paddingHeight: 1, paddingWidth: 1, groups: 3, hasBias: false)),
     ConvCase(name: "1x1", m: 5, shape: Conv2dShape(inChannels: 3, outChannels: 2, inHeight: 3, inWidth: 4, kernelHeight: 1, kernelWidth: 1)),
     ConvCase(name: "L = 1, batch 1", m: 1, shape: Conv2dShape(inChannels: 2, outChannels: 2, inHeight: 3, inWidth: 3, kernelHeight: 3, kernelWidth: 3)),
+    // Stride 1 with rows long enough for the shifted products (Conv2dShifted), a remainder chunk.
+    ConvCase(name: "shifted, 3x2 dilation (1, 2)", m: 11, shape: Conv2dShape(inChannels: 8, outChannels: 3, inHeight: 14, inWidth: 13, kernelHeight: 3, kernelWidth: 2, paddingHeight: 1, paddingWidth: 2, dilationWidth: 2)),
+    ConvCase(name: "shifted, groups 2 no bias no padding", m: 3, shape: Conv2dShape(inChannels: 16, outChannels: 4, inHeight: 14, inWidth: 16, kernelHeight: 3, kernelWidth: 3, groups: 2, hasBias: false)),
 ]
 
 @Suite struct Conv2dLayerTests {
@@ -50,6 +53,41 @@ let convCases: [ConvCase] = [
         try p.updateCurvature(layer: layer, batch: c.m, activations: x, outputGrads: g, gradScale: 2)
         let (w4, b4) = try p.precondition(layer: layer, weightGrad: vw, biasGrad: vb)
         #expect(relativeError(joined(w4, b4, out: s.outChannels, in: perRow), oracle.solve(damping: 0.3, joined(vw, vb, out: s.outChannels, in: perRow))) <= tolerance)
+        }
+    }
+
+    /// Which convolutions form per-sample gradients by shifted products instead of unfolding.
+    @Test func shiftedProductsApplyToLongStrideOneRows() throws {
+        #expect(try Conv2dGeometry(convCases[5].shape).shifted != nil)
+        #expect(try Conv2dGeometry(convCases[6].shape).shifted != nil)
+        #expect(try Conv2dGeometry(convCases[0].shape).shifted == nil)  // rows too short
+        var strided = convCases[5].shape
+        strided.strideWidth = 2
+        #expect(try Conv2dGeometry(strided).shifted == nil)
+    }
+
+    /// The explicit Gram in blocks of output channels (U does not fit the workspace) and whole,
+    /// both with the shifted products: the oracle's Gram.
+    @Test func shiftedProductsInChannelBlocks() throws {
+        let s = Conv2dShape(inChannels: 8, outChannels: 6, inHeight: 14, inWidth: 14, kernelHeight: 3, kernelWidth: 3, paddingHeight: 1, paddingWidth: 1)
+        let m = 10
+        var rng = SeededRandom(21)
+        let x = rng.array(m * 8 * 196), g = rng.array(m * 6 * 196)
+        let k = BlockKernel(try Conv2dGeometry(s))
+        let oracle = DenseOracle(conv: s, activations: x, outputGrads: g, batch: m, scale: 1)
+        var want = [Double](repeating: 0, count: m * m)
+        for i in 0..<m { for j in 0..<m { want[i * m + j] = zip(oracle.u[i], oracle.u[j]).reduce(0) { $0 + $1.0 * $1.1 } } }
+        let whole = try k.explicitPlan(m: m, available: 1 << 22)
+        let blocks = try k.explicitPlan(m: m, available: m * m + m * 2 * 73 + k.geometry.formScratch(samples: 1))
+        #expect(whole.whole && !blocks.whole && blocks.channels < 6)
+        for plan in [whole, blocks] {
+            var gram = [Double](repeating: 0, count: m * m)
+            var work = [Float](repeating: .nan, count: plan.floats)
+            x.withUnsafeBufferPointer { xp in g.withUnsafeBufferPointer { gp in gram.withUnsafeMutableBufferPointer { kp in
+                work.withUnsafeMutableBufferPointer { wp in
+                    _ = k.explicitGram(m: m, a: xp.baseAddress!, g: gp.baseAddress!, into: kp.baseAddress!, plan: plan, work: wp.baseAddress!)
+                } } } }
+            #expect(relativeError(gram, want) <= tolerance)
         }
     }
 

@@ -167,23 +167,27 @@ struct BlockKernel {
     /// Writes the unscaled per-sample gradients of samples `start..<start+count`, output features
     /// `o0..<o0+n` of group `group`: row i gets the weight part (n × P, row-major) at
     /// `row + weightColumn` and, with a bias, the n bias entries at `row + biasColumn`.
-    /// `patchBuf` holds `patchScratch(count)` floats. Returns the flops.
+    /// `patchBuf` holds `formScratch(count)` floats. Returns the flops.
     func formGradients(
         a: UnsafePointer<Float>, g: UnsafePointer<Float>, start: Int, count: Int, group: Int, o0: Int, n: Int,
         into u: UnsafeMutablePointer<Float>, ldu: Int, weightColumn: Int, biasColumn: Int,
         patchBuf: UnsafeMutablePointer<Float>
     ) -> Double {
         let L = dims.positions, P = dims.patch
-        let patches = geometry.patches(a, start: start, count: count, group: group, scratch: patchBuf)
-        // One product per sample, G_i Ĩ_iᵀ, as one batched call: the samples' gradient views are
-        // outputSize apart in the caller's array, their patch views L positions apart.
-        let g0 = gradients(g, start: start, count: 1, group: group, scratch: patchBuf).from(feature: o0)
-        let p0 = patches.from(position: 0)
-        BLAS.sgemmBatch(
-            transA: g0.positionMajor, transB: !p0.positionMajor, m: n, n: P, k: L,
-            a: g0.base, lda: g0.ld, strideA: dims.outputSize,
-            b: p0.base, ldb: p0.ld, strideB: patches.from(position: L).base - p0.base,
-            c: u + start * ldu + weightColumn, ldc: P, strideC: ldu, count: count)
+        if !geometry.formWeightGradients(
+            a: a, g: g, start: start, count: count, group: group, o0: o0, n: n, into: u, ldu: ldu, column: weightColumn,
+            scratch: patchBuf) {
+            let patches = geometry.patches(a, start: start, count: count, group: group, scratch: patchBuf)
+            // One product per sample, G_i Ĩ_iᵀ, as one batched call: the samples' gradient views
+            // are outputSize apart in the caller's array, their patch views L positions apart.
+            let g0 = gradients(g, start: start, count: 1, group: group, scratch: patchBuf).from(feature: o0)
+            let p0 = patches.from(position: 0)
+            BLAS.sgemmBatch(
+                transA: g0.positionMajor, transB: !p0.positionMajor, m: n, n: P, k: L,
+                a: g0.base, lda: g0.ld, strideA: dims.outputSize,
+                b: p0.base, ldb: p0.ld, strideB: patches.from(position: L).base - p0.base,
+                c: u + start * ldu + weightColumn, ldc: P, strideC: ldu, count: count)
+        }
         if dims.hasBias {
             for li in 0..<count {
                 let i = start + li
@@ -202,13 +206,14 @@ struct BlockKernel {
     /// patches within about 1 MiB (so they are still in cache when the GEMMs read them after the
     /// NaN scan), and the patches within `available` floats.
     func formChunk(m: Int, available: Int) -> Int {
-        let perSample = geometry.patchScratch(samples: 1) + dims.inputSize + dims.outputSize
-        return min(chunk(m, fixed: 0, perSample: perSample, available: (1 << 20) / 4),
-                   chunk(m, fixed: 0, perSample: geometry.patchScratch(samples: 1), available: available))
+        let scratch = geometry.formScratch(samples: 1)
+        let fits = chunk(m, fixed: 0, perSample: scratch, available: available)
+        let cached = chunk(m, fixed: 0, perSample: scratch + dims.inputSize + dims.outputSize, available: (1 << 20) / 4)
+        return min(fits, max(cached, geometry.formChunkFloor))
     }
 
     /// Rows `start..<start+count` of U (m × d, rows [weight | bias], unscaled) into `u`, every
-    /// group, unfolding in `work` (`patchScratch(count)` floats). Returns the flops.
+    /// group, unfolding in `work` (`formScratch(count)` floats). Returns the flops.
     func formGradients(
         m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, start: Int, count: Int,
         into u: UnsafeMutablePointer<Float>, work: UnsafeMutablePointer<Float>
@@ -270,7 +275,7 @@ struct BlockKernel {
 
     func explicitPlan(m: Int, available: Int) throws(TENGraDError) -> ExplicitPlan {
         let pT = dims.patchWithBias, d = dims.parameters, mm = m * m
-        let patchOne = geometry.patchScratch(samples: 1)
+        let patchOne = geometry.formScratch(samples: 1)
         let minimum = try checkedSum(
             try checkedSum(mm, try checkedProduct(m, pT, what: "batch × patch"), what: "workspace"), patchOne, what: "workspace")
         let room = max(available, minimum)
@@ -278,7 +283,7 @@ struct BlockKernel {
         let cb = whole ? dims.groupOut : max(1, min(dims.groupOut, (room - mm - patchOne) / max(1, m * pT)))
         let width = whole ? d : cb * pT
         let mc = chunk(m, fixed: mm + m * width, perSample: patchOne, available: room)
-        return ExplicitPlan(channels: cb, chunk: mc, whole: whole, floats: mm + m * width + geometry.patchScratch(samples: mc))
+        return ExplicitPlan(channels: cb, chunk: mc, whole: whole, floats: mm + m * width + geometry.formScratch(samples: mc))
     }
 
     /// Runs an `ExplicitPlan`: adds the Gram to `k` (unscaled). Returns the flops and, when U was

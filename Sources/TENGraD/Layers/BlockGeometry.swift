@@ -30,6 +30,28 @@ protocol BlockGeometry: Sendable {
     func patches(
         _ a: UnsafePointer<Float>, start: Int, count: Int, group: Int, scratch: UnsafeMutablePointer<Float>
     ) -> Block
+    /// Floats of scratch the per-sample gradients of `count` samples need (`formWeightGradients`
+    /// or the unfolding); at least `patchScratch`'s when the kind unfolds.
+    func formScratch(samples count: Int) -> Int
+    /// Samples per chunk its own formation wants at least (batched products); 1 when any do.
+    var formChunkFloor: Int { get }
+    /// Writes the weight part (n × P per sample, the weight's order) of the per-sample gradients
+    /// of samples `start..<start+count`, output features `o0..<o0+n` of group `group`, to
+    /// `u + i·ldu + column`, and returns true; or returns false to let the kernel unfold the
+    /// patches and multiply. `scratch` holds `formScratch(samples: count)` floats.
+    func formWeightGradients(
+        a: UnsafePointer<Float>, g: UnsafePointer<Float>, start: Int, count: Int, group: Int, o0: Int, n: Int,
+        into u: UnsafeMutablePointer<Float>, ldu: Int, column: Int, scratch: UnsafeMutablePointer<Float>
+    ) -> Bool
+}
+
+extension BlockGeometry {
+    func formScratch(samples count: Int) -> Int { patchScratch(samples: count) }
+    var formChunkFloor: Int { 1 }
+    func formWeightGradients(
+        a: UnsafePointer<Float>, g: UnsafePointer<Float>, start: Int, count: Int, group: Int, o0: Int, n: Int,
+        into u: UnsafeMutablePointer<Float>, ldu: Int, column: Int, scratch: UnsafeMutablePointer<Float>
+    ) -> Bool { false }
 }
 
 /// Sizes of a layer seen as patches × positions. Built by the geometries with every product

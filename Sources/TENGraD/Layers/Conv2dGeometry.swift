@@ -52,6 +52,8 @@ struct Conv2dGeometry: BlockGeometry {
     /// Numbers per sample of the activations (C_in·H·W) and of the output gradients (C_out·L).
     let inputSize: Int, outputSize: Int
     let dims: BlockDims
+    /// Stride-1 layers where products on shifted views beat unfolding (`Conv2dShifted`).
+    let shifted: Conv2dShifted?
 
     init(_ s: Conv2dShape) throws(TENGraDError) {
         func positive(_ value: Int, _ name: String) throws(TENGraDError) {
@@ -95,6 +97,7 @@ struct Conv2dGeometry: BlockGeometry {
         dims = try BlockDims(
             groups: s.groups, patch: patch, groupOut: groupOut, positions: positions, hasBias: s.hasBias,
             inputSize: inputSize, outputSize: outputSize, positionMajor: false)
+        shifted = Conv2dShifted(s, outHeight: outHeight, outWidth: outWidth, groupIn: groupIn, groupOut: groupOut)
         shape = s
     }
 
@@ -109,6 +112,22 @@ struct Conv2dGeometry: BlockGeometry {
     }
 
     func patchScratch(samples count: Int) -> Int { patch * positions * count }
+
+    func formScratch(samples count: Int) -> Int { shifted?.scratch(samples: count) ?? patchScratch(samples: count) }
+
+    /// The shifted products are batched over samples: 8 per chunk keep both BLAS threads busy.
+    var formChunkFloor: Int { shifted == nil ? 1 : 8 }
+
+    func formWeightGradients(
+        a: UnsafePointer<Float>, g: UnsafePointer<Float>, start: Int, count: Int, group: Int, o0: Int, n: Int,
+        into u: UnsafeMutablePointer<Float>, ldu: Int, column: Int, scratch: UnsafeMutablePointer<Float>
+    ) -> Bool {
+        guard let shifted else { return false }
+        shifted.weightGradients(
+            self, a: a, g: g, start: start, count: count, group: group, o0: o0, n: n, into: u, ldu: ldu, column: column,
+            scratch: scratch)
+        return true
+    }
 
     /// Unfolds the samples side by side: P rows of count·L columns.
     func patches(

@@ -209,7 +209,7 @@ final class ExactBlock {
         let strategy = pickStrategy(estimates)
         let available = workspaceFloats(context, reserve: (m * m + 2 * m) * MemoryLayout<Double>.stride)
         let formChunk = k.formChunk(m: m, available: available)
-        var need = k.geometry.patchScratch(samples: formChunk)
+        var need = k.geometry.formScratch(samples: formChunk)
         var factoredChunk = 0
         if strategy == .factored {
             factoredChunk = k.factoredChunk(m: m, available: available)
@@ -310,7 +310,7 @@ final class ExactBlock {
         let count = try checkedProduct(m, dims.parameters, what: "batch × parameters (per-sample gradients)")
         _ = try scanInputs(k, a, g, start: 0, count: m)
         let chunk = k.formChunk(m: m, available: workspaceFloats(context, reserve: 0))
-        let work = try context.workspace.floats(k.geometry.patchScratch(samples: chunk))
+        let work = try context.workspace.floats(k.geometry.formScratch(samples: chunk))
         _ = k.formAllGradients(m: m, a: a, g: g, into: out, chunk: chunk, work: work)
         if s != 1 {
             for i in 0..<count { out[i] *= s }

@@ -10,6 +10,7 @@ where that fails (the two packages in different site directories), the copy the
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -145,7 +146,32 @@ def library_path() -> str:
         "or set TENGRAD_LIBRARY to its path")
 
 
+# OpenBLAS's idle workers spin for 2^THREAD_TIMEOUT cycles after each threaded call (default 2^28,
+# about 0.1 s) before they sleep: after a refresh they held a core through the host framework's
+# next forward and backward (the demo's torch passes 15 % slower). 2^20 cycles (~0.4 ms) keeps
+# them awake between the calls of one step. OpenBLAS reads the variable once, when it is loaded:
+# it is set only while we load it (unless the user set it) and the environment is restored.
+_BLAS_THREAD_TIMEOUT = "20"
+
+
+@contextlib.contextmanager
+def _blas_thread_timeout():
+    if "OPENBLAS_THREAD_TIMEOUT" in os.environ:
+        yield
+        return
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = _BLAS_THREAD_TIMEOUT
+    try:
+        yield
+    finally:
+        del os.environ["OPENBLAS_THREAD_TIMEOUT"]
+
+
 def _load(path: str) -> ctypes.CDLL:
+    with _blas_thread_timeout():
+        return _load_library(path)
+
+
+def _load_library(path: str) -> ctypes.CDLL:
     try:
         return ctypes.CDLL(path)
     except OSError as error:

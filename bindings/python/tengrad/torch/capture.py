@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import torch
 import torch.nn as nn
+from torch.autograd.graph import get_gradient_edge
 
 from ..core import LinearSpec
 from . import modules
@@ -17,12 +18,15 @@ from . import modules
 class _Capture:
     """One forward's input of a layer and, once its backward ran, the output gradient."""
 
-    __slots__ = ("inputs", "grads", "mask")
+    __slots__ = ("inputs", "grads", "mask", "edge")
 
     def __init__(self, inputs: torch.Tensor, mask: Optional[torch.Tensor] = None):
         self.inputs = inputs
         self.grads: Optional[torch.Tensor] = None
         self.mask = mask  # [batch, tokens...] of a sequence input, 1 = token, 0 = padding
+        # For the sampled Fisher: where autograd delivers the output's gradient (the sampled
+        # backward asks for these only, so no weight gradient is computed).
+        self.edge = None
 
 
 class _Layer:
@@ -111,6 +115,8 @@ class Capturing:
                 capture.grads = grad.detach()
                 return None
             output.register_hook(grad_hook)
+            if self.fisher == "sampled":
+                capture.edge = get_gradient_edge(output)
         return hook
 
     def _check_tensor(self, layer: _Layer, t: torch.Tensor, what: str):

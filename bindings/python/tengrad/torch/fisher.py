@@ -20,17 +20,20 @@ class SampledFisher:
             raise RuntimeError("sample_fisher is for fisher='sampled'")
         if not self._refresh_step():
             return
-        if not any(layer.captures and layer.captures[-1].grads is None for layer in self._layers):
+        waiting = [layer.captures[-1] for layer in self._layers if layer.captures and layer.captures[-1].grads is None]
+        edges = [capture.edge for capture in waiting if capture.edge is not None]
+        if not edges:
             raise RuntimeError("TENGraD: no layer captured its input in a forward since the last curvature pass "
                                "(eval mode, no_grad, or sample_fisher called twice for one forward?)")
         with torch.no_grad():
             probs = torch.softmax(logits.detach().float(), dim=-1)
             labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         loss = F.cross_entropy(logits, labels, reduction="sum")
-        params = [p for p in self.model.parameters() if p.requires_grad]
         self._sampling = True
         try:
-            torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            # Only the layers' output gradients are asked for: autograd skips every weight
+            # gradient (half of a backward pass); the tensor hooks on the outputs keep them.
+            torch.autograd.grad(loss, edges, retain_graph=True, allow_unused=True)
         except RuntimeError as e:
             if "second time" in str(e) or "freed" in str(e):
                 raise RuntimeError("TENGraD: sample_fisher must run before loss.backward(), which frees the graph "
@@ -38,3 +41,5 @@ class SampledFisher:
             raise
         finally:
             self._sampling = False
+            for capture in waiting:
+                capture.edge = None
