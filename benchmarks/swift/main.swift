@@ -2,10 +2,10 @@
 //
 // For m ∈ {32, 128, 512} and in = out ∈ {256, 1024, 4096}: seconds per natural_gradient,
 // update_curvature and precondition, their GFLOP/s (flops of the docs/DESIGN.md §2 algorithm), and the ratio
-// to OpenBLAS sgemm measured in the same run on a product of the same shape as the update's GEMM
-// (out×m times m×in). Each time is the median of several timed repetitions.
+// to a floor measured in the same run: the precondition's two OpenBLAS GEMMs alone, timed in
+// alternating rounds with the in-place precondition. Each time is the median of several repetitions.
 //
-//   tengrad-bench [--quick]
+//   tengrad-bench [--quick] [--linear-only | --conv-only] [--size m,n]
 #if ScipyOpenBLAS
 import CScipyOpenBLAS
 #else
@@ -37,6 +37,25 @@ func measure(_ body: () throws -> Void) rethrows -> Double {
     return times[times.count / 2]
 }
 
+/// Medians of `a` and `b` timed in alternating rounds (about 0.6 s, 5 to 31 rounds).
+func pairedMedians(_ a: () throws -> Void, _ b: () throws -> Void) rethrows -> (Double, Double) {
+    try a()
+    try b()
+    var ta: [Double] = [], tb: [Double] = []
+    let start = now()
+    while ta.count < 5 || (ta.count < 31 && now() - start < 0.6) {
+        var t0 = now()
+        try a()
+        ta.append(now() - t0)
+        t0 = now()
+        try b()
+        tb.append(now() - t0)
+    }
+    ta.sort()
+    tb.sort()
+    return (ta[ta.count / 2], tb[tb.count / 2])
+}
+
 struct LCG {
     var state: UInt64 = 12345
     mutating func uniform() -> Float {
@@ -49,8 +68,15 @@ var rng = LCG()
 let quick = CommandLine.arguments.contains("--quick")
 let runLinear = !CommandLine.arguments.contains("--conv-only")
 let runConv = !CommandLine.arguments.contains("--linear-only")
-let batches = quick ? [32, 128] : [32, 128, 512]
-let widths = quick ? [256, 1024] : [256, 1024, 4096]
+/// `--size m,n`: one linear size only (for profiling).
+let onlySize: (Int, Int)? = CommandLine.arguments.firstIndex(of: "--size").flatMap { i in
+    i + 1 < CommandLine.arguments.count ? CommandLine.arguments[i + 1] : nil
+}.flatMap { arg -> (Int, Int)? in
+    let parts = arg.split(separator: ",").compactMap { Int($0) }
+    return parts.count == 2 ? (parts[0], parts[1]) : nil
+}
+let batches = onlySize.map { [$0.0] } ?? (quick ? [32, 128] : [32, 128, 512])
+let widths = onlySize.map { [$0.1] } ?? (quick ? [256, 1024] : [256, 1024, 4096])
 let threads = getenv("OPENBLAS_NUM_THREADS").map { String(cString: $0) } ?? "default"
 
 let blas = BLASInfo.current
@@ -60,9 +86,10 @@ print("CPU: \(blas.cpuModel) (family \(blas.cpuFamily) model \(blas.cpuModelNumb
 if runLinear {
 print("TENGraD linear-layer benchmark (OPENBLAS_NUM_THREADS=\(threads)); bias on; λ = 0.1")
 print("GFLOP/s count the docs/DESIGN.md §2 algorithm: Grams m(m+1)(in+out), Cholesky m³/3, GEMMs 2·m·in·out each")
-print("sgemm = OpenBLAS sgemm GFLOP/s on (out×m)·(m×in) in this run; ratio = ours ÷ sgemm;")
-print("in place = the precondition ratio with the update written over the gradient (no copy)\n")
-let header = ["m", "in=out", "natgrad s", "GFLOP/s", "ratio", "curv s", "GFLOP/s", "precond s", "GFLOP/s", "ratio", "in place", "sgemm GF/s"]
+print("floor = GFLOP/s of the precondition's two GEMMs alone (V·A and C += Gᵀ·A, OpenBLAS, timed in alternating")
+print("rounds with the in-place precondition); ratio = ours ÷ floor; in place = the precondition's ratio with the")
+print("update written over the gradient (as tengrad.torch does: no copy)\n")
+let header = ["m", "in=out", "natgrad s", "GFLOP/s", "ratio", "curv s", "GFLOP/s", "precond s", "GFLOP/s", "ratio", "in place", "floor GF/s"]
 print(header.map { $0.padding(11) }.joined())
 
 for n in widths {
@@ -104,25 +131,29 @@ for n in widths {
                 }
             }
         }
-        // In place (update written over the gradient, as the PyTorch integration does): no copy.
+        // In place (update written over the gradient, as the PyTorch integration does), timed in
+        // alternating rounds with the floor: the precondition's two GEMMs alone, V·A (out×in·in×m)
+        // and C += Gᵀ·A (out×m·m×in), so drifting load on a shared machine affects both alike.
         var inPlaceW = vw, inPlaceB = vb
-        let tIn = try inPlaceW.withUnsafeMutableBufferPointer { wp in
+        var vaProduct = [Float](repeating: 0, count: outF * m)
+        let (tIn, tFloor) = try inPlaceW.withUnsafeMutableBufferPointer { wp in
             try inPlaceB.withUnsafeMutableBufferPointer { bp in
-                try measure {
+                try pairedMedians({
                     try p.precondition(layer: layer, weightGrad: UnsafeBufferPointer(wp), biasGrad: UnsafeBufferPointer(bp),
                                        weightUpdate: wp, biasUpdate: bp)
-                }
+                }, {
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(outF), Int32(m), Int32(inF), 1,
+                                vw, Int32(inF), a, Int32(inF), 0, &vaProduct, Int32(m))
+                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(outF), Int32(inF), Int32(m), 1,
+                                g, Int32(outF), a, Int32(inF), 1, &c, Int32(inF))
+                })
             }
-        }
-        let tGemm = measure {
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(outF), Int32(inF), Int32(m), 1,
-                        g, Int32(outF), a, Int32(inF), 0, &c, Int32(inF))
         }
         let dm = Double(m), di = Double(inF), dout = Double(outF)
         let fCurv = dm * (dm + 1) * (di + dout) + dm * dm * dm / 3
         let fNG = fCurv + 2 * dm * di * dout
         let fPre = 4 * dm * di * dout
-        let gemmRate = 2 * dm * di * dout / tGemm / 1e9
+        let gemmRate = fPre / tFloor / 1e9
         let ngRate = fNG / tNG / 1e9, curvRate = fCurv / tCurv / 1e9, preRate = fPre / tPre / 1e9, inRate = fPre / tIn / 1e9
         let row = [
             "\(m)", "\(n)", sci(tNG), fixed(ngRate), fixed(ngRate / gemmRate, 2), sci(tCurv), fixed(curvRate),

@@ -49,23 +49,6 @@ enum Reduce {
         c == 0 ? dot(x, y, n) : dot(x, y, n) + c * sum(y, n)
     }
 
-    /// y_i = a · x_i (x and y distinct or identical, not partially overlapping).
-    @inline(__always)
-    static func scaledCopy(_ x: UnsafePointer<Float>, _ a: Float, into y: UnsafeMutablePointer<Float>, _ n: Int) {
-        let rx = UnsafeRawPointer(x), ry = UnsafeMutableRawPointer(y)
-        let va = SIMD16<Float>(repeating: a)
-        var i = 0
-        while i + 16 <= n {
-            ry.storeBytes(of: va * rx.loadUnaligned(fromByteOffset: 4 * i, as: SIMD16<Float>.self), toByteOffset: 4 * i,
-                          as: SIMD16<Float>.self)
-            i += 16
-        }
-        while i < n {
-            y[i] = a * x[i]
-            i += 1
-        }
-    }
-
     /// Σ x_{i·stride} (strided: not vectorized).
     @inline(__always)
     static func stridedSum(_ x: UnsafePointer<Float>, stride: Int, _ n: Int) -> Float {

@@ -455,19 +455,23 @@ final class ExactBlock {
         guard sumAbsX.isFinite, bound <= safeMagnitude else {
             throw TENGraDError(.numerical, "the preconditioned update would overflow float32 (bound \(bound))")
         }
-        // update = (1/λ) v − (1/λ) U x: (1/λ) v written first (one pass, in place or not, so both
-        // give the same bits), then U x accumulated with β = 1 (no separate β pass over the update).
+        // update = (1/λ) v − (1/λ) U x, as one product accumulated onto the update with β = 1/λ.
+        // In place (the update written over v, as tengrad.torch does) no pass is spent on (1/λ)v
+        // and BLAS scales with its threads; out of place v is copied first and the same call runs
+        // on the same numbers, so both give the same bits.
         let inverse = Float(1 / λ)
-        Reduce.scaledCopy(weightGrad, inverse, into: weightUpdate, dims.weightCount)
-        if let biasUpdate, let biasGrad { Reduce.scaledCopy(biasGrad, inverse, into: biasUpdate, dims.biasCount) }
+        if UnsafePointer(weightUpdate) != weightGrad { weightUpdate.update(from: weightGrad, count: dims.weightCount) }
+        if let biasUpdate, let biasGrad, UnsafePointer(biasUpdate) != biasGrad {
+            biasUpdate.update(from: biasGrad, count: dims.biasCount)
+        }
         switch source {
         case let .kept(u, scratch):
             flops += k.applyKept(
-                m: m, u: u, scale: s, x: x, alpha: -1 / λ, beta: 1, weight: weightUpdate, bias: biasUpdate,
+                m: m, u: u, scale: s, x: x, alpha: -1 / λ, beta: inverse, weight: weightUpdate, bias: biasUpdate,
                 xf: scratch + m)
         case let .raw(a, g, chunk, work):
             flops += k.apply(
-                m: m, a: a, g: g, scale: s, x: x, alpha: -1 / λ, beta: 1, weight: weightUpdate, bias: biasUpdate,
+                m: m, a: a, g: g, scale: s, x: x, alpha: -1 / λ, beta: inverse, weight: weightUpdate, bias: biasUpdate,
                 chunk: chunk, work: work, kept: keptPatches)
         }
         if system !== snap.system { replaceSnapshot(snap.with(system: system)) }
