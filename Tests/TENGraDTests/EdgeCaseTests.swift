@@ -3,6 +3,27 @@ import Testing
 
 /// Numerical edge cases and their documented outcomes (README, "Numerical behaviour").
 @Suite struct EdgeCaseTests {
+    /// The gradient's validation over a large array, in two halves on two threads: the same sum of
+    /// squares and bound as a float64 loop, and a NaN or Inf in either half found.
+    @Test func largeGradientScanOnTwoThreads() throws {
+        let n = GradientScan.twoThreadCount + 7
+        var rng = SeededRandom(5)
+        var v = rng.array(n)
+        var want = 0.0
+        for x in v { want += Double(x) * Double(x) }
+        for threads in [1, 2] {
+            let scan = BLAS.withThreads(threads) { v.withUnsafeBufferPointer { GradientScan($0.baseAddress!, count: n) } }
+            #expect(scan.finite && abs(scan.sumSquares - want) <= 1e-9 * want && scan.maxAbs >= Double(v.map { abs($0) }.max()!))
+        }
+        for (index, bad) in [(3, Float.nan), (n - 2, Float.infinity)] {
+            let saved = v[index]
+            v[index] = bad
+            let scan = BLAS.withThreads(2) { v.withUnsafeBufferPointer { GradientScan($0.baseAddress!, count: n) } }
+            #expect(!scan.finite)
+            v[index] = saved
+        }
+    }
+
     @Test func zeroOutputGradientsGiveZeroUpdateAndPureDampingPreconditioner() throws {
         // U = 0: F = 0, so (F + λI)⁻¹ v = v/λ and the mean gradient's update is exactly 0.
         var rng = SeededRandom(1)

@@ -37,13 +37,16 @@ func measure(_ body: () throws -> Void) rethrows -> Double {
     return times[times.count / 2]
 }
 
-/// Medians of `a` and `b` timed in alternating rounds (about 0.6 s, 5 to 31 rounds).
-func pairedMedians(_ a: () throws -> Void, _ b: () throws -> Void) rethrows -> (Double, Double) {
+/// Medians of `a` and `b` timed in alternating rounds (about 0.6 s, 5 to 31 rounds); `prepare`
+/// runs untimed before each `a`.
+func pairedMedians(prepare: () -> Void = {}, _ a: () throws -> Void, _ b: () throws -> Void) rethrows -> (Double, Double) {
+    prepare()
     try a()
     try b()
     var ta: [Double] = [], tb: [Double] = []
     let start = now()
     while ta.count < 5 || (ta.count < 31 && now() - start < 0.6) {
+        prepare()
         var t0 = now()
         try a()
         ta.append(now() - t0)
@@ -134,11 +137,16 @@ for n in widths {
         // In place (update written over the gradient, as the PyTorch integration does), timed in
         // alternating rounds with the floor: the precondition's two GEMMs alone, V·A (out×in·in×m)
         // and C += Gᵀ·A (out×m·m×in), so drifting load on a shared machine affects both alike.
+        // The gradient is restored (untimed) before each call: updates written over it would grow
+        // by up to 1/λ per call.
         var inPlaceW = vw, inPlaceB = vb
         var vaProduct = [Float](repeating: 0, count: outF * m)
         let (tIn, tFloor) = try inPlaceW.withUnsafeMutableBufferPointer { wp in
             try inPlaceB.withUnsafeMutableBufferPointer { bp in
-                try pairedMedians({
+                try pairedMedians(prepare: {
+                    _ = wp.update(from: vw)
+                    _ = bp.update(from: vb)
+                }, {
                     try p.precondition(layer: layer, weightGrad: UnsafeBufferPointer(wp), biasGrad: UnsafeBufferPointer(bp),
                                        weightUpdate: wp, biasUpdate: bp)
                 }, {

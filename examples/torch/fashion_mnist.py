@@ -128,11 +128,8 @@ def evaluate(model, x, y, batch=1000):
     return correct / len(x)
 
 
-def train(name, args, data, seed, make_model=None):
-    """Trains one optimizer for the budget; `make_model` (default: the ConvNet) builds the network."""
-    x_train, y_train, x_test, y_test = data
-    torch.manual_seed(seed)
-    model = make_model() if make_model else ConvNet(args.width)
+def setup(name, args, model):
+    """The optimizer of `name` for `model`: (torch optimizer, TENGraD or None, KFAC maker or None)."""
     precond = kfac = None
     if name == "tengrad":
         opt = torch.optim.SGD(model.parameters(), lr=args.lr_tengrad, momentum=0.9, weight_decay=5e-4)
@@ -151,6 +148,43 @@ def train(name, args, data, seed, make_model=None):
         kfac = make_kfac(model, args)
     else:
         raise ValueError(f"unknown optimizer {name!r}")
+    return opt, precond, kfac
+
+
+def one_step(model, opt, precond, kfac, xb, yb, g, args):
+    """One training step; returns the loss and the times (forward, sampled, backward, tengrad,
+    optimizer) in seconds."""
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    if kfac is not None:  # its gradient maker runs forward, backward, curvature and precondition
+        dummy = kfac.setup_model_call(model, xb)
+        kfac.setup_loss_call(F.cross_entropy, dummy, yb)
+        logits, loss = kfac.forward_and_backward()
+        t1 = time.perf_counter()  # the profile's "forward" column holds all of it for KFAC
+    else:
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb)
+        t1 = time.perf_counter()
+    if precond is not None and args.fisher == "sampled":
+        precond.sample_fisher(logits, generator=g)
+    t2 = time.perf_counter()
+    if kfac is None:
+        loss.backward()
+    t3 = time.perf_counter()
+    if precond is not None:
+        precond.step()
+    t4 = time.perf_counter()
+    opt.step()
+    t5 = time.perf_counter()
+    return loss, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
+
+
+def train(name, args, data, seed, make_model=None):
+    """Trains one optimizer for the budget; `make_model` (default: the ConvNet) builds the network."""
+    x_train, y_train, x_test, y_test = data
+    torch.manual_seed(seed)
+    model = make_model() if make_model else ConvNet(args.width)
+    opt, precond, kfac = setup(name, args, model)
     g = torch.Generator().manual_seed(seed)
     history = {"seconds": [0.0], "accuracy": [evaluate(model, x_test, y_test)], "loss_seconds": [], "loss": []}
     clock, steps, step_times, running, phases = 0.0, 0, [], [], {}
@@ -166,31 +200,10 @@ def train(name, args, data, seed, make_model=None):
         for s in range(0, len(order) - args.batch + 1, args.batch):
             idx = order[s:s + args.batch]
             xb, yb = x_train[idx], y_train[idx]
-            t0 = time.perf_counter()
             refresh = precond is not None and precond.steps % precond.update_freq == 0
-            opt.zero_grad(set_to_none=True)
-            if kfac is not None:  # its gradient maker runs forward, backward, curvature and precondition
-                dummy = kfac.setup_model_call(model, xb)
-                kfac.setup_loss_call(F.cross_entropy, dummy, yb)
-                logits, loss = kfac.forward_and_backward()
-                t1 = time.perf_counter()  # the profile's "forward" column holds all of it for KFAC
-            else:
-                logits = model(xb)
-                loss = F.cross_entropy(logits, yb)
-                t1 = time.perf_counter()
-            if precond is not None and args.fisher == "sampled":
-                precond.sample_fisher(logits, generator=g)
-            t2 = time.perf_counter()
-            if kfac is None:
-                loss.backward()
-            t3 = time.perf_counter()
-            if precond is not None:
-                precond.step()
-            t4 = time.perf_counter()
-            opt.step()
-            t5 = time.perf_counter()
-            dt = t5 - t0
-            phases.setdefault("refresh" if refresh else "step", []).append((t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4))
+            loss, times = one_step(model, opt, precond, kfac, xb, yb, g, args)
+            dt = sum(times)
+            phases.setdefault("refresh" if refresh else "step", []).append(times)
             clock += dt
             steps += 1
             step_times.append(dt)
@@ -225,6 +238,34 @@ def train(name, args, data, seed, make_model=None):
     if precond is not None:
         precond.remove()
     return history
+
+
+def paired_step_cost(args, data, make_model=None, names=("tengrad", "sgd"), rounds=6, block=20):
+    """Mean seconds per training step of each optimizer, timed in alternating blocks of `block`
+    steps on the same batches (refresh steps included: `block` is a multiple of TENGraD's
+    update_freq by default), so that a machine whose speed drifts during the sequential runs
+    affects all alike. The first round warms up and is not counted."""
+    x_train, y_train = data[0], data[1]
+    setups = {}
+    for name in names:
+        torch.manual_seed(args.seed)
+        model = make_model() if make_model else ConvNet(args.width)
+        setups[name] = (model, *setup(name, args, model), torch.Generator().manual_seed(args.seed))
+    seconds = {name: [] for name in names}
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))
+    for r in range(rounds + 1):
+        for name in names:
+            model, opt, precond, kfac, g = setups[name]
+            for k in range(block):
+                s = ((r * block + k) * args.batch) % (len(order) - args.batch + 1)
+                idx = order[s:s + args.batch]
+                _, times = one_step(model, opt, precond, kfac, x_train[idx], y_train[idx], g, args)
+                if r > 0:
+                    seconds[name].append(sum(times))
+    for name in names:
+        if setups[name][2] is not None:
+            setups[name][2].remove()
+    return {name: float(np.mean(v)) for name, v in seconds.items()}
 
 
 def accuracy_at(history, t):
@@ -273,6 +314,8 @@ def parser():
     ap.add_argument("--targets", default="0.88,0.90", help="test accuracies whose time-to-reach the table reports")
     ap.add_argument("--plot", default="fashion_mnist.png")
     ap.add_argument("--profile", action="store_true", help="print a per-phase profile of each optimizer's steps")
+    ap.add_argument("--no-paired-cost", action="store_true",
+                    help="skip the per-step cost of TENGraD and SGD timed in alternating blocks (~30 s)")
     ap.add_argument("--distributed", action="store_true",
                     help="data-parallel under torchrun (examples/torch/data_parallel.py): "
                          "torchrun --standalone --nproc_per_node=2 examples/torch/fashion_mnist.py --distributed")
@@ -302,8 +345,9 @@ def main():
           f"torch {torch.__version__} with {torch.get_num_threads()} threads")
     print(f"CPU and TENGraD's BLAS: {tengrad.blas_summary()}")
     seeds = list(range(args.seed, args.seed + args.seeds))
-    runs = {n: [train(n, args, (x_train, y_train, x_test, y_test), seed) for seed in seeds] for n in names}
-    report(runs, args)
+    data = (x_train, y_train, x_test, y_test)
+    runs = {n: [train(n, args, data, seed) for seed in seeds] for n in names}
+    report(runs, args, data)
 
 
 def spread(values, fmt):
@@ -319,7 +363,7 @@ def spread(values, fmt):
     return text
 
 
-def report(runs, args):
+def report(runs, args, data=None, make_model=None):
     horizon = min(h["seconds"][-1] for hs in runs.values() for h in hs)  # budgets end within a step
     n = len(next(iter(runs.values())))
     print(f"\n{n} seed(s); median [min–max] over seeds; test accuracy on the full test set, evaluation time not counted")
@@ -337,7 +381,13 @@ def report(runs, args):
     if "tengrad" in runs and "sgd" in runs:
         ratio = np.median([h["steps_per_second"] for h in runs["tengrad"]]) / np.median(
             [h["steps_per_second"] for h in runs["sgd"]])
-        print(f"\nTENGraD steps/s: {ratio:.2f}× SGD's (refresh steps included)")
+        print(f"\nTENGraD steps/s: {ratio:.2f}× SGD's in the runs above (refresh steps included)")
+        if data is not None and not args.no_paired_cost:
+            block = max(args.update_freq, 20 // args.update_freq * args.update_freq)
+            cost = paired_step_cost(args, data, make_model, block=block)
+            print(f"TENGraD steps/s: {cost['sgd'] / cost['tengrad']:.2f}× SGD's timed in alternating blocks of {block} "
+                  f"steps ({1e3 * cost['tengrad']:.1f} vs {1e3 * cost['sgd']:.1f} ms per step, refresh steps "
+                  f"included; the runs above drift with the machine's load)")
     if args.profile:
         print("\nWhere the time goes (median ms per step, first seed; 'tengrad' = the preconditioner's step():")
         print("curvature on refresh steps, precondition and KL clipping on every step; KFAC's forward column")

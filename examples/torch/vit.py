@@ -94,7 +94,7 @@ def main():
     make = lambda: ViT(args.width, args.depth, args.heads)  # noqa: E731
     seeds = list(range(args.seed, args.seed + args.seeds))
     runs = {n: [fm.train(n, args, data, seed, make_model=make) for seed in seeds] for n in names}
-    fm.report(runs, args)
+    fm.report(runs, args, data, make_model=make)
 
 
 if __name__ == "__main__":

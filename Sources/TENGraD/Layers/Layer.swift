@@ -100,8 +100,25 @@ struct GradientScan {
     let maxAbs: Double
     let sumSquares: Double
 
+    /// Arrays from this many floats (16 MiB) are summed in two halves on two threads when BLAS
+    /// may use two: below it the thread's start costs more than it saves.
+    static let twoThreadCount = 1 << 22
+
     init(_ p: UnsafePointer<Float>, count: Int) {
-        let fast = BLAS.sumOfSquares(n: count, x: p)
+        var fast: Double
+        if count >= Self.twoThreadCount && BLAS.threads >= 2 {
+            let half = count / 2
+            var sums = (0.0, 0.0)
+            withUnsafeMutablePointer(to: &sums) { out in
+                let raw = UnsafeMutableRawPointer(out).assumingMemoryBound(to: Double.self)
+                onTwoThreads { part in
+                    raw[part] = part == 0 ? BLAS.sumOfSquares(n: half, x: p) : BLAS.sumOfSquares(n: count - half, x: p + half)
+                }
+            }
+            fast = sums.0 + sums.1
+        } else {
+            fast = BLAS.sumOfSquares(n: count, x: p)
+        }
         if fast.isFinite {
             finite = true
             maxAbs = fast.squareRoot()
