@@ -298,3 +298,15 @@ def test_momentum_and_weight_decay_come_from_the_users_optimizer():
                 p.sub_(0.1 * buf[n])
         for (n, p), q in zip(model.named_parameters(), twin.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_reuse_threads_follow_the_host_spin():
+    """blas_threads="auto" gives reuse steps OpenBLAS's threads only when torch's OpenMP workers
+    stop spinning soon after each op (read from the environment libgomp read)."""
+    from tengrad.torch import _short_host_spin
+    assert _short_host_spin({"GOMP_SPINCOUNT": "10000"})
+    assert _short_host_spin({"OMP_WAIT_POLICY": "PASSIVE"})
+    assert not _short_host_spin({})
+    assert not _short_host_spin({"GOMP_SPINCOUNT": "30000000"})
+    assert not _short_host_spin({"GOMP_SPINCOUNT": "infinite"})
+    assert not _short_host_spin({"OMP_WAIT_POLICY": "active"})

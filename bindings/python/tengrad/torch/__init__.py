@@ -61,6 +61,7 @@ registration), ``fisher`` (sampled labels), ``batch`` (a step's arrays, accumula
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, Iterable, List, Optional, Union
 
 import numpy as np
@@ -77,6 +78,17 @@ from .modules import ModuleAdapter
 from .state import Checkpoints
 
 __all__ = ["TENGraD"]
+
+
+def _short_host_spin(environ=os.environ) -> bool:
+    """Whether torch's OpenMP workers stop spinning soon after each op (libgomp reads these when
+    torch loads): then a second BLAS thread in a short call does not meet a spinning worker."""
+    if environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive":
+        return True
+    try:
+        return 0 <= int(environ.get("GOMP_SPINCOUNT", "")) <= 100000
+    except ValueError:
+        return False
 
 
 def _check_lr(lr) -> float:
@@ -106,12 +118,13 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         memory_limit: byte cap of the underlying handle (0: none).
         conv_strategy: ``"auto"``, ``"factored"`` or ``"explicit"`` for every conv layer.
         blas_threads: OpenBLAS threads of the library's calls. ``"auto"`` (default): refreshes
-            use OpenBLAS's setting; reuse steps (``precondition`` between refreshes) use one
-            thread: they are short and sit between torch's passes, where two pools spin against
-            each other — torch's OpenMP workers (~5 ms after each op, unless ``GOMP_SPINCOUNT``
-            is lowered) slow a second BLAS thread, and OpenBLAS's idle workers spin after every
-            call and slow torch's next pass (a ViT with 19 layers: 65 → 52 ms per step with one
-            thread; README, "Threads").
+            use OpenBLAS's setting; reuse steps (``precondition`` between refreshes) use it too
+            when torch's OpenMP workers stop spinning soon after each op (``GOMP_SPINCOUNT`` ≤
+            100000 or ``OMP_WAIT_POLICY=passive`` in the environment when torch loaded), and one
+            thread otherwise: with libgomp's default spin (~5 ms after each op) a second BLAS
+            thread in these short calls is time-sliced against a spinning torch worker (2–4×
+            slower; README, "Threads"). Demo ConvNet reuse step: 4.0 → 3.0 ms with two threads
+            and ``GOMP_SPINCOUNT=10000``.
             An int n uses n threads for every call (0: OpenBLAS's setting).
         token_mode: for ``nn.Linear`` applied to sequences (inputs [batch, T..., d]; the
             dimensions between batch and features are positions): ``"per-sequence"`` (default) —
@@ -162,6 +175,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         self.conv_strategy = conv_strategy
         self.token_mode = token_mode
         self.blas_threads = blas_threads
+        self._short_host_spin = _short_host_spin()
         self.process_group = process_group
         self._owners: Optional[List[int]] = None
         self.steps = 0
@@ -273,7 +287,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
             return self._distributed_step(refresh)
         plans = self._plan(refresh)
         if self.blas_threads == "auto":
-            self._pre.blas_threads = 0 if refresh else 1
+            self._pre.blas_threads = 0 if refresh or self._short_host_spin else 1
         else:
             self._pre.blas_threads = self.blas_threads
         self._pre.clear_updates()  # KL clipping sums only this step's layers
