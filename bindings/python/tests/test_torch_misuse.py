@@ -234,8 +234,12 @@ def test_random_sequences_of_integration_calls(seed):
     pre = tt.TENGraD(model, damping=damping, fast_path=bool(seed % 2), kl_clip=None)
     pending = []                                          # micro-batches with a backward since the last step
     k = 2                                                 # the accumulation recipe: each loss / k
+    failed = False                                        # the last step raised: a backward starts a new batch
     for _ in range(40):
         op = rng.choice(["backward", "backward", "forward", "eval", "step", "step", "bad-step", "state", "damping", "lr"])
+        if op == "backward" and failed:                   # moving on from a failed batch, as a trainer would
+            model.zero_grad(set_to_none=True)
+            pending, failed = [], False
         if op == "backward" and len(pending) < k:
             x, y = batch(model, 4, int(rng.integers(1 << 30)))
             (F.cross_entropy(model(x), y) / k).backward()
@@ -251,6 +255,7 @@ def test_random_sequences_of_integration_calls(seed):
             model[0].weight.grad[0, 0] = float("inf")
             with pytest.raises(Exception, match="NaN or Inf"):
                 pre.step()
+            failed = True
             model[0].weight.grad[0, 0] = before["0.weight"][0, 0]
             for name, g in grads_of(model).items():
                 assert torch.equal(g, before[name]), name
@@ -266,7 +271,7 @@ def test_random_sequences_of_integration_calls(seed):
             for name in want:
                 assert relative_error(got[name], want[name]) <= TOL, (seed, name)
             model.zero_grad(set_to_none=True)
-            pending = []
+            pending, failed = [], False
             with torch.no_grad():                         # move the weights a little, like a trainer
                 for p in model.parameters():
                     p.add_(0.01 * torch.randn_like(p))

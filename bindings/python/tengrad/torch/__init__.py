@@ -21,10 +21,13 @@ used rather than ``register_full_backward_hook`` because the latter fails when a
 
 Fisher types:
 
-* ``"empirical"`` — curvature from the real loss's output gradients. With ``update_freq=1`` each
-  layer takes the one-call path (``natural_gradient``): the update of the batch's mean gradient,
-  which is ``.grad`` for a standard loss; set ``fast_path=False`` to precondition ``.grad`` as it
-  is instead (e.g. when the loss has extra terms that reach these layers).
+* ``"empirical"`` — curvature from the real loss's output gradients. ``step()`` preconditions
+  ``.grad`` as it is (clipped, with extra loss terms, ...). ``fast_path=True`` lets a step with
+  ``update_freq=1`` take the one-call path (``natural_gradient``) instead: the update of the
+  batch's mean gradient, computed from the captures without reading ``.grad`` — the same result
+  only while ``.grad`` is exactly that gradient (no clipping, no extra loss terms reaching these
+  layers); it is used only where the per-sample scale is the number of samples (a mean-reduced
+  loss over samples, or over tokens in per-token mode), elsewhere ``.grad`` is preconditioned.
 * ``"sampled"`` — the true Fisher of the paper: ``sample_fisher(logits)`` draws labels from the
   model's softmax and backpropagates their (sum-reduced) cross-entropy with ``torch.autograd.grad``
   — hooks capture the output gradients, ``.grad`` stays untouched — and ``step()`` preconditions
@@ -34,12 +37,18 @@ Fisher types:
 
 Ordinary PyTorch habits work:
 
-* every forward in train mode with gradients on starts a new capture: a forward that gets no
-  backward (a skipped batch, a validation forward in train mode) is simply replaced;
+* every forward in train mode with gradients on starts a new capture; a forward that gets no
+  backward (a skipped batch, a validation forward in train mode) is dropped at ``step()``, and
+  several forwards before one backward (``loss = CE(model(x1)) + CE(model(x2))``) are one batch,
+  their union (with ``loss_reduction="mean"``, each forward's loss a mean over its own samples);
+* after a ``step()`` that raised, the next backward starts a clean batch (the failed one's
+  captures are dropped; zero ``.grad`` as usual); ``step()`` again without a new backward retries
+  the same batch;
 * gradient accumulation (k forward/backward passes before ``step()``): a refresh uses the union
   of the micro-batches; with ``loss_reduction="mean"`` the standard recipe is assumed (each
-  micro-batch's mean loss divided by k, so ``.grad`` is the mean over the union and s = the union's
-  size); otherwise pass the per-sample scale as a number. ``.grad`` is preconditioned as it is;
+  micro-batch's mean loss divided by k, so a sample's scale is k × its micro-batch's size: the
+  union's size for equal micro-batches); otherwise pass the per-sample scale as a number.
+  ``.grad`` is preconditioned as it is;
 * activation checkpointing (``use_reentrant=False``): the recomputation is not a new forward;
 * ``torch.compile(model)``: the hooks run eagerly (``torch.compiler.disable``);
 * ``channels_last`` models and frozen biases (a weight-only block) are handled;
@@ -62,6 +71,7 @@ registration), ``fisher`` (sampled labels), ``batch`` (a step's arrays, accumula
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Dict, Iterable, List, Optional, Union
 
 import numpy as np
@@ -71,13 +81,26 @@ import torch.nn as nn
 from ..core import Preconditioner
 from . import modules
 from .batch import Batches
-from .capture import Capturing, _Layer
+from .capture import Capturing, _Hook, _Layer
 from .distributed import DataParallel
 from .fisher import SampledFisher
 from .modules import ModuleAdapter
 from .state import Checkpoints
 
 __all__ = ["TENGraD"]
+
+
+# The TENGraD that hooks each module (weak keys: nothing is stored on the module itself).
+_attached: "weakref.WeakKeyDictionary[nn.Module, TENGraD]" = weakref.WeakKeyDictionary()
+
+
+def release(model: nn.Module) -> int:
+    """Remove every TENGraD attached to a module of `model` (its hooks and native handle), e.g.
+    one made by an earlier run of a notebook cell whose variable is gone. Returns how many."""
+    found = {id(pre): pre for module in model.modules() for pre in [_attached.get(module)] if pre is not None}
+    for pre in found.values():
+        pre.remove()
+    return len(found)
 
 
 def _short_host_spin(environ=os.environ) -> bool:
@@ -114,7 +137,8 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
             (``"mean"`` = the batch size; for a loss averaged over all tokens of a batch, in
             per-sequence mode, pass batch · T; in per-token mode, the number of tokens).
         skip: module names (as in ``named_modules``) or module types not to precondition.
-        fast_path: allow the one-call path for the empirical Fisher refreshed every step.
+        fast_path: allow the one-call path for the empirical Fisher refreshed every step (off by
+            default: it ignores edits to ``.grad``; see the module docstring).
         memory_limit: byte cap of the underlying handle (0: none).
         conv_strategy: ``"auto"``, ``"factored"`` or ``"explicit"`` for every conv layer.
         blas_threads: OpenBLAS threads of the library's calls. ``"auto"`` (default): refreshes
@@ -149,7 +173,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
     def __init__(self, model: nn.Module, damping: float = 0.1, fisher: str = "empirical", update_freq: int = 1,
                  kl_clip: Optional[float] = None, lr: Optional[float] = None,
                  loss_reduction: Union[str, float] = "mean",
-                 skip: Iterable[Union[str, type]] = (), fast_path: bool = True, memory_limit: int = 0,
+                 skip: Iterable[Union[str, type]] = (), fast_path: bool = False, memory_limit: int = 0,
                  conv_strategy: str = "auto", blas_threads: Union[str, int] = "auto", process_group=None,
                  token_mode: str = "per-sequence"):
         if fisher not in ("empirical", "sampled"):
@@ -182,6 +206,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         self.last_nu = 1.0
         self._sampling = False
         self._removed = False
+        self._failed_step = False
         self._forward_id = 0
         self._batch = 0
         self._token_mask: Optional[torch.Tensor] = None
@@ -194,12 +219,20 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         self._layers: List[_Layer] = []
         self._by_name: Dict[str, _Layer] = {}
         self._handles = []
+        # Layers never preconditioned whatever `skip` says, and why (see `skipped`).
+        self.skipped: Dict[str, str] = modules.never_called(model)
         for name, module in model.named_modules():
-            if not isinstance(module, modules.SUPPORTED) or name in skip_names:
+            if not isinstance(module, modules.SUPPORTED) or name in skip_names or name in self.skipped:
                 continue
             if skip_types and isinstance(module, skip_types):
                 continue
             self._check_supported(name, module)
+            other = _attached.get(module)
+            if other is not None and not other._removed:
+                raise ValueError(
+                    f"TENGraD: layer {name!r} is already preconditioned by another TENGraD (a re-run notebook cell?): "
+                    "two would precondition its gradient twice. Call remove() on the other one, or "
+                    "tengrad.torch.release(model) to remove every TENGraD attached to the model")
             layer = _Layer(name, module)
             self._layers.append(layer)
             self._by_name[name] = layer
@@ -221,11 +254,13 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         if process_group is not None and isinstance(model, nn.parallel.DistributedDataParallel):
             model.register_comm_hook(process_group, self.ddp_comm_hook)
         self._pre = Preconditioner(damping=damping, memory_limit=memory_limit)
-        self._handles.append(model.register_forward_pre_hook(self._root_pre_hook))
+        self._handles.append(model.register_forward_pre_hook(_Hook(self._root_pre_hook)))
         for layer in self._layers:
-            self._handles.append(layer.module.register_forward_pre_hook(self._make_pre_hook(layer)))
-            self._handles.append(layer.module.register_forward_hook(self._make_forward_hook(layer)))
+            self._handles.append(layer.module.register_forward_pre_hook(_Hook(self._make_pre_hook(layer))))
+            self._handles.append(layer.module.register_forward_hook(_Hook(self._make_forward_hook(layer))))
         self._registered: List[_Layer] = []  # in registration (= first forward) order
+        for layer in self._layers:
+            _attached[layer.module] = self
 
     # -- settings ------------------------------------------------------------------------------
     @property
@@ -266,6 +301,9 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         self._handles = []
         self._pre.close()
         self._removed = True
+        for layer in self._layers:
+            if _attached.get(layer.module) is self:
+                del _attached[layer.module]
 
     def _check_alive(self) -> None:
         if self._removed:
@@ -282,9 +320,12 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         as a first call. Gradient accumulation (several forward/backward passes before step()) is
         supported: a refresh uses the union of the micro-batches (see ``loss_reduction``)."""
         self._check_alive()
+        self._failed_step = True  # until this step succeeds: a new forward then drops the captures
         refresh = self._refresh_step()
         if self.process_group is not None and self._world_size() > 1:
-            return self._distributed_step(refresh)
+            self._distributed_step(refresh)
+            self._failed_step = False
+            return
         plans = self._plan(refresh)
         if self.blas_threads == "auto":
             self._pre.blas_threads = 0 if refresh or self._short_host_spin else 1
@@ -295,9 +336,10 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         for layer, w, b, batch in plans:
             if batch is not None:
                 a, g, mask = batch if len(batch) == 3 else batch + (None,)
-                scale = self._grad_scale(a.shape[0])
+                scale = layer.step_scale
                 single = len([c for c in layer.captures if c.grads is not None]) == 1
-                if self.fisher == "empirical" and self.update_freq == 1 and self.fast_path and single:
+                if self.fisher == "empirical" and self.update_freq == 1 and self.fast_path and single \
+                        and not layer.sequence and scale == a.shape[0]:
                     # The one-call path does not read .grad: check it as precondition would.
                     if not (np.isfinite(w).all() and (b is None or np.isfinite(b).all())):
                         raise ValueError(f"TENGraD: layer {layer.name!r}: .grad contains NaN or Inf")
@@ -319,3 +361,4 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
             layer.captures = []
             layer.pending = None
         self.steps += 1
+        self._failed_step = False

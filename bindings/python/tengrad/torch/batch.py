@@ -24,6 +24,16 @@ class Batches:
             return 1.0
         return float(self.loss_reduction)
 
+    def _capture_scales(self, done) -> list:
+        """The per-sample scale of each capture of a refresh. With ``loss_reduction="mean"``: k
+        backward passes (accumulation, each micro-batch's mean loss divided by k) give a sample
+        of a micro-batch of size b the scale k·b; several forwards in one backward (k = 1) give
+        each forward's own batch size."""
+        if self.fisher == "sampled" or self.loss_reduction != "mean":
+            return [self._grad_scale(0)] * len(done)
+        k = len({c.backward for c in done})
+        return [float(k * c.inputs.shape[0]) for c in done]
+
     @staticmethod
     def _array(t: torch.Tensor, layer: _Layer, what: str) -> np.ndarray:
         if t.dtype != torch.float32:
@@ -40,6 +50,9 @@ class Batches:
             if not weight.requires_grad or weight.grad is None:
                 continue  # no gradient this step: no update, no KL term
             if layer.id is None or (refresh and not any(c.grads is not None for c in layer.captures)):
+                if not bool(weight.grad.any()) and (layer.module.bias is None or layer.module.bias.grad is None
+                                                    or not bool(layer.module.bias.grad.any())):
+                    continue  # an unused layer whose .grad zero_grad(set_to_none=False) left at zero
                 raise RuntimeError(
                     f"TENGraD: no curvature captured for layer {layer.name!r} in this refresh step: was the model in "
                     "eval mode or under no_grad during the forward, or did its backward not reach this layer"
@@ -55,6 +68,10 @@ class Batches:
                 done = [c for c in layer.captures if c.grads is not None]
                 inputs = [self._array(c.inputs, layer, "input") for c in done]
                 grads = [self._array(c.grads, layer, "output gradient") for c in done]
+                scales = self._capture_scales(done)
+                layer.step_scale = scales[0]
+                if any(sc != scales[0] for sc in scales):  # one scale per call: fold the others in
+                    grads = [g * np.float32(sc / scales[0]) if sc != scales[0] else g for g, sc in zip(grads, scales)]
                 masks = None
                 if any(c.mask is not None for c in done):  # the union's mask: unmasked captures are all tokens
                     masks = [np.ascontiguousarray((c.mask if c.mask is not None else torch.ones(c.inputs.shape[:-1]))

@@ -5,6 +5,7 @@ registration of a layer with the library at its first forward."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import List, Optional
 
 import torch
@@ -18,7 +19,7 @@ from . import modules
 class _Capture:
     """One forward's input of a layer and, once its backward ran, the output gradient."""
 
-    __slots__ = ("inputs", "grads", "mask", "edge")
+    __slots__ = ("inputs", "grads", "mask", "edge", "backward")
 
     def __init__(self, inputs: torch.Tensor, mask: Optional[torch.Tensor] = None):
         self.inputs = inputs
@@ -27,6 +28,8 @@ class _Capture:
         # For the sampled Fisher: where autograd delivers the output's gradient (the sampled
         # backward asks for these only, so no weight gradient is computed).
         self.edge = None
+        # Which backward pass delivered `grads` (several forwards may share one backward).
+        self.backward = -1
 
 
 class _Layer:
@@ -43,6 +46,8 @@ class _Layer:
         self.pending: Optional[_Capture] = None
         # The root forward that made the last capture.
         self.forward_id = -1
+        # The per-sample scale of this step's batch (set by the step's plan).
+        self.step_scale = 1.0
         # A linear layer whose inputs are sequences ([batch, tokens..., features]).
         self.sequence = False
 
@@ -53,6 +58,33 @@ class _Layer:
 
 # Hooks run eagerly under torch.compile (Dynamo cannot trace their side effects).
 _eager = getattr(getattr(torch, "compiler", None), "disable", lambda fn: fn)
+
+
+def _detached(*args):
+    """What a hook becomes in a copy of the model (``copy.deepcopy``, ``torch.save``): nothing."""
+    return None
+
+
+def _detached_hook():
+    return _detached
+
+
+class _Hook:
+    """A hook of one TENGraD. A copy of the model (an EMA teacher, a best-model snapshot,
+    ``torch.save(model)``) gets a hook that does nothing instead: the copy is not preconditioned,
+    must not feed this TENGraD's captures, and the TENGraD (with its native handle) cannot be
+    copied or pickled."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __reduce__(self):
+        return _detached_hook, ()
 
 
 def _in_backward() -> bool:
@@ -72,6 +104,11 @@ class Capturing:
     def _capturing_inputs(self, module: nn.Module) -> bool:
         return module.training and torch.is_grad_enabled() and self._refresh_step() and not self._sampling
 
+    # Forwards without a backward kept per layer at most (the oldest is dropped beyond): several
+    # forwards before one backward form one batch, and a loop of forwards that never get a
+    # backward (train-mode evaluation) must not grow without bound.
+    MAX_WAITING = 16
+
     @_eager
     def _root_pre_hook(self, module, inputs):
         if not _in_backward():
@@ -90,12 +127,13 @@ class Capturing:
             self._ensure_registered(layer, x)
             layer.sequence = modules.is_sequence(module, x)
             last = layer.captures[-1] if layer.captures else None
-            if last is not None and last.grads is None:
-                if layer.forward_id == self._forward_id:
-                    raise RuntimeError(
-                        f"TENGraD: layer {layer.name!r} ran twice in one forward pass: a layer used more than "
-                        f"once per forward has no single per-sample block (skip=[{layer.name!r}])")
-                layer.captures.pop()  # that forward got no backward (a skipped batch): a new capture
+            if last is not None and last.grads is None and layer.forward_id == self._forward_id:
+                raise RuntimeError(
+                    f"TENGraD: layer {layer.name!r} ran twice in one forward pass: a layer used more than "
+                    f"once per forward has no single per-sample block (skip=[{layer.name!r}])")
+            waiting = [i for i, c in enumerate(layer.captures) if c.grads is None]
+            if len(waiting) >= self.MAX_WAITING:
+                del layer.captures[waiting[0]]
             capture = _Capture(x.detach(), self._mask_for(layer, x))
             layer.captures.append(capture)
             layer.pending = capture
@@ -112,12 +150,23 @@ class Capturing:
             def grad_hook(grad):
                 if self.fisher == "sampled" and not self._sampling:
                     return None  # the real loss's backward: curvature comes from sample_fisher
+                if self._failed_step:
+                    self._drop_failed_batch()
                 capture.grads = grad.detach()
+                capture.backward = torch._C._current_graph_task_id()
                 return None
             output.register_hook(grad_hook)
             if self.fisher == "sampled":
                 capture.edge = get_gradient_edge(output)
         return hook
+
+    def _drop_failed_batch(self):
+        """The last step() raised and a new backward arrives: a new batch. The failed batch's
+        captures (those with gradients) would otherwise join it as accumulation, so one NaN batch
+        would fail every later step. Without a new backward, step() retries the same batch."""
+        for layer in self._layers:
+            layer.captures = [c for c in layer.captures if c.grads is None]
+        self._failed_step = False
 
     def _check_tensor(self, layer: _Layer, t: torch.Tensor, what: str):
         if t.dtype != torch.float32:
@@ -127,8 +176,13 @@ class Capturing:
         spec = self._spec_for(layer, x)
         if layer.id is not None:
             if spec != layer.spec:
-                raise ValueError(f"TENGraD: layer {layer.name!r} changed shape or bias trainability ({layer.spec} -> "
-                                 f"{spec}); a conv layer's input size must stay fixed")
+                if dataclasses.replace(spec, bias=layer.spec.bias) == layer.spec:
+                    raise ValueError(
+                        f"TENGraD: layer {layer.name!r}: its bias was {'frozen' if layer.spec.bias else 'unfrozen'} "
+                        "after its first forward; the block's parameters are fixed then. Set requires_grad before "
+                        f"the first forward with this TENGraD, or make a new one (or skip=[{layer.name!r}])")
+                raise ValueError(f"TENGraD: layer {layer.name!r} changed its input size ({layer.spec} -> {spec}); a "
+                                 "conv layer's input size must stay fixed")
             return
         if isinstance(spec, LinearSpec):
             layer.id = self._pre.add_linear(spec.in_features, spec.out_features, spec.bias)
@@ -144,8 +198,11 @@ class Capturing:
     @contextlib.contextmanager
     def token_mask(self, mask: torch.Tensor):
         """Forwards inside this context carry a padding mask for the sequence layers:
-        ``mask`` [batch, tokens...] (bool or 0/1), 0 marking padding, which then contributes
-        nothing to their curvature (docs/DESIGN.md §12). It applies to every hooked ``nn.Linear``
+        ``mask`` [batch, tokens...] (bool or 0/1), 1 / True marking a token and 0 / False padding,
+        which then contributes nothing to their curvature (docs/DESIGN.md §12). This is the
+        inverse of PyTorch's ``key_padding_mask`` (True = padding): pass ``~key_padding_mask``.
+        Other values (0.5, 2, NaN, additive 0 / -inf masks) and a mask without any token are
+        refused. It applies to every hooked ``nn.Linear``
         whose input is [batch, tokens..., features] with those leading dimensions::
 
             with pre.token_mask(attention_mask):
@@ -153,7 +210,17 @@ class Capturing:
         """
         if not isinstance(mask, torch.Tensor) or mask.dim() < 2:
             raise ValueError("token_mask needs a [batch, tokens...] tensor")
-        previous, self._token_mask = self._token_mask, mask.detach()
+        mask = mask.detach()
+        if mask.dtype != torch.bool:
+            if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(
+                    "token_mask takes 1 for a token and 0 for padding (bool or 0/1); got other values. PyTorch's "
+                    "additive attention masks (0 / -inf) mark tokens with 0: pass (mask == 0)")
+        if not bool((mask != 0).any()):
+            raise ValueError(
+                "token_mask marks no token at all (1 / True = token, 0 / False = padding). PyTorch's "
+                "key_padding_mask marks padding with True: pass ~key_padding_mask")
+        previous, self._token_mask = self._token_mask, mask
         try:
             yield
         finally:

@@ -20,7 +20,7 @@ class SampledFisher:
             raise RuntimeError("sample_fisher is for fisher='sampled'")
         if not self._refresh_step():
             return
-        waiting = [layer.captures[-1] for layer in self._layers if layer.captures and layer.captures[-1].grads is None]
+        waiting = [c for layer in self._layers for c in layer.captures if c.grads is None]
         edges = [capture.edge for capture in waiting if capture.edge is not None]
         if not edges:
             raise RuntimeError("TENGraD: no layer captured its input in a forward since the last curvature pass "

@@ -4,7 +4,7 @@ the library's layer spec, and the row a data-parallel refresh sends per sample. 
 tengrad.torch that tests those types."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,21 @@ SUPPORTED = (nn.Linear, nn.Conv2d)
 
 def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def never_called(model: nn.Module) -> Dict[str, str]:
+    """{name: reason} of supported modules that their parent uses without calling them, so no hook
+    ever sees their input: ``nn.MultiheadAttention``'s ``out_proj`` (the attention reads its
+    weight inside ``F.multi_head_attention_forward``). Skipped automatically; their gradients are
+    left as they are."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for child, sub in module.named_modules():
+                if child and isinstance(sub, SUPPORTED):
+                    found[f"{name}.{child}" if name else child] = (
+                        "inside nn.MultiheadAttention, which uses its weights without calling it (not supported yet)")
+    return found
 
 
 def is_sequence(module: nn.Module, x: torch.Tensor) -> bool:
