@@ -330,8 +330,9 @@ TENGRAD_NODISCARD tengrad_status tengrad_update_curvature_from_gradients(tengrad
 
 /* update = (F + λI)^-1 grad, with F from the layer's current snapshot (reuse path: sampled-label
    Fisher, or curvature refreshed every T steps). weight_update may be the same pointer as
-   weight_grad and bias_update as bias_grad (in place); other partial overlaps are not allowed.
-   TENGRAD_ERROR_STATE when the layer has no snapshot yet. */
+   weight_grad and bias_update as bias_grad (in place); any other overlap (bias_update with
+   weight_update, an update with part of a gradient or with the other gradient) is refused with
+   TENGRAD_ERROR_INVALID_ARGUMENT. TENGRAD_ERROR_STATE when the layer has no snapshot yet. */
 TENGRAD_NODISCARD tengrad_status tengrad_precondition(tengrad_preconditioner *p, int32_t layer,
                                                       const float *weight_grad,
                                                       const float *bias_grad, float *weight_update,
@@ -339,7 +340,8 @@ TENGRAD_NODISCARD tengrad_status tengrad_precondition(tengrad_preconditioner *p,
 
 /* Empirical Fisher in one call: snapshot from this batch, and update = (F + λI)^-1 of this
    batch's mean gradient (the mean of the per-sample gradients defined by the same inputs).
-   The update buffers must not overlap activations or output_grads (TENGRAD_ERROR_INVALID_ARGUMENT).
+   The update buffers must not overlap activations, output_grads or each other
+   (TENGRAD_ERROR_INVALID_ARGUMENT).
    Computed as U (UᵀU + mλI)^-1 1: no gradient has to be passed and no Uᵀv product is formed.
    The snapshot is kept, so later tengrad_precondition calls reuse it. */
 TENGRAD_NODISCARD tengrad_status tengrad_natural_gradient(tengrad_preconditioner *p, int32_t layer,

@@ -1,5 +1,5 @@
 /// Checks of a call's arguments against its layer, shared by the entry points: sizes, NULL,
-/// presence of the bias, grad scale, and overlap of outputs with inputs. Each throws the error the
+/// presence of the bias, grad scale, and overlap of outputs with each other and with inputs. Each throws the error the
 /// C ABI reports.
 enum Arguments {
     /// `natural_gradient` writes its updates while it still reads the batch (and keeps a copy of it
@@ -19,6 +19,28 @@ enum Arguments {
                 throw .invalid("bias_update overlaps \(name): natural_gradient's outputs must not alias its inputs")
             }
         }
+    }
+
+    /// `precondition` may write its updates over its gradients (the same arrays: in place) but not
+    /// over part of them, over the other gradient, or the bias update over the weight update.
+    static func checkInPlaceOrDisjoint(
+        outputs weight: (UnsafeMutablePointer<Float>, Int), _ bias: (UnsafeMutablePointer<Float>?, Int),
+        inputs weightGrad: UnsafePointer<Float>, _ biasGrad: UnsafePointer<Float>?
+    ) throws(TENGraDError) {
+        func overlaps(_ p: UnsafeRawPointer, _ n: Int, _ q: UnsafeRawPointer, _ k: Int) -> Bool {
+            p < q + 4 * k && q < p + 4 * n
+        }
+        let (wu, wn) = weight
+        if UnsafePointer(wu) != weightGrad, overlaps(wu, wn, weightGrad, wn) {
+            throw .invalid("weight_update overlaps weight_grad without being it: in place takes the same array")
+        }
+        guard let bu = bias.0, let biasGrad else { return }
+        let bn = bias.1
+        if UnsafePointer(bu) != biasGrad, overlaps(bu, bn, biasGrad, bn) {
+            throw .invalid("bias_update overlaps bias_grad without being it: in place takes the same array")
+        }
+        if overlaps(wu, wn, biasGrad, bn) { throw .invalid("weight_update overlaps bias_grad") }
+        if overlaps(bu, bn, weightGrad, wn) { throw .invalid("bias_update overlaps weight_grad") }
     }
 
     static func checkScale(_ s: Float) throws(TENGraDError) {
@@ -47,6 +69,10 @@ enum Arguments {
     ) throws(TENGraDError) -> (UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>?) {
         let wu = try base(UnsafeBufferPointer(weightUpdate), count: l.dims.weightCount, "weight_update")
         let bu = try bias(biasUpdate.map { UnsafeBufferPointer($0) }, count: l.dims.biasCount, "bias_update")
+        if let bu, UnsafeRawPointer(bu) < UnsafeRawPointer(wu + l.dims.weightCount),
+           UnsafeRawPointer(wu) < UnsafeRawPointer(bu + l.dims.biasCount) {
+            throw .invalid("bias_update overlaps weight_update: each update needs its own memory")
+        }
         return (UnsafeMutablePointer(mutating: wu), bu.map { UnsafeMutablePointer(mutating: $0) })
     }
 }

@@ -128,6 +128,7 @@ extension Preconditioner {
         let w = try Arguments.base(weightGrad, count: l.dims.weightCount, "weight_grad")
         let b = try Arguments.bias(biasGrad, count: l.dims.biasCount, "bias_grad")
         let (wu, bu) = try Arguments.updateOutputs(l, weightUpdate, biasUpdate)
+        try Arguments.checkInPlaceOrDisjoint(outputs: (wu, l.dims.weightCount), (bu, l.dims.biasCount), inputs: w, b)
         try compute { () throws(TENGraDError) in
             try l.precondition(weightGrad: w, biasGrad: b, weightUpdate: wu, biasUpdate: bu, context: context)
         }

@@ -226,3 +226,39 @@ def test_python_integers_are_checked_before_ctypes_cuts_them():
             p.blas_threads = 2**40
         assert p.num_layers == 1
         p.add_linear(np.int64(3), np.int32(2))         # numpy integers are integers
+
+
+def test_overlapping_update_buffers_are_refused_and_change_nothing():
+    """Outputs that overlap each other, or the gradients without being them, used to return OK with
+    garbage (issue 18): refused; the exact in-place call still works."""
+    p = tengrad.Preconditioner(damping=0.1)
+    layer = p.add_linear(4, 3, bias=True)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 4), dtype=np.float32)
+    g = rng.standard_normal((5, 3), dtype=np.float32)
+    p.update_curvature(layer, a, g, 5.0)
+    v = rng.standard_normal((3, 4), dtype=np.float32)
+    vb = rng.standard_normal(3, dtype=np.float32)
+    want = p.precondition(layer, v, vb)
+    buf = np.zeros(20, np.float32)
+    joint = np.zeros(15, np.float32)
+    joint[12:] = vb
+    cases = [
+        lambda: p.precondition(layer, v, vb, out=(buf[:12].reshape(3, 4), buf[10:13])),       # bias inside weight
+        lambda: p.natural_gradient(layer, a, g, 5.0, out=(buf[:12].reshape(3, 4), buf[0:3])),  # both at one start
+        lambda: p.precondition(layer, v, vb, out=(np.zeros((3, 4), np.float32), v.reshape(-1)[1:4])),  # over v
+        lambda: p.precondition(layer, v, joint[12:], out=(joint[3:15].reshape(3, 4), np.zeros(3, np.float32))),
+    ]
+    before = (v.copy(), vb.copy(), p.save_state())
+    for call in cases:
+        with pytest.raises(tengrad.TengradError, match="overlaps"):
+            call()
+        assert np.array_equal(v, before[0]) and np.array_equal(vb, before[1]) and p.save_state() == before[2]
+    shifted = np.zeros(13, np.float32)
+    shifted[1:13] = v.reshape(-1)
+    with pytest.raises(tengrad.TengradError, match="overlaps weight_grad"):
+        p.precondition(layer, shifted[1:13].reshape(3, 4), vb, out=(shifted[0:12].reshape(3, 4), np.zeros(3, np.float32)))
+    w2, b2 = v.copy(), vb.copy()
+    p.precondition(layer, w2, b2, out=(w2, b2))                                                 # in place: fine
+    np.testing.assert_array_equal(w2, want[0])
+    np.testing.assert_array_equal(b2, want[1])
