@@ -155,10 +155,14 @@ test-example: $(BUILD)/mlp $(DATA)/.done ## The examples on real data; the C tra
 	$(BUILD)/mlp-cxx --data $(DATA) --epochs 1 --train-limit 6000 --test-limit 2000 --fisher empirical --check
 	$(PYTHON) examples/python/numpy_mlp.py --epochs 1 --train-limit 3000
 	$(PYTHON) examples/python/numpy_conv.py --epochs 1 --train-limit 2000
+	@# Numbers are parsed strictly: out of range, NaN or trailing text is a usage error (status 2).
+	@for bad in "--epochs 99999999999" "--lr-ng nan" "--batch 12x" "--damping -1"; do \
+	  $(BUILD)/mlp --data $(DATA) $$bad 2>/dev/null; rc=$$?; \
+	  test $$rc = 2 || { echo "mlp $$bad: status $$rc, expected 2"; exit 1; }; done
 	$(PYTHON) examples/torch/fashion_mnist.py --budget 3 --train-limit 3000 --test-limit 1000 --eval-seconds 1 \
-	  --plot $(BUILD)/fashion_mnist_smoke.png
+	  --no-paired-cost --plot $(BUILD)/fashion_mnist_smoke.png
 	$(PYTHON) examples/torch/vit.py --budget 3 --train-limit 3000 --test-limit 1000 --eval-seconds 1.5 \
-	  --plot $(BUILD)/vit_smoke.png
+	  --no-paired-cost --plot $(BUILD)/vit_smoke.png
 	timeout 300 $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=2 examples/torch/fashion_mnist.py \
 	  --distributed --budget 3 --train-limit 3000 --test-limit 1000 --eval-seconds 1.5 --optimizers tengrad,adam
 	swift build -c release --product tengrad-swift-example $(SWIFT_FLAGS)
@@ -175,6 +179,9 @@ test-mpi: $(BUILD)/mlp_mpi $(DATA)/.done ## MPI trainer: P = 2, 3 equal one proc
 	@test "$$(grep -c 'step 3 failed on 1 rank' $(BUILD)/mpi_fail.log)" = 2 || \
 	  { cat $(BUILD)/mpi_fail.log; echo "not every rank stopped at step 3"; exit 1; }
 	@echo "MPI failure test: both ranks stopped at step 3"
+	@for bad in "--update-freq 99999999999" "--lr nan" "--verify 3.5"; do \
+	  $(MPIRUN) -np 2 $(BUILD)/mlp_mpi --data $(DATA) $$bad >/dev/null 2>&1; rc=$$?; \
+	  test $$rc != 0 || { echo "mlp_mpi $$bad was accepted"; exit 1; }; done
 
 # The installed library: the Swift standard library linked in statically (no Swift runtime
 # needed at run time), only the C ABI exported, SONAME libtengrad.so.MAJOR.

@@ -357,9 +357,10 @@ TENGRAD_NODISCARD tengrad_status tengrad_natural_gradient(tengrad_preconditioner
    copies, Gram, Cholesky factor) and last ⟨update, grad⟩. Size query then fill: with
    buffer == NULL, *size receives the bytes needed; otherwise up to capacity bytes are written
    and *size receives the bytes written (TENGRAD_ERROR_SHAPE if capacity is too small).
-   Format: magic "TENGRAD\x1a", u32 version (2), explicit little-endian fields, no pointers,
+   Format: magic "TENGRAD\x1a", u32 version (3), explicit little-endian fields, no pointers,
    XXH64 checksum of all preceding bytes last. The blob is portable across machines.
-   Version 2 adds the snapshot representation; blobs of version 1 still load. */
+   Version 2 added the snapshot representation, version 3 a snapshot's token count (sequence
+   layers); blobs of versions 1 and 2 still load. */
 TENGRAD_NODISCARD tengrad_status tengrad_save_state(const tengrad_preconditioner *p, void *buffer,
                                                     size_t capacity, size_t *size);
 

@@ -8,7 +8,7 @@ public func tengrad_get_blas_info(_ info: UnsafeMutablePointer<tengrad_blas_info
     guard let info else { return statusInvalid }
     let ours = MemoryLayout<tengrad_blas_info>.size
     // The caller's struct may be a later, longer version: read its size without assuming ours.
-    let size = UnsafeRawPointer(info).loadUnaligned(as: Int.self)
+    let size = callerStructSize(info)
     guard size >= ours else { return statusInvalid }
     let b = BLASInfo.current
     var c = tengrad_blas_info()

@@ -92,3 +92,10 @@ extension tengrad_conv2d_shape {
             groups: Int64(s.groups), has_bias: s.hasBias ? 1 : 0)
     }
 }
+
+/// The `size` field (a size_t, first) of a caller's extensible struct, whatever version of the
+/// struct the caller has: any value from ours up to SIZE_MAX means "fill what fits" (ours).
+func callerStructSize(_ p: UnsafeRawPointer) -> Int {
+    let size = p.loadUnaligned(as: UInt.self)
+    return size > UInt(Int.max) ? Int.max : Int(size)
+}

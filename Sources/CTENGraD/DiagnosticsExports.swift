@@ -56,7 +56,7 @@ public func tengrad_get_snapshot_info(
         let o = try required(info, "info")
         let ours = MemoryLayout<tengrad_snapshot_info>.size
         // The caller's struct may be a later, longer version: read its size without assuming ours.
-        let size = UnsafeRawPointer(o).loadUnaligned(as: Int.self)
+        let size = callerStructSize(o)
         guard size >= ours else {
             throw TENGraDError(.invalidArgument, "info->size is \(size); set it to sizeof(tengrad_snapshot_info) (\(ours))")
         }

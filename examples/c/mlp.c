@@ -139,21 +139,25 @@ int main(int argc, char **argv) {
         if (!strcmp(a, "--check")) { check_loss = 1; continue; }
         if (!v) { fprintf(stderr, "%s needs a value\n", a); return 2; }
         i++;
+        long long n = 0;
+        double x = 0;
+        int ok = 1;
         if (!strcmp(a, "--data")) data = v;
-        else if (!strcmp(a, "--epochs")) cfg.epochs = atoi(v);
-        else if (!strcmp(a, "--batch")) cfg.batch = atoll(v);
-        else if (!strcmp(a, "--lr-sgd")) cfg.lr_sgd = strtof(v, NULL);
-        else if (!strcmp(a, "--lr-ng")) cfg.lr_ng = strtof(v, NULL);
-        else if (!strcmp(a, "--damping")) cfg.damping = strtod(v, NULL);
-        else if (!strcmp(a, "--kl-clip")) cfg.kl_clip = strtod(v, NULL);
-        else if (!strcmp(a, "--train-limit")) train_limit = atoll(v);
-        else if (!strcmp(a, "--test-limit")) test_limit = atoll(v);
-        else if (!strcmp(a, "--seed")) rng_state = strtoull(v, NULL, 10);
+        else if (!strcmp(a, "--epochs")) { ok = parse_integer(a, v, 1, 100000, &n); cfg.epochs = (int)n; }
+        else if (!strcmp(a, "--batch")) { ok = parse_integer(a, v, 1, 1 << 20, &n); cfg.batch = n; }
+        else if (!strcmp(a, "--lr-sgd")) { ok = parse_real(a, v, 0, 1e6, &x); cfg.lr_sgd = (float)x; }
+        else if (!strcmp(a, "--lr-ng")) { ok = parse_real(a, v, 0, 1e6, &x); cfg.lr_ng = (float)x; }
+        else if (!strcmp(a, "--damping")) { ok = parse_real(a, v, 1e-30, 1e30, &x); cfg.damping = x; }
+        else if (!strcmp(a, "--kl-clip")) { ok = parse_real(a, v, 0, 1e30, &x); cfg.kl_clip = x; }
+        else if (!strcmp(a, "--train-limit")) { ok = parse_integer(a, v, 0, INT64_MAX, &n); train_limit = n; }
+        else if (!strcmp(a, "--test-limit")) { ok = parse_integer(a, v, 0, INT64_MAX, &n); test_limit = n; }
+        else if (!strcmp(a, "--seed")) { ok = parse_integer(a, v, 0, INT64_MAX, &n); rng_state = (uint64_t)n; }
         else if (!strcmp(a, "--fisher")) {
             if (strcmp(v, "sampled") && strcmp(v, "empirical")) { fprintf(stderr, "--fisher sampled|empirical\n"); return 2; }
             cfg.sampled = !strcmp(v, "sampled");
         }
         else { fprintf(stderr, "unknown option %s\n", a); return 2; }
+        if (!ok) return 2;
     }
     if (!data || cfg.epochs < 1 || cfg.batch < 1) {
         fprintf(stderr, "usage: %s --data DIR [--epochs N] [--batch M] [--lr-sgd X] [--lr-ng X] [--damping X]\n"

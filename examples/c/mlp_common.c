@@ -1,6 +1,7 @@
 /* The model, data and numerics shared by the C trainers (mlp.c, mlp_mpi.c): see mlp_common.h. */
 #include "mlp_common.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -191,3 +192,27 @@ int check(tengrad_preconditioner *p, tengrad_status s, const char *what) {
     return 0;
 }
 
+
+int parse_integer(const char *option, const char *text, long long lo, long long hi, long long *out) {
+    char *end = NULL;
+    errno = 0;
+    long long v = strtoll(text, &end, 10);
+    if (errno || end == text || *end || v < lo || v > hi) {
+        fprintf(stderr, "%s: expected an integer in [%lld, %lld], got '%s'\n", option, lo, hi, text);
+        return 0;
+    }
+    *out = v;
+    return 1;
+}
+
+int parse_real(const char *option, const char *text, double lo, double hi, double *out) {
+    char *end = NULL;
+    errno = 0;
+    double v = strtod(text, &end);
+    if (errno || end == text || *end || !isfinite(v) || v < lo || v > hi) {
+        fprintf(stderr, "%s: expected a finite number in [%g, %g], got '%s'\n", option, lo, hi, text);
+        return 0;
+    }
+    *out = v;
+    return 1;
+}

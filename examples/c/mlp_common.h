@@ -56,6 +56,11 @@ void gradients(const float *x, const workspace *ws, mlp *grad);
 
 void axpy_model(mlp *net, float alpha, const mlp *step); /* net += alpha · step */
 
+/* Command-line numbers, strictly: the whole of `text` is one number within [lo, hi] (a real one
+   also finite). Return 1 and set *out, or print "<option>: ..." to stderr and return 0. */
+int parse_integer(const char *option, const char *text, long long lo, long long hi, long long *out);
+int parse_real(const char *option, const char *text, double lo, double hi, double *out);
+
 /* Mean loss and accuracy over a data set, in batches of 1000. */
 void evaluate(const mlp *net, const dataset *d, double *loss, double *accuracy);
 

@@ -281,20 +281,24 @@ int main(int argc, char **argv) {
         if (!strcmp(a, "--check")) { check_loss = 1; continue; }
         if (!v) { bad = 1; break; }
         i++;
+        long long n = 0;
+        double x = 0;
+        int ok = 1;
         if (!strcmp(a, "--data")) data = v;
-        else if (!strcmp(a, "--epochs")) cfg.epochs = atoi(v);
-        else if (!strcmp(a, "--batch")) cfg.batch = atoll(v);
-        else if (!strcmp(a, "--lr")) cfg.lr = strtof(v, NULL);
-        else if (!strcmp(a, "--damping")) cfg.damping = strtod(v, NULL);
-        else if (!strcmp(a, "--kl-clip")) cfg.kl_clip = strtod(v, NULL);
-        else if (!strcmp(a, "--update-freq")) cfg.update_freq = atoi(v);
-        else if (!strcmp(a, "--verify")) cfg.verify = atoi(v);
-        else if (!strcmp(a, "--fail-at")) cfg.fail_at = atoll(v);
-        else if (!strcmp(a, "--train-limit")) train_limit = atoll(v);
-        else if (!strcmp(a, "--test-limit")) test_limit = atoll(v);
-        else if (!strcmp(a, "--seed")) rng_state = strtoull(v, NULL, 10);
+        else if (!strcmp(a, "--epochs")) { ok = parse_integer(a, v, 1, 100000, &n); cfg.epochs = (int)n; }
+        else if (!strcmp(a, "--batch")) { ok = parse_integer(a, v, 1, 1 << 20, &n); cfg.batch = n; }
+        else if (!strcmp(a, "--lr")) { ok = parse_real(a, v, 0, 1e6, &x); cfg.lr = (float)x; }
+        else if (!strcmp(a, "--damping")) { ok = parse_real(a, v, 1e-30, 1e30, &x); cfg.damping = x; }
+        else if (!strcmp(a, "--kl-clip")) { ok = parse_real(a, v, 0, 1e30, &x); cfg.kl_clip = x; }
+        else if (!strcmp(a, "--update-freq")) { ok = parse_integer(a, v, 1, 1000000, &n); cfg.update_freq = (int)n; }
+        else if (!strcmp(a, "--verify")) { ok = parse_integer(a, v, 0, 1000000, &n); cfg.verify = (int)n; }
+        else if (!strcmp(a, "--fail-at")) { ok = parse_integer(a, v, -1, INT64_MAX, &n); cfg.fail_at = n; }
+        else if (!strcmp(a, "--train-limit")) { ok = parse_integer(a, v, 0, INT64_MAX, &n); train_limit = n; }
+        else if (!strcmp(a, "--test-limit")) { ok = parse_integer(a, v, 0, INT64_MAX, &n); test_limit = n; }
+        else if (!strcmp(a, "--seed")) { ok = parse_integer(a, v, 0, INT64_MAX, &n); rng_state = (uint64_t)n; }
         else if (!strcmp(a, "--fisher") && (!strcmp(v, "sampled") || !strcmp(v, "empirical"))) cfg.sampled = !strcmp(v, "sampled");
         else bad = 1;
+        if (!ok) bad = 1;
     }
     if (bad || !data || cfg.epochs < 1 || cfg.batch < lo.size || cfg.update_freq < 1 || lo.size > 64) {
         if (lo.rank == 0)

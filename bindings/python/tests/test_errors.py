@@ -262,3 +262,20 @@ def test_overlapping_update_buffers_are_refused_and_change_nothing():
     p.precondition(layer, w2, b2, out=(w2, b2))                                                 # in place: fine
     np.testing.assert_array_equal(w2, want[0])
     np.testing.assert_array_equal(b2, want[1])
+
+
+def test_extensible_structs_take_any_size_from_theirs_up_to_size_max():
+    """A caller whose struct is a later, longer version (size up to SIZE_MAX) gets the fields of
+    ours; it was refused at SIZE_MAX (read as a negative size)."""
+    p = tengrad.Preconditioner(damping=0.1)
+    layer = p.add_linear(3, 2)
+    p.update_curvature(layer, np.ones((4, 3), np.float32), np.ones((4, 2), np.float32), 4.0)
+    for size in (None, 2 ** 63 - 1, 2 ** 64 - 1):
+        info = _lib.SnapshotInfo()
+        info.size = size or ctypes.sizeof(_lib.SnapshotInfo)
+        assert _lib.lib.tengrad_get_snapshot_info(p._h, layer, ctypes.byref(info)) == _lib.OK
+        assert info.size == ctypes.sizeof(_lib.SnapshotInfo) and info.batch == 4
+        blas = _lib.BlasInfo()
+        blas.size = size or ctypes.sizeof(_lib.BlasInfo)
+        assert _lib.lib.tengrad_get_blas_info(ctypes.byref(blas)) == _lib.OK
+        assert blas.size == ctypes.sizeof(_lib.BlasInfo) and blas.threads >= 1
