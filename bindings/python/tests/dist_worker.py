@@ -109,6 +109,8 @@ def main():
     pre = tt.TENGraD(hooked, damping=0.1, fisher=fisher, update_freq=2, process_group=group, skip=skip,
                      kl_clip=1e-4 if kl else None, lr=1.0 if kl else None)
     shards = np.array_split(np.arange(m), size) if distributed else [np.arange(m)]
+    if variant == "empty" and distributed:                  # the last rank gets no sample at all
+        shards = np.array_split(np.arange(m), size - 1) + [np.arange(0)]
     mine = shards[rank]
     saved = {}
     for step in range(4):                                   # refresh, reuse, refresh, reuse

@@ -62,6 +62,13 @@ def test_failing_rank_raises_everywhere(make, fisher, tmp_path):
     check(make, fisher, tmp_path, "inject", 10, (2, 3))
 
 
+@pytest.mark.parametrize("make", ["mlp", "cnn"])
+def test_a_rank_without_samples(make, tmp_path):
+    """A rank whose shard is empty (its mean loss is NaN): the others' samples make the step, equal
+    to the single process's; it used to raise IndexError there while its peers waited."""
+    check(make, "empirical", tmp_path, "empty", 10, (2, 3))
+
+
 @pytest.mark.parametrize("fisher", ["empirical", "sampled"])
 def test_sequence_layers_with_padding(fisher, tmp_path):
     """A linear layer over tokens sends per-sequence gradients (one width whatever the padding)."""

@@ -96,41 +96,57 @@ class DataParallel:
                                "no .grad was changed (the failing ranks raised the cause)")
         counts = [int(c[0].item()) for c in counts]
         m_total = sum(counts)
+        if m_total == 0:  # every rank agrees: the same counts reached all
+            raise RuntimeError("TENGraD: no rank has a sample in this step; no .grad was changed")
         weight = counts[rank] / m_total
         status, updates = 0, []
         # Samples of every rank: the global mean gradient weights each rank's mean by its share; a
         # refresh gathers that many rows from each rank to the layer's owner.
         for (layer, w, b, batch), owner in zip(plans, owners):
-            grad = np.concatenate([w.ravel(), b.ravel()]) if b is not None else w.ravel().copy()
-            g_sum = torch.from_numpy(grad * weight).to(device)
-            dist.reduce(g_sum, dst=owner, group=group)
+            numel = w.size + (b.size if b is not None else 0)
             kind, width = self._rows(layer)
-            if refresh:
-                a, g = batch[:2]
-                mask = batch[2] if len(batch) == 3 else None
-                pad = torch.zeros((max(counts), width), dtype=torch.float32)
-                if kind == "raw":  # inputs and per-sample output gradients, written into place
-                    n, cut = a.shape[0], a[0].size
-                    pad[:n, :cut] = torch.from_numpy(a.reshape(n, -1))
-                    pad[:n, cut:] = torch.from_numpy(g.reshape(n, -1))
-                    pad[:n, cut:].mul_(self._grad_scale(n))
+            # This rank's part, built before the layer's collectives: whatever fails here, the
+            # rank still takes part in them (with NaN, which makes the owner refuse), so every rank
+            # raises instead of its peers waiting for the group's timeout.
+            try:
+                if weight == 0:  # no samples here: nothing to add (a mean over none is NaN)
+                    grad = np.zeros(numel, np.float32)
                 else:
-                    try:
-                        pad[:a.shape[0]] = torch.from_numpy(
-                            self._pre.per_sample_gradients(layer.id, a, g, self._grad_scale(a.shape[0]), mask=mask))
-                    except Exception as e:  # noqa: BLE001 — NaN rows make the owner refuse too
-                        status, error = 1, e
-                        pad.fill_(float("nan"))
-                pad = pad.to(device)
+                    grad = (np.concatenate([w.ravel(), b.ravel()]) if b is not None else w.ravel()) * np.float32(weight)
+                g_sum = torch.from_numpy(np.ascontiguousarray(grad, np.float32)).to(device)
+                pad = None
+                if refresh:
+                    a, g = batch[:2]
+                    mask = batch[2] if len(batch) == 3 else None
+                    n = a.shape[0]
+                    pad = torch.zeros((max(counts), width), dtype=torch.float32)
+                    if n == 0:
+                        pass
+                    elif kind == "raw":  # inputs and per-sample output gradients, written into place
+                        cut = int(np.prod(a.shape[1:]))
+                        pad[:n, :cut] = torch.from_numpy(a.reshape(n, -1))
+                        pad[:n, cut:] = torch.from_numpy(g.reshape(n, -1))
+                        pad[:n, cut:].mul_(self._grad_scale(n))
+                    else:
+                        pad[:n] = torch.from_numpy(self._pre.per_sample_gradients(layer.id, a, g, self._grad_scale(n),
+                                                                                   mask=mask))
+                    pad = pad.to(device)
+            except Exception as e:  # noqa: BLE001 — every rank learns of it through the owner
+                status, error = 1, e
+                g_sum = torch.full((numel,), float("nan"), dtype=torch.float32, device=device)
+                pad = torch.full((max(counts), width), float("nan"), dtype=torch.float32, device=device) \
+                    if refresh else None
+            dist.reduce(g_sum, dst=owner, group=group)
+            if refresh:
                 gathered = [torch.zeros_like(pad) for _ in range(size)] if rank == owner else None
                 dist.gather(pad, gathered, dst=owner, group=group)
-            out = torch.zeros(grad.size, dtype=torch.float32, device=device)
+            out = torch.zeros(numel, dtype=torch.float32, device=device)
             if rank == owner:
                 try:
                     if refresh:
                         full = torch.cat([blk[:n] for blk, n in zip(gathered, counts)]).cpu().numpy()
                         if kind == "raw":
-                            cut = a[0].size
+                            cut = int(np.prod(a.shape[1:]))
                             fa = np.ascontiguousarray(full[:, :cut]).reshape((m_total,) + a.shape[1:])
                             fg = np.ascontiguousarray(full[:, cut:]).reshape((m_total,) + batch[1].shape[1:])
                             self._pre.update_curvature(layer.id, fa, fg, 1.0)
