@@ -88,6 +88,40 @@ def inject_failures(pre, model, rank, step):
         weight.grad = held
 
 
+def ddp_remove(rank, size, make, m, out):
+    """A DDP model's TENGraD removed, then plain DDP steps, then a new TENGraD on the same model:
+    DDP must average every gradient again after remove() (the hook used to skip the preconditioned
+    layers forever), and the new TENGraD must take the hook over (DDP refuses a second hook)."""
+    group = dist.group.WORLD
+    torch.manual_seed(0)
+    model = {"mlp": mlp, "cnn": cnn}[make]()
+    ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=group)
+    mine = np.array_split(np.arange(m), size)[rank]
+    saved = {}
+
+    def one_step(tag, pre):
+        x, y = batch(model, m, 200 + len(saved))
+        model.zero_grad()
+        F.cross_entropy(ddp(x[mine]), y[mine]).backward()
+        if pre is not None:
+            pre.step()
+        for name, p in model.named_parameters():
+            saved[f"{tag}/{name}"] = p.grad.numpy().copy()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(0.05 * p.grad)
+    pre = tt.TENGraD(ddp, damping=0.1, process_group=group)
+    one_step("first", pre)
+    pre.remove()
+    one_step("plain", None)
+    second = tt.TENGraD(ddp, damping=0.1, process_group=group)
+    one_step("second", second)
+    np.savez(f"{out}.{rank}.npz", **saved)
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)
+
+
 def main():
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     make, fisher, m, out, distributed = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
@@ -96,6 +130,8 @@ def main():
     if distributed:
         dist.init_process_group("gloo", rank=rank, world_size=size, timeout=__import__("datetime").timedelta(seconds=60))
         group = dist.group.WORLD
+        if variant == "ddp-remove":
+            return ddp_remove(rank, size, make, m, out)
     torch.manual_seed(0)
     model = {"mlp": mlp, "cnn": cnn, "seq": seq}[make]()
     kl = fisher.endswith("+kl")                             # KL clipping that is active (ν < 1)

@@ -62,6 +62,14 @@ def test_failing_rank_raises_everywhere(make, fisher, tmp_path):
     check(make, fisher, tmp_path, "inject", 10, (2, 3))
 
 
+def test_ddp_after_remove_and_a_second_tengrad(tmp_path):
+    """After pre.remove() a DDP model averages every gradient again (replicas stay equal), and a new
+    TENGraD on the same DDP model works (DDP allows one hook: the first one routes)."""
+    ranks = run("mlp", "empirical", 2, str(tmp_path), True, "ddp-remove", 10)
+    for key in ranks[0]:
+        np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
+
+
 @pytest.mark.parametrize("make", ["mlp", "cnn"])
 def test_a_rank_without_samples(make, tmp_path):
     """A rank whose shard is empty (its mean loss is NaN): the others' samples make the step, equal

@@ -82,7 +82,7 @@ from ..core import Preconditioner
 from . import modules
 from .batch import Batches
 from .capture import Capturing, _Hook, _Layer
-from .distributed import DataParallel
+from .distributed import DataParallel, attach_comm_hook
 from .fisher import SampledFisher
 from .modules import ModuleAdapter
 from .state import Checkpoints
@@ -252,7 +252,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
                 owners[id(param)] = layer.name
         self._preconditioned = set(owners)  # ids of the parameters step() replaces
         if process_group is not None and isinstance(model, nn.parallel.DistributedDataParallel):
-            model.register_comm_hook(process_group, self.ddp_comm_hook)
+            attach_comm_hook(model, process_group, self)
         self._pre = Preconditioner(damping=damping, memory_limit=memory_limit)
         self._handles.append(model.register_forward_pre_hook(_Hook(self._root_pre_hook)))
         for layer in self._layers:
