@@ -132,6 +132,12 @@ def main():
         group = dist.group.WORLD
         if variant == "ddp-remove":
             return ddp_remove(rank, size, make, m, out)
+        if variant == "subgroup":                           # TENGraD on global ranks 1..P-1 only
+            group = dist.new_group(list(range(1, size)))
+            if rank == 0:
+                dist.barrier()
+                os._exit(0)
+            rank, size = rank - 1, size - 1
     torch.manual_seed(0)
     model = {"mlp": mlp, "cnn": cnn, "seq": seq}[make]()
     kl = fisher.endswith("+kl")                             # KL clipping that is active (ν < 1)
@@ -184,6 +190,8 @@ def main():
             for p in model.parameters():
                 p.sub_(0.05 * p.grad)
     kinds = np.array([pre._rows(layer)[0] == "per-sample" for layer in pre._layers])  # rows a refresh sends
+    if variant == "subgroup":
+        rank += 1                                           # files named by global rank
     np.savez(f"{out}.{rank}.npz", owners=np.array(pre._owners or []), kinds=kinds, nu=np.array(pre.last_nu), **saved)
     if distributed:
         # Every rank has finished every collective once the barrier returns; leave without

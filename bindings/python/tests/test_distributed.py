@@ -70,6 +70,32 @@ def test_ddp_after_remove_and_a_second_tengrad(tmp_path):
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
 
 
+def test_a_subgroup_without_global_rank_0(tmp_path):
+    """TENGraD on a process group of global ranks 1 and 2 (rank 0 elsewhere): owners are group
+    ranks, torch's collectives take global ranks; equals the single process."""
+    reference = run("mlp", "empirical", 1, str(tmp_path), False, "plain", 10)[0]
+    out = os.path.join(str(tmp_path), "subgroup")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="3",
+               OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", SWIFT_BACKTRACE="enable=no")
+    procs = [subprocess.Popen([sys.executable, WORKER, "mlp", "empirical", "10", out, "1", "subgroup"],
+                              env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for r in range(3)]
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert p.returncode == 0, err.decode()[-2000:]
+    ranks = [dict(np.load(f"{out}.{r}.npz")) for r in (1, 2)]
+    for key, want in reference.items():
+        if key in ("owners", "kinds", "nu"):
+            continue
+        np.testing.assert_array_equal(ranks[0][key], ranks[1][key])
+        assert np.linalg.norm(ranks[0][key] - want) <= 1e-4 * np.linalg.norm(want), key
+
+
 @pytest.mark.parametrize("make", ["mlp", "cnn"])
 def test_a_rank_without_samples(make, tmp_path):
     """A rank whose shard is empty (its mean loss is NaN): the others' samples make the step, equal

@@ -145,6 +145,9 @@ class DataParallel:
         # Samples of every rank: the global mean gradient weights each rank's mean by its share; a
         # refresh gathers that many rows from each rank to the layer's owner.
         for (layer, w, b, batch), owner in zip(plans, owners):
+            # Owners are ranks of the group; torch's dst/src are global ranks (a subgroup without
+            # global rank 0 failed every step).
+            root = dist.get_global_rank(group, owner) if group is not None and group != dist.group.WORLD else owner
             numel = w.size + (b.size if b is not None else 0)
             kind, width = self._rows(layer)
             # This rank's part, built before the layer's collectives: whatever fails here, the
@@ -178,10 +181,10 @@ class DataParallel:
                 g_sum = torch.full((numel,), float("nan"), dtype=torch.float32, device=device)
                 pad = torch.full((max(counts), width), float("nan"), dtype=torch.float32, device=device) \
                     if refresh else None
-            dist.reduce(g_sum, dst=owner, group=group)
+            dist.reduce(g_sum, dst=root, group=group)
             if refresh:
                 gathered = [torch.zeros_like(pad) for _ in range(size)] if rank == owner else None
-                dist.gather(pad, gathered, dst=owner, group=group)
+                dist.gather(pad, gathered, dst=root, group=group)
             out = torch.zeros(numel, dtype=torch.float32, device=device)
             if rank == owner:
                 try:
@@ -202,7 +205,7 @@ class DataParallel:
                                            else uw.ravel().copy()).to(device)
                 except Exception as e:  # noqa: BLE001 — every rank learns of it below
                     status, error = 1, e
-            dist.broadcast(out, src=owner, group=group)
+            dist.broadcast(out, src=root, group=group)
             updates.append((layer, out))
         # One allreduce: a failure flag per rank and this rank's ⟨update, grad⟩ terms of the layers
         # it owns (the global KL sum).
