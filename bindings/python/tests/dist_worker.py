@@ -34,6 +34,8 @@ def seq():
 
 
 def batch(model, m, seed):
+    if isinstance(model, Partial):
+        model = model.body
     if isinstance(model[2], MeanTokens):
         g = torch.Generator().manual_seed(seed)
         return torch.randn(m, 5, 4, generator=g), torch.randint(0, 3, (m,), generator=g)
@@ -88,6 +90,60 @@ def inject_failures(pre, model, rank, step):
         weight.grad = held
 
 
+class Partial(torch.nn.Module):
+    """The MLP with its first layer frozen, a head it never uses, and a keyword-only input."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = mlp()
+        self.unused = torch.nn.Linear(4, 4)
+        for p in self.body[0].parameters():
+            p.requires_grad_(False)
+
+    def forward(self, *, x):
+        return self.body(x)
+
+
+def disagreements(rank, size, m, out):
+    """Ranks that disagree raise on every rank with nothing changed, within seconds: a damping set
+    on one rank only; then a rank that skipped step() (it ran two training forwards)."""
+    group = dist.group.WORLD
+    torch.manual_seed(0)
+    model = mlp()
+    pre = tt.TENGraD(model, damping=0.1, update_freq=2, process_group=group)
+    mine = np.array_split(np.arange(m), size)[rank]
+    said = []
+
+    def forward_backward(seed):
+        x, y = batch(model, m, seed)
+        F.cross_entropy(model(x[mine]), y[mine]).backward()
+
+    forward_backward(300)
+    if rank == 1:
+        pre.set_damping(0.2)
+    before = [p.grad.clone() for p in model.parameters()]
+    try:
+        pre.step()
+    except RuntimeError as e:
+        said.append(str(e))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before))
+    pre.set_damping(0.1)
+    pre.step()                                              # agreed now: the step goes through
+    model.zero_grad()
+    forward_backward(301)
+    if rank == 1:                                           # rank 1 skips this step(): its next one pairs
+        forward_backward(302)                               # with the others' step() of batch 301
+    try:
+        pre.step()
+    except RuntimeError as e:
+        said.append(str(e))
+    with open(f"{out}.{rank}.txt", "w") as f:
+        f.write("\n".join(said))
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)
+
+
 def ddp_remove(rank, size, make, m, out):
     """A DDP model's TENGraD removed, then plain DDP steps, then a new TENGraD on the same model:
     DDP must average every gradient again after remove() (the hook used to skip the preconditioned
@@ -132,6 +188,8 @@ def main():
         group = dist.group.WORLD
         if variant == "ddp-remove":
             return ddp_remove(rank, size, make, m, out)
+        if variant == "disagree":
+            return disagreements(rank, size, m, out)
         if variant == "subgroup":                           # TENGraD on global ranks 1..P-1 only
             group = dist.new_group(list(range(1, size)))
             if rank == 0:
@@ -139,7 +197,7 @@ def main():
                 os._exit(0)
             rank, size = rank - 1, size - 1
     torch.manual_seed(0)
-    model = {"mlp": mlp, "cnn": cnn, "seq": seq}[make]()
+    model = {"mlp": mlp, "cnn": cnn, "seq": seq}[make]() if variant != "partial" else Partial()
     kl = fisher.endswith("+kl")                             # KL clipping that is active (ν < 1)
     fisher = fisher.removesuffix("+kl")
     skip, hooked = [], model
@@ -162,6 +220,8 @@ def main():
         if variant == "mask":
             with pre.token_mask(token_mask(m, step)[mine]):
                 logits = hooked(x)
+        elif variant == "partial":
+            logits = hooked(x=x)
         else:
             logits = hooked(x)
         if fisher == "sampled":
@@ -185,11 +245,14 @@ def main():
             inject_failures(pre, model, rank, step)
         pre.step()
         for name, p in model.named_parameters():
-            saved[f"{step}/{name}"] = p.grad.numpy().copy()
+            if p.grad is not None:                          # frozen and unused parameters have none
+                saved[f"{step}/{name}"] = p.grad.numpy().copy()
         with torch.no_grad():                               # a fixed, rank-independent move
             for p in model.parameters():
-                p.sub_(0.05 * p.grad)
-    kinds = np.array([pre._rows(layer)[0] == "per-sample" for layer in pre._layers])  # rows a refresh sends
+                if p.grad is not None:
+                    p.sub_(0.05 * p.grad)
+    kinds = np.array([pre._rows(layer)[0] == "per-sample" for layer in pre._layers  # rows a refresh sends
+                      if layer.spec is not None])
     if variant == "subgroup":
         rank += 1                                           # files named by global rank
     np.savez(f"{out}.{rank}.npz", owners=np.array(pre._owners or []), kinds=kinds, nu=np.array(pre.last_nu), **saved)

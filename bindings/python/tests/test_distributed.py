@@ -70,6 +70,36 @@ def test_ddp_after_remove_and_a_second_tengrad(tmp_path):
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
 
 
+def test_frozen_layer_unused_head_and_keyword_input(tmp_path):
+    """What works in one process works data-parallel: a frozen layer and an unused head (no
+    gradient on any rank: left out alike), and model(x=...) (the batch read from the keyword)."""
+    check("mlp", "empirical", tmp_path, "partial", 10, (2, 3))
+
+
+def test_disagreeing_ranks_raise_everywhere(tmp_path):
+    """A damping set on one rank, and a rank that skips step(): every rank raises a clear error
+    within seconds (the pairing used to mix replicas silently)."""
+    out = os.path.join(str(tmp_path), "disagree")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
+               OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", SWIFT_BACKTRACE="enable=no")
+    procs = [subprocess.Popen([sys.executable, WORKER, "mlp", "empirical", "10", out, "1", "disagree"],
+                              env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for r in range(2)]
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert p.returncode == 0, err.decode()[-2000:]
+    for r in range(2):
+        said = open(f"{out}.{r}.txt").read().splitlines()
+        assert len(said) == 2, said
+        assert "different layers or settings" in said[0]
+        assert "different numbers of training forwards" in said[1] and "skip step()" in said[1]
+
+
 def test_a_subgroup_without_global_rank_0(tmp_path):
     """TENGraD on a process group of global ranks 1 and 2 (rank 0 elsewhere): owners are group
     ranks, torch's collectives take global ranks; equals the single process."""
@@ -110,7 +140,8 @@ def test_sequence_layers_with_padding(fisher, tmp_path):
 
 
 def check(make, fisher, tmp_path, variant, m, sizes):
-    reference = run(make, fisher, 1, str(tmp_path), False, variant if variant in ("ddp", "mask") else "plain", m)[0]
+    reference = run(make, fisher, 1, str(tmp_path), False, variant if variant in ("ddp", "mask", "partial") else "plain",
+                    m)[0]
     for size in sizes:
         ranks = run(make, fisher, size, str(tmp_path), True, variant, m)
         worst = 0.0

@@ -208,6 +208,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         self._removed = False
         self._failed_step = False
         self._forward_id = 0
+        self._train_forwards = 0  # training forwards since the last step
         self._batch = 0
         self._token_mask: Optional[torch.Tensor] = None
         if lr is not None:
@@ -254,7 +255,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         if process_group is not None and isinstance(model, nn.parallel.DistributedDataParallel):
             attach_comm_hook(model, process_group, self)
         self._pre = Preconditioner(damping=damping, memory_limit=memory_limit)
-        self._handles.append(model.register_forward_pre_hook(_Hook(self._root_pre_hook)))
+        self._handles.append(model.register_forward_pre_hook(_Hook(self._root_pre_hook), with_kwargs=True))
         for layer in self._layers:
             self._handles.append(layer.module.register_forward_pre_hook(_Hook(self._make_pre_hook(layer))))
             self._handles.append(layer.module.register_forward_hook(_Hook(self._make_forward_hook(layer))))
@@ -361,4 +362,5 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
             layer.captures = []
             layer.pending = None
         self.steps += 1
+        self._train_forwards = 0
         self._failed_step = False

@@ -110,12 +110,16 @@ class Capturing:
     MAX_WAITING = 16
 
     @_eager
-    def _root_pre_hook(self, module, inputs):
+    def _root_pre_hook(self, module, inputs, kwargs=None):
         if not _in_backward():
             self._forward_id += 1
-            if module.training and torch.is_grad_enabled() and inputs and isinstance(inputs[0], torch.Tensor) \
-                    and inputs[0].dim() > 0:
-                self._batch = int(inputs[0].shape[0])  # the training batch (the global-mean weights)
+            # The training batch (the global-mean weights): the first tensor argument, positional
+            # or keyword (model(x=...)).
+            first = next((t for t in list(inputs) + list((kwargs or {}).values()) if isinstance(t, torch.Tensor)), None)
+            if module.training and torch.is_grad_enabled():
+                self._train_forwards += 1  # data-parallel ranks must agree on it (a skipped step())
+                if first is not None and first.dim() > 0:
+                    self._batch = int(first.shape[0])
 
     def _make_pre_hook(self, layer: _Layer):
         @_eager

@@ -4,6 +4,7 @@ agreed on by every rank."""
 from __future__ import annotations
 
 import weakref
+import zlib
 from typing import List
 
 import numpy as np
@@ -64,6 +65,9 @@ class DataParallel:
             costs = []
             for layer in self._layers:
                 spec = layer.spec
+                if spec is None:  # never ran (an unused head): its parameters, the same on every rank
+                    costs.append(5 * sum(p.numel() for p in layer.module.parameters(recurse=False)))
+                    continue
                 weights = int(np.prod(spec.weight_shape)) + (spec.bias_shape[0] if spec.bias else 0)
                 costs.append(self._rows(layer)[1] + 4 * weights)
             self._owners = owner_map(costs, dist.get_world_size(self.process_group))
@@ -110,6 +114,36 @@ class DataParallel:
             return buffer
         return future.then(write)
 
+    def _agreement(self, plans) -> List[int]:
+        """What every rank must have alike before any exchange, as int64 numbers: the step number,
+        a fingerprint of the layers and settings, the set of layers with a gradient this step,
+        and the number of training forwards (train mode, gradients on) since the last step."""
+        settings = (tuple((layer.name, layer.spec) for layer in self._layers), self.fisher, self.update_freq,
+                    self.damping, self.lr, self.kl_clip, self.loss_reduction, self.token_mode)
+        present = tuple(layer.name for layer, *_ in plans)
+        return [self.steps, zlib.crc32(repr(settings).encode()), zlib.crc32(repr(present).encode()),
+                self._train_forwards]
+
+    def _check_agreement(self, rows) -> None:
+        """Raises on every rank alike (all see the same gathered rows) when the ranks disagree;
+        nothing has been exchanged or written yet."""
+        def differ(i):
+            return len({row[i] for row in rows}) > 1
+        by_rank = lambda i: ", ".join(f"rank {r}: {row[i]}" for r, row in enumerate(rows))  # noqa: E731
+        if differ(2):
+            raise RuntimeError(f"TENGraD: the ranks are at different steps ({by_rank(2)}): every rank must call "
+                               "step() once per training step; no .grad was changed")
+        if differ(3):
+            raise RuntimeError("TENGraD: the ranks have different layers or settings (layer shapes, fisher, "
+                               "update_freq, damping, lr, kl_clip, loss_reduction, token_mode): change them alike on "
+                               "every rank (set_damping, set_lr); no .grad was changed")
+        if differ(4):
+            raise RuntimeError("TENGraD: the ranks differ in which layers have a gradient this step (a layer frozen or "
+                               "unused on some ranks only); no .grad was changed")
+        if differ(5):
+            raise RuntimeError(f"TENGraD: the ranks ran different numbers of training forwards since the last step "
+                               f"({by_rank(5)}): did a rank skip step()? No .grad was changed")
+
     def _distributed_step(self, refresh: bool) -> None:
         import torch.distributed as dist
         group = self.process_group
@@ -117,26 +151,27 @@ class DataParallel:
         device = self._comm_device()
         # Local checks first; their outcome travels with the sample counts (one small allgather),
         # so a rank that cannot take part makes every rank raise instead of leaving them waiting.
-        error = None
+        error, agreement = None, [0, 0, 0, 0]
         try:
-            if any(layer.id is None for layer in self._layers):
-                raise RuntimeError("TENGraD: every layer must have run a forward pass before a distributed step")
             owners = self._owner_map()
-            plans = self._plan(refresh)
-            if len(plans) != len(self._layers):
-                raise RuntimeError("TENGraD: with a process_group every hooked layer needs a gradient in every step")
-            local = plans[0][3][0].shape[0] if refresh else self._batch
+            plans = self._plan(refresh)  # layers without a gradient here (frozen, unused) are left out
+            local = (plans[0][3][0].shape[0] if plans else 0) if refresh else self._batch
+            agreement = self._agreement(plans)
         except Exception as e:  # noqa: BLE001 — reported collectively below
             error, local = e, 0
-        counts = [torch.zeros(2, dtype=torch.int64, device=device) for _ in range(size)]
-        dist.all_gather(counts, torch.tensor([local, error is not None], dtype=torch.int64, device=device), group=group)
+        counts = [torch.zeros(6, dtype=torch.int64, device=device) for _ in range(size)]
+        dist.all_gather(counts, torch.tensor([local, error is not None] + agreement, dtype=torch.int64, device=device),
+                        group=group)
         failed = [r for r, c in enumerate(counts) if c[1].item()]
         if failed:
             if error is not None:
                 raise error
             raise RuntimeError(f"TENGraD: the distributed step failed on rank(s) {failed} before any exchange; "
                                "no .grad was changed (the failing ranks raised the cause)")
+        self._check_agreement([c.tolist() for c in counts])
         counts = [int(c[0].item()) for c in counts]
+        owner_of = {id(layer): owner for layer, owner in zip(self._layers, owners)}
+        owners = [owner_of[id(layer)] for layer, *_ in plans]
         m_total = sum(counts)
         if m_total == 0:  # every rank agrees: the same counts reached all
             raise RuntimeError("TENGraD: no rank has a sample in this step; no .grad was changed")
@@ -237,3 +272,4 @@ class DataParallel:
             layer.captures = []
             layer.pending = None
         self.steps += 1
+        self._train_forwards = 0
