@@ -144,6 +144,38 @@ def disagreements(rank, size, m, out):
     os._exit(0)
 
 
+def resume(rank, size, m, out):
+    """The usual checkpoint habit data-parallel: rank 0 saves, every rank loads that; the next
+    step (a reuse step by the schedule) refreshes instead of failing on owners without a snapshot."""
+    group = dist.group.WORLD
+    torch.manual_seed(0)
+    model = mlp()
+    pre = tt.TENGraD(model, damping=0.1, update_freq=4, process_group=group)
+    mine = np.array_split(np.arange(m), size)[rank]
+    saved = {}
+
+    def one_step(seed):
+        x, y = batch(model, m, seed)
+        model.zero_grad()
+        F.cross_entropy(model(x[mine]), y[mine]).backward()
+        pre.step()
+        for name, p in model.named_parameters():
+            saved[f"{seed}/{name}"] = p.grad.numpy().copy()
+    one_step(400)                                           # refresh
+    one_step(401)                                           # reuse
+    path = f"{out}.state"
+    if rank == 0:
+        torch.save(pre.state_dict(), path)
+    dist.barrier()
+    pre.load_state_dict(torch.load(path, weights_only=False))
+    one_step(402)                                           # by the schedule a reuse step: refreshes
+    one_step(403)                                           # reuse of that refresh
+    np.savez(f"{out}.{rank}.npz", steps=np.array(pre.steps), **saved)
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)
+
+
 def ddp_remove(rank, size, make, m, out):
     """A DDP model's TENGraD removed, then plain DDP steps, then a new TENGraD on the same model:
     DDP must average every gradient again after remove() (the hook used to skip the preconditioned
@@ -188,6 +220,8 @@ def main():
         group = dist.group.WORLD
         if variant == "ddp-remove":
             return ddp_remove(rank, size, make, m, out)
+        if variant == "resume":
+            return resume(rank, size, m, out)
         if variant == "disagree":
             return disagreements(rank, size, m, out)
         if variant == "subgroup":                           # TENGraD on global ranks 1..P-1 only

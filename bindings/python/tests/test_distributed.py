@@ -62,6 +62,15 @@ def test_failing_rank_raises_everywhere(make, fisher, tmp_path):
     check(make, fisher, tmp_path, "inject", 10, (2, 3))
 
 
+def test_resume_from_a_checkpoint_saved_on_rank_0(tmp_path):
+    """Rank 0 saves state_dict(), every rank loads it: training continues (the first step after
+    the load refreshes), the ranks agree bitwise and the step counter is the saved one's."""
+    ranks = run("mlp", "empirical", 2, str(tmp_path), True, "resume", 10)
+    for key in ranks[0]:
+        np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
+    assert int(ranks[0]["steps"]) == 4
+
+
 def test_ddp_after_remove_and_a_second_tengrad(tmp_path):
     """After pre.remove() a DDP model averages every gradient again (replicas stay equal), and a new
     TENGraD on the same DDP model works (DDP allows one hook: the first one routes)."""

@@ -209,6 +209,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         self._failed_step = False
         self._forward_id = 0
         self._train_forwards = 0  # training forwards since the last step
+        self._refresh_after_load = False  # data parallel: a loaded state lacks other owners' snapshots
         self._batch = 0
         self._token_mask: Optional[torch.Tensor] = None
         if lr is not None:

@@ -99,7 +99,7 @@ class Capturing:
 
     # -- hooks ---------------------------------------------------------------------------------
     def _refresh_step(self) -> bool:
-        return self.steps % self.update_freq == 0
+        return self.steps % self.update_freq == 0 or self._refresh_after_load
 
     def _capturing_inputs(self, module: nn.Module) -> bool:
         return module.training and torch.is_grad_enabled() and self._refresh_step() and not self._sampling

@@ -273,3 +273,4 @@ class DataParallel:
             layer.pending = None
         self.steps += 1
         self._train_forwards = 0
+        self._refresh_after_load = False

@@ -22,7 +22,13 @@ class Checkpoints:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore ``state_dict()``: the next updates are bit-identical to the saved run's."""
+        """Restore ``state_dict()``: the next updates are bit-identical to the saved run's.
+
+        Data-parallel (a ``process_group`` of more than one rank), each layer's snapshot lives on
+        its owner rank, so a state saved on one rank (the usual ``if rank == 0: torch.save(...)``)
+        lacks the others' snapshots: loaded on every rank, the next step is a refresh (a fresh
+        snapshot everywhere) and the run continues from there; settings and the step counter are
+        restored as saved."""
         if state.get("format") != 1:
             raise ValueError("not a TENGraD state_dict (format 1)")
         names = list(state["layers"])
@@ -51,6 +57,7 @@ class Checkpoints:
             layer.id, layer.spec = i, fresh.layer_spec(i)
             self._registered.append(layer)
         self.steps = int(state["steps"])
+        self._refresh_after_load = self.process_group is not None and self._world_size() > 1
         self.fisher = state["fisher"]
         self.update_freq = int(state["update_freq"])
         self.kl_clip = state["kl_clip"]
