@@ -108,14 +108,14 @@ struct GradientScan {
         var fast: Double
         if count >= Self.twoThreadCount && BLAS.threads >= 2 {
             let half = count / 2
-            var sums = (0.0, 0.0)
-            withUnsafeMutablePointer(to: &sums) { out in
-                let raw = UnsafeMutableRawPointer(out).assumingMemoryBound(to: Double.self)
+            var sums = [0.0, 0.0]
+            sums.withUnsafeMutableBufferPointer { out in
+                let out = out.baseAddress!
                 onTwoThreads { part in
-                    raw[part] = part == 0 ? BLAS.sumOfSquares(n: half, x: p) : BLAS.sumOfSquares(n: count - half, x: p + half)
+                    out[part] = part == 0 ? BLAS.sumOfSquares(n: half, x: p) : BLAS.sumOfSquares(n: count - half, x: p + half)
                 }
             }
-            fast = sums.0 + sums.1
+            fast = sums[0] + sums[1]
         } else {
             fast = BLAS.sumOfSquares(n: count, x: p)
         }

@@ -28,8 +28,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run(make, fisher, size, tmp, distributed, variant="plain", m=10):
-    out = os.path.join(tmp, f"{make}-{fisher}-{size}-{int(distributed)}-{variant}")
+def launch(make, fisher, size, out, distributed, variant, m, timeout=120):
+    """Runs the worker on `size` ranks (gloo on 127.0.0.1); every rank must exit 0 in time."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(size),
                OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", SWIFT_BACKTRACE="enable=no")
     procs = [subprocess.Popen([sys.executable, WORKER, make, fisher, str(m), out, "1" if distributed else "0", variant],
@@ -37,12 +37,17 @@ def run(make, fisher, size, tmp, distributed, variant="plain", m=10):
              for r in range(size)]
     for p in procs:
         try:
-            _, err = p.communicate(timeout=120)
+            _, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
             raise
         assert p.returncode == 0, err.decode()[-2000:]
+
+
+def run(make, fisher, size, tmp, distributed, variant="plain", m=10):
+    out = os.path.join(tmp, f"{make}-{fisher}-{size}-{int(distributed)}-{variant}")
+    launch(make, fisher, size, out, distributed, variant, m)
     return [dict(np.load(f"{out}.{r}.npz")) for r in range(size)]
 
 
@@ -89,19 +94,7 @@ def test_disagreeing_ranks_raise_everywhere(tmp_path):
     """A damping set on one rank, and a rank that skips step(): every rank raises a clear error
     within seconds (the pairing used to mix replicas silently)."""
     out = os.path.join(str(tmp_path), "disagree")
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
-               OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", SWIFT_BACKTRACE="enable=no")
-    procs = [subprocess.Popen([sys.executable, WORKER, "mlp", "empirical", "10", out, "1", "disagree"],
-                              env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for r in range(2)]
-    for p in procs:
-        try:
-            _, err = p.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        assert p.returncode == 0, err.decode()[-2000:]
+    launch("mlp", "empirical", 2, out, True, "disagree", 10, timeout=60)
     for r in range(2):
         said = open(f"{out}.{r}.txt").read().splitlines()
         assert len(said) == 2, said
@@ -114,19 +107,7 @@ def test_a_subgroup_without_global_rank_0(tmp_path):
     ranks, torch's collectives take global ranks; equals the single process."""
     reference = run("mlp", "empirical", 1, str(tmp_path), False, "plain", 10)[0]
     out = os.path.join(str(tmp_path), "subgroup")
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="3",
-               OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", SWIFT_BACKTRACE="enable=no")
-    procs = [subprocess.Popen([sys.executable, WORKER, "mlp", "empirical", "10", out, "1", "subgroup"],
-                              env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for r in range(3)]
-    for p in procs:
-        try:
-            _, err = p.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        assert p.returncode == 0, err.decode()[-2000:]
+    launch("mlp", "empirical", 3, out, True, "subgroup", 10)
     ranks = [dict(np.load(f"{out}.{r}.npz")) for r in (1, 2)]
     for key, want in reference.items():
         if key in ("owners", "kinds", "nu"):

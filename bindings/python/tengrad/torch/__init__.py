@@ -322,12 +322,10 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         as a first call. Gradient accumulation (several forward/backward passes before step()) is
         supported: a refresh uses the union of the micro-batches (see ``loss_reduction``)."""
         self._check_alive()
-        self._failed_step = True  # until this step succeeds: a new forward then drops the captures
+        self._failed_step = True  # until this step succeeds: a new backward then drops its captures
         refresh = self._refresh_step()
         if self.process_group is not None and self._world_size() > 1:
-            self._distributed_step(refresh)
-            self._failed_step = False
-            return
+            return self._distributed_step(refresh)
         plans = self._plan(refresh)
         if self.blas_threads == "auto":
             self._pre.blas_threads = 0 if refresh or self._short_host_spin else 1
@@ -359,9 +357,4 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
                     new = torch.from_numpy(update).view(param.shape)
                     param.grad.copy_(new if nu == 1 else new * nu)
         self.last_nu = nu
-        for layer in self._layers:
-            layer.captures = []
-            layer.pending = None
-        self.steps += 1
-        self._train_forwards = 0
-        self._failed_step = False
+        self._finish_step()

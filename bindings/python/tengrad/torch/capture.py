@@ -164,6 +164,16 @@ class Capturing:
                 capture.edge = get_gradient_edge(output)
         return hook
 
+    def _finish_step(self):
+        """A step succeeded (either path): its captures are spent and the per-step counts restart."""
+        for layer in self._layers:
+            layer.captures = []
+            layer.pending = None
+        self.steps += 1
+        self._train_forwards = 0
+        self._failed_step = False
+        self._refresh_after_load = False
+
     def _drop_failed_batch(self):
         """The last step() raised and a new backward arrives: a new batch. The failed batch's
         captures (those with gradients) would otherwise join it as accumulation, so one NaN batch

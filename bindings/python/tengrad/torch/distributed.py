@@ -268,9 +268,4 @@ class DataParallel:
             if layer.spec.bias:
                 layer.module.bias.grad.copy_(out[n:].view_as(layer.module.bias))
         self.last_nu = nu
-        for layer in self._layers:
-            layer.captures = []
-            layer.pending = None
-        self.steps += 1
-        self._train_forwards = 0
-        self._refresh_after_load = False
+        self._finish_step()
