@@ -360,14 +360,11 @@ struct BlockKernel {
                            b: patches.base, ldb: patches.ld, beta: 0, c: tBuf, ldc: n)
                 let bias = biasGrad.map { $0 + group * Cg }
                 if grads.positionMajor {
-                    // Per position q: Σ_o T[o, q] G[q, o] (+ the bias part), accumulated over the
-                    // channels in `gBuf` (idle: position-major gradients are a view).
+                    // Per position q: Σ_o T[o, q] G[q, o] (+ the bias part), into `gBuf` (idle:
+                    // position-major gradients are a view).
                     let acc = gBuf
                     for q in 0..<n { acc[q] = bias.map { Reduce.dot($0, grads.base + q * grads.ld, Cg) } ?? 0 }
-                    for o in 0..<Cg {
-                        let trow = tBuf + o * n, gcol = grads.base + o
-                        for q in 0..<n { acc[q] += trow[q] * gcol[q * grads.ld] }
-                    }
+                    Reduce.diagonalProduct(t: tBuf, n: n, g: grads.base, ld: grads.ld, cols: Cg, into: acc)
                     for li in 0..<cc {
                         t[i0 + li] += s * Double(Reduce.sum(acc + li * L, L))
                     }
@@ -426,8 +423,15 @@ struct BlockKernel {
                 productOverPositions(
                     scaled, patches, rows: Cg, cols: P, count: n, beta: firstBeta, into: weight + group * Cg * P, ldc: P)
                 if let bias {
+                    // Position-major: the column sums over contiguous rows into the idle half of
+                    // the workspace after GS, in the order of a strided walk (the same bits).
+                    let sums = gs + Cg * n
+                    if dims.positionMajor {
+                        sums.update(from: gs, count: Cg)
+                        for q in 1..<max(n, 1) { Reduce.accumulate(gs + q * Cg, into: sums, Cg) }
+                    }
                     for o in 0..<Cg {
-                        let sum = dims.positionMajor ? Reduce.stridedSum(gs + o, stride: Cg, n) : Reduce.sum(gs + o * n, n)
+                        let sum = dims.positionMajor ? sums[o] : Reduce.sum(gs + o * n, n)
                         let j = group * Cg + o
                         bias[j] = (firstBeta == 0 ? 0 : firstBeta * bias[j]) + sum
                     }

@@ -56,4 +56,60 @@ enum Reduce {
         for i in 0..<n { s += x[i * stride] }
         return s
     }
+
+    /// y_i += x_i (elementwise: vectorized, each y_i rounded as in a scalar loop).
+    @inline(__always)
+    static func accumulate(_ x: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, _ n: Int) {
+        for i in 0..<n { y[i] += x[i] }
+    }
+
+    /// z_i += x_i y_i (elementwise).
+    @inline(__always)
+    static func accumulateProduct(
+        _ x: UnsafePointer<Float>, _ y: UnsafePointer<Float>, into z: UnsafeMutablePointer<Float>, _ n: Int
+    ) {
+        for i in 0..<n { z[i] += x[i] * y[i] }
+    }
+
+    /// out_q = init_q + Σ_o t[o·n + q] g[q·ld + o] for q < n, summed over o = 0, 1, … in order (the
+    /// bits of a scalar loop): the diagonal of G·T with T channel-major (n per row) and G
+    /// position-major. Sixteen positions at a time, each 64 channels of their G rows copied
+    /// transposed into a 4 KiB tile first: a walk down G's columns touches one cache line per
+    /// element, and with a power-of-two leading dimension every line falls in the same L1 set
+    /// (measured: 1.4 ns per element at 128 × 1024, more than the GEMM that made T).
+    static func diagonalProduct(
+        t: UnsafePointer<Float>, n: Int, g: UnsafePointer<Float>, ld: Int, cols: Int,
+        into out: UnsafeMutablePointer<Float>
+    ) {
+        let lanes = 16, depth = 64
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: lanes * depth) { buffer in
+            let tile = buffer.baseAddress!
+            let tRaw = UnsafeRawPointer(t), tileRaw = UnsafeRawPointer(tile)
+            var q0 = 0
+            while q0 + lanes <= n {
+                var acc = UnsafeRawPointer(out + q0).loadUnaligned(as: SIMD16<Float>.self)
+                var o0 = 0
+                while o0 < cols {
+                    let width = min(depth, cols - o0)
+                    for lane in 0..<lanes {
+                        let row = g + (q0 + lane) * ld + o0
+                        for o in 0..<width { tile[o * lanes + lane] = row[o] }
+                    }
+                    for o in 0..<width {
+                        let tv = tRaw.loadUnaligned(fromByteOffset: 4 * ((o0 + o) * n + q0), as: SIMD16<Float>.self)
+                        acc += tv * tileRaw.load(fromByteOffset: 4 * o * lanes, as: SIMD16<Float>.self)
+                    }
+                    o0 += width
+                }
+                UnsafeMutableRawPointer(out + q0).storeBytes(of: acc, as: SIMD16<Float>.self)
+                q0 += lanes
+            }
+            for q in q0..<n {
+                var sum = out[q]
+                let row = g + q * ld
+                for o in 0..<cols { sum += t[o * n + q] * row[o] }
+                out[q] = sum
+            }
+        }
+    }
 }
