@@ -8,7 +8,8 @@ and the first layer is skipped, so DDP averages it while TENGraD handles the oth
 skips the same layer. VARIANT "inject": rank 1 makes steps fail (a NaN gradient seen by the owner,
 a NaN activation seen by the owner's curvature update, a missing gradient seen locally); every rank
 must raise with every .grad unchanged, and the retry after the cause is removed must equal a clean
-run."""
+run. VARIANT "accumulate": reuse steps run two micro-batches of unequal sizes per rank.
+"""
 import os
 import sys
 
@@ -256,6 +257,13 @@ def main():
                 logits = hooked(x)
         elif variant == "partial":
             logits = hooked(x=x)
+        elif variant == "accumulate" and distributed and step % 2 == 1 and len(x) > 1:
+            # A reuse step in two micro-batches of rank-dependent, unequal sizes whose losses sum
+            # to the local mean: this rank's gradient stands for all its samples.
+            cut = 1 + rank % (len(x) - 1)
+            for part in (slice(0, cut), slice(cut, None)):
+                (F.cross_entropy(hooked(x[part]), y[part], reduction="sum") / len(x)).backward()
+            logits = None
         else:
             logits = hooked(x)
         if fisher == "sampled":
@@ -271,7 +279,8 @@ def main():
                                         [p for p in hooked.parameters()], retain_graph=True)
                 finally:
                     pre._sampling = False
-        F.cross_entropy(logits, y).backward()
+        if logits is not None:
+            F.cross_entropy(logits, y).backward()
         if variant == "ddp" and distributed and step == 0:  # what DDP's allreduce left: local/averaged
             for name, p in model.named_parameters():
                 saved[f"local/{name}"] = p.grad.numpy().copy()

@@ -210,7 +210,8 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         self._forward_id = 0
         self._train_forwards = 0  # training forwards since the last step
         self._refresh_after_load = False  # data parallel: a loaded state lacks other owners' snapshots
-        self._batch = 0
+        self._batch = 0  # samples of the training forwards since the last step (data-parallel weights)
+        self._recount = False  # a step failed: the next training forward starts a new batch
         self._token_mask: Optional[torch.Tensor] = None
         if lr is not None:
             lr = _check_lr(lr)
@@ -323,6 +324,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         supported: a refresh uses the union of the micro-batches (see ``loss_reduction``)."""
         self._check_alive()
         self._failed_step = True  # until this step succeeds: a new backward then drops its captures
+        self._recount = True  # ... and a new forward restarts the per-step counts
         refresh = self._refresh_step()
         if self.process_group is not None and self._world_size() > 1:
             return self._distributed_step(refresh)

@@ -117,9 +117,13 @@ class Capturing:
             # or keyword (model(x=...)).
             first = next((t for t in list(inputs) + list((kwargs or {}).values()) if isinstance(t, torch.Tensor)), None)
             if module.training and torch.is_grad_enabled():
+                if self._recount:  # the last step() raised: this forward starts a new batch
+                    self._train_forwards, self._batch, self._recount = 0, 0, False
                 self._train_forwards += 1  # data-parallel ranks must agree on it (a skipped step())
                 if first is not None and first.dim() > 0:
-                    self._batch = int(first.shape[0])
+                    # Every micro-batch since the last step: a reuse step weights this rank's
+                    # gradient by all of them (it used to take the last micro-batch's size).
+                    self._batch += int(first.shape[0])
 
     def _make_pre_hook(self, layer: _Layer):
         @_eager
@@ -170,7 +174,7 @@ class Capturing:
             layer.captures = []
             layer.pending = None
         self.steps += 1
-        self._train_forwards = 0
+        self._train_forwards, self._batch, self._recount = 0, 0, False
         self._failed_step = False
         self._refresh_after_load = False
 
