@@ -13,65 +13,20 @@
         precond.step()                    # rewrites each layer's .grad with (F + λI)⁻¹ .grad, in place
         optimizer.step()                  # momentum, weight decay ... as usual
 
-How it works. A forward-pre hook keeps each layer's input and a forward hook puts a tensor hook
-on its output, which keeps the gradient of the loss with respect to that output; both hand CPU
-float32 tensors to libtengrad without copies (through numpy views). Tensor hooks on the output are
-used rather than ``register_full_backward_hook`` because the latter fails when an in-place op
-(``nn.ReLU(inplace=True)``) follows the layer, which is common.
-
-Fisher types:
-
-* ``"empirical"`` — curvature from the real loss's output gradients. ``step()`` preconditions
-  ``.grad`` as it is (clipped, with extra loss terms, ...). ``fast_path=True`` lets a step with
-  ``update_freq=1`` take the one-call path (``natural_gradient``) instead: the update of the
-  batch's mean gradient, computed from the captures without reading ``.grad`` — the same result
-  only while ``.grad`` is exactly that gradient (no clipping, no extra loss terms reaching these
-  layers); it is used only where the per-sample scale is the number of samples (a mean-reduced
-  loss over samples, or over tokens in per-token mode), elsewhere ``.grad`` is preconditioned.
-* ``"sampled"`` — the true Fisher of the paper: ``sample_fisher(logits)`` draws labels from the
-  model's softmax and backpropagates their (sum-reduced) cross-entropy with ``torch.autograd.grad``
-  — hooks capture the output gradients, ``.grad`` stays untouched — and ``step()`` preconditions
-  ``.grad`` with that curvature (reuse path).
-
-``update_freq`` T refreshes the curvature every T steps and reuses the snapshot in between.
-
-Ordinary PyTorch habits work:
-
-* every forward in train mode with gradients on starts a new capture; a forward that gets no
-  backward (a skipped batch, a validation forward in train mode) is dropped at ``step()``, and
-  several forwards before one backward (``loss = CE(model(x1)) + CE(model(x2))``) are one batch,
-  their union (with ``loss_reduction="mean"``, each forward's loss a mean over its own samples);
-* after a ``step()`` that raised, the next backward starts a clean batch (the failed one's
-  captures are dropped; zero ``.grad`` as usual); ``step()`` again without a new backward retries
-  the same batch;
-* gradient accumulation (k forward/backward passes before ``step()``): a refresh uses the union
-  of the micro-batches; with ``loss_reduction="mean"`` the standard recipe is assumed (each
-  micro-batch's mean loss divided by k, so a sample's scale is k × its micro-batch's size: the
-  union's size for equal micro-batches); otherwise pass the per-sample scale as a number.
-  ``.grad`` is preconditioned as it is;
-* activation checkpointing (``use_reentrant=False``): the recomputation is not a new forward;
-* ``torch.compile(model)``: the hooks run eagerly (``torch.compiler.disable``);
-* ``channels_last`` models and frozen biases (a weight-only block) are handled;
-* ``step()`` is atomic: all updates are computed before any ``.grad`` is written; when it raises,
-  every ``.grad`` is as it was and the captures are kept, so a retry after fixing the cause is a
-  clean step. KL clipping counts only the layers updated in this step; ``lr = 0`` means ν = 1.
-
-Refused with an error naming the layer and the way out (usually ``skip=[name]``): a layer run
-twice in one forward, a parameter shared by two hooked layers (tied weights), non-zero padding
-modes, ``padding='same'`` with an even kernel span, inputs that are not float32 on the CPU.
-``kl_clip`` scales all updates of a step by ``ν = min(1, sqrt(kl_clip / (lr² Σ⟨update, grad⟩)))``.
-``loss_reduction`` ("mean" or "sum", or a number) gives the per-sample scale of the real loss's
-output gradients (``grad_scale``): mean-reduced losses hand out 1/m of each sample's gradient.
+What step() preconditions, which training habits work (accumulation, several forwards before one
+backward, edited ``.grad``, a failed step, checkpointing, ``torch.compile``), what is refused and
+why, data-parallel training and sequence layers: README ("Quick start — PyTorch", "Sequence
+layers", "Reliability", "Distributed"), the ``TENGraD`` docstring and docs/DESIGN.md.
 
 Layout: this module holds the ``TENGraD`` façade (construction, settings, ``step``); the rest is
-in rooms mixed into it: ``modules`` (the supported module types), ``capture`` (hooks, masks,
-registration), ``fisher`` (sampled labels), ``batch`` (a step's arrays, accumulation, padding),
-``assignment`` and ``distributed`` (data parallel), ``state`` (checkpoints).
+in rooms mixed into it: ``modules`` (the supported module types), ``attach`` (which modules are
+hooked; one TENGraD per module), ``capture`` (hooks, masks, registration), ``fisher`` (sampled
+labels), ``batch`` (a step's arrays, accumulation, padding), ``assignment`` and ``distributed``
+(data parallel), ``state`` (checkpoints).
 """
 from __future__ import annotations
 
 import os
-import weakref
 from typing import Dict, Iterable, List, Optional, Union
 
 import numpy as np
@@ -79,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..core import Preconditioner
-from . import modules
+from .attach import attach, detach, find_layers, preconditioned_parameters, release
 from .batch import Batches
 from .capture import Capturing, _Hook, _Layer
 from .distributed import DataParallel, attach_comm_hook
@@ -87,20 +42,7 @@ from .fisher import SampledFisher
 from .modules import ModuleAdapter
 from .state import Checkpoints
 
-__all__ = ["TENGraD"]
-
-
-# The TENGraD that hooks each module (weak keys: nothing is stored on the module itself).
-_attached: "weakref.WeakKeyDictionary[nn.Module, TENGraD]" = weakref.WeakKeyDictionary()
-
-
-def release(model: nn.Module) -> int:
-    """Remove every TENGraD attached to a module of `model` (its hooks and native handle), e.g.
-    one made by an earlier run of a notebook cell whose variable is gone. Returns how many."""
-    found = {id(pre): pre for module in model.modules() for pre in [_attached.get(module)] if pre is not None}
-    for pre in found.values():
-        pre.remove()
-    return len(found)
+__all__ = ["TENGraD", "release"]
 
 
 def _short_host_spin(environ=os.environ) -> bool:
@@ -216,44 +158,10 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         if lr is not None:
             lr = _check_lr(lr)
         self.lr = lr
-        skip = tuple(skip)
-        skip_names = {s for s in skip if isinstance(s, str)}
-        skip_types = tuple(s for s in skip if isinstance(s, type))
-        self._layers: List[_Layer] = []
-        self._by_name: Dict[str, _Layer] = {}
+        self._layers, self.skipped = find_layers(model, skip)  # skipped: {name: why never hooked}
+        self._by_name: Dict[str, _Layer] = {layer.name: layer for layer in self._layers}
         self._handles = []
-        # Layers never preconditioned whatever `skip` says, and why (see `skipped`).
-        self.skipped: Dict[str, str] = modules.never_called(model)
-        for name, module in model.named_modules():
-            if not isinstance(module, modules.SUPPORTED) or name in skip_names or name in self.skipped:
-                continue
-            if skip_types and isinstance(module, skip_types):
-                continue
-            self._check_supported(name, module)
-            other = _attached.get(module)
-            if other is not None and not other._removed:
-                raise ValueError(
-                    f"TENGraD: layer {name!r} is already preconditioned by another TENGraD (a re-run notebook cell?): "
-                    "two would precondition its gradient twice. Call remove() on the other one, or "
-                    "tengrad.torch.release(model) to remove every TENGraD attached to the model")
-            layer = _Layer(name, module)
-            self._layers.append(layer)
-            self._by_name[name] = layer
-        if not self._layers:
-            raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition")
-        owners: Dict[int, str] = {}
-        for layer in self._layers:
-            for kind in ("weight", "bias"):
-                param = getattr(layer.module, kind)
-                if param is None:
-                    continue
-                if id(param) in owners:
-                    raise ValueError(
-                        f"TENGraD: layers {owners[id(param)]!r} and {layer.name!r} share one {kind} (tied weights): "
-                        "the exact block of a parameter used by two layers is not supported; precondition one of "
-                        f"them only (skip=[{layer.name!r}])")
-                owners[id(param)] = layer.name
-        self._preconditioned = set(owners)  # ids of the parameters step() replaces
+        self._preconditioned = preconditioned_parameters(self._layers)  # ids of the parameters step() replaces
         if process_group is not None and isinstance(model, nn.parallel.DistributedDataParallel):
             attach_comm_hook(model, process_group, self)
         self._pre = Preconditioner(damping=damping, memory_limit=memory_limit)
@@ -262,8 +170,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
             self._handles.append(layer.module.register_forward_pre_hook(_Hook(self._make_pre_hook(layer))))
             self._handles.append(layer.module.register_forward_hook(_Hook(self._make_forward_hook(layer))))
         self._registered: List[_Layer] = []  # in registration (= first forward) order
-        for layer in self._layers:
-            _attached[layer.module] = self
+        attach(self)
 
     # -- settings ------------------------------------------------------------------------------
     @property
@@ -304,9 +211,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         self._handles = []
         self._pre.close()
         self._removed = True
-        for layer in self._layers:
-            if _attached.get(layer.module) is self:
-                del _attached[layer.module]
+        detach(self)
 
     def _check_alive(self) -> None:
         if self._removed:

@@ -1,7 +1,9 @@
 """Captures: the forward hooks that keep each layer's input (and padding mask), the tensor hooks
 that keep the gradient of the loss with respect to its output, forward numbering (a new forward
 replaces a capture that got no backward; a checkpoint's recomputation is not a forward), and
-registration of a layer with the library at its first forward."""
+registration of a layer with the library at its first forward. Tensor hooks on the output rather
+than ``register_full_backward_hook``, which fails when an in-place op (``nn.ReLU(inplace=True)``)
+follows the layer; inputs and gradients reach libtengrad as numpy views, without copies."""
 from __future__ import annotations
 
 import contextlib

@@ -1,0 +1,81 @@
+"""Which modules of a model TENGraD hooks, and the one-TENGraD-per-module rule: the layers found
+(supported types, minus skipped names and types and the modules their parents never call), the
+refusal of a second TENGraD on a hooked module and of a parameter shared by two hooked layers, and
+``release(model)``. Nothing is stored on the modules themselves (weak keys)."""
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Dict, Iterable, List, Set, Tuple, Union
+
+import torch.nn as nn
+
+from . import modules
+from .capture import _Layer
+if TYPE_CHECKING:  # annotations only
+    from . import TENGraD
+
+# The TENGraD that hooks each module.
+_attached: "weakref.WeakKeyDictionary[nn.Module, TENGraD]" = weakref.WeakKeyDictionary()
+
+
+def release(model: nn.Module) -> int:
+    """Remove every TENGraD attached to a module of `model` (its hooks and native handle), e.g.
+    one made by an earlier run of a notebook cell whose variable is gone. Returns how many."""
+    found = {id(pre): pre for module in model.modules() for pre in [_attached.get(module)] if pre is not None}
+    for pre in found.values():
+        pre.remove()
+    return len(found)
+
+
+def find_layers(model: nn.Module, skip: Iterable[Union[str, type]]) -> Tuple[List[_Layer], Dict[str, str]]:
+    """The layers to hook, in `named_modules` order, and {name: reason} of the supported modules
+    never preconditioned whatever `skip` says. Raises for a module another live TENGraD hooks."""
+    skip = tuple(skip)
+    skip_names = {s for s in skip if isinstance(s, str)}
+    skip_types = tuple(s for s in skip if isinstance(s, type))
+    skipped = modules.never_called(model)
+    layers = []
+    for name, module in model.named_modules():
+        if not isinstance(module, modules.SUPPORTED) or name in skip_names or name in skipped:
+            continue
+        if skip_types and isinstance(module, skip_types):
+            continue
+        modules.ModuleAdapter._check_supported(name, module)
+        other = _attached.get(module)
+        if other is not None and not other._removed:
+            raise ValueError(
+                f"TENGraD: layer {name!r} is already preconditioned by another TENGraD (a re-run notebook cell?): "
+                "two would precondition its gradient twice. Call remove() on the other one, or "
+                "tengrad.torch.release(model) to remove every TENGraD attached to the model")
+        layers.append(_Layer(name, module))
+    if not layers:
+        raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition")
+    return layers, skipped
+
+
+def preconditioned_parameters(layers: List[_Layer]) -> Set[int]:
+    """The ids of the parameters step() replaces; refuses a parameter shared by two layers."""
+    owners: Dict[int, str] = {}
+    for layer in layers:
+        for kind in ("weight", "bias"):
+            param = getattr(layer.module, kind)
+            if param is None:
+                continue
+            if id(param) in owners:
+                raise ValueError(
+                    f"TENGraD: layers {owners[id(param)]!r} and {layer.name!r} share one {kind} (tied weights): "
+                    "the exact block of a parameter used by two layers is not supported; precondition one of "
+                    f"them only (skip=[{layer.name!r}])")
+            owners[id(param)] = layer.name
+    return set(owners)
+
+
+def attach(pre: "TENGraD") -> None:
+    for layer in pre._layers:
+        _attached[layer.module] = pre
+
+
+def detach(pre: "TENGraD") -> None:
+    for layer in pre._layers:
+        if _attached.get(layer.module) is pre:
+            del _attached[layer.module]
