@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
 
-from ..core import LinearSpec
 from . import modules
 
 
@@ -204,13 +203,7 @@ class Capturing:
                 raise ValueError(f"TENGraD: layer {layer.name!r} changed its input size ({layer.spec} -> {spec}); a "
                                  "conv layer's input size must stay fixed")
             return
-        if isinstance(spec, LinearSpec):
-            layer.id = self._pre.add_linear(spec.in_features, spec.out_features, spec.bias)
-            self._pre.set_token_mode(layer.id, self.token_mode)
-        else:
-            layer.id = self._pre.add_conv2d(spec.in_channels, spec.out_channels, spec.kernel_size, spec.input_size,
-                                            spec.stride, spec.padding, spec.dilation, spec.groups, spec.bias)
-            self._pre.set_conv_strategy(layer.id, self.conv_strategy)
+        layer.id = self._add_layer(spec)
         layer.spec = spec
         self._registered.append(layer)
 

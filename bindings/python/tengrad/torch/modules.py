@@ -80,6 +80,17 @@ class ModuleAdapter:
         return Conv2dSpec(module.in_channels, module.out_channels, tuple(input_size or (0, 0)), k,
                           _pair(module.stride), pad, d, module.groups, has_bias)
 
+    def _add_layer(self, spec) -> int:
+        """Registers a layer of this spec with the library, with its kind's settings; its id."""
+        if isinstance(spec, LinearSpec):
+            layer_id = self._pre.add_linear(spec.in_features, spec.out_features, spec.bias)
+            self._pre.set_token_mode(layer_id, self.token_mode)
+        else:
+            layer_id = self._pre.add_conv2d(spec.in_channels, spec.out_channels, spec.kernel_size, spec.input_size,
+                                            spec.stride, spec.padding, spec.dilation, spec.groups, spec.bias)
+            self._pre.set_conv_strategy(layer_id, self.conv_strategy)
+        return layer_id
+
     def _spec_for(self, layer: _Layer, x: torch.Tensor):
         m = layer.module
         if isinstance(m, nn.Linear):
