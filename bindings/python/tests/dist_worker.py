@@ -12,6 +12,7 @@ run. VARIANT "accumulate": reuse steps run two micro-batches of unequal sizes pe
 """
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -103,6 +104,34 @@ class Partial(torch.nn.Module):
 
     def forward(self, *, x):
         return self.body(x)
+
+
+def one_step_more(rank, size, m, out):
+    """The end of training: rank 0 calls step() once more after the others destroyed the process
+    group and left; its step must raise within seconds (gloo reports the closed connection), not
+    wait for the group's timeout (60 s here)."""
+    torch.manual_seed(0)
+    model = mlp()
+    pre = tt.TENGraD(model, damping=0.1, update_freq=2, process_group=dist.group.WORLD)
+    mine = np.array_split(np.arange(m), size)[rank]
+    for step in range(3 if rank else 4):
+        if step == 3:
+            time.sleep(1.0)                                 # the others are gone by now
+        x, y = batch(model, m, 400 + step)
+        model.zero_grad()
+        F.cross_entropy(model(x[mine]), y[mine]).backward()
+        start = time.monotonic()
+        try:
+            pre.step()
+        except RuntimeError as e:
+            with open(f"{out}.{rank}.txt", "w") as f:
+                f.write(f"{time.monotonic() - start:.3f} {type(e).__name__}: {e}".replace("\n", " "))
+            os._exit(0)
+    if rank:
+        dist.destroy_process_group()
+    with open(f"{out}.{rank}.txt", "w") as f:
+        f.write("returned")
+    os._exit(0)
 
 
 def disagreements(rank, size, m, out):
@@ -225,6 +254,8 @@ def main():
             return resume(rank, size, m, out)
         if variant == "disagree":
             return disagreements(rank, size, m, out)
+        if variant == "one-step-more":
+            return one_step_more(rank, size, m, out)
         if variant == "subgroup":                           # TENGraD on global ranks 1..P-1 only
             group = dist.new_group(list(range(1, size)))
             if rank == 0:

@@ -102,6 +102,17 @@ def test_disagreeing_ranks_raise_everywhere(tmp_path):
         assert "different numbers of training forwards" in said[1] and "skip step()" in said[1]
 
 
+def test_one_step_more_at_the_end_raises_within_seconds(tmp_path):
+    """Rank 0 calls step() once more after its peers destroyed the group and exited: it raises
+    within seconds instead of waiting for the group's timeout (60 s)."""
+    out = os.path.join(str(tmp_path), "one-step-more")
+    launch("mlp", "empirical", 2, out, True, "one-step-more", 10, timeout=50)
+    assert open(f"{out}.1.txt").read() == "returned"
+    seconds, said = open(f"{out}.0.txt").read().split(" ", 1)
+    assert float(seconds) < 10, said
+    assert "RuntimeError: TENGraD: step 3's first exchange failed" in said and "more steps" in said, said
+
+
 def test_a_subgroup_without_global_rank_0(tmp_path):
     """TENGraD on a process group of global ranks 1 and 2 (rank 0 elsewhere): owners are group
     ranks, torch's collectives take global ranks; equals the single process."""

@@ -160,8 +160,13 @@ class DataParallel:
         except Exception as e:  # noqa: BLE001 — reported collectively below
             error, local = e, 0
         counts = [torch.zeros(6, dtype=torch.int64, device=device) for _ in range(size)]
-        dist.all_gather(counts, torch.tensor([local, error is not None] + agreement, dtype=torch.int64, device=device),
-                        group=group)
+        try:
+            dist.all_gather(counts, torch.tensor([local, error is not None] + agreement, dtype=torch.int64,
+                                                 device=device), group=group)
+        except RuntimeError as e:  # a peer gone (closed connection) or the group's timeout
+            raise RuntimeError(
+                f"TENGraD: step {self.steps}'s first exchange failed: a peer left the process group or never called "
+                "step() (did this rank run more steps than the others?); no .grad was changed") from e
         failed = [r for r, c in enumerate(counts) if c[1].item()]
         if failed:
             if error is not None:
