@@ -56,7 +56,7 @@ extern "C" {
 /* ---- Version ---------------------------------------------------------------------------- */
 
 #define TENGRAD_VERSION_MAJOR 0
-#define TENGRAD_VERSION_MINOR 4
+#define TENGRAD_VERSION_MINOR 5
 #define TENGRAD_VERSION_PATCH 0
 #define TENGRAD_VERSION_NUMBER \
     (TENGRAD_VERSION_MAJOR * 10000 + TENGRAD_VERSION_MINOR * 100 + TENGRAD_VERSION_PATCH)
@@ -245,6 +245,49 @@ TENGRAD_NODISCARD tengrad_status tengrad_get_conv2d_shape(const tengrad_precondi
    sample's own gradient. A mean-reduced loss (PyTorch's default) hands each sample (1/m) of its
    gradient, so pass s = batch; a sum-reduced loss passes s = 1. Finite and > 0. */
 
+/* ---- A batch, described once (recommended) ----------------------------------------------
+
+   One struct carries what every batch-taking call needs; one entry point per operation takes it
+   (the plain and _tokens calls below are thin wrappers kept for the 0.x versions).
+
+     tengrad_batch b = TENGRAD_BATCH_INIT;     (size set, tokens = 1, no mask, grad_scale = 1)
+     b.batch = m; b.activations = a; b.output_grads = g; b.grad_scale = (double)m;
+     status = tengrad_update_curvature_v2(p, layer, &b);
+
+   size: sizeof(tengrad_batch) of the caller's header. Smaller than this version's struct:
+     TENGRAD_ERROR_INVALID_ARGUMENT. Larger (a newer header): accepted when every byte past the
+     fields this library knows is zero (new fields at their zero default), refused otherwise, so
+     a newer caller never has a setting silently ignored.
+   batch:  m ≥ 1 samples (sequences).
+   tokens: T ≥ 1 positions per sample for a linear layer over sequences (activations
+     [batch][tokens][in], output_grads [batch][tokens][out]); 1 for a plain batch and for conv2d
+     layers (whose positions are their output pixels). See "Linear layers over token sequences".
+   mask: NULL, or [batch][tokens] bytes, 1 for a token and 0 for padding (other values refused).
+   grad_scale: s, finite and > 0 (see above); a double here, used as the nearest float.
+   The struct and the arrays are read during the call only. */
+typedef struct tengrad_batch {
+    size_t size;
+    int64_t batch;
+    int64_t tokens;
+    const float *activations;
+    const float *output_grads;
+    const uint8_t *mask;
+    double grad_scale;
+} tengrad_batch;
+
+#define TENGRAD_BATCH_INIT { sizeof(tengrad_batch), 0, 1, NULL, NULL, NULL, 1.0 }
+
+/* tengrad_update_curvature, tengrad_natural_gradient and tengrad_per_sample_gradients (below) on
+   a described batch, with or without tokens and mask. */
+TENGRAD_NODISCARD tengrad_status tengrad_update_curvature_v2(tengrad_preconditioner *p, int32_t layer,
+                                                             const tengrad_batch *batch);
+TENGRAD_NODISCARD tengrad_status tengrad_natural_gradient_v2(tengrad_preconditioner *p, int32_t layer,
+                                                             const tengrad_batch *batch,
+                                                             float *weight_update, float *bias_update);
+TENGRAD_NODISCARD tengrad_status tengrad_per_sample_gradients_v2(tengrad_preconditioner *p, int32_t layer,
+                                                                 const tengrad_batch *batch,
+                                                                 float *out_rows);
+
 /* Take a curvature snapshot of this layer from a batch (replaces the previous one).
    The snapshot keeps the batch in one of two representations (see tengrad_set_snapshot_representation:
    copies of the activations and output gradients, or the per-sample gradients), their m×m Gram
@@ -280,6 +323,27 @@ enum { TENGRAD_TOKENS_PER_SEQUENCE = 0, TENGRAD_TOKENS_PER_TOKEN = 1 };
 TENGRAD_NODISCARD tengrad_status tengrad_set_token_mode(tengrad_preconditioner *p, int32_t layer, int32_t mode);
 TENGRAD_NODISCARD tengrad_status tengrad_get_token_mode(const tengrad_preconditioner *p, int32_t layer,
                                                         int32_t *out_mode);
+
+/* ---- Layer parameters (recommended) ----------------------------------------------------- */
+
+/* Every per-layer setting through one pair of calls, keyed by TENGRAD_LAYER_PARAM_* (new knobs
+   arrive as new keys, not new functions):
+     TENGRAD_LAYER_PARAM_CONV_STRATEGY          TENGRAD_CONV_*      (tengrad_set_conv_strategy)
+     TENGRAD_LAYER_PARAM_SNAPSHOT_REPRESENTATION TENGRAD_SNAPSHOT_* (tengrad_set_snapshot_representation)
+     TENGRAD_LAYER_PARAM_TOKEN_MODE             TENGRAD_TOKENS_*    (tengrad_set_token_mode)
+   An unknown key or a value outside its set is TENGRAD_ERROR_INVALID_ARGUMENT and changes
+   nothing; so is a value the layer's kind does not take (PER_TOKEN on a conv2d layer). The
+   single-setting calls above stay, as thin wrappers, for the 0.x versions. */
+enum {
+    TENGRAD_LAYER_PARAM_CONV_STRATEGY = 1,
+    TENGRAD_LAYER_PARAM_SNAPSHOT_REPRESENTATION = 2,
+    TENGRAD_LAYER_PARAM_TOKEN_MODE = 3
+};
+
+TENGRAD_NODISCARD tengrad_status tengrad_set_layer_param(tengrad_preconditioner *p, int32_t layer,
+                                                         int32_t param, int64_t value);
+TENGRAD_NODISCARD tengrad_status tengrad_get_layer_param(const tengrad_preconditioner *p, int32_t layer,
+                                                         int32_t param, int64_t *out_value);
 
 /* tengrad_update_curvature and tengrad_natural_gradient over sequences (see above). */
 TENGRAD_NODISCARD tengrad_status tengrad_update_curvature_tokens(tengrad_preconditioner *p, int32_t layer,

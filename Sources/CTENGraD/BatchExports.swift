@@ -5,26 +5,83 @@ import TENGraD
 
 // MARK: - Preconditioning
 
-/// The batch arrays of a call: activations and output gradients checked non-NULL and sized from
-/// the layer, batch and tokens, and the optional mask (batch × tokens bytes).
-private struct BatchArrays {
+/// A caller's `tengrad_batch` checked and sized: the header's size rule (at least this version's
+/// struct; a larger one, from a newer header, only with zeros past the fields known here, so that
+/// no setting of a newer caller is silently ignored; sizes beyond 1 KiB refused unread), then the
+/// activations and output gradients non-NULL and sized from the layer, batch and tokens, and the
+/// optional mask (batch × tokens bytes).
+private struct DescribedBatch {
+    let batch: Int, tokens: Int, gradScale: Float
     let counts: Preconditioner.ArrayCounts
     let activations: UnsafeBufferPointer<Float>
     let outputGrads: UnsafeBufferPointer<Float>
     let mask: UnsafeBufferPointer<UInt8>?
 
-    init(
-        _ h: Handle, _ layer: Int32, _ batch: Int64, _ tokens: Int64, _ activations: UnsafePointer<Float>?,
-        _ outputGrads: UnsafePointer<Float>?, _ mask: UnsafePointer<UInt8>?
-    ) throws(TENGraDError) {
-        guard tokens > 0 else { throw TENGraDError(.invalidArgument, "tokens must be positive, got \(tokens)") }
-        let counts = try h.core.arrayCounts(layer: Int(layer), batch: Int(batch), tokens: Int(tokens))
-        self.counts = counts
-        self.activations = UnsafeBufferPointer(start: try required(activations, "activations"), count: counts.activations)
-        self.outputGrads = UnsafeBufferPointer(start: try required(outputGrads, "output_grads"), count: counts.outputGrads)
-        self.mask = mask.map { UnsafeBufferPointer(start: $0, count: counts.mask) }
+    init(_ h: Handle, _ layer: Int32, _ described: UnsafePointer<tengrad_batch>?) throws(TENGraDError) {
+        let raw = UnsafeRawPointer(try required(described, "batch"))
+        let size = callerStructSize(raw), known = MemoryLayout<tengrad_batch>.size
+        guard size >= known else {
+            throw TENGraDError(
+                .invalidArgument, "batch->size is \(size), smaller than this library's tengrad_batch (\(known) bytes): "
+                    + "start from TENGRAD_BATCH_INIT")
+        }
+        guard size <= 1024 else {
+            throw TENGraDError(.invalidArgument, "batch->size is \(size): not the size of any tengrad_batch (uninitialized?)")
+        }
+        for offset in known..<size where raw.load(fromByteOffset: offset, as: UInt8.self) != 0 {
+            throw TENGraDError(
+                .invalidArgument, "batch has fields this library (\(known) bytes of tengrad_batch) does not know set at "
+                    + "byte \(offset): a newer header's setting would be ignored")
+        }
+        let d = raw.loadUnaligned(as: tengrad_batch.self)
+        guard d.tokens > 0 else { throw TENGraDError(.invalidArgument, "tokens must be positive, got \(d.tokens)") }
+        (batch, tokens, gradScale) = (Int(d.batch), Int(d.tokens), Float(d.grad_scale))
+        let c = try h.core.arrayCounts(layer: Int(layer), batch: batch, tokens: tokens)
+        counts = c
+        activations = UnsafeBufferPointer(start: try required(d.activations, "activations"), count: c.activations)
+        outputGrads = UnsafeBufferPointer(start: try required(d.output_grads, "output_grads"), count: c.outputGrads)
+        mask = d.mask.map { UnsafeBufferPointer(start: $0, count: c.mask) }
     }
 }
+
+@_cdecl("tengrad_update_curvature_v2")
+public func tengrad_update_curvature_v2(_ p: OpaquePointer?, _ layer: Int32, _ batch: UnsafePointer<tengrad_batch>?) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let b = try DescribedBatch(h, layer, batch)
+        try h.core.updateCurvature(layer: Int(layer), batch: b.batch, tokens: b.tokens, activations: b.activations,
+                                   outputGrads: b.outputGrads, mask: b.mask, gradScale: b.gradScale)
+    }
+}
+
+@_cdecl("tengrad_natural_gradient_v2")
+public func tengrad_natural_gradient_v2(
+    _ p: OpaquePointer?, _ layer: Int32, _ batch: UnsafePointer<tengrad_batch>?,
+    _ weightUpdate: UnsafeMutablePointer<Float>?, _ biasUpdate: UnsafeMutablePointer<Float>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let b = try DescribedBatch(h, layer, batch)
+        let wu = UnsafeMutableBufferPointer(start: try required(weightUpdate, "weight_update"), count: b.counts.weight)
+        try h.core.naturalGradient(
+            layer: Int(layer), batch: b.batch, tokens: b.tokens, activations: b.activations, outputGrads: b.outputGrads,
+            mask: b.mask, gradScale: b.gradScale, weightUpdate: wu,
+            biasUpdate: biasUpdate.map { UnsafeMutableBufferPointer(start: $0, count: b.counts.bias) })
+    }
+}
+
+@_cdecl("tengrad_per_sample_gradients_v2")
+public func tengrad_per_sample_gradients_v2(
+    _ p: OpaquePointer?, _ layer: Int32, _ batch: UnsafePointer<tengrad_batch>?, _ outRows: UnsafeMutablePointer<Float>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let b = try DescribedBatch(h, layer, batch)
+        let rows = UnsafeMutableBufferPointer(start: try required(outRows, "out_rows"), count: b.counts.perSampleGradients)
+        try h.core.perSampleGradients(
+            layer: Int(layer), batch: b.batch, tokens: b.tokens, activations: b.activations, outputGrads: b.outputGrads,
+            mask: b.mask, gradScale: b.gradScale, into: rows)
+    }
+}
+
+// The plain and _tokens calls: thin wrappers over the same thunks' work, kept for the 0.x versions.
 
 @_cdecl("tengrad_update_curvature")
 public func tengrad_update_curvature(
@@ -34,16 +91,23 @@ public func tengrad_update_curvature(
     tengrad_update_curvature_tokens(p, layer, batch, 1, activations, outputGrads, nil, gradScale)
 }
 
+/// The descriptor of a call of the plain or _tokens shape.
+private func described(
+    _ batch: Int64, _ tokens: Int64, _ activations: UnsafePointer<Float>?, _ outputGrads: UnsafePointer<Float>?,
+    _ mask: UnsafePointer<UInt8>?, _ gradScale: Float
+) -> tengrad_batch {
+    tengrad_batch(
+        size: MemoryLayout<tengrad_batch>.size, batch: batch, tokens: tokens, activations: activations,
+        output_grads: outputGrads, mask: mask, grad_scale: Double(gradScale))
+}
+
 @_cdecl("tengrad_update_curvature_tokens")
 public func tengrad_update_curvature_tokens(
     _ p: OpaquePointer?, _ layer: Int32, _ batch: Int64, _ tokens: Int64, _ activations: UnsafePointer<Float>?,
     _ outputGrads: UnsafePointer<Float>?, _ mask: UnsafePointer<UInt8>?, _ gradScale: Float
 ) -> Int32 {
-    run(p) { (h) throws(TENGraDError) in
-        let b = try BatchArrays(h, layer, batch, tokens, activations, outputGrads, mask)
-        try h.core.updateCurvature(layer: Int(layer), batch: Int(batch), tokens: Int(tokens), activations: b.activations,
-                                   outputGrads: b.outputGrads, mask: b.mask, gradScale: gradScale)
-    }
+    var d = described(batch, tokens, activations, outputGrads, mask, gradScale)
+    return tengrad_update_curvature_v2(p, layer, &d)
 }
 
 @_cdecl("tengrad_natural_gradient_tokens")
@@ -52,15 +116,8 @@ public func tengrad_natural_gradient_tokens(
     _ outputGrads: UnsafePointer<Float>?, _ mask: UnsafePointer<UInt8>?, _ gradScale: Float,
     _ weightUpdate: UnsafeMutablePointer<Float>?, _ biasUpdate: UnsafeMutablePointer<Float>?
 ) -> Int32 {
-    run(p) { (h) throws(TENGraDError) in
-        let b = try BatchArrays(h, layer, batch, tokens, activations, outputGrads, mask)
-        let wu = try required(weightUpdate, "weight_update")
-        try h.core.naturalGradient(
-            layer: Int(layer), batch: Int(batch), tokens: Int(tokens), activations: b.activations, outputGrads: b.outputGrads,
-            mask: b.mask, gradScale: gradScale,
-            weightUpdate: UnsafeMutableBufferPointer(start: wu, count: b.counts.weight),
-            biasUpdate: biasUpdate.map { UnsafeMutableBufferPointer(start: $0, count: b.counts.bias) })
-    }
+    var d = described(batch, tokens, activations, outputGrads, mask, gradScale)
+    return tengrad_natural_gradient_v2(p, layer, &d, weightUpdate, biasUpdate)
 }
 
 @_cdecl("tengrad_per_sample_gradients")
@@ -77,13 +134,8 @@ public func tengrad_per_sample_gradients_tokens(
     _ outputGrads: UnsafePointer<Float>?, _ mask: UnsafePointer<UInt8>?, _ gradScale: Float,
     _ outRows: UnsafeMutablePointer<Float>?
 ) -> Int32 {
-    run(p) { (h) throws(TENGraDError) in
-        let b = try BatchArrays(h, layer, batch, tokens, activations, outputGrads, mask)
-        let o = try required(outRows, "out_rows")
-        try h.core.perSampleGradients(
-            layer: Int(layer), batch: Int(batch), tokens: Int(tokens), activations: b.activations, outputGrads: b.outputGrads,
-            mask: b.mask, gradScale: gradScale, into: UnsafeMutableBufferPointer(start: o, count: b.counts.perSampleGradients))
-    }
+    var d = described(batch, tokens, activations, outputGrads, mask, gradScale)
+    return tengrad_per_sample_gradients_v2(p, layer, &d, outRows)
 }
 
 @_cdecl("tengrad_update_curvature_from_gradients")

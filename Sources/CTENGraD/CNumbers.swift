@@ -56,6 +56,23 @@ extension SnapshotRepresentation {
     }
 }
 
+extension TokenMode {
+    init?(code: Int32) {
+        switch Int(code) {
+        case Int(TENGRAD_TOKENS_PER_SEQUENCE): self = .perSequence
+        case Int(TENGRAD_TOKENS_PER_TOKEN): self = .perToken
+        default: return nil
+        }
+    }
+
+    var code: Int32 {
+        switch self {
+        case .perSequence: Int32(TENGRAD_TOKENS_PER_SEQUENCE)
+        case .perToken: Int32(TENGRAD_TOKENS_PER_TOKEN)
+        }
+    }
+}
+
 extension LayerKind {
     var code: Int32 {
         switch self {

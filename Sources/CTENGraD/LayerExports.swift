@@ -35,46 +35,79 @@ public func tengrad_add_conv2d(
     }
 }
 
+/// One layer setting by key (TENGRAD_LAYER_PARAM_*), checked and applied; every single-setting
+/// thunk goes through here.
+private func setLayerParam(_ h: Handle, _ layer: Int32, _ param: Int32, _ value: Int64) throws(TENGraDError) {
+    let code = Int32(exactly: value)
+    switch Int(param) {
+    case Int(TENGRAD_LAYER_PARAM_CONV_STRATEGY):
+        guard let s = code.flatMap(ConvStrategy.init(code:)) else {
+            throw TENGraDError(.invalidArgument, "strategy must be TENGRAD_CONV_AUTO, _FACTORED or _EXPLICIT, got \(value)")
+        }
+        try h.core.setConvStrategy(layer: Int(layer), s)
+    case Int(TENGRAD_LAYER_PARAM_SNAPSHOT_REPRESENTATION):
+        guard let r = code.flatMap(SnapshotRepresentation.init(code:)) else {
+            throw TENGraDError(
+                .invalidArgument, "representation must be TENGRAD_SNAPSHOT_AUTO, _RAW or _PER_SAMPLE, got \(value)")
+        }
+        try h.core.setSnapshotRepresentation(layer: Int(layer), r)
+    case Int(TENGRAD_LAYER_PARAM_TOKEN_MODE):
+        guard let m = code.flatMap(TokenMode.init(code:)) else {
+            throw TENGraDError(.invalidArgument, "mode must be TENGRAD_TOKENS_PER_SEQUENCE or _PER_TOKEN, got \(value)")
+        }
+        try h.core.setTokenMode(layer: Int(layer), m)
+    default:
+        throw TENGraDError(.invalidArgument, "unknown layer parameter \(param) (TENGRAD_LAYER_PARAM_*)")
+    }
+}
+
+@_cdecl("tengrad_set_layer_param")
+public func tengrad_set_layer_param(_ p: OpaquePointer?, _ layer: Int32, _ param: Int32, _ value: Int64) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in try setLayerParam(h, layer, param, value) }
+}
+
+@_cdecl("tengrad_get_layer_param")
+public func tengrad_get_layer_param(
+    _ p: OpaquePointer?, _ layer: Int32, _ param: Int32, _ out: UnsafeMutablePointer<Int64>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let o = try required(out, "out_value")
+        let id = Int(layer)
+        switch Int(param) {
+        case Int(TENGRAD_LAYER_PARAM_CONV_STRATEGY): o.pointee = Int64(try h.core.convStrategy(layer: id).code)
+        case Int(TENGRAD_LAYER_PARAM_SNAPSHOT_REPRESENTATION):
+            o.pointee = Int64(try h.core.snapshotRepresentation(layer: id).code)
+        case Int(TENGRAD_LAYER_PARAM_TOKEN_MODE): o.pointee = Int64(try h.core.tokenMode(layer: id).code)
+        default: throw TENGraDError(.invalidArgument, "unknown layer parameter \(param) (TENGRAD_LAYER_PARAM_*)")
+        }
+    }
+}
+
 @_cdecl("tengrad_set_conv_strategy")
 public func tengrad_set_conv_strategy(_ p: OpaquePointer?, _ layer: Int32, _ strategy: Int32) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        guard let s = ConvStrategy(code: strategy) else {
-            throw TENGraDError(.invalidArgument, "strategy must be TENGRAD_CONV_AUTO, _FACTORED or _EXPLICIT, got \(strategy)")
-        }
-        try h.core.setConvStrategy(layer: Int(layer), s)
+        try setLayerParam(h, layer, Int32(TENGRAD_LAYER_PARAM_CONV_STRATEGY), Int64(strategy))
     }
 }
 
 @_cdecl("tengrad_set_snapshot_representation")
 public func tengrad_set_snapshot_representation(_ p: OpaquePointer?, _ layer: Int32, _ representation: Int32) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        guard let r = SnapshotRepresentation(code: representation) else {
-            throw TENGraDError(
-                .invalidArgument,
-                "representation must be TENGRAD_SNAPSHOT_AUTO, _RAW or _PER_SAMPLE, got \(representation)")
-        }
-        try h.core.setSnapshotRepresentation(layer: Int(layer), r)
+        try setLayerParam(h, layer, Int32(TENGRAD_LAYER_PARAM_SNAPSHOT_REPRESENTATION), Int64(representation))
     }
 }
 
 @_cdecl("tengrad_set_token_mode")
 public func tengrad_set_token_mode(_ p: OpaquePointer?, _ layer: Int32, _ mode: Int32) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        let m: TokenMode
-        switch Int(mode) {
-        case Int(TENGRAD_TOKENS_PER_SEQUENCE): m = .perSequence
-        case Int(TENGRAD_TOKENS_PER_TOKEN): m = .perToken
-        default: throw TENGraDError(.invalidArgument, "mode must be TENGRAD_TOKENS_PER_SEQUENCE or _PER_TOKEN, got \(mode)")
-        }
-        try h.core.setTokenMode(layer: Int(layer), m)
+        try setLayerParam(h, layer, Int32(TENGRAD_LAYER_PARAM_TOKEN_MODE), Int64(mode))
     }
 }
 
 @_cdecl("tengrad_get_token_mode")
 public func tengrad_get_token_mode(_ p: OpaquePointer?, _ layer: Int32, _ out: UnsafeMutablePointer<Int32>?) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        let o = try required(out, "out")
-        o.pointee = Int32(try h.core.tokenMode(layer: Int(layer)) == .perToken ? TENGRAD_TOKENS_PER_TOKEN : TENGRAD_TOKENS_PER_SEQUENCE)
+        try required(out, "out").pointee = try h.core.tokenMode(layer: Int(layer)).code
     }
 }
 

@@ -80,6 +80,11 @@ public final class Preconditioner {
         try layer(id).strategySetting = strategy
     }
 
+    /// The Gram-strategy setting of a layer.
+    public func convStrategy(layer id: Int) throws(TENGraDError) -> ConvStrategy {
+        try layer(id).strategySetting
+    }
+
     /// Forces what a layer's snapshots keep (`.auto`, the default, lets the cost model choose at
     /// each refresh; docs/DESIGN.md §4). Takes effect at the next curvature update.
     public func setSnapshotRepresentation(layer id: Int, _ representation: SnapshotRepresentation) throws(TENGraDError) {

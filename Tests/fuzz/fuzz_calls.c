@@ -73,7 +73,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     tengrad_preconditioner *p = NULL;
     if (tengrad_create(&p) != TENGRAD_OK) abort();
     for (int step = 0; step < 24 && in.at < in.size; step++) {
-        uint8_t op = u8(&in) % 13;
+        uint8_t op = u8(&in) % 14;
         int32_t id = 0, layer = (int32_t)(u8(&in) % 5) - 1;
         int64_t batch = size_value(&in);
         size_t acts, grads, weight, bias;
@@ -97,6 +97,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             uint8_t v = u8(&in);
             if (v & 1) (void)tengrad_set_conv_strategy(p, layer, (int32_t)((v >> 1) % 4));
             else if (v & 2) (void)tengrad_set_snapshot_representation(p, layer, (int32_t)((v >> 2) % 4));
+            else if (v & 4) { /* any key, any value, and the getter */
+                int64_t value = (int64_t)u64(&in);
+                (void)tengrad_set_layer_param(p, layer, (int32_t)(v >> 3) % 5, v & 8 ? value : value % 4);
+                (void)tengrad_get_layer_param(p, layer, (int32_t)(v >> 3) % 5, &value);
+            }
             else (void)tengrad_set_blas_threads(p, (int32_t)(v >> 2) % 4 - 1); /* -1 (refused) to 2 */
             break;
         }
@@ -181,6 +186,23 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                     (void)tengrad_update_curvature_from_gradients(p, layer, batch, rows);
             } else if (v & 8) (void)tengrad_update_curvature_tokens(p, layer, batch, tokens, pool, pool + acts * t, mask, f32(&in));
             else (void)tengrad_natural_gradient_tokens(p, layer, batch, tokens, pool, pool + acts * t, mask, 1.0f, out_w, bias ? out_b : NULL);
+            break;
+        }
+        case 12: { /* the batch descriptor with a fuzzed size and an unknown trailing field */
+            struct { tengrad_batch b; int64_t newer; } d;
+            memset(&d, 0, sizeof d);
+            uint8_t v = u8(&in);
+            layer_sizes(p, layer, batch, &acts, &grads, &weight, &bias);
+            fill_pool(&in, acts + grads > 0 ? acts + grads : 1);
+            d.b.size = v & 1 ? sizeof d.b : v & 2 ? sizeof d : (size_t)u8(&in) * (v & 4 ? 1u : 4096u);
+            d.newer = v & 8 ? (int64_t)u8(&in) : 0;
+            d.b.batch = batch;
+            d.b.tokens = 1;
+            d.b.activations = acts ? pool : NULL;
+            d.b.output_grads = pool + acts;
+            d.b.grad_scale = f64(&in);
+            if (v & 16) (void)tengrad_update_curvature_v2(p, layer, &d.b);
+            else (void)tengrad_natural_gradient_v2(p, layer, &d.b, out_w, bias ? out_b : NULL);
             break;
         }
         default: (void)tengrad_last_error(p); break;

@@ -9,7 +9,7 @@
  *
  * --fisher sampled (default) takes each step's curvature from a backward pass with labels drawn
  * from the model's softmax (the true Fisher, as in the paper) and preconditions the real gradient
- * with tengrad_precondition; --fisher empirical uses the one-call tengrad_natural_gradient.
+ * with tengrad_precondition; --fisher empirical uses the one-call tengrad_natural_gradient_v2.
  *
  * DIR holds the four uncompressed IDX files (train-images-idx3-ubyte, ...). `make demo` unpacks
  * them from Debian's dataset-fashion-mnist. With --check the exit status is 1 unless TENGraD
@@ -35,6 +35,17 @@ typedef struct {
 typedef struct {
     double initial_loss, final_loss, test_accuracy, seconds;
 } result;
+
+/* One layer's batch for the library: its inputs and the loss gradients at its outputs. The loss
+   is mean-reduced, so each sample got 1/m of its gradient: grad_scale = m. */
+static tengrad_batch layer_batch(int64_t m, const float *inputs, const float *output_grads) {
+    tengrad_batch b = TENGRAD_BATCH_INIT;
+    b.batch = m;
+    b.activations = inputs;
+    b.output_grads = output_grads;
+    b.grad_scale = (double)m;
+    return b;
+}
 
 /* Trains `net` in place; natural != 0 uses TENGraD, else plain SGD. */
 static int train(mlp *net, int natural, const dataset *train_set, const dataset *test_set, const settings *cfg,
@@ -78,12 +89,12 @@ static int train(mlp *net, int natural, const dataset *train_set, const dataset 
             if (natural && cfg->sampled) {
                 /* True Fisher: curvature from a backward pass with sampled labels, then the
                    gradient of the real labels preconditioned by it (the reuse path). */
-                float scale = (float)cfg->batch;
                 sample_labels(&ws, (uint64_t)labels_drawn, ysampled);
                 labels_drawn += cfg->batch;
                 backward(net, ysampled, &ws, cfg->batch);
-                if (!check(p, tengrad_update_curvature(p, l1, cfg->batch, xb, ws.dz1, scale), "update_curvature(1)") ||
-                    !check(p, tengrad_update_curvature(p, l2, cfg->batch, ws.h, ws.dz2, scale), "update_curvature(2)"))
+                tengrad_batch b1 = layer_batch(cfg->batch, xb, ws.dz1), b2 = layer_batch(cfg->batch, ws.h, ws.dz2);
+                if (!check(p, tengrad_update_curvature_v2(p, l1, &b1), "update_curvature(1)") ||
+                    !check(p, tengrad_update_curvature_v2(p, l2, &b2), "update_curvature(2)"))
                     goto done_ws;
                 epoch_loss += backward(net, yb, &ws, cfg->batch);
                 gradients(xb, &ws, step);
@@ -97,12 +108,9 @@ static int train(mlp *net, int natural, const dataset *train_set, const dataset 
             }
             epoch_loss += backward(net, yb, &ws, cfg->batch);
             if (natural) {
-                /* Mean-reduced loss: each sample got 1/m of its gradient, so grad_scale = m. */
-                float scale = (float)cfg->batch;
-                if (!check(p, tengrad_natural_gradient(p, l1, cfg->batch, xb, ws.dz1, scale, step->w1, step->b1),
-                           "natural_gradient(layer 1)") ||
-                    !check(p, tengrad_natural_gradient(p, l2, cfg->batch, ws.h, ws.dz2, scale, step->w2, step->b2),
-                           "natural_gradient(layer 2)"))
+                tengrad_batch b1 = layer_batch(cfg->batch, xb, ws.dz1), b2 = layer_batch(cfg->batch, ws.h, ws.dz2);
+                if (!check(p, tengrad_natural_gradient_v2(p, l1, &b1, step->w1, step->b1), "natural_gradient(layer 1)") ||
+                    !check(p, tengrad_natural_gradient_v2(p, l2, &b2, step->w2, step->b2), "natural_gradient(layer 2)"))
                     goto done_ws;
                 double nu = 1;
                 if (!check(p, tengrad_kl_clip_factor(p, cfg->lr_ng, cfg->kl_clip, &nu), "kl_clip_factor")) goto done_ws;

@@ -35,8 +35,28 @@ CONV_EXPLICIT = 2
 SNAPSHOT_AUTO = 0
 SNAPSHOT_RAW = 1
 SNAPSHOT_PER_SAMPLE = 2
-TOKENS_PER_SEQUENCE = 0  # tengrad_set_token_mode
+TOKENS_PER_SEQUENCE = 0
 TOKENS_PER_TOKEN = 1
+
+# The keys of tengrad_set_layer_param / tengrad_get_layer_param (values: the sets above).
+LAYER_PARAM_CONV_STRATEGY = 1
+LAYER_PARAM_SNAPSHOT_REPRESENTATION = 2
+LAYER_PARAM_TOKEN_MODE = 3
+
+
+class Batch(ctypes.Structure):
+    """typedef struct tengrad_batch { size_t size; ... } tengrad_batch; (set size to sizeof)."""
+
+    _fields_ = [
+        ("size", ctypes.c_size_t), ("batch", c_int64), ("tokens", c_int64),
+        ("activations", c_void_p), ("output_grads", c_void_p), ("mask", c_void_p),
+        ("grad_scale", ctypes.c_double),
+    ]
+
+
+def batch(batch: int, tokens: int, activations, output_grads, mask, grad_scale: float) -> Batch:
+    """A filled tengrad_batch (pointers as integers or None)."""
+    return Batch(ctypes.sizeof(Batch), batch, tokens, activations, output_grads, mask, grad_scale)
 
 
 class Conv2dShape(ctypes.Structure):
@@ -250,12 +270,6 @@ tengrad_add_linear = _declare(
 # tengrad_status tengrad_add_conv2d(p, const tengrad_conv2d_shape *shape, int32_t *out_layer);
 tengrad_add_conv2d = _declare(
     "tengrad_add_conv2d", c_int32, _handle, POINTER(Conv2dShape), POINTER(c_int32))
-# tengrad_status tengrad_set_conv_strategy(tengrad_preconditioner *p, int32_t layer, int32_t strategy);
-tengrad_set_conv_strategy = _declare("tengrad_set_conv_strategy", c_int32, _handle, c_int32, c_int32)
-# tengrad_status tengrad_set_snapshot_representation(tengrad_preconditioner *p, int32_t layer,
-#                                                    int32_t representation);
-tengrad_set_snapshot_representation = _declare(
-    "tengrad_set_snapshot_representation", c_int32, _handle, c_int32, c_int32)
 # tengrad_status tengrad_get_linear_shape(p, int32_t layer, int64_t *in_features, int64_t *out_features,
 #                                         int32_t *has_bias);
 tengrad_get_linear_shape = _declare(
@@ -274,30 +288,20 @@ tengrad_layer_count = _declare("tengrad_layer_count", c_int32, _handle, POINTER(
 #                                         const float *output_grads, float grad_scale);
 tengrad_update_curvature = _declare(
     "tengrad_update_curvature", c_int32, _handle, c_int32, c_int64, _f32p, _f32p, c_float)
-# tengrad_status tengrad_set_token_mode(p, int32_t layer, int32_t mode);
-tengrad_set_token_mode = _declare("tengrad_set_token_mode", c_int32, _handle, c_int32, c_int32)
-# tengrad_status tengrad_get_token_mode(const tengrad_preconditioner *p, int32_t layer, int32_t *out_mode);
-tengrad_get_token_mode = _declare("tengrad_get_token_mode", c_int32, _handle, c_int32, POINTER(c_int32))
-# tengrad_status tengrad_update_curvature_tokens(p, int32_t layer, int64_t batch, int64_t tokens,
-#     const float *activations, const float *output_grads, const uint8_t *mask, float grad_scale);
-tengrad_update_curvature_tokens = _declare(
-    "tengrad_update_curvature_tokens", c_int32, _handle, c_int32, c_int64, c_int64, _f32p, _f32p, c_void_p, c_float)
-# tengrad_status tengrad_natural_gradient_tokens(p, int32_t layer, int64_t batch, int64_t tokens,
-#     const float *activations, const float *output_grads, const uint8_t *mask, float grad_scale,
-#     float *weight_update, float *bias_update);
-tengrad_natural_gradient_tokens = _declare(
-    "tengrad_natural_gradient_tokens", c_int32, _handle, c_int32, c_int64, c_int64, _f32p, _f32p, c_void_p, c_float,
-    _f32p, _f32p)
-# tengrad_status tengrad_per_sample_gradients(p, int32_t layer, int64_t batch, const float *activations,
-#                                             const float *output_grads, float grad_scale, float *out_rows);
-tengrad_per_sample_gradients = _declare(
-    "tengrad_per_sample_gradients", c_int32, _handle, c_int32, c_int64, _f32p, _f32p, c_float, _f32p)
-# tengrad_status tengrad_per_sample_gradients_tokens(p, int32_t layer, int64_t batch, int64_t tokens,
-#     const float *activations, const float *output_grads, const uint8_t *mask, float grad_scale,
-#     float *out_rows);
-tengrad_per_sample_gradients_tokens = _declare(
-    "tengrad_per_sample_gradients_tokens", c_int32, _handle, c_int32, c_int64, c_int64, _f32p, _f32p, c_void_p,
-    c_float, _f32p)
+# tengrad_status tengrad_update_curvature_v2(p, int32_t layer, const tengrad_batch *batch);
+tengrad_update_curvature_v2 = _declare("tengrad_update_curvature_v2", c_int32, _handle, c_int32, POINTER(Batch))
+# tengrad_status tengrad_natural_gradient_v2(p, int32_t layer, const tengrad_batch *batch,
+#                                            float *weight_update, float *bias_update);
+tengrad_natural_gradient_v2 = _declare(
+    "tengrad_natural_gradient_v2", c_int32, _handle, c_int32, POINTER(Batch), _f32p, _f32p)
+# tengrad_status tengrad_per_sample_gradients_v2(p, int32_t layer, const tengrad_batch *batch, float *out_rows);
+tengrad_per_sample_gradients_v2 = _declare(
+    "tengrad_per_sample_gradients_v2", c_int32, _handle, c_int32, POINTER(Batch), _f32p)
+# tengrad_status tengrad_set_layer_param(p, int32_t layer, int32_t param, int64_t value);
+tengrad_set_layer_param = _declare("tengrad_set_layer_param", c_int32, _handle, c_int32, c_int32, c_int64)
+# tengrad_status tengrad_get_layer_param(const tengrad_preconditioner *p, int32_t layer, int32_t param,
+#                                        int64_t *out_value);
+tengrad_get_layer_param = _declare("tengrad_get_layer_param", c_int32, _handle, c_int32, c_int32, POINTER(c_int64))
 # tengrad_status tengrad_update_curvature_from_gradients(p, int32_t layer, int64_t batch,
 #                                                        const float *per_sample_gradients);
 tengrad_update_curvature_from_gradients = _declare(
@@ -306,11 +310,6 @@ tengrad_update_curvature_from_gradients = _declare(
 #                                     const float *bias_grad, float *weight_update, float *bias_update);
 tengrad_precondition = _declare(
     "tengrad_precondition", c_int32, _handle, c_int32, _f32p, _f32p, _f32p, _f32p)
-# tengrad_status tengrad_natural_gradient(p, int32_t layer, int64_t batch, const float *activations,
-#                                         const float *output_grads, float grad_scale,
-#                                         float *weight_update, float *bias_update);
-tengrad_natural_gradient = _declare(
-    "tengrad_natural_gradient", c_int32, _handle, c_int32, c_int64, _f32p, _f32p, c_float, _f32p, _f32p)
 # tengrad_status tengrad_kl_clip_factor(const tengrad_preconditioner *p, double learning_rate,
 #                                       double kl_clip, double *out_nu);
 tengrad_kl_clip_factor = _declare(

@@ -250,7 +250,7 @@ class Preconditioner:
         convolution, or a linear layer called over tokens (T > 1)."""
         if strategy not in _STRATEGIES:
             raise ValueError(f"strategy must be one of {sorted(_STRATEGIES)}, got {strategy!r}")
-        _lib.tengrad_set_conv_strategy(self._h, self._id(layer), _STRATEGIES[strategy])
+        self._set_param(layer, _lib.LAYER_PARAM_CONV_STRATEGY, _STRATEGIES[strategy])
 
     def set_snapshot_representation(self, layer: int, representation: str) -> None:
         """What the layer's curvature snapshots keep for ``precondition``: "auto" (default: the
@@ -258,7 +258,7 @@ class Preconditioner:
         per-sample gradients U, making each reuse step two matrix-vector products)."""
         if representation not in _REPRESENTATIONS:
             raise ValueError(f"representation must be one of {sorted(_REPRESENTATIONS)}, got {representation!r}")
-        _lib.tengrad_set_snapshot_representation(self._h, self._id(layer), _REPRESENTATIONS[representation])
+        self._set_param(layer, _lib.LAYER_PARAM_SNAPSHOT_REPRESENTATION, _REPRESENTATIONS[representation])
 
     def set_token_mode(self, layer: int, mode: str) -> None:
         """How a linear layer called over sequences defines its samples: "per-sequence" (default:
@@ -267,12 +267,28 @@ class Preconditioner:
         as flattening the tokens into the batch). Takes effect at the next curvature update."""
         if mode not in _TOKEN_MODES:
             raise ValueError(f"mode must be one of {sorted(_TOKEN_MODES)}, got {mode!r}")
-        _lib.tengrad_set_token_mode(self._h, self._id(layer), _TOKEN_MODES[mode])
+        self._set_param(layer, _lib.LAYER_PARAM_TOKEN_MODE, _TOKEN_MODES[mode])
 
     def token_mode(self, layer: int) -> str:
-        out = ctypes.c_int32()
-        _lib.tengrad_get_token_mode(self._h, self._id(layer), ctypes.byref(out))
-        return {v: k for k, v in _TOKEN_MODES.items()}[out.value]
+        return {v: k for k, v in _TOKEN_MODES.items()}[self._get_param(layer, _lib.LAYER_PARAM_TOKEN_MODE)]
+
+    def conv_strategy(self, layer: int) -> str:
+        """The layer's Gram-strategy setting ("auto", "factored" or "explicit")."""
+        return {v: k for k, v in _STRATEGIES.items()}[self._get_param(layer, _lib.LAYER_PARAM_CONV_STRATEGY)]
+
+    def snapshot_representation(self, layer: int) -> str:
+        """The layer's representation setting ("auto", "raw" or "per-sample")."""
+        code = self._get_param(layer, _lib.LAYER_PARAM_SNAPSHOT_REPRESENTATION)
+        return {v: k for k, v in _REPRESENTATIONS.items()}[code]
+
+    # Every per-layer setting goes through the library's one keyed pair (tengrad_set_layer_param).
+    def _set_param(self, layer: int, key: int, value: int) -> None:
+        _lib.tengrad_set_layer_param(self._h, self._id(layer), key, value)
+
+    def _get_param(self, layer: int, key: int) -> int:
+        out = ctypes.c_int64()
+        _lib.tengrad_get_layer_param(self._h, self._id(layer), key, ctypes.byref(out))
+        return out.value
 
     def _sync_layers(self) -> None:
         """Rebuild the Python-side layer specs from the library (after loading state)."""
@@ -335,7 +351,7 @@ class Preconditioner:
     def _batch(self, layer, activations, output_grads, mask):
         """(spec, batch, tokens, mask) of a batch call: plain arrays ([batch, features], NCHW) are
         one token per sample; a linear layer's [batch, T..., features] arrays or a mask make it a
-        sequence call. Every batch call goes through the C `_tokens` entry points."""
+        sequence call. Every batch call goes through the C descriptor entry points (`tengrad_batch`)."""
         if mask is not None or (isinstance(activations, np.ndarray) and activations.ndim > 2
                                 and isinstance(self.layer_spec(layer), LinearSpec)):
             return self._sequence(layer, activations, output_grads, mask)
@@ -391,8 +407,8 @@ class Preconditioner:
         ``mask`` [batch, T...] (bool or uint8; 0 = padding, which contributes nothing). See
         ``set_token_mode``."""
         _, batch, tokens, mask = self._batch(layer, activations, output_grads, mask)
-        _lib.tengrad_update_curvature_tokens(self._h, int(layer), batch, tokens, _ptr(activations),
-                                             _ptr(output_grads), _ptr(mask), float(grad_scale))
+        described = _lib.batch(batch, tokens, _ptr(activations), _ptr(output_grads), _ptr(mask), float(grad_scale))
+        _lib.tengrad_update_curvature_v2(self._h, int(layer), ctypes.byref(described))
 
     @staticmethod
     def _row_size(spec) -> int:
@@ -408,8 +424,8 @@ class Preconditioner:
         layer takes sequences ([batch, T..., features], ``mask=``): one row per sequence."""
         spec, batch, tokens, mask = self._batch(layer, activations, output_grads, mask)
         rows = np.empty((batch, self._row_size(spec)), dtype=np.float32)
-        _lib.tengrad_per_sample_gradients_tokens(self._h, int(layer), batch, tokens, _ptr(activations),
-                                                 _ptr(output_grads), _ptr(mask), float(grad_scale), _ptr(rows))
+        described = _lib.batch(batch, tokens, _ptr(activations), _ptr(output_grads), _ptr(mask), float(grad_scale))
+        _lib.tengrad_per_sample_gradients_v2(self._h, int(layer), ctypes.byref(described), _ptr(rows))
         return rows
 
     def update_curvature_from_gradients(self, layer: int, rows: np.ndarray) -> None:
@@ -446,8 +462,8 @@ class Preconditioner:
         Linear layers take sequences and masks as in ``update_curvature``."""
         spec, batch, tokens, mask = self._batch(layer, activations, output_grads, mask)
         weight, bias = self._outputs(spec, out)
-        _lib.tengrad_natural_gradient_tokens(self._h, int(layer), batch, tokens, _ptr(activations),
-                                             _ptr(output_grads), _ptr(mask), float(grad_scale), _ptr(weight), _ptr(bias))
+        described = _lib.batch(batch, tokens, _ptr(activations), _ptr(output_grads), _ptr(mask), float(grad_scale))
+        _lib.tengrad_natural_gradient_v2(self._h, int(layer), ctypes.byref(described), _ptr(weight), _ptr(bias))
         return weight, bias
 
     # -- KL clipping and diagnostics -----------------------------------------------------------

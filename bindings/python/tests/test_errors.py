@@ -279,3 +279,61 @@ def test_extensible_structs_take_any_size_from_theirs_up_to_size_max():
         blas.size = size or ctypes.sizeof(_lib.BlasInfo)
         assert _lib.lib.tengrad_get_blas_info(ctypes.byref(blas)) == _lib.OK
         assert blas.size == ctypes.sizeof(_lib.BlasInfo) and blas.threads >= 1
+
+
+def test_layer_settings_through_the_keyed_pair():
+    """Every per-layer setting goes through tengrad_set_layer_param / _get_layer_param: the
+    setters and getters round-trip, and bad values and keys are refused with nothing changed."""
+    with tengrad.Preconditioner() as p:
+        lin = p.add_linear(4, 3)
+        conv = p.add_conv2d(1, 2, 2, (3, 3))
+        assert (p.conv_strategy(conv), p.snapshot_representation(conv), p.token_mode(lin)) == \
+            ("auto", "auto", "per-sequence")
+        p.set_conv_strategy(conv, "factored")
+        p.set_snapshot_representation(conv, "raw")
+        p.set_token_mode(lin, "per-token")
+        assert (p.conv_strategy(conv), p.snapshot_representation(conv), p.token_mode(lin)) == \
+            ("factored", "raw", "per-token")
+        before = p.save_state()
+        with pytest.raises(_lib.TengradError, match="token modes apply to linear layers"):
+            p.set_token_mode(conv, "per-token")
+        for key, value in ((0, 1), (4, 1), (_lib.LAYER_PARAM_CONV_STRATEGY, 3),
+                           (_lib.LAYER_PARAM_CONV_STRATEGY, 1 << 33), (_lib.LAYER_PARAM_SNAPSHOT_REPRESENTATION, -1)):
+            with pytest.raises(_lib.TengradError):
+                _lib.tengrad_set_layer_param(p._h, conv, key, value)
+        out = ctypes.c_int64(-5)
+        with pytest.raises(_lib.TengradError, match="unknown layer parameter"):
+            _lib.tengrad_get_layer_param(p._h, conv, 9, ctypes.byref(out))
+        assert p.save_state() == before
+
+
+def test_batch_descriptor_size_rule():
+    """tengrad_batch: a size below this version's struct, an uninitialized size, and a newer
+    struct with an unknown field set are refused with nothing changed; the binding's own
+    descriptor calls give the same snapshot as the plain call."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 4), dtype=np.float32)
+    g = rng.standard_normal((5, 3), dtype=np.float32)
+    ptr_a, ptr_g = a.ctypes.data, g.ctypes.data
+    with tengrad.Preconditioner() as p, tengrad.Preconditioner() as q:
+        lp, lq = p.add_linear(4, 3), q.add_linear(4, 3)
+        p.update_curvature(lp, a, g, 5.0)
+        _lib.tengrad_update_curvature(q._h, lq, 5, ptr_a, ptr_g, 5.0)
+        assert p.save_state() == q.save_state()
+        before = p.save_state()
+        for size in (ctypes.sizeof(_lib.Batch) - 8, 0, 1 << 40):
+            described = _lib.batch(5, 1, ptr_a, ptr_g, None, 5.0)
+            described.size = size
+            with pytest.raises(_lib.TengradError):
+                _lib.tengrad_update_curvature_v2(p._h, lp, ctypes.byref(described))
+
+        class Newer(ctypes.Structure):
+            _fields_ = [("known", _lib.Batch), ("newer_field", ctypes.c_int64)]
+        newer = Newer(_lib.batch(5, 1, ptr_a, ptr_g, None, 5.0), 1)
+        newer.known.size = ctypes.sizeof(Newer)
+        with pytest.raises(_lib.TengradError, match="does not know"):
+            _lib.tengrad_update_curvature_v2(p._h, lp, ctypes.byref(newer.known))
+        assert p.save_state() == before
+        newer.newer_field = 0
+        _lib.tengrad_update_curvature_v2(p._h, lp, ctypes.byref(newer.known))
+        assert p.save_state() == before

@@ -1,0 +1,217 @@
+/*
+ * The recommended C API of 0.5: one batch descriptor (tengrad_batch) taken by one entry point per
+ * operation, and per-layer settings through tengrad_set_layer_param / tengrad_get_layer_param.
+ * The descriptor calls give the same bits as the plain and _tokens calls they replace (which are
+ * now thin wrappers of them); the size rule refuses too-small structs and newer structs with
+ * unknown fields set, and takes newer structs whose extra fields are zero; every refusal leaves the
+ * handle's saved state byte for byte as it was. Compiled as C11 and C++17 with -Werror.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "tengrad.h"
+#include "check.h"
+
+enum { M = 6, IN = 4, OUT = 3, D = OUT * (IN + 1) };
+
+static float act[M * IN], grads[M * OUT], vw[OUT * IN], vb[OUT];
+
+static void fill(float *x, int n, unsigned seed) {
+    for (int i = 0; i < n; i++) {
+        seed = seed * 1103515245u + 12345u;
+        x[i] = (float)((int)((seed >> 8) % 2001) - 1000) / 500.0f;
+    }
+}
+
+static int same(const float *a, const float *b, int n) { return memcmp(a, b, sizeof(float) * (size_t)n) == 0; }
+
+static unsigned char before[1 << 15], after[1 << 15];
+
+static size_t save(tengrad_preconditioner *p, unsigned char *buffer) {
+    size_t n = 0;
+    CHECK(tengrad_save_state(p, buffer, sizeof before, &n) == TENGRAD_OK);
+    return n;
+}
+
+static tengrad_batch plain_batch(int64_t m, const float *a, const float *g, double scale) {
+    tengrad_batch b = TENGRAD_BATCH_INIT;
+    b.batch = m;
+    b.activations = a;
+    b.output_grads = g;
+    b.grad_scale = scale;
+    return b;
+}
+
+/* The descriptor calls equal the calls they replace, bit for bit. */
+static void test_same_bits(void) {
+    tengrad_preconditioner *p = NULL, *q = NULL;
+    int32_t l = -1, k = -1;
+    static float w1[OUT * IN], b1[OUT], w2[OUT * IN], b2[OUT], r1[M * D], r2[M * D];
+    uint8_t mask[M] = {1, 1, 0, 1, 0, 1};
+    CHECK(tengrad_create(&p) == TENGRAD_OK && tengrad_create(&q) == TENGRAD_OK);
+    CHECK(tengrad_add_linear(p, IN, OUT, 1, &l) == TENGRAD_OK && tengrad_add_linear(q, IN, OUT, 1, &k) == TENGRAD_OK);
+    tengrad_batch b = plain_batch(M, act, grads, (double)M);
+    CHECK(tengrad_natural_gradient_v2(p, l, &b, w1, b1) == TENGRAD_OK);
+    CHECK(tengrad_natural_gradient(q, k, M, act, grads, (float)M, w2, b2) == TENGRAD_OK);
+    CHECK(same(w1, w2, OUT * IN) && same(b1, b2, OUT));
+    CHECK(tengrad_update_curvature_v2(p, l, &b) == TENGRAD_OK);
+    CHECK(tengrad_update_curvature(q, k, M, act, grads, (float)M) == TENGRAD_OK);
+    CHECK(tengrad_precondition(p, l, vw, vb, w1, b1) == TENGRAD_OK);
+    CHECK(tengrad_precondition(q, k, vw, vb, w2, b2) == TENGRAD_OK);
+    CHECK(same(w1, w2, OUT * IN) && same(b1, b2, OUT));
+    CHECK(tengrad_per_sample_gradients_v2(p, l, &b, r1) == TENGRAD_OK);
+    CHECK(tengrad_per_sample_gradients(q, k, M, act, grads, (float)M, r2) == TENGRAD_OK);
+    CHECK(same(r1, r2, M * D));
+    /* one sequence of M tokens with padding */
+    b.batch = 1;
+    b.tokens = M;
+    b.mask = mask;
+    b.grad_scale = 1.0;
+    CHECK(tengrad_natural_gradient_v2(p, l, &b, w1, b1) == TENGRAD_OK);
+    CHECK(tengrad_natural_gradient_tokens(q, k, 1, M, act, grads, mask, 1.0f, w2, b2) == TENGRAD_OK);
+    CHECK(same(w1, w2, OUT * IN) && same(b1, b2, OUT));
+    CHECK(tengrad_per_sample_gradients_v2(p, l, &b, r1) == TENGRAD_OK);
+    CHECK(tengrad_per_sample_gradients_tokens(q, k, 1, M, act, grads, mask, 1.0f, r2) == TENGRAD_OK);
+    CHECK(same(r1, r2, D));
+    size_t n1 = save(p, before), n2 = save(q, after);
+    CHECK(n1 == n2 && memcmp(before, after, n1) == 0);  /* the two handles hold the same state */
+    tengrad_destroy(p);
+    tengrad_destroy(q);
+}
+
+/* A newer header's struct: this version's fields, then one more. */
+typedef struct {
+    tengrad_batch known;
+    int64_t newer_field;
+} newer_batch;
+
+/* The size rule and the fields' checks; every refusal changes nothing. */
+static void test_refusals(void) {
+    tengrad_preconditioner *p = NULL;
+    int32_t l = -1;
+    static float w[OUT * IN], bias[OUT];
+    CHECK(tengrad_create(&p) == TENGRAD_OK && tengrad_add_linear(p, IN, OUT, 1, &l) == TENGRAD_OK);
+    tengrad_batch b = plain_batch(M, act, grads, (double)M);
+    CHECK(tengrad_update_curvature_v2(p, l, &b) == TENGRAD_OK);
+    size_t n = save(p, before);
+
+    tengrad_batch small = b;
+    small.size = sizeof small - 8;
+    CHECK(tengrad_update_curvature_v2(p, l, &small) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(strstr(tengrad_last_error(p), "TENGRAD_BATCH_INIT") != NULL);
+    small.size = 0;
+    CHECK(tengrad_natural_gradient_v2(p, l, &small, w, bias) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    tengrad_batch huge = b;
+    huge.size = (size_t)1 << 40;  /* an uninitialized size: refused without reading past the struct */
+    CHECK(tengrad_update_curvature_v2(p, l, &huge) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_update_curvature_v2(p, l, NULL) == TENGRAD_ERROR_INVALID_ARGUMENT);
+
+    newer_batch newer;
+    memset(&newer, 0, sizeof newer);
+    newer.known = plain_batch(M, act, grads, (double)M);
+    newer.known.size = sizeof newer;
+    newer.newer_field = 1;  /* a setting this library does not know: refused, not ignored */
+    CHECK(tengrad_update_curvature_v2(p, l, &newer.known) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(strstr(tengrad_last_error(p), "does not know") != NULL);
+
+    tengrad_batch bad = b;
+    bad.grad_scale = 0.0;
+    CHECK(tengrad_update_curvature_v2(p, l, &bad) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    bad.grad_scale = NAN;
+    CHECK(tengrad_update_curvature_v2(p, l, &bad) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    bad.grad_scale = 1e300;  /* not a float */
+    CHECK(tengrad_update_curvature_v2(p, l, &bad) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    bad = b;
+    bad.tokens = 0;
+    CHECK(tengrad_update_curvature_v2(p, l, &bad) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    bad = b;
+    bad.batch = 0;
+    CHECK(tengrad_update_curvature_v2(p, l, &bad) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    bad = b;
+    bad.activations = NULL;
+    CHECK(tengrad_update_curvature_v2(p, l, &bad) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    bad = b;
+    bad.batch = INT64_MAX / 2;
+    CHECK(tengrad_update_curvature_v2(p, l, &bad) == TENGRAD_ERROR_SHAPE);
+    uint8_t two[M] = {1, 2, 1, 1, 1, 1};
+    bad = b;
+    bad.batch = 1;
+    bad.tokens = M;
+    bad.mask = two;
+    CHECK(tengrad_update_curvature_v2(p, l, &bad) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    float nan_act[M * IN];
+    memcpy(nan_act, act, sizeof nan_act);
+    nan_act[5] = NAN;
+    bad = b;
+    bad.activations = nan_act;
+    CHECK(tengrad_update_curvature_v2(p, l, &bad) == TENGRAD_ERROR_NOT_FINITE);
+    CHECK(tengrad_natural_gradient_v2(p, l, &b, NULL, bias) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_per_sample_gradients_v2(p, l, &b, NULL) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_update_curvature_v2(p, 9, &b) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(save(p, after) == n && memcmp(before, after, n) == 0);
+
+    /* a newer struct whose extra field is at its zero default is this version's batch */
+    newer.newer_field = 0;
+    CHECK(tengrad_update_curvature_v2(p, l, &newer.known) == TENGRAD_OK);
+    CHECK(save(p, after) == n && memcmp(before, after, n) == 0);  /* the same batch again: the same state */
+    tengrad_destroy(p);
+}
+
+/* Layer settings by key: defaults, round trips, the old setters seen through the new getter,
+   refusals that change nothing. */
+static void test_layer_params(void) {
+    tengrad_preconditioner *p = NULL;
+    int32_t l = -1, c = -1;
+    int64_t v = -1;
+    CHECK(tengrad_create(&p) == TENGRAD_OK && tengrad_add_linear(p, IN, OUT, 1, &l) == TENGRAD_OK);
+    tengrad_conv2d_shape cs;
+    memset(&cs, 0, sizeof cs);
+    cs.in_channels = 1; cs.out_channels = 2; cs.in_height = 3; cs.in_width = 3; cs.kernel_height = 2; cs.kernel_width = 2;
+    cs.stride_height = 1; cs.stride_width = 1; cs.dilation_height = 1; cs.dilation_width = 1; cs.groups = 1;
+    CHECK(tengrad_add_conv2d(p, &cs, &c) == TENGRAD_OK);
+    CHECK(tengrad_get_layer_param(p, c, TENGRAD_LAYER_PARAM_CONV_STRATEGY, &v) == TENGRAD_OK && v == TENGRAD_CONV_AUTO);
+    CHECK(tengrad_get_layer_param(p, c, TENGRAD_LAYER_PARAM_SNAPSHOT_REPRESENTATION, &v) == TENGRAD_OK &&
+          v == TENGRAD_SNAPSHOT_AUTO);
+    CHECK(tengrad_get_layer_param(p, l, TENGRAD_LAYER_PARAM_TOKEN_MODE, &v) == TENGRAD_OK &&
+          v == TENGRAD_TOKENS_PER_SEQUENCE);
+    CHECK(tengrad_set_layer_param(p, c, TENGRAD_LAYER_PARAM_CONV_STRATEGY, TENGRAD_CONV_FACTORED) == TENGRAD_OK);
+    CHECK(tengrad_get_layer_param(p, c, TENGRAD_LAYER_PARAM_CONV_STRATEGY, &v) == TENGRAD_OK && v == TENGRAD_CONV_FACTORED);
+    CHECK(tengrad_set_layer_param(p, c, TENGRAD_LAYER_PARAM_SNAPSHOT_REPRESENTATION, TENGRAD_SNAPSHOT_RAW) == TENGRAD_OK);
+    CHECK(tengrad_get_layer_param(p, c, TENGRAD_LAYER_PARAM_SNAPSHOT_REPRESENTATION, &v) == TENGRAD_OK &&
+          v == TENGRAD_SNAPSHOT_RAW);
+    CHECK(tengrad_set_layer_param(p, l, TENGRAD_LAYER_PARAM_TOKEN_MODE, TENGRAD_TOKENS_PER_TOKEN) == TENGRAD_OK);
+    CHECK(tengrad_get_layer_param(p, l, TENGRAD_LAYER_PARAM_TOKEN_MODE, &v) == TENGRAD_OK && v == TENGRAD_TOKENS_PER_TOKEN);
+    CHECK(tengrad_set_conv_strategy(p, c, TENGRAD_CONV_EXPLICIT) == TENGRAD_OK);  /* the old setter, the same setting */
+    CHECK(tengrad_get_layer_param(p, c, TENGRAD_LAYER_PARAM_CONV_STRATEGY, &v) == TENGRAD_OK && v == TENGRAD_CONV_EXPLICIT);
+
+    size_t n = save(p, before);
+    CHECK(tengrad_set_layer_param(p, c, 0, 1) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(strstr(tengrad_last_error(p), "unknown layer parameter") != NULL);
+    CHECK(tengrad_set_layer_param(p, c, 4, 1) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_set_layer_param(p, c, TENGRAD_LAYER_PARAM_CONV_STRATEGY, 3) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_set_layer_param(p, c, TENGRAD_LAYER_PARAM_CONV_STRATEGY, -1) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_set_layer_param(p, c, TENGRAD_LAYER_PARAM_CONV_STRATEGY, (int64_t)1 << 33) ==
+          TENGRAD_ERROR_INVALID_ARGUMENT);  /* not cut to 32 bits */
+    CHECK(tengrad_set_layer_param(p, c, TENGRAD_LAYER_PARAM_SNAPSHOT_REPRESENTATION, 7) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_set_layer_param(p, c, TENGRAD_LAYER_PARAM_TOKEN_MODE, TENGRAD_TOKENS_PER_TOKEN) ==
+          TENGRAD_ERROR_INVALID_ARGUMENT);  /* a conv layer has no token axis */
+    CHECK(tengrad_set_layer_param(p, 5, TENGRAD_LAYER_PARAM_CONV_STRATEGY, TENGRAD_CONV_AUTO) ==
+          TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_get_layer_param(p, c, 99, &v) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_get_layer_param(p, c, TENGRAD_LAYER_PARAM_CONV_STRATEGY, NULL) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_set_layer_param(NULL, c, TENGRAD_LAYER_PARAM_CONV_STRATEGY, 0) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(save(p, after) == n && memcmp(before, after, n) == 0);
+    tengrad_destroy(p);
+}
+
+int main(void) {
+    fill(act, M * IN, 11);
+    fill(grads, M * OUT, 12);
+    fill(vw, OUT * IN, 13);
+    fill(vb, OUT, 14);
+    test_same_bits();
+    test_refusals();
+    test_layer_params();
+    return report();
+}
