@@ -55,6 +55,10 @@ export TENGRAD_LIBRARY := $(HERE)/$(RELEASE_DIR)/libtengrad.so
 # The one version number lives in include/tengrad.h (TENGRAD_VERSION_MAJOR/MINOR/PATCH).
 VERSION      := $(shell sed -n 's/^\#define TENGRAD_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\).*/\2/p' include/tengrad.h | paste -sd.)
 MAJOR        := $(firstword $(subst ., ,$(VERSION)))
+MINOR        := $(word 2,$(subst ., ,$(VERSION)))
+# The ABI version in the SONAME: the major version, or major.minor while it is 0 (0.x minors may
+# change the ABI: 0.5 added `size` to tengrad_conv2d_shape and tengrad_layer_stats).
+ABI          := $(if $(filter 0,$(MAJOR)),$(MAJOR).$(MINOR),$(MAJOR))
 PREFIX       ?= /usr/local
 INSTALL_BUILD := .build-install
 
@@ -191,18 +195,18 @@ test-mpi: $(BUILD)/mlp_mpi $(DATA)/.done ## MPI trainer: P = 2, 3 equal one proc
 	  test $$rc != 0 || { echo "mlp_mpi $$bad was accepted"; exit 1; }; done
 
 # The installed library: the Swift standard library linked in statically (no Swift runtime
-# needed at run time), only the C ABI exported, SONAME libtengrad.so.MAJOR.
+# needed at run time), only the C ABI exported, SONAME libtengrad.so.ABI.
 $(INSTALL_BUILD)/release/libtengrad.so: $(shell find Sources include -type f) install/tengrad.map
 	@if [ -f $@ ] && [ include/tengrad.h -nt $@ ]; then touch Sources/CTENGraD/*.swift; fi
 	swift build -c release --product tengrad --scratch-path $(INSTALL_BUILD) $(SWIFT_BLAS) $(INSTALL_RPATH) -Xswiftc -static-stdlib \
-	  -Xlinker -soname -Xlinker libtengrad.so.$(MAJOR) -Xlinker --version-script -Xlinker '$(HERE)/install/tengrad.map'
+	  -Xlinker -soname -Xlinker libtengrad.so.$(ABI) -Xlinker --version-script -Xlinker '$(HERE)/install/tengrad.map'
 
 install: $(INSTALL_BUILD)/release/libtengrad.so ## Install header, library, pkg-config and CMake files (PREFIX=/usr/local, DESTDIR)
 	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/lib/cmake/TENGraD
 	install -m 644 include/tengrad.h $(DESTDIR)$(PREFIX)/include/tengrad.h
 	install -m 755 $< $(DESTDIR)$(PREFIX)/lib/libtengrad.so.$(VERSION)
-	ln -sf libtengrad.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/libtengrad.so.$(MAJOR)
-	ln -sf libtengrad.so.$(MAJOR) $(DESTDIR)$(PREFIX)/lib/libtengrad.so
+	ln -sf libtengrad.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/libtengrad.so.$(ABI)
+	ln -sf libtengrad.so.$(ABI) $(DESTDIR)$(PREFIX)/lib/libtengrad.so
 ifeq ($(BLAS),scipy-openblas)
 	@# The library's private BLAS (found through its rpath $$ORIGIN/tengrad), with its licence.
 	install -d $(DESTDIR)$(PREFIX)/lib/tengrad
@@ -214,7 +218,7 @@ endif
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' -e 's|@LIBS_PRIVATE@|$(PC_LIBS_PRIVATE)|' \
 	  install/tengrad.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/tengrad.pc
 	for f in TENGraDConfig TENGraDConfigVersion; do \
-	  sed -e 's|@VERSION@|$(VERSION)|' -e 's|@MAJOR@|$(MAJOR)|' install/$$f.cmake.in > $(DESTDIR)$(PREFIX)/lib/cmake/TENGraD/$$f.cmake; done
+	  sed -e 's|@VERSION@|$(VERSION)|' -e 's|@ABI@|$(ABI)|' install/$$f.cmake.in > $(DESTDIR)$(PREFIX)/lib/cmake/TENGraD/$$f.cmake; done
 
 test-install: setup test-wheel test-swiftpm ## Install into a temporary prefix; build and run a pkg-config C consumer and a CMake C++ consumer
 	@set -e; prefix=$$(mktemp -d); stage=$$(mktemp -d); \
@@ -222,7 +226,7 @@ test-install: setup test-wheel test-swiftpm ## Install into a temporary prefix; 
 	$(MAKE) --no-print-directory install PREFIX=/opt/tengrad DESTDIR=$$stage >/dev/null; \
 	test -f $$stage/opt/tengrad/lib/libtengrad.so.$(VERSION) && test -f $$stage/opt/tengrad/lib/pkgconfig/tengrad.pc; \
 	lib=$$prefix/lib/libtengrad.so.$(VERSION); \
-	test "$$(readelf -d $$lib | sed -n 's/.*SONAME.*\[\(.*\)\]/\1/p')" = libtengrad.so.$(MAJOR); \
+	test "$$(readelf -d $$lib | sed -n 's/.*SONAME.*\[\(.*\)\]/\1/p')" = libtengrad.so.$(ABI); \
 	! readelf -d $$lib | grep -q 'NEEDED.*swift' || { echo "installed library needs the Swift runtime"; exit 1; }; \
 	exported=$$(nm -D --defined-only $$lib | awk '$$2 == "T" {print $$3}' | sort); \
 	declared=$$(grep -o '\btengrad_[a-z0-9_]*(' include/tengrad.h | tr -d '(' | sort -u); \
@@ -234,7 +238,7 @@ test-install: setup test-wheel test-swiftpm ## Install into a temporary prefix; 
 	cmake -S Tests/install/cmake -B $$prefix/cmake-build -DCMAKE_PREFIX_PATH=$$prefix -DEXPECTED_VERSION=$(VERSION) >/dev/null; \
 	cmake --build $$prefix/cmake-build >/dev/null; \
 	env -u LD_LIBRARY_PATH $$prefix/cmake-build/consumer; \
-	rm -rf $$prefix $$stage; echo "install test passed (version $(VERSION), SONAME libtengrad.so.$(MAJOR))"
+	rm -rf $$prefix $$stage; echo "install test passed (version $(VERSION), SONAME libtengrad.so.$(ABI))"
 
 test-wheel: setup ## pip install the package into a fresh venv; import it from elsewhere; the wheel bundles the library
 	@set -e; tmp=$$(mktemp -d); \

@@ -175,7 +175,16 @@ TENGRAD_NODISCARD tengrad_status tengrad_add_linear(tengrad_preconditioner *p, i
                                                     int64_t out_features, int32_t has_bias,
                                                     int32_t *out_layer);
 
+/* Every public struct starts with `size` (sizeof of the caller's header version). A struct the
+   library reads (tengrad_conv2d_shape for tengrad_add_conv2d, tengrad_batch) must be at least this
+   version's; a larger one (a newer header) is taken only when every byte past this version's
+   struct is zero (new fields at their zero default), never with a setting silently ignored;
+   sizes above 1024 are refused unread. A struct the library fills (tengrad_layer_stats,
+   tengrad_snapshot_info, tengrad_blas_info, tengrad_get_conv2d_shape's) must be at least this
+   version's; this version's fields are written, `size` included. Start from the _INIT macros.
+   Changed in 0.5: tengrad_conv2d_shape and tengrad_layer_stats gained `size` (recompile). */
 typedef struct tengrad_conv2d_shape {
+    size_t size;
     int64_t in_channels, out_channels;
     int64_t in_height, in_width;
     int64_t kernel_height, kernel_width;
@@ -185,6 +194,9 @@ typedef struct tengrad_conv2d_shape {
     int64_t groups;
     int32_t has_bias;
 } tengrad_conv2d_shape;
+
+/* size set; stride, dilation and groups 1; no padding, no bias; channels, sizes and kernel to fill. */
+#define TENGRAD_CONV2D_SHAPE_INIT { sizeof(tengrad_conv2d_shape), 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0 }
 
 /* Register a 2-D convolution (PyTorch's nn.Conv2d semantics; the shape is read during the call
    only). Every size must be positive except padding (>= 0); groups must divide both channel
@@ -459,6 +471,7 @@ TENGRAD_NODISCARD tengrad_status tengrad_clear_updates(tengrad_preconditioner *p
 enum { TENGRAD_LAYER_LINEAR = 1, TENGRAD_LAYER_CONV2D = 2 };
 
 typedef struct tengrad_layer_stats {
+    size_t size;               /* in: sizeof(tengrad_layer_stats); out: the bytes written */
     int32_t kind;              /* TENGRAD_LAYER_* */
     int32_t conv_strategy;     /* TENGRAD_CONV_FACTORED/EXPLICIT chosen for the last snapshot; 0 for
                                   a linear layer's snapshot of T = 1 */

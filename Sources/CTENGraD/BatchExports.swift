@@ -5,10 +5,8 @@ import TENGraD
 
 // MARK: - Preconditioning
 
-/// A caller's `tengrad_batch` checked and sized: the header's size rule (at least this version's
-/// struct; a larger one, from a newer header, only with zeros past the fields known here, so that
-/// no setting of a newer caller is silently ignored; sizes beyond 1 KiB refused unread), then the
-/// activations and output gradients non-NULL and sized from the layer, batch and tokens, and the
+/// A caller's `tengrad_batch` checked and sized: the header's size rule (`readCallerStruct`), then
+/// the activations and output gradients non-NULL and sized from the layer, batch and tokens, and the
 /// optional mask (batch × tokens bytes).
 private struct DescribedBatch {
     let batch: Int, tokens: Int, gradScale: Float
@@ -18,22 +16,7 @@ private struct DescribedBatch {
     let mask: UnsafeBufferPointer<UInt8>?
 
     init(_ h: Handle, _ layer: Int32, _ described: UnsafePointer<tengrad_batch>?) throws(TENGraDError) {
-        let raw = UnsafeRawPointer(try required(described, "batch"))
-        let size = callerStructSize(raw), known = MemoryLayout<tengrad_batch>.size
-        guard size >= known else {
-            throw TENGraDError(
-                .invalidArgument, "batch->size is \(size), smaller than this library's tengrad_batch (\(known) bytes): "
-                    + "start from TENGRAD_BATCH_INIT")
-        }
-        guard size <= 1024 else {
-            throw TENGraDError(.invalidArgument, "batch->size is \(size): not the size of any tengrad_batch (uninitialized?)")
-        }
-        for offset in known..<size where raw.load(fromByteOffset: offset, as: UInt8.self) != 0 {
-            throw TENGraDError(
-                .invalidArgument, "batch has fields this library (\(known) bytes of tengrad_batch) does not know set at "
-                    + "byte \(offset): a newer header's setting would be ignored")
-        }
-        let d = raw.loadUnaligned(as: tengrad_batch.self)
+        let d = try readCallerStruct(described, "batch", type: "tengrad_batch", start: "TENGRAD_BATCH_INIT")
         guard d.tokens > 0 else { throw TENGraDError(.invalidArgument, "tokens must be positive, got \(d.tokens)") }
         (batch, tokens, gradScale) = (Int(d.batch), Int(d.tokens), Float(d.grad_scale))
         let c = try h.core.arrayCounts(layer: Int(layer), batch: batch, tokens: tokens)

@@ -100,6 +100,7 @@ extension Conv2dShape {
 extension tengrad_conv2d_shape {
     init(_ s: Conv2dShape) {
         self.init(
+            size: MemoryLayout<tengrad_conv2d_shape>.stride,  // C's sizeof
             in_channels: Int64(s.inChannels), out_channels: Int64(s.outChannels),
             in_height: Int64(s.inHeight), in_width: Int64(s.inWidth),
             kernel_height: Int64(s.kernelHeight), kernel_width: Int64(s.kernelWidth),
@@ -115,4 +116,40 @@ extension tengrad_conv2d_shape {
 func callerStructSize(_ p: UnsafeRawPointer) -> Int {
     let size = p.loadUnaligned(as: UInt.self)
     return size > UInt(Int.max) ? Int.max : Int(size)
+}
+
+/// A struct the library reads, under the header's size rule: at least this version's fields; a
+/// larger one (a newer header) only when every byte past this version's struct (its C sizeof,
+/// tail padding included) is zero, so that no setting of a newer caller is silently ignored;
+/// sizes above 1024 refused unread (an uninitialized size).
+func readCallerStruct<T>(
+    _ p: UnsafePointer<T>?, _ name: String, type: String, start: String
+) throws(TENGraDError) -> T {
+    let raw = UnsafeRawPointer(try required(p, name))
+    let size = callerStructSize(raw), known = MemoryLayout<T>.size, whole = MemoryLayout<T>.stride
+    guard size >= known else {
+        throw TENGraDError(
+            .invalidArgument, "\(name)->size is \(size), smaller than this library's \(type) (\(whole) bytes): start from \(start)")
+    }
+    guard size <= 1024 else {
+        throw TENGraDError(.invalidArgument, "\(name)->size is \(size): not the size of any \(type) (uninitialized?)")
+    }
+    for offset in whole..<max(whole, size) where raw.load(fromByteOffset: offset, as: UInt8.self) != 0 {
+        throw TENGraDError(
+            .invalidArgument, "\(name) has fields this library (\(whole) bytes of \(type)) does not know set at byte "
+                + "\(offset): a newer header's setting would be ignored")
+    }
+    return raw.loadUnaligned(as: T.self)
+}
+
+/// A struct the library fills: the caller's `size` must cover this version's fields, which are
+/// written (`size` included: `value` carries ours); bytes past them are left alone.
+func writeCallerStruct<T>(_ value: T, to p: UnsafeMutablePointer<T>?, _ name: String, type: String) throws(TENGraDError) {
+    let o = try required(p, name)
+    let ours = MemoryLayout<T>.size, size = callerStructSize(o)
+    guard size >= ours else {
+        throw TENGraDError(.invalidArgument, "\(name)->size is \(size); set it to sizeof(\(type)) (\(MemoryLayout<T>.stride))")
+    }
+    var v = value
+    UnsafeMutableRawPointer(o).copyMemory(from: &v, byteCount: ours)
 }

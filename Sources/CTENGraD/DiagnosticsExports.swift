@@ -25,9 +25,9 @@ public func tengrad_get_layer_stats(
     _ p: OpaquePointer?, _ layer: Int32, _ out: UnsafeMutablePointer<tengrad_layer_stats>?
 ) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        let o = try required(out, "out")
         let s = try h.core.stats(layer: Int(layer))
         var c = tengrad_layer_stats()
+        c.size = MemoryLayout<tengrad_layer_stats>.size
         c.kind = s.kind.code
         c.conv_strategy = s.convStrategy.code
         c.batch = Int64(s.batch)
@@ -44,7 +44,7 @@ public func tengrad_get_layer_stats(
         c.update_dot_grad = s.updateDotGrad
         c.conv_factored_flops = s.factoredFlopsEstimate
         c.conv_explicit_flops = s.explicitFlopsEstimate
-        o.pointee = c
+        try writeCallerStruct(c, to: out, "out", type: "tengrad_layer_stats")
     }
 }
 
@@ -53,16 +53,10 @@ public func tengrad_get_snapshot_info(
     _ p: OpaquePointer?, _ layer: Int32, _ info: UnsafeMutablePointer<tengrad_snapshot_info>?
 ) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        let o = try required(info, "info")
-        let ours = MemoryLayout<tengrad_snapshot_info>.size
-        // The caller's struct may be a later, longer version: read its size without assuming ours.
-        let size = callerStructSize(o)
-        guard size >= ours else {
-            throw TENGraDError(.invalidArgument, "info->size is \(size); set it to sizeof(tengrad_snapshot_info) (\(ours))")
-        }
+        _ = try required(info, "info")
         let s = try h.core.stats(layer: Int(layer))
         var c = tengrad_snapshot_info()
-        c.size = ours
+        c.size = MemoryLayout<tengrad_snapshot_info>.size
         c.representation = s.representation.code
         c.representation_setting = try h.core.snapshotRepresentation(layer: Int(layer)).code
         c.batch = Int64(s.batch)
@@ -72,6 +66,6 @@ public func tengrad_get_snapshot_info(
         c.per_sample_bytes = s.perSampleBytesEstimate
         c.raw_reuse_cost = s.rawReuseCost
         c.per_sample_reuse_cost = s.perSampleReuseCost
-        UnsafeMutableRawPointer(o).copyMemory(from: &c, byteCount: ours)
+        try writeCallerStruct(c, to: info, "info", type: "tengrad_snapshot_info")
     }
 }

@@ -25,7 +25,7 @@ public func tengrad_add_conv2d(
     _ p: OpaquePointer?, _ shape: UnsafePointer<tengrad_conv2d_shape>?, _ outLayer: UnsafeMutablePointer<Int32>?
 ) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        let s = try required(shape, "shape").pointee
+        let s = try readCallerStruct(shape, "shape", type: "tengrad_conv2d_shape", start: "TENGRAD_CONV2D_SHAPE_INIT")
         let out = try required(outLayer, "out_layer")
         guard s.has_bias == 0 || s.has_bias == 1 else {
             throw TENGraDError(.invalidArgument, "has_bias must be 0 or 1, got \(s.has_bias)")
@@ -140,10 +140,9 @@ public func tengrad_get_conv2d_shape(
     _ p: OpaquePointer?, _ layer: Int32, _ out: UnsafeMutablePointer<tengrad_conv2d_shape>?
 ) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        let o = try required(out, "out")
         guard case let .conv2d(s) = try h.core.layerDescription(layer: Int(layer)) else {
             throw TENGraDError(.invalidArgument, "layer \(layer) is not a conv2d layer")
         }
-        o.pointee = tengrad_conv2d_shape(s)
+        try writeCallerStruct(tengrad_conv2d_shape(s), to: out, "out", type: "tengrad_conv2d_shape")
     }
 }

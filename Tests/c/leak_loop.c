@@ -14,7 +14,7 @@ int main(void) {
     for (int i = 0; i < 8 * 6; i++) g[i] = (float)((i * 13) % 5) / 3.0f - 0.6f;
     for (int i = 0; i < 8 * 2 * 36; i++) x[i] = (float)((i * 7) % 13) / 6.0f - 1.0f;
     for (int i = 0; i < 8 * 4 * 36; i++) gy[i] = (float)((i * 11) % 9) / 4.0f - 1.0f;
-    const tengrad_conv2d_shape shape = {2, 4, 6, 6, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1};
+    const tengrad_conv2d_shape shape = {sizeof(tengrad_conv2d_shape), 2, 4, 6, 6, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1};
     int failures = 0;
     for (int round = 0; round < 200; round++) {
         tengrad_preconditioner *p = NULL, *q = NULL;

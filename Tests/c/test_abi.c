@@ -134,6 +134,8 @@ static void test_null_handle(void) {
     int64_t n = 0;
     tengrad_conv2d_shape shape;
     tengrad_layer_stats stats;
+    memset(&stats, 0, sizeof stats);
+    stats.size = sizeof stats;
     memset(&shape, 0, sizeof shape);
     CHECK_STATUS(tengrad_set_damping(NULL, 0.1), TENGRAD_ERROR_INVALID_ARGUMENT);
     CHECK_STATUS(tengrad_get_damping(NULL, &d), TENGRAD_ERROR_INVALID_ARGUMENT);
@@ -170,8 +172,7 @@ static void test_sequences(void) {
     for (int i = 0; i < M; i++) { ones[i] = 1; bad[i] = (uint8_t)(i == 2 ? 2 : 1); zeros[i] = 0; }
     CHECK_STATUS(tengrad_create(&p), TENGRAD_OK);
     CHECK_STATUS(tengrad_add_linear(p, IN, OUT, 1, &l), TENGRAD_OK);
-    tengrad_conv2d_shape cs;
-    memset(&cs, 0, sizeof cs);
+    tengrad_conv2d_shape cs = TENGRAD_CONV2D_SHAPE_INIT;
     cs.in_channels = 1; cs.out_channels = 1; cs.in_height = 2; cs.in_width = 2; cs.kernel_height = 1; cs.kernel_width = 1;
     cs.stride_height = 1; cs.stride_width = 1; cs.dilation_height = 1; cs.dilation_width = 1; cs.groups = 1;
     CHECK_STATUS(tengrad_add_conv2d(p, &cs, &c), TENGRAD_OK);
@@ -305,6 +306,7 @@ static void test_settings_and_layers(void) {
     CHECK(id == -7); /* out-parameters untouched on failure */
     tengrad_conv2d_shape shape;
     memset(&shape, 0, sizeof shape);
+    shape.size = sizeof shape;
     CHECK_STATUS(tengrad_add_conv2d(p, NULL, &id), TENGRAD_ERROR_INVALID_ARGUMENT);
     CHECK_STATUS(tengrad_add_conv2d(p, &shape, &id), TENGRAD_ERROR_INVALID_ARGUMENT);
     CHECK(strstr(tengrad_last_error(p), "in_channels") != NULL);
@@ -318,6 +320,8 @@ static void test_settings_and_layers(void) {
     CHECK_STATUS(tengrad_layer_count(p, &count), TENGRAD_OK);
     CHECK(count == 2);
     tengrad_layer_stats stats;
+    memset(&stats, 0, sizeof stats);
+    stats.size = sizeof stats;
     CHECK_STATUS(tengrad_get_layer_stats(p, 1, &stats), TENGRAD_OK);
     CHECK(stats.kind == TENGRAD_LAYER_LINEAR && stats.parameters == 10 && stats.batch == 0);
     CHECK_STATUS(tengrad_get_layer_stats(p, 2, &stats), TENGRAD_ERROR_INVALID_ARGUMENT);
@@ -333,8 +337,7 @@ static void test_settings_and_layers(void) {
 
 static tengrad_conv2d_shape conv_shape(int64_t cin, int64_t cout, int64_t hw, int64_t k, int64_t stride, int64_t pad,
                                        int64_t dil, int64_t groups, int32_t bias) {
-    tengrad_conv2d_shape s;
-    memset(&s, 0, sizeof s);
+    tengrad_conv2d_shape s = TENGRAD_CONV2D_SHAPE_INIT;
     s.in_channels = cin;
     s.out_channels = cout;
     s.in_height = s.in_width = hw;
@@ -391,6 +394,8 @@ static void test_conv2d(void) {
     for (int i = 0; i < COUT; i++) { num += (ba[i] - bb[i]) * (ba[i] - bb[i]); den += bb[i] * bb[i]; }
     CHECK(den > 0 && sqrt(num / den) < 1e-5);
     tengrad_layer_stats sa, sb;
+    memset(&sa, 0, sizeof sa);
+    sa.size = sb.size = sizeof sa;
     CHECK_STATUS(tengrad_get_layer_stats(p, a, &sa), TENGRAD_OK);
     CHECK_STATUS(tengrad_get_layer_stats(p, b, &sb), TENGRAD_OK);
     CHECK(sa.kind == TENGRAD_LAYER_CONV2D && sa.conv_strategy == TENGRAD_CONV_FACTORED);
@@ -517,6 +522,8 @@ static void test_numerics_and_errors(void) {
 
     /* Diagnostics and KL clipping. */
     tengrad_layer_stats stats;
+    memset(&stats, 0, sizeof stats);
+    stats.size = sizeof stats;
     CHECK_STATUS(tengrad_get_layer_stats(p, layer, &stats), TENGRAD_OK);
     CHECK(stats.batch == M && stats.damping == lambda && stats.rcond > 0 && stats.rcond <= 1);
     CHECK(stats.snapshot_bytes >= (int64_t)(sizeof(float) * M * (IN + OUT)));

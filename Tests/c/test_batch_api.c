@@ -1,6 +1,7 @@
 /*
  * The recommended C API of 0.5: one batch descriptor (tengrad_batch) taken by one entry point per
- * operation, and per-layer settings through tengrad_set_layer_param / tengrad_get_layer_param.
+ * operation, per-layer settings through tengrad_set_layer_param / tengrad_get_layer_param, and a
+ * `size` first in every public struct (tengrad_conv2d_shape and tengrad_layer_stats too).
  * The descriptor calls give the same bits as the plain and _tokens calls they replace (which are
  * now thin wrappers of them); the size rule refuses too-small structs and newer structs with
  * unknown fields set, and takes newer structs whose extra fields are zero; every refusal leaves the
@@ -165,8 +166,7 @@ static void test_layer_params(void) {
     int32_t l = -1, c = -1;
     int64_t v = -1;
     CHECK(tengrad_create(&p) == TENGRAD_OK && tengrad_add_linear(p, IN, OUT, 1, &l) == TENGRAD_OK);
-    tengrad_conv2d_shape cs;
-    memset(&cs, 0, sizeof cs);
+    tengrad_conv2d_shape cs = TENGRAD_CONV2D_SHAPE_INIT;
     cs.in_channels = 1; cs.out_channels = 2; cs.in_height = 3; cs.in_width = 3; cs.kernel_height = 2; cs.kernel_width = 2;
     cs.stride_height = 1; cs.stride_width = 1; cs.dilation_height = 1; cs.dilation_width = 1; cs.groups = 1;
     CHECK(tengrad_add_conv2d(p, &cs, &c) == TENGRAD_OK);
@@ -205,6 +205,61 @@ static void test_layer_params(void) {
     tengrad_destroy(p);
 }
 
+/* tengrad_conv2d_shape and tengrad_layer_stats carry `size` too (0.5): the same rule. */
+typedef struct {
+    tengrad_conv2d_shape known;
+    int64_t newer_field;
+} newer_shape;
+
+static void test_struct_sizes(void) {
+    tengrad_preconditioner *p = NULL;
+    int32_t id = -1;
+    CHECK(tengrad_create(&p) == TENGRAD_OK);
+    tengrad_conv2d_shape s = TENGRAD_CONV2D_SHAPE_INIT;
+    s.in_channels = 2; s.out_channels = 3; s.in_height = 5; s.in_width = 4; s.kernel_height = 3; s.kernel_width = 2;
+    s.padding_height = 1; s.has_bias = 1;
+    tengrad_conv2d_shape small = s;
+    small.size = sizeof small - 16;
+    CHECK(tengrad_add_conv2d(p, &small, &id) == TENGRAD_ERROR_INVALID_ARGUMENT && id == -1);
+    CHECK(strstr(tengrad_last_error(p), "TENGRAD_CONV2D_SHAPE_INIT") != NULL);
+    small.size = 0;
+    CHECK(tengrad_add_conv2d(p, &small, &id) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    newer_shape newer;
+    memset(&newer, 0, sizeof newer);
+    newer.known = s;
+    newer.known.size = sizeof newer;
+    newer.newer_field = 3;
+    CHECK(tengrad_add_conv2d(p, &newer.known, &id) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    int32_t count = -1;
+    CHECK(tengrad_layer_count(p, &count) == TENGRAD_OK && count == 0);  /* nothing registered */
+    newer.newer_field = 0;
+    CHECK(tengrad_add_conv2d(p, &newer.known, &id) == TENGRAD_OK && id == 0);
+    CHECK(tengrad_add_conv2d(p, &s, &id) == TENGRAD_OK && id == 1);
+
+    tengrad_conv2d_shape back;
+    memset(&back, 0, sizeof back);
+    CHECK(tengrad_get_conv2d_shape(p, 1, &back) == TENGRAD_ERROR_INVALID_ARGUMENT);  /* size 0 */
+    back.size = sizeof back;
+    CHECK(tengrad_get_conv2d_shape(p, 1, &back) == TENGRAD_OK);
+    CHECK(back.size == sizeof back && back.in_channels == 2 && back.kernel_width == 2 && back.padding_height == 1 &&
+          back.stride_width == 1 && back.groups == 1 && back.has_bias == 1);
+
+    tengrad_layer_stats st;
+    memset(&st, 0, sizeof st);
+    st.kind = 77;
+    CHECK(tengrad_get_layer_stats(p, 1, &st) == TENGRAD_ERROR_INVALID_ARGUMENT && st.kind == 77);  /* size 0: untouched */
+    st.size = sizeof st - 8;
+    CHECK(tengrad_get_layer_stats(p, 1, &st) == TENGRAD_ERROR_INVALID_ARGUMENT && st.kind == 77);
+    struct { tengrad_layer_stats known; int64_t newer_field; } larger;
+    memset(&larger, 0, sizeof larger);
+    larger.known.size = sizeof larger;
+    larger.newer_field = -9;
+    CHECK(tengrad_get_layer_stats(p, 1, &larger.known) == TENGRAD_OK);  /* fills what it knows */
+    CHECK(larger.known.size == sizeof larger.known && larger.known.kind == TENGRAD_LAYER_CONV2D &&
+          larger.known.parameters == 3 * 2 * 3 * 2 + 3 && larger.newer_field == -9);
+    tengrad_destroy(p);
+}
+
 int main(void) {
     fill(act, M * IN, 11);
     fill(grads, M * OUT, 12);
@@ -213,5 +268,6 @@ int main(void) {
     test_same_bits();
     test_refusals();
     test_layer_params();
+    test_struct_sizes();
     return report();
 }

@@ -34,7 +34,7 @@ static void fill(float *x, int n, unsigned *seed) {
 /* A small training-like sequence on a private handle: curvature and updates every step. */
 static void *run_job(void *arg) {
     job *j = (job *)arg;
-    static const tengrad_conv2d_shape shape = {CIN, COUT, HW, HW, 3, 3, 1, 1, 1, 1, 1, 1, 2, 1};
+    static const tengrad_conv2d_shape shape = {sizeof(tengrad_conv2d_shape), CIN, COUT, HW, HW, 3, 3, 1, 1, 1, 1, 1, 1, 2, 1};
     tengrad_preconditioner *p = NULL;
     int32_t fc = -1, conv = -1;
     unsigned seed = j->seed;
@@ -140,6 +140,8 @@ int main(void) {
     CHECK(tengrad_natural_gradient(p, layer, M, a1, g1, M, w, b) == TENGRAD_OK); /* the handle still works */
     CHECK(tengrad_precondition(p, layer, w, b, w, b) == TENGRAD_OK);
     tengrad_layer_stats stats;
+    memset(&stats, 0, sizeof stats);
+    stats.size = sizeof stats;
     CHECK(tengrad_get_layer_stats(p, layer, &stats) == TENGRAD_OK && stats.batch == M);
     tengrad_destroy(p);
     return report();

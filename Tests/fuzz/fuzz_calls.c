@@ -47,7 +47,7 @@ static void layer_sizes(tengrad_preconditioner *p, int32_t layer, int64_t batch,
                         size_t *weight, size_t *bias) {
     int64_t in = 0, out = 0;
     int32_t has_bias = 0;
-    tengrad_conv2d_shape s;
+    tengrad_conv2d_shape s = TENGRAD_CONV2D_SHAPE_INIT;
     *acts = *grads = *weight = *bias = 0;
     if (batch <= 0 || batch > 16) return;
     if (tengrad_get_linear_shape(p, layer, &in, &out, &has_bias) == TENGRAD_OK) {
@@ -84,10 +84,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             break;
         }
         case 1: {
-            tengrad_conv2d_shape s;
+            tengrad_conv2d_shape s = TENGRAD_CONV2D_SHAPE_INIT;
             int64_t *f = &s.in_channels;
             for (int k = 0; k < 13; k++) f[k] = size_value(&in);
             s.has_bias = (int32_t)(u8(&in) % 3);
+            if (u8(&in) % 8 == 0) s.size = u8(&in) % (sizeof s + 1);  /* a wrong size now and then */
             (void)tengrad_add_conv2d(p, &s, &id);
             break;
         }
@@ -125,6 +126,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             double nu;
             (void)tengrad_kl_clip_factor(p, f64(&in), f64(&in), &nu);
             tengrad_layer_stats st;
+            st.size = u8(&in) & 1 ? sizeof st : (size_t)u8(&in);
             (void)tengrad_get_layer_stats(p, layer, &st);
             tengrad_snapshot_info info;
             info.size = u8(&in) & 1 ? sizeof info : (size_t)u8(&in);
@@ -194,7 +196,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             uint8_t v = u8(&in);
             layer_sizes(p, layer, batch, &acts, &grads, &weight, &bias);
             fill_pool(&in, acts + grads > 0 ? acts + grads : 1);
-            d.b.size = v & 1 ? sizeof d.b : v & 2 ? sizeof d : (size_t)u8(&in) * (v & 4 ? 1u : 4096u);
+            /* never more than the bytes really there (a caller's lie is its own bug), or > 1 KiB (refused unread) */
+            d.b.size = v & 1 ? sizeof d.b : v & 2 ? sizeof d : v & 4 ? u8(&in) % (sizeof d + 1) : (size_t)u8(&in) * 4096u;
             d.newer = v & 8 ? (int64_t)u8(&in) : 0;
             d.b.batch = batch;
             d.b.tokens = 1;

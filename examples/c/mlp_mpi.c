@@ -211,6 +211,8 @@ static int train(mlp *net, const layout *lo, const dataset *train_set, const dat
                            MPI_FLOAT, MPI_SUM, owner, MPI_COMM_WORLD);
                 if (lo->rank == owner) {
                     tengrad_layer_stats stats;
+                    memset(&stats, 0, sizeof stats);
+                    stats.size = sizeof stats;
                     float *b = g + layer_out[l] * layer_in[l], *ub = u + layer_out[l] * layer_in[l];
                     if (failures == 0 && check(h.p, tengrad_precondition(h.p, h.id[l], g, b, u, ub), "precondition") &&
                         check(h.p, tengrad_get_layer_stats(h.p, h.id[l], &stats), "layer stats"))

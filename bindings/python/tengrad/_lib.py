@@ -60,9 +60,10 @@ def batch(batch: int, tokens: int, activations, output_grads, mask, grad_scale: 
 
 
 class Conv2dShape(ctypes.Structure):
-    """typedef struct tengrad_conv2d_shape { ... } tengrad_conv2d_shape;"""
+    """typedef struct tengrad_conv2d_shape { size_t size; ... } tengrad_conv2d_shape;"""
 
     _fields_ = [
+        ("size", ctypes.c_size_t),
         ("in_channels", c_int64), ("out_channels", c_int64),
         ("in_height", c_int64), ("in_width", c_int64),
         ("kernel_height", c_int64), ("kernel_width", c_int64),
@@ -75,9 +76,10 @@ class Conv2dShape(ctypes.Structure):
 
 
 class LayerStats(ctypes.Structure):
-    """typedef struct tengrad_layer_stats { ... } tengrad_layer_stats;"""
+    """typedef struct tengrad_layer_stats { size_t size; ... } tengrad_layer_stats;"""
 
     _fields_ = [
+        ("size", ctypes.c_size_t),
         ("kind", c_int32), ("conv_strategy", c_int32),
         ("batch", c_int64), ("parameters", c_int64),
         ("snapshot_bytes", c_int64), ("workspace_bytes", c_int64),

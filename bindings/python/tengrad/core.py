@@ -92,7 +92,7 @@ class Conv2dSpec:
                 (batch, self.out_channels) + tuple(self.output_size))
 
     def c_shape(self) -> _lib.Conv2dShape:
-        return _lib.Conv2dShape(self.in_channels, self.out_channels, *self.input_size, *self.kernel_size,
+        return _lib.Conv2dShape(ctypes.sizeof(_lib.Conv2dShape), self.in_channels, self.out_channels, *self.input_size, *self.kernel_size,
                                 *self.stride, *self.padding, *self.dilation, self.groups, int(self.bias))
 
 
@@ -301,7 +301,7 @@ class Preconditioner:
                 continue
             except TengradError:
                 pass
-            c = _lib.Conv2dShape()
+            c = _lib.Conv2dShape(size=ctypes.sizeof(_lib.Conv2dShape))
             _lib.tengrad_get_conv2d_shape(self._h, layer, ctypes.byref(c))
             specs.append(Conv2dSpec(c.in_channels, c.out_channels, (c.in_height, c.in_width),
                                     (c.kernel_height, c.kernel_width), (c.stride_height, c.stride_width),
@@ -481,9 +481,9 @@ class Preconditioner:
     def layer_stats(self, layer: int) -> dict:
         """Diagnostics of one layer as a dict (fields of tengrad_layer_stats; conv_strategy as
         "factored"/"explicit", None for linear layers)."""
-        out = _lib.LayerStats()
+        out = _lib.LayerStats(size=ctypes.sizeof(_lib.LayerStats))
         _lib.tengrad_get_layer_stats(self._h, self._id(layer), ctypes.byref(out))
-        stats = {name: getattr(out, name) for name, _ in _lib.LayerStats._fields_}
+        stats = {name: getattr(out, name) for name, _ in _lib.LayerStats._fields_ if name != "size"}
         stats["conv_strategy"] = {1: "factored", 2: "explicit"}.get(stats["conv_strategy"])
         return stats
 
