@@ -462,6 +462,26 @@ TENGRAD_NODISCARD tengrad_status tengrad_kl_clip_factor(const tengrad_preconditi
                                                         double learning_rate, double kl_clip,
                                                         double *out_nu);
 
+/* ---- Data-parallel helpers (no handle) ---------------------------------------------------
+
+   What every rank must compute identically without communication (docs/DESIGN.md §11), in one
+   implementation for every binding. Errors are statuses only (there is no handle to hold a
+   message): TENGRAD_ERROR_INVALID_ARGUMENT for NULL, counts < 1 (layers < 0), negative costs,
+   non-finite or negative rates, kl_clip <= 0 or a NaN sum; outputs untouched then.
+
+   tengrad_assign_owners: owner rank of each of `layers` layers among `ranks`: layers by cost
+   (descending, ties by index), each to the least-loaded rank (ties: the lowest) — KAISA's greedy
+   assignment. A cost is what the layer's owner pays, e.g. the floats of a refresh's row plus 4×
+   its parameters (what tengrad.torch and examples/c/mlp_mpi.c use).
+   tengrad_kl_clip_from_sum: ν = min(1, sqrt(kl_clip / (learning_rate² · sum))) for the global sum
+   of every rank's ⟨update, grad⟩ terms (tengrad_get_layer_stats' update_dot_grad of the layers it
+   owns); 1 when the sum is not positive or the learning rate is 0. tengrad_kl_clip_factor is the
+   same on one handle's layers. */
+TENGRAD_NODISCARD tengrad_status tengrad_assign_owners(const int64_t *costs, int32_t layers, int32_t ranks,
+                                                       int32_t *out_owners);
+TENGRAD_NODISCARD tengrad_status tengrad_kl_clip_from_sum(double learning_rate, double kl_clip, double sum,
+                                                          double *out_nu);
+
 /* Forget every layer's last ⟨update, grad⟩: call at the start of a step in which some layers may
    get no update (an unused head), so that tengrad_kl_clip_factor sums only this step's layers. */
 TENGRAD_NODISCARD tengrad_status tengrad_clear_updates(tengrad_preconditioner *p);

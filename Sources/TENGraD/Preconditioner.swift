@@ -194,7 +194,6 @@ public final class Preconditioner {
         guard klClip.isFinite, klClip > 0 else { throw .invalid("kl_clip must be finite and > 0, got \(klClip)") }
         var total = 0.0
         for l in layers { total += l.updateDotGrad ?? 0 }
-        guard total > 0, total.isFinite else { return 1 }
-        return min(1, (klClip / (learningRate * learningRate * total)).squareRoot())
+        return try DataParallel.klClipFactor(learningRate: learningRate, klClip: klClip, sum: total.isNaN ? 0 : total)
     }
 }

@@ -260,6 +260,38 @@ static void test_struct_sizes(void) {
     tengrad_destroy(p);
 }
 
+/* The handle-free data-parallel helpers: the greedy owner map and ν from a global sum. */
+static void test_data_parallel_helpers(void) {
+    const int64_t costs[5] = {10, 40, 40, 5, 30};
+    int32_t owners[5] = {-1, -1, -1, -1, -1};
+    CHECK(tengrad_assign_owners(costs, 5, 2, owners) == TENGRAD_OK);
+    /* by cost: 40 (layer 1) -> 0, 40 (2) -> 1, 30 (4) -> 0 (40 vs 40: lowest), 10 (0) -> 1, 5 (3) -> 1 */
+    CHECK(owners[1] == 0 && owners[2] == 1 && owners[4] == 0 && owners[0] == 1 && owners[3] == 1);
+    CHECK(tengrad_assign_owners(costs, 5, 1, owners) == TENGRAD_OK);
+    CHECK(owners[0] == 0 && owners[1] == 0 && owners[4] == 0);
+    CHECK(tengrad_assign_owners(costs, 5, 8, owners) == TENGRAD_OK);
+    CHECK(owners[1] == 0 && owners[2] == 1 && owners[4] == 2 && owners[0] == 3 && owners[3] == 4);
+    const int64_t negative[2] = {3, -1};
+    owners[0] = -7;
+    CHECK(tengrad_assign_owners(negative, 2, 2, owners) == TENGRAD_ERROR_INVALID_ARGUMENT && owners[0] == -7);
+    CHECK(tengrad_assign_owners(costs, 5, 0, owners) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_assign_owners(costs, -1, 2, owners) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_assign_owners(NULL, 5, 2, owners) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_assign_owners(costs, 5, 2, NULL) == TENGRAD_ERROR_INVALID_ARGUMENT);
+
+    double nu = -1;
+    CHECK(tengrad_kl_clip_from_sum(0.1, 1e-3, 4.0, &nu) == TENGRAD_OK && fabs(nu - sqrt(1e-3 / (0.01 * 4.0))) < 1e-15);
+    CHECK(tengrad_kl_clip_from_sum(0.1, 1e-3, 1e-6, &nu) == TENGRAD_OK && nu == 1.0);  /* small sum: not clipped */
+    CHECK(tengrad_kl_clip_from_sum(0.1, 1e-3, -2.0, &nu) == TENGRAD_OK && nu == 1.0);
+    CHECK(tengrad_kl_clip_from_sum(0.0, 1e-3, 4.0, &nu) == TENGRAD_OK && nu == 1.0);   /* lr 0: nothing to clip */
+    nu = -1;
+    CHECK(tengrad_kl_clip_from_sum(0.1, 0.0, 4.0, &nu) == TENGRAD_ERROR_INVALID_ARGUMENT && nu == -1);
+    CHECK(tengrad_kl_clip_from_sum(-0.1, 1e-3, 4.0, &nu) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_kl_clip_from_sum(0.1, 1e-3, NAN, &nu) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_kl_clip_from_sum(INFINITY, 1e-3, 4.0, &nu) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_kl_clip_from_sum(0.1, 1e-3, 4.0, NULL) == TENGRAD_ERROR_INVALID_ARGUMENT);
+}
+
 int main(void) {
     fill(act, M * IN, 11);
     fill(grads, M * OUT, 12);
@@ -269,5 +301,6 @@ int main(void) {
     test_refusals();
     test_layer_params();
     test_struct_sizes();
+    test_data_parallel_helpers();
     return report();
 }

@@ -50,24 +50,17 @@ static const int64_t layer_in[LAYERS] = {IN, HIDDEN}, layer_out[LAYERS] = {HIDDE
 static float *layer_params(mlp *net, int l) { return l == 0 ? net->w1 : net->w2; }
 static int64_t layer_size(int l) { return layer_out[l] * (layer_in[l] + 1); }
 
-/* Owner of each layer: by estimated cost (row length + 4 · parameters) descending, each to the
-   least-loaded rank, ties to the lower index and rank. Identical on every rank. */
-static void owner_map(int size, int owners[LAYERS]) {
-    double load[LAYERS + 64] = {0};
-    int order[LAYERS] = {0, 1};
-    double cost[LAYERS];
-    for (int l = 0; l < LAYERS; l++) cost[l] = (double)(layer_in[l] + layer_out[l]) + 4.0 * (double)layer_size(l);
-    if (cost[1] > cost[0]) { order[0] = 1; order[1] = 0; }
-    for (int k = 0; k < LAYERS; k++) {
-        int best = 0;
-        for (int r = 1; r < size && r < LAYERS + 64; r++) if (load[r] < load[best]) best = r;
-        owners[order[k]] = best;
-        load[best] += cost[order[k]];
-    }
+/* Owner of each layer, identical on every rank: the library's greedy assignment by cost (a
+   refresh's row length + 4 · parameters), as tengrad.torch uses. */
+static int owner_map(int size, int32_t owners[LAYERS]) {
+    int64_t cost[LAYERS];
+    for (int l = 0; l < LAYERS; l++) cost[l] = layer_in[l] + layer_out[l] + 4 * layer_size(l);
+    return tengrad_assign_owners(cost, LAYERS, size, owners) == TENGRAD_OK;
 }
 
 typedef struct {
-    int rank, size, owners[LAYERS];
+    int rank, size;
+    int32_t owners[LAYERS];
     int counts[64 + 1], displs[64 + 1]; /* rows of every rank in a global batch; offsets */
 } layout;
 
@@ -229,11 +222,8 @@ static int train(mlp *net, const layout *lo, const dataset *train_set, const dat
                         (long long)res->steps, global[0]);
                 goto done;
             }
-            double nu = 1;
-            if (cfg->kl_clip > 0 && cfg->lr > 0 && global[1] > 0) {
-                nu = sqrt(cfg->kl_clip / ((double)cfg->lr * cfg->lr * global[1]));
-                if (nu > 1) nu = 1;
-            }
+            double nu = 1;  /* the global sum's KL clipping, by the library's formula */
+            if (cfg->kl_clip > 0 && tengrad_kl_clip_from_sum(cfg->lr, cfg->kl_clip, global[1], &nu) != TENGRAD_OK) nu = 1;
             if (lo->rank == 0 && res->steps < cfg->verify) {
                 if (!reference_update(&ref, net, xb, yb, M, refresh, cfg->sampled, step_key, cfg, check_update)) goto done;
                 double diff = 0, norm = 0;
@@ -319,7 +309,10 @@ int main(int argc, char **argv) {
     if (cfg.batch > train_set.n) cfg.batch = train_set.n;
     for (int r = 0; r <= lo.size; r++) lo.displs[r] = (int)(cfg.batch * r / lo.size);
     for (int r = 0; r < lo.size; r++) lo.counts[r] = lo.displs[r + 1] - lo.displs[r];
-    owner_map(lo.size, lo.owners);
+    if (!owner_map(lo.size, lo.owners)) {
+        fprintf(stderr, "rank %d: owner assignment failed\n", lo.rank);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
     if (lo.rank == 0) {
         printf("Fashion-MNIST: %lld training and %lld test images; MLP 784-128-10 on %d MPI ranks, global batch %lld "
                "(rank 0: %d rows), %d epochs\n", (long long)train_set.n, (long long)test_set.n, lo.size,

@@ -316,6 +316,10 @@ tengrad_precondition = _declare(
 #                                       double kl_clip, double *out_nu);
 tengrad_kl_clip_factor = _declare(
     "tengrad_kl_clip_factor", c_int32, _handle, c_double, c_double, POINTER(c_double))
+# tengrad_status tengrad_assign_owners(const int64_t *costs, int32_t layers, int32_t ranks, int32_t *out_owners);
+tengrad_assign_owners = _declare("tengrad_assign_owners", c_int32, POINTER(c_int64), c_int32, c_int32, POINTER(c_int32))
+# tengrad_status tengrad_kl_clip_from_sum(double learning_rate, double kl_clip, double sum, double *out_nu);
+tengrad_kl_clip_from_sum = _declare("tengrad_kl_clip_from_sum", c_int32, c_double, c_double, c_double, POINTER(c_double))
 # tengrad_status tengrad_clear_updates(tengrad_preconditioner *p);
 tengrad_clear_updates = _declare("tengrad_clear_updates", c_int32, _handle)
 # tengrad_status tengrad_get_layer_stats(const tengrad_preconditioner *p, int32_t layer,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -94,6 +94,24 @@ class Conv2dSpec:
     def c_shape(self) -> _lib.Conv2dShape:
         return _lib.Conv2dShape(ctypes.sizeof(_lib.Conv2dShape), self.in_channels, self.out_channels, *self.input_size, *self.kernel_size,
                                 *self.stride, *self.padding, *self.dilation, self.groups, int(self.bias))
+
+
+def assign_owners(costs, ranks: int) -> List[int]:
+    """Layer → owner rank for data-parallel training (``tengrad_assign_owners``: by cost,
+    descending, each layer to the least-loaded rank), identical on every rank."""
+    costs = [_integer(c, "cost", 0) for c in costs]
+    owners = (ctypes.c_int32 * max(len(costs), 1))()
+    _lib.tengrad_assign_owners((ctypes.c_int64 * max(len(costs), 1))(*costs), len(costs),
+                               _integer(ranks, "ranks", 1, 2**31 - 1), owners)
+    return list(owners[:len(costs)])
+
+
+def kl_clip_from_sum(learning_rate: float, kl_clip: float, total: float) -> float:
+    """ν = min(1, sqrt(kl_clip / (lr² · total))) for a global sum of ⟨update, grad⟩
+    (``tengrad_kl_clip_from_sum``; 1 when the sum is not positive or lr is 0)."""
+    out = ctypes.c_double()
+    _lib.tengrad_kl_clip_from_sum(float(learning_rate), float(kl_clip), float(total), ctypes.byref(out))
+    return out.value
 
 
 _STRATEGIES = {"auto": _lib.CONV_AUTO, "factored": _lib.CONV_FACTORED, "explicit": _lib.CONV_EXPLICIT}

@@ -181,3 +181,31 @@ def check(make, fisher, tmp_path, variant, m, sizes):
             assert err <= 1e-4, (size, key, err)
             worst = max(worst, err)
         print(f"{variant} {make} {fisher} P={size}: largest relative difference {worst:.1e}")  # pytest -s
+
+
+def test_owner_map_and_kl_factor_come_from_the_library():
+    """The owner map and ν are the library's (one implementation for Python and the MPI example):
+    the greedy assignment equals a plain reference on random costs; bad input is refused."""
+    import tengrad
+    from tengrad.core import assign_owners, kl_clip_from_sum
+
+    def reference(costs, size):
+        load, owners = [0] * size, [0] * len(costs)
+        for cost, i in sorted((-c, i) for i, c in enumerate(costs)):
+            rank = min(range(size), key=lambda r: (load[r], r))
+            owners[i], load[rank] = rank, load[rank] - cost
+        return owners
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        costs = rng.integers(0, 6, size=rng.integers(1, 12)).tolist()  # many ties
+        size = int(rng.integers(1, 6))
+        assert assign_owners(costs, size) == reference(costs, size), (costs, size)
+    assert assign_owners([], 3) == []
+    for bad in (([1, -2], 2), ([1, 2], 0)):
+        with pytest.raises((ValueError, tengrad.TengradError)):
+            assign_owners(*bad)
+    assert kl_clip_from_sum(0.1, 1e-3, 4.0) == pytest.approx((1e-3 / (0.01 * 4.0)) ** 0.5, rel=1e-15)
+    assert kl_clip_from_sum(0.1, 1e-3, 0.0) == 1.0 and kl_clip_from_sum(0.0, 1e-3, 4.0) == 1.0
+    with pytest.raises(tengrad.TengradError):
+        kl_clip_from_sum(0.1, 1e-3, float("nan"))

@@ -21,7 +21,7 @@ layers", "Reliability", "Distributed"), the ``TENGraD`` docstring and docs/DESIG
 Layout: this module holds the ``TENGraD`` façade (construction, settings, ``step``); the rest is
 in rooms mixed into it: ``modules`` (the supported module types), ``attach`` (which modules are
 hooked; one TENGraD per module), ``capture`` (hooks, masks, registration), ``fisher`` (sampled
-labels), ``batch`` (a step's arrays, accumulation, padding), ``assignment`` and ``distributed``
+labels), ``batch`` (a step's arrays, accumulation, padding), ``distributed``
 (data parallel), ``state`` (checkpoints).
 """
 from __future__ import annotations

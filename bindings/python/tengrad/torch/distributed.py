@@ -10,7 +10,7 @@ from typing import List
 import numpy as np
 import torch
 
-from .assignment import owner_map
+from ..core import assign_owners, kl_clip_from_sum
 
 
 class _CommHookRouter:
@@ -58,7 +58,7 @@ class DataParallel:
     """Mixed into TENGraD."""
 
     def _owner_map(self) -> List[int]:
-        """Layer → owner rank (``assignment.owner_map``); a layer's cost is the floats of a
+        """Layer → owner rank (the library's ``assign_owners``); a layer's cost is the floats of a
         refresh's row plus 4× its parameters (the reuse products). Computed once."""
         import torch.distributed as dist
         if self._owners is None:
@@ -70,7 +70,7 @@ class DataParallel:
                     continue
                 weights = int(np.prod(spec.weight_shape)) + (spec.bias_shape[0] if spec.bias else 0)
                 costs.append(self._rows(layer)[1] + 4 * weights)
-            self._owners = owner_map(costs, dist.get_world_size(self.process_group))
+            self._owners = assign_owners(costs, dist.get_world_size(self.process_group))
         return self._owners
 
     def _world_size(self) -> int:
@@ -263,8 +263,8 @@ class DataParallel:
                 raise RuntimeError(f"{message}: {error}") from error
             raise RuntimeError(message)
         nu, total = 1.0, float(summary[size].item())
-        if self.kl_clip is not None and self.lr > 0 and total > 0:
-            nu = min(1.0, (self.kl_clip / (self.lr * self.lr * total)) ** 0.5)
+        if self.kl_clip is not None:
+            nu = kl_clip_from_sum(self.lr, self.kl_clip, total)
         for layer, out in updates:
             n = layer.module.weight.numel()
             if nu != 1:
