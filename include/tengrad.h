@@ -251,6 +251,22 @@ TENGRAD_NODISCARD tengrad_status tengrad_get_linear_shape(const tengrad_precondi
 TENGRAD_NODISCARD tengrad_status tengrad_get_conv2d_shape(const tengrad_preconditioner *p, int32_t layer,
                                                           tengrad_conv2d_shape *out);
 
+/* The arrays of a layer's calls, as the library sizes them — the one size authority (bindings
+   ask instead of recomputing, e.g. a convolution's output size): one sample's (and token's)
+   activations and output gradients without the batch and token axes, the weight and the bias,
+   row-major. rank: dims used (1 to 4); bias_rank 0: no bias. */
+typedef struct tengrad_layer_arrays {
+    size_t size;               /* in: sizeof(tengrad_layer_arrays); out: the bytes written */
+    int32_t activation_rank, output_grad_rank, weight_rank, bias_rank;
+    int64_t activation_dims[4];
+    int64_t output_grad_dims[4];
+    int64_t weight_dims[4];
+    int64_t bias_dims[4];
+} tengrad_layer_arrays;
+
+TENGRAD_NODISCARD tengrad_status tengrad_get_layer_arrays(const tengrad_preconditioner *p, int32_t layer,
+                                                          tengrad_layer_arrays *out);
+
 /* ---- Preconditioning -------------------------------------------------------------------- */
 
 /* grad_scale s: the factor by which the caller's output gradients must be multiplied to give each

@@ -122,7 +122,7 @@ func callerStructSize(_ p: UnsafeRawPointer) -> Int {
 /// larger one (a newer header) only when every byte past this version's struct (its C sizeof,
 /// tail padding included) is zero, so that no setting of a newer caller is silently ignored;
 /// sizes above 1024 refused unread (an uninitialized size).
-func readCallerStruct<T>(
+func readCallerStruct<T: BitwiseCopyable>(
     _ p: UnsafePointer<T>?, _ name: String, type: String, start: String
 ) throws(TENGraDError) -> T {
     let raw = UnsafeRawPointer(try required(p, name))
@@ -144,12 +144,11 @@ func readCallerStruct<T>(
 
 /// A struct the library fills: the caller's `size` must cover this version's fields, which are
 /// written (`size` included: `value` carries ours); bytes past them are left alone.
-func writeCallerStruct<T>(_ value: T, to p: UnsafeMutablePointer<T>?, _ name: String, type: String) throws(TENGraDError) {
+func writeCallerStruct<T: BitwiseCopyable>(_ value: T, to p: UnsafeMutablePointer<T>?, _ name: String, type: String) throws(TENGraDError) {
     let o = try required(p, name)
     let ours = MemoryLayout<T>.size, size = callerStructSize(o)
     guard size >= ours else {
         throw TENGraDError(.invalidArgument, "\(name)->size is \(size); set it to sizeof(\(type)) (\(MemoryLayout<T>.stride))")
     }
-    var v = value
-    UnsafeMutableRawPointer(o).copyMemory(from: &v, byteCount: ours)
+    withUnsafeBytes(of: value) { UnsafeMutableRawPointer(o).copyMemory(from: $0.baseAddress!, byteCount: ours) }
 }

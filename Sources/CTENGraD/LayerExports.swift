@@ -135,6 +135,29 @@ public func tengrad_get_linear_shape(
     }
 }
 
+@_cdecl("tengrad_get_layer_arrays")
+public func tengrad_get_layer_arrays(
+    _ p: OpaquePointer?, _ layer: Int32, _ out: UnsafeMutablePointer<tengrad_layer_arrays>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let s = try h.core.arrayShapes(layer: Int(layer))
+        var c = tengrad_layer_arrays()
+        c.size = MemoryLayout<tengrad_layer_arrays>.size
+        /// Writes `dims` into a C int64_t[4] (a tuple in Swift) and returns their count.
+        func fill<T>(_ tuple: inout T, _ dims: [Int]) -> Int32 {
+            withUnsafeMutableBytes(of: &tuple) { raw in
+                for (i, d) in dims.prefix(4).enumerated() { raw.storeBytes(of: Int64(d), toByteOffset: 8 * i, as: Int64.self) }
+            }
+            return Int32(min(dims.count, 4))
+        }
+        c.activation_rank = fill(&c.activation_dims, s.activations)
+        c.output_grad_rank = fill(&c.output_grad_dims, s.outputGrads)
+        c.weight_rank = fill(&c.weight_dims, s.weight)
+        c.bias_rank = fill(&c.bias_dims, s.bias ?? [])
+        try writeCallerStruct(c, to: out, "out", type: "tengrad_layer_arrays")
+    }
+}
+
 @_cdecl("tengrad_get_conv2d_shape")
 public func tengrad_get_conv2d_shape(
     _ p: OpaquePointer?, _ layer: Int32, _ out: UnsafeMutablePointer<tengrad_conv2d_shape>?

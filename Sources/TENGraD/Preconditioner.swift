@@ -157,6 +157,19 @@ public final class Preconditioner {
         try layer(id).geometry.description
     }
 
+    /// The shapes of a layer's arrays: one sample's (and token's) activations and output
+    /// gradients, the weight and the bias (nil: none). Row-major, as the calls take them.
+    public struct ArrayShapes: Sendable, Equatable {
+        public var activations: [Int]
+        public var outputGrads: [Int]
+        public var weight: [Int]
+        public var bias: [Int]?
+    }
+
+    public func arrayShapes(layer id: Int) throws(TENGraDError) -> ArrayShapes {
+        try layer(id).geometry.arrayShapes
+    }
+
     /// Diagnostics of one layer.
     public func stats(layer id: Int) throws(TENGraDError) -> LayerStats {
         try layer(id).stats

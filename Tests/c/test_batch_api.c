@@ -244,6 +244,29 @@ static void test_struct_sizes(void) {
     CHECK(back.size == sizeof back && back.in_channels == 2 && back.kernel_width == 2 && back.padding_height == 1 &&
           back.stride_width == 1 && back.groups == 1 && back.has_bias == 1);
 
+    /* the library's array shapes: a conv's output size, weight and bias; a linear layer's */
+    tengrad_layer_arrays arr;
+    memset(&arr, 0, sizeof arr);
+    CHECK(tengrad_get_layer_arrays(p, 1, &arr) == TENGRAD_ERROR_INVALID_ARGUMENT);  /* size 0 */
+    arr.size = sizeof arr;
+    CHECK(tengrad_get_layer_arrays(p, 1, &arr) == TENGRAD_OK && arr.size == sizeof arr);
+    /* 2→3, 5×4 input, 3×2 kernel, padding (1, 0): output (5 + 2 − 3 + 1) × (4 − 2 + 1) = 5 × 3 */
+    CHECK(arr.activation_rank == 3 && arr.activation_dims[0] == 2 && arr.activation_dims[1] == 5 &&
+          arr.activation_dims[2] == 4);
+    CHECK(arr.output_grad_rank == 3 && arr.output_grad_dims[0] == 3 && arr.output_grad_dims[1] == 5 &&
+          arr.output_grad_dims[2] == 3);
+    CHECK(arr.weight_rank == 4 && arr.weight_dims[0] == 3 && arr.weight_dims[1] == 2 && arr.weight_dims[2] == 3 &&
+          arr.weight_dims[3] == 2);
+    CHECK(arr.bias_rank == 1 && arr.bias_dims[0] == 3);
+    int32_t lin = -1;
+    CHECK(tengrad_add_linear(p, 7, 4, 0, &lin) == TENGRAD_OK);
+    CHECK(tengrad_get_layer_arrays(p, lin, &arr) == TENGRAD_OK);
+    CHECK(arr.activation_rank == 1 && arr.activation_dims[0] == 7 && arr.output_grad_rank == 1 &&
+          arr.output_grad_dims[0] == 4 && arr.weight_rank == 2 && arr.weight_dims[0] == 4 && arr.weight_dims[1] == 7 &&
+          arr.bias_rank == 0);
+    CHECK(tengrad_get_layer_arrays(p, 9, &arr) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_get_layer_arrays(p, 0, NULL) == TENGRAD_ERROR_INVALID_ARGUMENT);
+
     tengrad_layer_stats st;
     memset(&st, 0, sizeof st);
     st.kind = 77;

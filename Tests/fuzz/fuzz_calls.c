@@ -42,29 +42,32 @@ static void fill_pool(input *in, size_t n) {
     for (int k = 0; k < (mode >> 4); k++) pool[u8(in) * 97 % n] = f32(in);
 }
 
-/* Element counts of a layer's arrays; 0 when the layer is unknown or too big to fuzz cheaply. */
+/* Numbers in an array of `rank` dims; -1 above 4096 in any dim (too big to fuzz, and no overflow). */
+static int64_t product(const int64_t *dims, int32_t rank) {
+    int64_t n = 1;
+    for (int32_t i = 0; i < rank; i++) {
+        if (dims[i] < 0 || dims[i] > 4096) return -1;
+        n *= dims[i];
+    }
+    return n;
+}
+
+/* Element counts of a layer's arrays, as the library sizes them (tengrad_get_layer_arrays: no
+   copy of a conv's output-size formula here); 0 when the layer is unknown or too big to fuzz. */
 static void layer_sizes(tengrad_preconditioner *p, int32_t layer, int64_t batch, size_t *acts, size_t *grads,
                         size_t *weight, size_t *bias) {
-    int64_t in = 0, out = 0;
-    int32_t has_bias = 0;
-    tengrad_conv2d_shape s = TENGRAD_CONV2D_SHAPE_INIT;
+    tengrad_layer_arrays arr;
+    memset(&arr, 0, sizeof arr);
+    arr.size = sizeof arr;
     *acts = *grads = *weight = *bias = 0;
-    if (batch <= 0 || batch > 16) return;
-    if (tengrad_get_linear_shape(p, layer, &in, &out, &has_bias) == TENGRAD_OK) {
-        if (in > 256 || out > 256) return;
-        *acts = (size_t)(batch * in);
-        *grads = (size_t)(batch * out);
-        *weight = (size_t)(in * out);
-        *bias = has_bias ? (size_t)out : 0;
-    } else if (tengrad_get_conv2d_shape(p, layer, &s) == TENGRAD_OK) {
-        if (s.in_channels > 16 || s.out_channels > 16 || s.in_height > 16 || s.in_width > 16) return;
-        int64_t ho = (s.in_height + 2 * s.padding_height - s.dilation_height * (s.kernel_height - 1) - 1) / s.stride_height + 1;
-        int64_t wo = (s.in_width + 2 * s.padding_width - s.dilation_width * (s.kernel_width - 1) - 1) / s.stride_width + 1;
-        *acts = (size_t)(batch * s.in_channels * s.in_height * s.in_width);
-        *grads = (size_t)(batch * s.out_channels * ho * wo);
-        *weight = (size_t)(s.out_channels * (s.in_channels / s.groups) * s.kernel_height * s.kernel_width);
-        *bias = s.has_bias ? (size_t)s.out_channels : 0;
-    }
+    if (batch <= 0 || batch > 16 || tengrad_get_layer_arrays(p, layer, &arr) != TENGRAD_OK) return;
+    int64_t a = product(arr.activation_dims, arr.activation_rank), g = product(arr.output_grad_dims, arr.output_grad_rank);
+    int64_t w = product(arr.weight_dims, arr.weight_rank), b = arr.bias_rank ? product(arr.bias_dims, arr.bias_rank) : 0;
+    if (a < 0 || g < 0 || w < 0 || b < 0 || a > 4096 || g > 4096) return;
+    *acts = (size_t)(batch * a);
+    *grads = (size_t)(batch * g);
+    *weight = (size_t)w;
+    *bias = (size_t)b;
     if (*acts + *grads > MAX_FLOATS || *weight > MAX_FLOATS) *acts = *grads = *weight = *bias = 0;
 }
 
@@ -128,6 +131,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             tengrad_layer_stats st;
             st.size = u8(&in) & 1 ? sizeof st : (size_t)u8(&in);
             (void)tengrad_get_layer_stats(p, layer, &st);
+            tengrad_layer_arrays arr;
+            arr.size = u8(&in) & 1 ? sizeof arr : (size_t)u8(&in);
+            (void)tengrad_get_layer_arrays(p, layer, &arr);
             tengrad_snapshot_info info;
             info.size = u8(&in) & 1 ? sizeof info : (size_t)u8(&in);
             (void)tengrad_get_snapshot_info(p, layer, &info);

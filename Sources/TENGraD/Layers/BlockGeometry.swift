@@ -17,6 +17,9 @@ protocol BlockGeometry: Sendable {
     var dims: BlockDims { get }
     /// The public description of the layer (kind and shape).
     var description: Preconditioner.Layer { get }
+    /// The shapes of its calls' arrays (per sample and token; weight and bias whole): the one
+    /// size authority the bindings ask.
+    var arrayShapes: Preconditioner.ArrayShapes { get }
     /// Tokens per sample of a linear layer over sequences (`overTokens`); 1 for every other call.
     var tokens: Int { get }
     /// The same layer applied over `tokens` positions per sample (inputs [batch][tokens][...]):

@@ -103,6 +103,13 @@ struct Conv2dGeometry: BlockGeometry {
 
     var kind: LayerKind { .conv2d }
     var description: Preconditioner.Layer { .conv2d(shape) }
+    var arrayShapes: Preconditioner.ArrayShapes {
+        let s = shape
+        return .init(
+            activations: [s.inChannels, s.inHeight, s.inWidth], outputGrads: [s.outChannels, outHeight, outWidth],
+            weight: [s.outChannels, s.inChannels / s.groups, s.kernelHeight, s.kernelWidth],
+            bias: s.hasBias ? [s.outChannels] : nil)
+    }
 
     var tokens: Int { 1 }
 

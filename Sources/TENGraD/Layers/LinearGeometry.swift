@@ -31,6 +31,10 @@ struct LinearGeometry: BlockGeometry {
 
     var kind: LayerKind { .linear }
     var description: Preconditioner.Layer { .linear(inFeatures: inFeatures, outFeatures: outFeatures, bias: hasBias) }
+    var arrayShapes: Preconditioner.ArrayShapes {
+        .init(activations: [inFeatures], outputGrads: [outFeatures], weight: [outFeatures, inFeatures],
+              bias: hasBias ? [outFeatures] : nil)
+    }
 
     func overTokens(_ tokens: Int) throws(TENGraDError) -> any BlockGeometry {
         try LinearGeometry(inFeatures: inFeatures, outFeatures: outFeatures, hasBias: hasBias, tokens: tokens)

@@ -75,6 +75,17 @@ class Conv2dShape(ctypes.Structure):
     ]
 
 
+class LayerArrays(ctypes.Structure):
+    """typedef struct tengrad_layer_arrays { size_t size; ... } tengrad_layer_arrays;"""
+
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("activation_rank", c_int32), ("output_grad_rank", c_int32), ("weight_rank", c_int32), ("bias_rank", c_int32),
+        ("activation_dims", c_int64 * 4), ("output_grad_dims", c_int64 * 4),
+        ("weight_dims", c_int64 * 4), ("bias_dims", c_int64 * 4),
+    ]
+
+
 class LayerStats(ctypes.Structure):
     """typedef struct tengrad_layer_stats { size_t size; ... } tengrad_layer_stats;"""
 
@@ -284,6 +295,8 @@ tengrad_save_state = _declare("tengrad_save_state", c_int32, _handle, c_void_p, 
                               POINTER(ctypes.c_size_t))
 # tengrad_status tengrad_load_state(tengrad_preconditioner *p, const void *buffer, size_t size);
 tengrad_load_state = _declare("tengrad_load_state", c_int32, _handle, c_char_p, ctypes.c_size_t)
+# tengrad_status tengrad_get_layer_arrays(const tengrad_preconditioner *p, int32_t layer, tengrad_layer_arrays *out);
+tengrad_get_layer_arrays = _declare("tengrad_get_layer_arrays", c_int32, _handle, c_int32, POINTER(LayerArrays))
 # tengrad_status tengrad_layer_count(const tengrad_preconditioner *p, int32_t *out);
 tengrad_layer_count = _declare("tengrad_layer_count", c_int32, _handle, POINTER(c_int32))
 # tengrad_status tengrad_update_curvature(p, int32_t layer, int64_t batch, const float *activations,

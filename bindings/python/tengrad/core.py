@@ -31,9 +31,6 @@ class LinearSpec:
     def bias_shape(self) -> Optional[Tuple[int, ...]]:
         return (self.out_features,) if self.bias else None
 
-    def input_shapes(self, batch: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-        return (batch, self.in_features), (batch, self.out_features)
-
 
 _INT64_MAX = 2**63 - 1
 
@@ -75,21 +72,12 @@ class Conv2dSpec:
     bias: bool
 
     @property
-    def output_size(self) -> Tuple[int, int]:
-        return tuple((self.input_size[d] + 2 * self.padding[d] - self.dilation[d] * (self.kernel_size[d] - 1) - 1)
-                     // self.stride[d] + 1 for d in (0, 1))
-
-    @property
     def weight_shape(self) -> Tuple[int, ...]:
         return (self.out_channels, self.in_channels // self.groups) + tuple(self.kernel_size)
 
     @property
     def bias_shape(self) -> Optional[Tuple[int, ...]]:
         return (self.out_channels,) if self.bias else None
-
-    def input_shapes(self, batch: int):
-        return ((batch, self.in_channels) + tuple(self.input_size),
-                (batch, self.out_channels) + tuple(self.output_size))
 
     def c_shape(self) -> _lib.Conv2dShape:
         return _lib.Conv2dShape(ctypes.sizeof(_lib.Conv2dShape), self.in_channels, self.out_channels, *self.input_size, *self.kernel_size,
@@ -112,6 +100,22 @@ def kl_clip_from_sum(learning_rate: float, kl_clip: float, total: float) -> floa
     out = ctypes.c_double()
     _lib.tengrad_kl_clip_from_sum(float(learning_rate), float(kl_clip), float(total), ctypes.byref(out))
     return out.value
+
+
+@dataclass(frozen=True)
+class ArrayShapes:
+    """A layer's array shapes as the library sizes them (``tengrad_get_layer_arrays``): one
+    sample's (and token's) activations and output gradients, the weight, the bias (None: none)."""
+
+    activations: Tuple[int, ...]
+    output_grads: Tuple[int, ...]
+    weight: Tuple[int, ...]
+    bias: Optional[Tuple[int, ...]]
+
+    @property
+    def parameters(self) -> int:
+        """Numbers in one per-sample gradient row: weight + bias."""
+        return int(np.prod(self.weight)) + (int(np.prod(self.bias)) if self.bias else 0)
 
 
 _STRATEGIES = {"auto": _lib.CONV_AUTO, "factored": _lib.CONV_FACTORED, "explicit": _lib.CONV_EXPLICIT}
@@ -158,6 +162,7 @@ class Preconditioner:
         _lib.tengrad_create(ctypes.byref(handle))
         self._handle = handle
         self._layers = []
+        self._shapes: List[ArrayShapes] = []  # the library's sizes of each layer's arrays
         try:
             self.damping = damping
             self.memory_limit = memory_limit
@@ -248,6 +253,7 @@ class Preconditioner:
         _lib.tengrad_add_linear(self._h, in_features, out_features, int(bool(bias)),
                                 ctypes.byref(out))
         self._layers.append(LinearSpec(int(in_features), int(out_features), bool(bias)))
+        self._shapes.append(self._query_shapes(out.value))
         return out.value
 
     def add_conv2d(self, in_channels: int, out_channels: int, kernel_size, input_size, stride=1, padding=0,
@@ -261,6 +267,7 @@ class Preconditioner:
         shape = spec.c_shape()
         _lib.tengrad_add_conv2d(self._h, ctypes.byref(shape), ctypes.byref(out))
         self._layers.append(spec)
+        self._shapes.append(self._query_shapes(out.value))
         return out.value
 
     def set_conv_strategy(self, layer: int, strategy: str) -> None:
@@ -326,6 +333,7 @@ class Preconditioner:
                                     (c.padding_height, c.padding_width), (c.dilation_height, c.dilation_width),
                                     c.groups, bool(c.has_bias)))
         self._layers = specs
+        self._shapes = [self._query_shapes(layer) for layer in range(len(specs))]
 
     # -- state ---------------------------------------------------------------------------------
     def save_state(self) -> bytes:
@@ -356,14 +364,27 @@ class Preconditioner:
                                f"unknown layer id {layer!r} ({len(self._layers)} layers registered)")
         return self._layers[int(layer)]
 
+    def _query_shapes(self, layer: int) -> ArrayShapes:
+        c = _lib.LayerArrays(size=ctypes.sizeof(_lib.LayerArrays))
+        _lib.tengrad_get_layer_arrays(self._h, layer, ctypes.byref(c))
+        dims = lambda d, r: tuple(int(x) for x in d[:r])  # noqa: E731
+        return ArrayShapes(dims(c.activation_dims, c.activation_rank), dims(c.output_grad_dims, c.output_grad_rank),
+                           dims(c.weight_dims, c.weight_rank), dims(c.bias_dims, c.bias_rank) if c.bias_rank else None)
+
+    def array_shapes(self, layer: int) -> ArrayShapes:
+        """The shapes of a layer's arrays as the library sizes them (one sample's activations and
+        output gradients, e.g. a convolution's output size; the weight and bias)."""
+        self.layer_spec(layer)
+        return self._shapes[int(layer)]
+
     def _inputs(self, layer, activations, output_grads):
         spec = self.layer_spec(layer)
         if not isinstance(activations, np.ndarray) or activations.ndim < 1:
             raise TypeError("activations must be a numpy.ndarray with a leading batch dimension")
         batch = activations.shape[0]
-        a_shape, g_shape = spec.input_shapes(batch)
-        _check("activations", activations, a_shape)
-        _check("output_grads", output_grads, g_shape)
+        shapes = self._shapes[int(layer)]
+        _check("activations", activations, (batch,) + shapes.activations)
+        _check("output_grads", output_grads, (batch,) + shapes.output_grads)
         return spec, batch
 
     def _batch(self, layer, activations, output_grads, mask):
@@ -428,11 +449,6 @@ class Preconditioner:
         described = _lib.batch(batch, tokens, _ptr(activations), _ptr(output_grads), _ptr(mask), float(grad_scale))
         _lib.tengrad_update_curvature_v2(self._h, int(layer), ctypes.byref(described))
 
-    @staticmethod
-    def _row_size(spec) -> int:
-        return int(np.prod(spec.weight_shape)) + (spec.out_features if isinstance(spec, LinearSpec) else
-                                                   spec.out_channels) * int(spec.bias)
-
     def per_sample_gradients(self, layer: int, activations: np.ndarray, output_grads: np.ndarray,
                              grad_scale: float, mask: Optional[np.ndarray] = None) -> np.ndarray:
         """The batch's per-sample gradients as a [batch, d] array (d = weight + bias numbers; row i
@@ -440,8 +456,8 @@ class Preconditioner:
         No state changes. Rows from several processes, concatenated, go to
         ``update_curvature_from_gradients`` (data-parallel training, docs/DESIGN.md §11). A linear
         layer takes sequences ([batch, T..., features], ``mask=``): one row per sequence."""
-        spec, batch, tokens, mask = self._batch(layer, activations, output_grads, mask)
-        rows = np.empty((batch, self._row_size(spec)), dtype=np.float32)
+        _, batch, tokens, mask = self._batch(layer, activations, output_grads, mask)
+        rows = np.empty((batch, self._shapes[int(layer)].parameters), dtype=np.float32)
         described = _lib.batch(batch, tokens, _ptr(activations), _ptr(output_grads), _ptr(mask), float(grad_scale))
         _lib.tengrad_per_sample_gradients_v2(self._h, int(layer), ctypes.byref(described), _ptr(rows))
         return rows
@@ -450,10 +466,10 @@ class Preconditioner:
         """Take this layer's curvature snapshot from per-sample gradient rows ([batch, d], already
         scaled, as ``per_sample_gradients`` returns them): the snapshot ``update_curvature`` takes
         from the batch the rows came from. The rows are kept (per-sample representation)."""
-        spec = self.layer_spec(layer)
+        self.layer_spec(layer)  # a known id
         if not isinstance(rows, np.ndarray) or rows.ndim != 2:
             raise TypeError("rows must be a 2-D numpy.ndarray [batch, weight + bias numbers]")
-        _check("rows", rows, (rows.shape[0], self._row_size(spec)))
+        _check("rows", rows, (rows.shape[0], self._shapes[int(layer)].parameters))
         _lib.tengrad_update_curvature_from_gradients(self._h, int(layer), rows.shape[0], _ptr(rows))
 
     def precondition(self, layer: int, weight_grad: np.ndarray, bias_grad: Optional[np.ndarray] = None,

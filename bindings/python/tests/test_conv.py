@@ -262,3 +262,27 @@ def test_snapshot_from_gathered_per_sample_rows(name, bias):
         with pytest.raises(ValueError):
             owner.update_curvature_from_gradients(b, rows[:, 1:].copy())
         assert owner.save_state() == before
+
+
+def test_array_shapes_come_from_the_library():
+    """Python asks the library for a layer's array shapes (tengrad_get_layer_arrays) instead of
+    recomputing a convolution's output size: strides, dilation, padding and groups; the shapes
+    check every call's arrays, and after load_state the same shapes come back."""
+    with tengrad.Preconditioner() as p:
+        conv = p.add_conv2d(4, 6, (3, 2), (9, 7), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2, bias=True)
+        lin = p.add_linear(5, 3, bias=False)
+        s = p.array_shapes(conv)
+        want_h, want_w = conv_output_size(9, 3, 2, 1, 1), conv_output_size(7, 2, 1, 0, 2)
+        assert s.activations == (4, 9, 7) and s.output_grads == (6, want_h, want_w)
+        assert s.weight == (6, 2, 3, 2) and s.bias == (6,) and s.parameters == 6 * 2 * 3 * 2 + 6
+        t = p.array_shapes(lin)
+        assert (t.activations, t.output_grads, t.weight, t.bias) == ((5,), (3,), (3, 5), None)
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((3, 4, 9, 7), dtype=np.float32)
+        with pytest.raises(ValueError):  # one output column short
+            p.update_curvature(conv, a, np.zeros((3, 6, want_h, want_w - 1), np.float32), 3.0)
+        p.update_curvature(conv, a, rng.standard_normal((3, 6, want_h, want_w), dtype=np.float32), 3.0)
+        state = p.save_state()
+    with tengrad.Preconditioner() as q:
+        q.load_state(state)
+        assert q.array_shapes(conv) == s and q.array_shapes(lin) == t

@@ -64,12 +64,10 @@ class DataParallel:
         if self._owners is None:
             costs = []
             for layer in self._layers:
-                spec = layer.spec
-                if spec is None:  # never ran (an unused head): its parameters, the same on every rank
+                if layer.spec is None:  # never ran (an unused head): its parameters, the same on every rank
                     costs.append(5 * sum(p.numel() for p in layer.module.parameters(recurse=False)))
                     continue
-                weights = int(np.prod(spec.weight_shape)) + (spec.bias_shape[0] if spec.bias else 0)
-                costs.append(self._rows(layer)[1] + 4 * weights)
+                costs.append(self._rows(layer)[1] + 4 * self._pre.array_shapes(layer.id).parameters)
             self._owners = assign_owners(costs, dist.get_world_size(self.process_group))
         return self._owners
 

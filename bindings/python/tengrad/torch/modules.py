@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -108,13 +109,9 @@ class ModuleAdapter:
         numbers) — a convolution with many output positions. A linear layer over sequences always
         sends per-sequence gradients: one width whatever the ranks' sequence lengths and masks.
         Returns (kind, floats per sample)."""
-        spec = layer.spec
-        if isinstance(spec, LinearSpec):
-            if layer.sequence:  # one row per sequence, whatever its length and mask
-                return "per-sample", spec.out_features * (spec.in_features + int(spec.bias))
-            return "raw", spec.in_features + spec.out_features
-        h, w = spec.input_size
-        (kh, kw), (oh, ow) = spec.kernel_size, spec.output_size
-        raw = spec.in_channels * h * w + spec.out_channels * oh * ow
-        d = spec.out_channels * (spec.in_channels // spec.groups * kh * kw + int(spec.bias))
-        return ("per-sample", d) if d < raw else ("raw", raw)
+        shapes = self._pre.array_shapes(layer.id)  # the library's sizes (a conv's output size)
+        d = shapes.parameters
+        if isinstance(layer.spec, LinearSpec) and layer.sequence:  # one row per sequence, whatever its length
+            return "per-sample", d
+        raw = int(np.prod(shapes.activations)) + int(np.prod(shapes.output_grads))
+        return ("per-sample", d) if d < raw and not isinstance(layer.spec, LinearSpec) else ("raw", raw)
