@@ -51,8 +51,9 @@ def generic_warning(info: dict, user_coretype: str | None) -> str | None:
     return (f"libtengrad's BLAS ({info['library']} {info['version']}, {info['build']} build) does not know this "
             f"{info['cpu_isa']} CPU ({info['cpu_model'] or 'unknown model'}) and runs its generic {info['core']} "
             f"kernels: matrix products run several times slower. Use the build on PyPI's scipy-openblas32 "
-            f"(`pip install ./bindings/python`, or `make build` with the default BLAS=scipy-openblas), or start the "
-            f"process with OPENBLAS_CORETYPE={suggestion} set.")
+            f"(`pip install ./bindings/python`, or `make build` with the default BLAS=scipy-openblas), or choose the "
+            f"kernels yourself: start the process with the environment variable OPENBLAS_CORETYPE holding "
+            f"{suggestion} (the library never sets it).")
 
 
 def warn_if_generic(stacklevel: int = 2) -> bool:
