@@ -1,149 +1,27 @@
-"""numpy API over libtengrad: the Preconditioner class.
+"""numpy API over libtengrad: the Preconditioner class (a handle, its settings, layers, state and
+calls).
 
 Arrays go in and out as float32, C-contiguous numpy arrays in the layouts of include/tengrad.h
-(linear: activations [batch, in], output_grads [batch, out], weight [out, in], bias [out]).
-They are checked (dtype, contiguity, shape) before the call, naming the offending argument, and
-handed to the library without copies.
+(linear: activations [batch, in], output_grads [batch, out], weight [out, in], bias [out]),
+checked and described by ``arrays``; layer descriptions and shapes are in ``specs``, the
+handle-free data-parallel helpers in ``parallel``.
 """
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import numpy as np
 
 from . import _lib
 from ._lib import TengradError
-
-
-@dataclass(frozen=True)
-class LinearSpec:
-    in_features: int
-    out_features: int
-    bias: bool
-
-    @property
-    def weight_shape(self) -> Tuple[int, ...]:
-        return (self.out_features, self.in_features)
-
-    @property
-    def bias_shape(self) -> Optional[Tuple[int, ...]]:
-        return (self.out_features,) if self.bias else None
-
-
-_INT64_MAX = 2**63 - 1
-
-
-def _integer(value, name: str, low: int = -_INT64_MAX - 1, high: int = _INT64_MAX) -> int:
-    """A Python or numpy integer within [low, high]: ctypes would silently cut 2**32 to 0 and
-    2.7 to 2, so anything else is refused here, naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    v = int(value)
-    if not low <= v <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {v}")
-    return v
-
-
-def _pair(value, name):
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        v = _integer(value, name)
-        return v, v
-    try:
-        a, b = value
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-    return _integer(a, name), _integer(b, name)
-
-
-@dataclass(frozen=True)
-class Conv2dSpec:
-    """A 2-D convolution in PyTorch's terms; activations [batch, C_in, H, W]."""
-
-    in_channels: int
-    out_channels: int
-    input_size: Tuple[int, int]
-    kernel_size: Tuple[int, int]
-    stride: Tuple[int, int]
-    padding: Tuple[int, int]
-    dilation: Tuple[int, int]
-    groups: int
-    bias: bool
-
-    @property
-    def weight_shape(self) -> Tuple[int, ...]:
-        return (self.out_channels, self.in_channels // self.groups) + tuple(self.kernel_size)
-
-    @property
-    def bias_shape(self) -> Optional[Tuple[int, ...]]:
-        return (self.out_channels,) if self.bias else None
-
-    def c_shape(self) -> _lib.Conv2dShape:
-        return _lib.Conv2dShape(ctypes.sizeof(_lib.Conv2dShape), self.in_channels, self.out_channels, *self.input_size, *self.kernel_size,
-                                *self.stride, *self.padding, *self.dilation, self.groups, int(self.bias))
-
-
-def assign_owners(costs, ranks: int) -> List[int]:
-    """Layer → owner rank for data-parallel training (``tengrad_assign_owners``: by cost,
-    descending, each layer to the least-loaded rank), identical on every rank."""
-    costs = [_integer(c, "cost", 0) for c in costs]
-    owners = (ctypes.c_int32 * max(len(costs), 1))()
-    _lib.tengrad_assign_owners((ctypes.c_int64 * max(len(costs), 1))(*costs), len(costs),
-                               _integer(ranks, "ranks", 1, 2**31 - 1), owners)
-    return list(owners[:len(costs)])
-
-
-def kl_clip_from_sum(learning_rate: float, kl_clip: float, total: float) -> float:
-    """ν = min(1, sqrt(kl_clip / (lr² · total))) for a global sum of ⟨update, grad⟩
-    (``tengrad_kl_clip_from_sum``; 1 when the sum is not positive or lr is 0)."""
-    out = ctypes.c_double()
-    _lib.tengrad_kl_clip_from_sum(float(learning_rate), float(kl_clip), float(total), ctypes.byref(out))
-    return out.value
-
-
-@dataclass(frozen=True)
-class ArrayShapes:
-    """A layer's array shapes as the library sizes them (``tengrad_get_layer_arrays``): one
-    sample's (and token's) activations and output gradients, the weight, the bias (None: none)."""
-
-    activations: Tuple[int, ...]
-    output_grads: Tuple[int, ...]
-    weight: Tuple[int, ...]
-    bias: Optional[Tuple[int, ...]]
-
-    @property
-    def parameters(self) -> int:
-        """Numbers in one per-sample gradient row: weight + bias."""
-        return int(np.prod(self.weight)) + (int(np.prod(self.bias)) if self.bias else 0)
+from .arrays import check, described_batch, parameter_pair, ptr, update_arrays
+from .specs import ArrayShapes, Conv2dSpec, LinearSpec, _integer, _pair
 
 
 _STRATEGIES = {"auto": _lib.CONV_AUTO, "factored": _lib.CONV_FACTORED, "explicit": _lib.CONV_EXPLICIT}
 _REPRESENTATIONS = {"auto": _lib.SNAPSHOT_AUTO, "raw": _lib.SNAPSHOT_RAW, "per-sample": _lib.SNAPSHOT_PER_SAMPLE}
 _TOKEN_MODES = {"per-sequence": _lib.TOKENS_PER_SEQUENCE, "per-token": _lib.TOKENS_PER_TOKEN}
-
-
-def _ptr(array: Optional[np.ndarray]):
-    return None if array is None else array.ctypes.data
-
-
-def _check(name: str, array, shape: Tuple[int, ...]) -> np.ndarray:
-    if not isinstance(array, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(array).__name__}")
-    if array.dtype != np.float32:
-        raise TypeError(f"{name} must have dtype float32, got {array.dtype}")
-    if not array.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (use numpy.ascontiguousarray)")
-    if tuple(array.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(array.shape)}, expected {tuple(shape)}")
-    return array
-
-
-def _check_out(name: str, array, shape: Tuple[int, ...]) -> np.ndarray:
-    _check(name, array, shape)
-    if not array.flags.writeable:
-        raise ValueError(f"{name} must be writeable")
-    return array
 
 
 class Preconditioner:
@@ -377,63 +255,10 @@ class Preconditioner:
         self.layer_spec(layer)
         return self._shapes[int(layer)]
 
-    def _inputs(self, layer, activations, output_grads):
+    def _described(self, layer, activations, output_grads, mask, grad_scale):
+        """(batch, tengrad_batch) of a batch call on a registered layer (``arrays.described_batch``)."""
         spec = self.layer_spec(layer)
-        if not isinstance(activations, np.ndarray) or activations.ndim < 1:
-            raise TypeError("activations must be a numpy.ndarray with a leading batch dimension")
-        batch = activations.shape[0]
-        shapes = self._shapes[int(layer)]
-        _check("activations", activations, (batch,) + shapes.activations)
-        _check("output_grads", output_grads, (batch,) + shapes.output_grads)
-        return spec, batch
-
-    def _batch(self, layer, activations, output_grads, mask):
-        """(spec, batch, tokens, mask) of a batch call: plain arrays ([batch, features], NCHW) are
-        one token per sample; a linear layer's [batch, T..., features] arrays or a mask make it a
-        sequence call. Every batch call goes through the C descriptor entry points (`tengrad_batch`)."""
-        if mask is not None or (isinstance(activations, np.ndarray) and activations.ndim > 2
-                                and isinstance(self.layer_spec(layer), LinearSpec)):
-            return self._sequence(layer, activations, output_grads, mask)
-        spec, batch = self._inputs(layer, activations, output_grads)
-        return spec, batch, 1, None
-
-    def _sequence(self, layer, activations, output_grads, mask):
-        """(spec, batch, tokens, mask array or None) of a call on a linear layer whose inputs have
-        token dimensions between the batch and the features: [batch, T..., in]."""
-        spec = self.layer_spec(layer)
-        if not isinstance(activations, np.ndarray) or activations.ndim < 2:
-            raise TypeError("activations must be a numpy.ndarray [batch, tokens..., features]")
-        if not isinstance(spec, LinearSpec):
-            raise ValueError("token dimensions and masks apply to linear layers")
-        batch, positions = activations.shape[0], activations.shape[1:-1]
-        tokens = int(np.prod(positions)) if positions else 1
-        _check("activations", activations, (batch,) + positions + (spec.in_features,))
-        _check("output_grads", output_grads, (batch,) + positions + (spec.out_features,))
-        if mask is not None:
-            if not isinstance(mask, np.ndarray) or mask.shape != (batch,) + positions:
-                raise ValueError(f"mask must be a numpy.ndarray of shape {(batch,) + positions}, got "
-                                 f"{getattr(mask, 'shape', type(mask).__name__)}")
-            if mask.dtype == np.bool_:
-                mask = mask.view(np.uint8)
-            elif mask.dtype != np.uint8:
-                raise TypeError(f"mask must have dtype bool or uint8, got {mask.dtype}")
-            mask = np.ascontiguousarray(mask)
-        return spec, batch, tokens, mask
-
-    def _outputs(self, spec, out):
-        if out is None:
-            weight = np.empty(spec.weight_shape, dtype=np.float32)
-            bias = np.empty(spec.bias_shape, dtype=np.float32) if spec.bias else None
-            return weight, bias
-        weight, bias = out
-        _check_out("weight_update", weight, spec.weight_shape)
-        if spec.bias:
-            if bias is None:
-                raise ValueError("bias_update is required: the layer has a bias")
-            _check_out("bias_update", bias, spec.bias_shape)
-        elif bias is not None:
-            raise ValueError("bias_update must be None: the layer has no bias")
-        return weight, bias
+        return described_batch(spec, self._shapes[int(layer)], activations, output_grads, mask, grad_scale)
 
     # -- preconditioning -----------------------------------------------------------------------
     def update_curvature(self, layer: int, activations: np.ndarray, output_grads: np.ndarray,
@@ -445,8 +270,7 @@ class Preconditioner:
         [batch, T..., out] (token dimensions between batch and features), with an optional
         ``mask`` [batch, T...] (bool or uint8; 0 = padding, which contributes nothing). See
         ``set_token_mode``."""
-        _, batch, tokens, mask = self._batch(layer, activations, output_grads, mask)
-        described = _lib.batch(batch, tokens, _ptr(activations), _ptr(output_grads), _ptr(mask), float(grad_scale))
+        _, described = self._described(layer, activations, output_grads, mask, grad_scale)
         _lib.tengrad_update_curvature_v2(self._h, int(layer), ctypes.byref(described))
 
     def per_sample_gradients(self, layer: int, activations: np.ndarray, output_grads: np.ndarray,
@@ -456,10 +280,9 @@ class Preconditioner:
         No state changes. Rows from several processes, concatenated, go to
         ``update_curvature_from_gradients`` (data-parallel training, docs/DESIGN.md §11). A linear
         layer takes sequences ([batch, T..., features], ``mask=``): one row per sequence."""
-        _, batch, tokens, mask = self._batch(layer, activations, output_grads, mask)
+        batch, described = self._described(layer, activations, output_grads, mask, grad_scale)
         rows = np.empty((batch, self._shapes[int(layer)].parameters), dtype=np.float32)
-        described = _lib.batch(batch, tokens, _ptr(activations), _ptr(output_grads), _ptr(mask), float(grad_scale))
-        _lib.tengrad_per_sample_gradients_v2(self._h, int(layer), ctypes.byref(described), _ptr(rows))
+        _lib.tengrad_per_sample_gradients_v2(self._h, int(layer), ctypes.byref(described), ptr(rows))
         return rows
 
     def update_curvature_from_gradients(self, layer: int, rows: np.ndarray) -> None:
@@ -469,24 +292,17 @@ class Preconditioner:
         self.layer_spec(layer)  # a known id
         if not isinstance(rows, np.ndarray) or rows.ndim != 2:
             raise TypeError("rows must be a 2-D numpy.ndarray [batch, weight + bias numbers]")
-        _check("rows", rows, (rows.shape[0], self._shapes[int(layer)].parameters))
-        _lib.tengrad_update_curvature_from_gradients(self._h, int(layer), rows.shape[0], _ptr(rows))
+        check("rows", rows, (rows.shape[0], self._shapes[int(layer)].parameters))
+        _lib.tengrad_update_curvature_from_gradients(self._h, int(layer), rows.shape[0], ptr(rows))
 
     def precondition(self, layer: int, weight_grad: np.ndarray, bias_grad: Optional[np.ndarray] = None,
                      out=None):
         """(F + λI)^-1 grad with F from the layer's snapshot. Returns (weight_update, bias_update);
         ``out=(w, b)`` writes into given arrays, which may be the gradients themselves."""
-        spec = self.layer_spec(layer)
-        _check("weight_grad", weight_grad, spec.weight_shape)
-        if spec.bias:
-            if bias_grad is None:
-                raise ValueError("bias_grad is required: the layer has a bias")
-            _check("bias_grad", bias_grad, spec.bias_shape)
-        elif bias_grad is not None:
-            raise ValueError("bias_grad must be None: the layer has no bias")
-        weight, bias = self._outputs(spec, out)
-        _lib.tengrad_precondition(self._h, int(layer), _ptr(weight_grad), _ptr(bias_grad),
-                                  _ptr(weight), _ptr(bias))
+        shapes = self.array_shapes(layer)
+        parameter_pair(shapes, weight_grad, bias_grad, ("weight_grad", "bias_grad"))
+        weight, bias = update_arrays(shapes, out)
+        _lib.tengrad_precondition(self._h, int(layer), ptr(weight_grad), ptr(bias_grad), ptr(weight), ptr(bias))
         return weight, bias
 
     def natural_gradient(self, layer: int, activations: np.ndarray, output_grads: np.ndarray,
@@ -494,10 +310,9 @@ class Preconditioner:
         """Empirical Fisher in one call: snapshot from this batch and (F + λI)^-1 of the batch's
         mean gradient. Returns (weight_update, bias_update); ``out=(w, b)`` writes into given arrays.
         Linear layers take sequences and masks as in ``update_curvature``."""
-        spec, batch, tokens, mask = self._batch(layer, activations, output_grads, mask)
-        weight, bias = self._outputs(spec, out)
-        described = _lib.batch(batch, tokens, _ptr(activations), _ptr(output_grads), _ptr(mask), float(grad_scale))
-        _lib.tengrad_natural_gradient_v2(self._h, int(layer), ctypes.byref(described), _ptr(weight), _ptr(bias))
+        _, described = self._described(layer, activations, output_grads, mask, grad_scale)
+        weight, bias = update_arrays(self._shapes[int(layer)], out)
+        _lib.tengrad_natural_gradient_v2(self._h, int(layer), ctypes.byref(described), ptr(weight), ptr(bias))
         return weight, bias
 
     # -- KL clipping and diagnostics -----------------------------------------------------------

@@ -187,7 +187,7 @@ def test_owner_map_and_kl_factor_come_from_the_library():
     """The owner map and ν are the library's (one implementation for Python and the MPI example):
     the greedy assignment equals a plain reference on random costs; bad input is refused."""
     import tengrad
-    from tengrad.core import assign_owners, kl_clip_from_sum
+    from tengrad.parallel import assign_owners, kl_clip_from_sum
 
     def reference(costs, size):
         load, owners = [0] * size, [0] * len(costs)

@@ -10,7 +10,7 @@ from typing import List
 import numpy as np
 import torch
 
-from ..core import assign_owners, kl_clip_from_sum
+from ..parallel import assign_owners, kl_clip_from_sum
 
 
 class _CommHookRouter:

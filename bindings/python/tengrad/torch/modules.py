@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..core import Conv2dSpec, LinearSpec
+from ..specs import Conv2dSpec, LinearSpec
 if TYPE_CHECKING:  # annotations only
     from .capture import _Layer
 

@@ -1,0 +1,91 @@
+"""The numpy arrays of a call: checked (dtype, contiguity, and shape against the library's sizes,
+``ArrayShapes``) before they reach ctypes, naming the offending argument, and handed over without
+copies — a batch as one ``tengrad_batch`` descriptor."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+from . import _lib
+from .specs import ArrayShapes, LinearSpec
+
+
+def ptr(array: Optional[np.ndarray]):
+    return None if array is None else array.ctypes.data
+
+
+def check(name: str, array, shape: Tuple[int, ...]) -> np.ndarray:
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(array).__name__}")
+    if array.dtype != np.float32:
+        raise TypeError(f"{name} must have dtype float32, got {array.dtype}")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (use numpy.ascontiguousarray)")
+    if tuple(array.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(array.shape)}, expected {tuple(shape)}")
+    return array
+
+
+def check_out(name: str, array, shape: Tuple[int, ...]) -> np.ndarray:
+    check(name, array, shape)
+    if not array.flags.writeable:
+        raise ValueError(f"{name} must be writeable")
+    return array
+
+
+def described_batch(spec, shapes: ArrayShapes, activations, output_grads, mask, grad_scale) -> Tuple[int, _lib.Batch]:
+    """(batch, tengrad_batch) of a batch call: plain arrays ([batch, features], NCHW) are one token
+    per sample; a linear layer's [batch, T..., features] arrays or a mask make it a sequence call.
+    The descriptor points into the arrays (and a mask made contiguous uint8), which the caller
+    keeps alive through the call."""
+    sequence = mask is not None or (isinstance(activations, np.ndarray) and activations.ndim > 2
+                                    and isinstance(spec, LinearSpec))
+    if not sequence:
+        if not isinstance(activations, np.ndarray) or activations.ndim < 1:
+            raise TypeError("activations must be a numpy.ndarray with a leading batch dimension")
+        batch = activations.shape[0]
+        check("activations", activations, (batch,) + shapes.activations)
+        check("output_grads", output_grads, (batch,) + shapes.output_grads)
+        return batch, _lib.batch(batch, 1, ptr(activations), ptr(output_grads), None, float(grad_scale))
+    if not isinstance(activations, np.ndarray) or activations.ndim < 2:
+        raise TypeError("activations must be a numpy.ndarray [batch, tokens..., features]")
+    if not isinstance(spec, LinearSpec):
+        raise ValueError("token dimensions and masks apply to linear layers")
+    batch, positions = activations.shape[0], activations.shape[1:-1]
+    tokens = int(np.prod(positions)) if positions else 1
+    check("activations", activations, (batch,) + positions + shapes.activations)
+    check("output_grads", output_grads, (batch,) + positions + shapes.output_grads)
+    if mask is not None:
+        if not isinstance(mask, np.ndarray) or mask.shape != (batch,) + positions:
+            raise ValueError(f"mask must be a numpy.ndarray of shape {(batch,) + positions}, got "
+                             f"{getattr(mask, 'shape', type(mask).__name__)}")
+        if mask.dtype == np.bool_:
+            mask = mask.view(np.uint8)
+        elif mask.dtype != np.uint8:
+            raise TypeError(f"mask must have dtype bool or uint8, got {mask.dtype}")
+        mask = np.ascontiguousarray(mask)
+    described = _lib.batch(batch, tokens, ptr(activations), ptr(output_grads), ptr(mask), float(grad_scale))
+    described._mask = mask  # a contiguous copy made here lives as long as the descriptor
+    return batch, described
+
+
+def parameter_pair(shapes: ArrayShapes, weight, bias, names: Tuple[str, str], checker=check):
+    """A (weight, bias) pair of a layer, checked: the bias present exactly when the layer has one."""
+    checker(names[0], weight, shapes.weight)
+    if shapes.bias is not None:
+        if bias is None:
+            raise ValueError(f"{names[1]} is required: the layer has a bias")
+        checker(names[1], bias, shapes.bias)
+    elif bias is not None:
+        raise ValueError(f"{names[1]} must be None: the layer has no bias")
+    return weight, bias
+
+
+def update_arrays(shapes: ArrayShapes, out):
+    """The (weight, bias) update arrays: new ones, or the caller's ``out`` checked writeable."""
+    if out is None:
+        return (np.empty(shapes.weight, dtype=np.float32),
+                np.empty(shapes.bias, dtype=np.float32) if shapes.bias is not None else None)
+    weight, bias = out
+    return parameter_pair(shapes, weight, bias, ("weight_update", "bias_update"), check_out)
