@@ -2,9 +2,8 @@
 # `make demo` and `make test` each install what a fresh Debian machine lacks (see `setup`).
 
 SHELL        := /bin/bash
-# The checkout's absolute path, for commands (quoted there: it may contain spaces, which
-# $(abspath) would split into words). Relative paths everywhere else.
-HERE         := $(CURDIR)
+# Absolute paths in commands are '$(CURDIR)/...', quoted: a checkout path may contain spaces,
+# which $(abspath) would split into words. Relative paths everywhere else.
 CC           ?= cc
 CXX          ?= c++
 BUILD        := build
@@ -44,13 +43,13 @@ DATA_SRC     := /usr/share/datasets/fashion-mnist
 DATA         := $(BUILD)/data
 PYTHON       ?= python3
 CWARN        := -Wall -Wextra -Werror
-LINK_TENGRAD := -L$(RELEASE_DIR) -ltengrad -Wl,-rpath,'$(HERE)/$(RELEASE_DIR)'
+LINK_TENGRAD := -L$(RELEASE_DIR) -ltengrad -Wl,-rpath,'$(CURDIR)/$(RELEASE_DIR)'
 APT_PACKAGES := libopenblas-dev liblapacke-dev dataset-fashion-mnist openmpi-bin libopenmpi-dev cmake pkg-config
 PIP_PACKAGES := numpy pytest xxhash matplotlib tqdm asdfghjkl==0.1a5 $(SCIPY_OPENBLAS)
 TORCH        := torch==2.13.0+cpu
 export OPENBLAS_NUM_THREADS ?= 2
 # The Python binding, examples and benchmarks load the library this BLAS setting built.
-export TENGRAD_LIBRARY := $(HERE)/$(RELEASE_DIR)/libtengrad.so
+export TENGRAD_LIBRARY := $(CURDIR)/$(RELEASE_DIR)/libtengrad.so
 
 # The one version number lives in include/tengrad.h (TENGRAD_VERSION_MAJOR/MINOR/PATCH).
 VERSION      := $(shell sed -n 's/^\#define TENGRAD_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\).*/\2/p' include/tengrad.h | paste -sd.)
@@ -139,7 +138,7 @@ NUMPY_TESTS  := tests/test_linear.py tests/test_conv.py tests/test_sequence.py t
                 tests/test_blas.py
 test-blas-system: ## The Swift, C ABI and numpy oracle suites against the system OpenBLAS build (BLAS=system)
 	$(MAKE) --no-print-directory BLAS=system test-swift test-c
-	cd bindings/python && TENGRAD_LIBRARY='$(HERE)/.build-system/release/libtengrad.so' \
+	cd bindings/python && TENGRAD_LIBRARY='$(CURDIR)/.build-system/release/libtengrad.so' \
 	  $(PYTHON) -m pytest -q $(NUMPY_TESTS)
 
 test-swift: setup ## Swift tests of the core against the dense float64 oracle
@@ -199,7 +198,7 @@ test-mpi: $(BUILD)/mlp_mpi $(DATA)/.done ## MPI trainer: P = 2, 3 equal one proc
 $(INSTALL_BUILD)/release/libtengrad.so: $(shell find Sources include -type f) install/tengrad.map
 	@if [ -f $@ ] && [ include/tengrad.h -nt $@ ]; then touch Sources/CTENGraD/*.swift; fi
 	swift build -c release --product tengrad --scratch-path $(INSTALL_BUILD) $(SWIFT_BLAS) $(INSTALL_RPATH) -Xswiftc -static-stdlib \
-	  -Xlinker -soname -Xlinker libtengrad.so.$(ABI) -Xlinker --version-script -Xlinker '$(HERE)/install/tengrad.map'
+	  -Xlinker -soname -Xlinker libtengrad.so.$(ABI) -Xlinker --version-script -Xlinker '$(CURDIR)/install/tengrad.map'
 
 install: $(INSTALL_BUILD)/release/libtengrad.so ## Install header, library, pkg-config and CMake files (PREFIX=/usr/local, DESTDIR)
 	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/lib/cmake/TENGraD
@@ -244,8 +243,8 @@ test-wheel: setup ## pip install the package into a fresh venv; import it from e
 	@set -e; tmp=$$(mktemp -d); \
 	$(PYTHON) -m venv $$tmp/venv; \
 	$$tmp/venv/bin/pip install -q ./bindings/python; \
-	cd $$tmp && env -u TENGRAD_LIBRARY -u PYTHONPATH $$tmp/venv/bin/python '$(HERE)/Tests/install/wheel_check.py'; \
-	cd '$(HERE)' && $$tmp/venv/bin/pip wheel -q --no-deps ./bindings/python -w $$tmp/wheels; \
+	cd $$tmp && env -u TENGRAD_LIBRARY -u PYTHONPATH $$tmp/venv/bin/python '$(CURDIR)/Tests/install/wheel_check.py'; \
+	cd '$(CURDIR)' && $$tmp/venv/bin/pip wheel -q --no-deps ./bindings/python -w $$tmp/wheels; \
 	wheel=$$(ls $$tmp/wheels/*.whl); echo "built $$(basename $$wheel)"; \
 	case "$$(basename $$wheel)" in *-none-any.whl) echo "the wheel claims to be pure Python"; exit 1;; esac; \
 	$(PYTHON) -c "import sys, zipfile; names = zipfile.ZipFile(sys.argv[1]).namelist(); \
@@ -258,7 +257,7 @@ test-swiftpm: setup ## A package outside the checkout depends on it by path, imp
 	  tmp=$$(mktemp -d); cp -r Tests/install/swiftpm/Sources $$tmp/; \
 	  if [ $$blas = system ]; then traits=""; flags=""; \
 	  else traits=', traits: ["ScipyOpenBLAS"]'; flags="$$($(MAKE) -s --no-print-directory BLAS=scipy-openblas print-blas-flags)"; fi; \
-	  sed -e 's|@REPO@|$(HERE)|' -e "s|@IDENTITY@|$$(basename '$(HERE)' | tr A-Z a-z)|" -e "s|@TRAITS@|$$traits|" \
+	  sed -e 's|@REPO@|$(CURDIR)|' -e "s|@IDENTITY@|$$(basename '$(CURDIR)' | tr A-Z a-z)|" -e "s|@TRAITS@|$$traits|" \
 	    Tests/install/swiftpm/Package.swift.in > $$tmp/Package.swift; \
 	  swift build --package-path $$tmp -c release $$flags 2>&1 | tail -1; \
 	  $$tmp/.build/release/Consumer | tee $$tmp/out; grep -q "BLAS build $$blas," $$tmp/out; rm -rf $$tmp; \
@@ -266,17 +265,17 @@ test-swiftpm: setup ## A package outside the checkout depends on it by path, imp
 
 test-asan: setup ## Swift and C tests under AddressSanitizer (+ UBSan and LeakSanitizer for C)
 	swift build --sanitize=address --scratch-path .build-asan --product tengrad $(SWIFT_BLAS) $(SWIFT_BLAS_RPATH)
-	LSAN_OPTIONS=suppressions='$(HERE)/Tests/sanitizers/lsan.supp' swift test --sanitize=address --scratch-path .build-asan \
+	LSAN_OPTIONS=suppressions='$(CURDIR)/Tests/sanitizers/lsan.supp' swift test --sanitize=address --scratch-path .build-asan \
 	  $(SWIFT_BLAS) $(SWIFT_BLAS_RPATH)
 	mkdir -p $(BUILD)/asan
 	$(ASAN_CC) -std=c11 $(SAN_FLAGS) $(CWARN) -Iinclude Tests/c/test_abi.c -o $(BUILD)/asan/test_abi \
-	  -L$(ASAN_DIR) -ltengrad -Wl,-rpath,'$(HERE)/$(ASAN_DIR)' -lm
+	  -L$(ASAN_DIR) -ltengrad -Wl,-rpath,'$(CURDIR)/$(ASAN_DIR)' -lm
 	$(ASAN_CC) -std=c11 $(SAN_FLAGS) $(CWARN) -Iinclude Tests/c/test_threads.c -o $(BUILD)/asan/test_threads \
-	  -L$(ASAN_DIR) -ltengrad -Wl,-rpath,'$(HERE)/$(ASAN_DIR)' -lpthread
+	  -L$(ASAN_DIR) -ltengrad -Wl,-rpath,'$(CURDIR)/$(ASAN_DIR)' -lpthread
 	$(ASAN_CC) -std=c11 $(SAN_FLAGS) $(CWARN) -Iinclude Tests/c/leak_loop.c -o $(BUILD)/asan/leak_loop \
-	  -L$(ASAN_DIR) -ltengrad -Wl,-rpath,'$(HERE)/$(ASAN_DIR)' -lm
+	  -L$(ASAN_DIR) -ltengrad -Wl,-rpath,'$(CURDIR)/$(ASAN_DIR)' -lm
 	$(ASAN_CC) -std=c11 $(SAN_FLAGS) $(CWARN) -Iinclude Tests/c/test_batch_api.c -o $(BUILD)/asan/test_batch_api \
-	  -L$(ASAN_DIR) -ltengrad -Wl,-rpath,'$(HERE)/$(ASAN_DIR)' -lm
+	  -L$(ASAN_DIR) -ltengrad -Wl,-rpath,'$(CURDIR)/$(ASAN_DIR)' -lm
 	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/asan/test_abi
 	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/asan/test_batch_api
 	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/asan/test_threads
@@ -287,7 +286,7 @@ fuzz-build: setup
 	mkdir -p $(BUILD)/fuzz
 	for h in calls state; do \
 	  $(ASAN_CC) -g -O1 -fsanitize=fuzzer,address,undefined -fuse-ld=bfd -Iinclude Tests/fuzz/fuzz_$$h.c \
-	    -o $(BUILD)/fuzz/fuzz_$$h -L$(FUZZ_DIR) -ltengrad -Wl,-rpath,'$(HERE)/$(FUZZ_DIR)' || exit 1; \
+	    -o $(BUILD)/fuzz/fuzz_$$h -L$(FUZZ_DIR) -ltengrad -Wl,-rpath,'$(CURDIR)/$(FUZZ_DIR)' || exit 1; \
 	done
 
 fuzz: fuzz-build ## Run both libFuzzer harnesses for FUZZ_SECONDS each (default 60)

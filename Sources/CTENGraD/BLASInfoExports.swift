@@ -5,14 +5,9 @@ import TENGraD
 
 @_cdecl("tengrad_get_blas_info")
 public func tengrad_get_blas_info(_ info: UnsafeMutablePointer<tengrad_blas_info>?) -> Int32 {
-    guard let info else { return statusInvalid }
-    let ours = MemoryLayout<tengrad_blas_info>.size
-    // The caller's struct may be a later, longer version: read its size without assuming ours.
-    let size = callerStructSize(info)
-    guard size >= ours else { return statusInvalid }
     let b = BLASInfo.current
     var c = tengrad_blas_info()
-    c.size = ours
+    c.size = MemoryLayout<tengrad_blas_info>.size
     copy(b.library, into: &c.library)
     copy(b.build, into: &c.build)
     copy(b.version, into: &c.version)
@@ -25,8 +20,8 @@ public func tengrad_get_blas_info(_ info: UnsafeMutablePointer<tengrad_blas_info
     copy(b.cpuModel, into: &c.cpu_model)
     c.cpu_family = Int32(clamping: b.cpuFamily)
     c.cpu_model_number = Int32(clamping: b.cpuModelNumber)
-    UnsafeMutableRawPointer(info).copyMemory(from: &c, byteCount: ours)
-    return statusOK
+    // No handle holds a message: the size rule's refusal is the status alone.
+    return (try? writeCallerStruct(c, to: info, "info", type: "tengrad_blas_info")) != nil ? statusOK : statusInvalid
 }
 
 /// Copies `text` into a fixed C char array (imported as a tuple), truncated to leave a NUL.

@@ -1,16 +1,18 @@
 /// Checks of a call's arguments against its layer, shared by the entry points: sizes, NULL,
-/// presence of the bias, grad scale, and overlap of outputs with each other and with inputs. Each throws the error the
-/// C ABI reports.
+/// presence of the bias, grad scale, and overlap of outputs with each other and with inputs. Each
+/// throws the error the C ABI reports.
 enum Arguments {
+    /// Whether n floats at p and k floats at q share memory.
+    private static func overlaps(_ p: UnsafeRawPointer, _ n: Int, _ q: UnsafeRawPointer, _ k: Int) -> Bool {
+        p < q + 4 * k && q < p + 4 * n
+    }
+
     /// `natural_gradient` writes its updates while it still reads the batch (and keeps a copy of it
     /// in the snapshot), so an update buffer must not overlap the activations or output gradients.
     static func checkNoOverlap(
         outputs weight: (UnsafeMutablePointer<Float>, Int), _ bias: (UnsafeMutablePointer<Float>?, Int),
         inputs: [(UnsafePointer<Float>, Int, String)]
     ) throws(TENGraDError) {
-        func overlaps(_ p: UnsafeRawPointer, _ n: Int, _ q: UnsafeRawPointer, _ k: Int) -> Bool {
-            p < q + 4 * k && q < p + 4 * n
-        }
         for (input, count, name) in inputs {
             if overlaps(weight.0, weight.1, input, count) {
                 throw .invalid("weight_update overlaps \(name): natural_gradient's outputs must not alias its inputs")
@@ -27,9 +29,6 @@ enum Arguments {
         outputs weight: (UnsafeMutablePointer<Float>, Int), _ bias: (UnsafeMutablePointer<Float>?, Int),
         inputs weightGrad: UnsafePointer<Float>, _ biasGrad: UnsafePointer<Float>?
     ) throws(TENGraDError) {
-        func overlaps(_ p: UnsafeRawPointer, _ n: Int, _ q: UnsafeRawPointer, _ k: Int) -> Bool {
-            p < q + 4 * k && q < p + 4 * n
-        }
         let (wu, wn) = weight
         if UnsafePointer(wu) != weightGrad, overlaps(wu, wn, weightGrad, wn) {
             throw .invalid("weight_update overlaps weight_grad without being it: in place takes the same array")
@@ -69,8 +68,7 @@ enum Arguments {
     ) throws(TENGraDError) -> (UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>?) {
         let wu = try base(UnsafeBufferPointer(weightUpdate), count: l.dims.weightCount, "weight_update")
         let bu = try bias(biasUpdate.map { UnsafeBufferPointer($0) }, count: l.dims.biasCount, "bias_update")
-        if let bu, UnsafeRawPointer(bu) < UnsafeRawPointer(wu + l.dims.weightCount),
-           UnsafeRawPointer(wu) < UnsafeRawPointer(bu + l.dims.biasCount) {
+        if let bu, overlaps(bu, l.dims.biasCount, wu, l.dims.weightCount) {
             throw .invalid("bias_update overlaps weight_update: each update needs its own memory")
         }
         return (UnsafeMutablePointer(mutating: wu), bu.map { UnsafeMutablePointer(mutating: $0) })

@@ -63,14 +63,6 @@ enum Reduce {
         for i in 0..<n { y[i] += x[i] }
     }
 
-    /// z_i += x_i y_i (elementwise).
-    @inline(__always)
-    static func accumulateProduct(
-        _ x: UnsafePointer<Float>, _ y: UnsafePointer<Float>, into z: UnsafeMutablePointer<Float>, _ n: Int
-    ) {
-        for i in 0..<n { z[i] += x[i] * y[i] }
-    }
-
     /// out_q = init_q + Σ_o t[o·n + q] g[q·ld + o] for q < n, summed over o = 0, 1, … in order (the
     /// bits of a scalar loop): the diagonal of G·T with T channel-major (n per row) and G
     /// position-major. Sixteen positions at a time, each 64 channels of their G rows copied
