@@ -151,11 +151,15 @@ test-c: build ## C ABI tests, compiled as C11 and C++17 with warnings as errors
 	$(CC) -std=c11 -O1 $(CWARN) -Iinclude Tests/c/test_threads.c -o $(BUILD)/test_threads $(LINK_TENGRAD) -lpthread
 	$(CC) -std=c11 -O1 $(CWARN) -Iinclude Tests/c/test_batch_api.c -o $(BUILD)/test_batch_api $(LINK_TENGRAD) -lm
 	$(CXX) -std=c++17 -O1 $(CWARN) -Iinclude -x c++ Tests/c/test_batch_api.c -o $(BUILD)/test_batch_api_cxx $(LINK_TENGRAD) -lm
+	$(CC) -std=c11 -O1 $(CWARN) -Iinclude Tests/c/test_layer_kinds.c -o $(BUILD)/test_layer_kinds $(LINK_TENGRAD) -lm
+	$(CXX) -std=c++17 -O1 $(CWARN) -Iinclude -x c++ Tests/c/test_layer_kinds.c -o $(BUILD)/test_layer_kinds_cxx $(LINK_TENGRAD) -lm
 	$(BUILD)/test_abi
 	$(BUILD)/test_abi_cxx
 	$(BUILD)/test_threads
 	$(BUILD)/test_batch_api
 	$(BUILD)/test_batch_api_cxx
+	$(BUILD)/test_layer_kinds
+	$(BUILD)/test_layer_kinds_cxx
 
 test-python: build ## pytest of the Python binding
 	cd bindings/python && $(PYTHON) -m pytest -q tests
@@ -276,8 +280,11 @@ test-asan: setup ## Swift and C tests under AddressSanitizer (+ UBSan and LeakSa
 	  -L$(ASAN_DIR) -ltengrad -Wl,-rpath,'$(CURDIR)/$(ASAN_DIR)' -lm
 	$(ASAN_CC) -std=c11 $(SAN_FLAGS) $(CWARN) -Iinclude Tests/c/test_batch_api.c -o $(BUILD)/asan/test_batch_api \
 	  -L$(ASAN_DIR) -ltengrad -Wl,-rpath,'$(CURDIR)/$(ASAN_DIR)' -lm
+	$(ASAN_CC) -std=c11 $(SAN_FLAGS) $(CWARN) -Iinclude Tests/c/test_layer_kinds.c -o $(BUILD)/asan/test_layer_kinds \
+	  -L$(ASAN_DIR) -ltengrad -Wl,-rpath,'$(CURDIR)/$(ASAN_DIR)' -lm
 	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/asan/test_abi
 	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/asan/test_batch_api
+	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/asan/test_layer_kinds
 	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/asan/test_threads
 	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/asan/leak_loop
 

@@ -207,6 +207,16 @@ TENGRAD_NODISCARD tengrad_status tengrad_add_conv2d(tengrad_preconditioner *p,
                                                     const tengrad_conv2d_shape *shape,
                                                     int32_t *out_layer);
 
+/* Register a per-feature scale and shift y = γ ∘ x̂ (+ β), γ and β of `features` numbers: the
+   affine part of LayerNorm (has_bias 1) or RMSNorm (has_bias 0). Its batch calls take the
+   normalized inputs x̂ as activations and dL/dy as output gradients, both [batch][features], or
+   [batch][tokens][features] over sequences (masks and token modes as for a linear layer). The
+   per-sample gradient is [Σ_t g_t ∘ x̂_t, Σ_t g_t]; the weight array is γ [features], the bias β.
+   Its Gram is the explicit one and its snapshots keep the per-sample gradients unless set
+   otherwise (both never larger than the batch). Since 0.5. */
+TENGRAD_NODISCARD tengrad_status tengrad_add_affine(tengrad_preconditioner *p, int64_t features,
+                                                    int32_t has_bias, int32_t *out_layer);
+
 /* How a convolution builds its m×m Gram; both are exact and agree to float32 rounding.
    TENGRAD_CONV_FACTORED: pairwise products of patches and of output gradients over output
      positions, ≈ groups·m²·L²·(P + C_out/groups + 1) flops (L = H_out·W_out,
@@ -504,7 +514,7 @@ TENGRAD_NODISCARD tengrad_status tengrad_clear_updates(tengrad_preconditioner *p
 
 /* ---- Diagnostics ------------------------------------------------------------------------ */
 
-enum { TENGRAD_LAYER_LINEAR = 1, TENGRAD_LAYER_CONV2D = 2 };
+enum { TENGRAD_LAYER_LINEAR = 1, TENGRAD_LAYER_CONV2D = 2, TENGRAD_LAYER_AFFINE = 3 };
 
 typedef struct tengrad_layer_stats {
     size_t size;               /* in: sizeof(tengrad_layer_stats); out: the bytes written */

@@ -78,6 +78,7 @@ extension LayerKind {
         switch self {
         case .linear: Int32(TENGRAD_LAYER_LINEAR)
         case .conv2d: Int32(TENGRAD_LAYER_CONV2D)
+        case .affine: Int32(TENGRAD_LAYER_AFFINE)
         }
     }
 }

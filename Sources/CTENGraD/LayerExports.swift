@@ -35,6 +35,20 @@ public func tengrad_add_conv2d(
     }
 }
 
+@_cdecl("tengrad_add_affine")
+public func tengrad_add_affine(
+    _ p: OpaquePointer?, _ features: Int64, _ hasBias: Int32, _ outLayer: UnsafeMutablePointer<Int32>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let out = try required(outLayer, "out_layer")
+        guard hasBias == 0 || hasBias == 1 else {
+            throw TENGraDError(.invalidArgument, "has_bias must be 0 or 1, got \(hasBias)")
+        }
+        let id = try h.core.addAffine(features: Int(features), bias: hasBias == 1)
+        out.pointee = Int32(truncatingIfNeeded: id)
+    }
+}
+
 /// One layer setting by key (TENGRAD_LAYER_PARAM_*), checked and applied; every single-setting
 /// thunk goes through here.
 private func setLayerParam(_ h: Handle, _ layer: Int32, _ param: Int32, _ value: Int64) throws(TENGraDError) {

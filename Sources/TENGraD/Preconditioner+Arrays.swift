@@ -10,13 +10,20 @@ extension Preconditioner {
         }
     }
 
-    /// `perSampleGradients` with arrays; returns the batch × (weight + bias) rows.
-    public func perSampleGradients(layer: Int, batch: Int, activations: [Float], outputGrads: [Float], gradScale: Float) throws(TENGraDError) -> [Float] {
+    /// `perSampleGradients` with arrays (sequences: `tokens` per sample, an optional mask);
+    /// returns the batch × (weight + bias) rows.
+    public func perSampleGradients(
+        layer: Int, batch: Int, tokens: Int = 1, activations: [Float], outputGrads: [Float], mask: [UInt8]? = nil,
+        gradScale: Float
+    ) throws(TENGraDError) -> [Float] {
         var rows = [Float](repeating: 0, count: try arrayCounts(layer: layer, batch: batch).perSampleGradients)
         try activations.withUnsafeBufferPointer { (a) throws(TENGraDError) in
             try outputGrads.withUnsafeBufferPointer { (g) throws(TENGraDError) in
                 try rows.withUnsafeMutableBufferPointer { (o) throws(TENGraDError) in
-                    try perSampleGradients(layer: layer, batch: batch, activations: a, outputGrads: g, gradScale: gradScale, into: o)
+                    try withOptionalBuffer(mask) { (k) throws(TENGraDError) in
+                        try perSampleGradients(layer: layer, batch: batch, tokens: tokens, activations: a, outputGrads: g,
+                                               mask: k, gradScale: gradScale, into: o)
+                    }
                 }
             }
         }

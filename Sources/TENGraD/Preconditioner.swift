@@ -74,6 +74,14 @@ public final class Preconditioner {
         try append(ExactBlock(Conv2dGeometry(shape)))
     }
 
+    /// Registers a per-feature scale and shift `y = γ ∘ x̂ (+ β)`, γ and β of `features` numbers:
+    /// the affine part of LayerNorm (with β) or RMSNorm (without). Its calls take the normalized
+    /// inputs x̂ as activations. Returns its id.
+    @discardableResult
+    public func addAffine(features: Int, bias: Bool) throws(TENGraDError) -> Int {
+        try append(ExactBlock(AffineGeometry(features: features, hasBias: bias)))
+    }
+
     /// Forces a convolution's Gram strategy (`.auto`, the default, lets the flop model choose).
     public func setConvStrategy(layer id: Int, _ strategy: ConvStrategy) throws(TENGraDError) {
         // Linear layers take it too: it decides their Gram when called over tokens (T > 1).
@@ -100,8 +108,8 @@ public final class Preconditioner {
     /// effect at the next curvature update. Conv layers take `.perSequence` only.
     public func setTokenMode(layer id: Int, _ mode: TokenMode) throws(TENGraDError) {
         let l = try layer(id)
-        guard l.geometry.kind == .linear || mode == .perSequence else {
-            throw .invalid("token modes apply to linear layers; layer \(id) is a conv2d layer")
+        guard l.geometry.takesTokens || mode == .perSequence else {
+            throw .invalid("token modes apply to layers over sequences; layer \(id) is a \(l.geometry.kind) layer")
         }
         l.tokenMode = mode
     }
@@ -151,6 +159,7 @@ public final class Preconditioner {
     public enum Layer: Equatable, Sendable {
         case linear(inFeatures: Int, outFeatures: Int, bias: Bool)
         case conv2d(Conv2dShape)
+        case affine(features: Int, bias: Bool)
     }
 
     public func layerDescription(layer id: Int) throws(TENGraDError) -> Layer {

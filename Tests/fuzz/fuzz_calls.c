@@ -83,7 +83,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         switch (op) {
         case 0: {
             int64_t a = size_value(&in), b = size_value(&in);
-            (void)tengrad_add_linear(p, a, b, (int32_t)(u8(&in) % 3), &id);
+            uint8_t flags = u8(&in);  /* has_bias 0..2 (2 refused); the high bit: an affine layer */
+            if (flags & 0x80) (void)tengrad_add_affine(p, a, (int32_t)(flags % 3), &id);
+            else (void)tengrad_add_linear(p, a, b, (int32_t)(flags % 3), &id);
             break;
         }
         case 1: {

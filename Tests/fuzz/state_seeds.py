@@ -1,6 +1,7 @@
 """Writes seeds of the state fuzzer (Tests/fuzz/corpus/state/v3-*) in the current format version:
 handles with linear layers over tokens (raw, per-sample, per-token snapshots), a conv layer, a
-snapshot from gathered per-sample gradients, and no snapshot. Run from the repository root after
+snapshot from gathered per-sample gradients, affine layers (LayerNorm's γ, β; RMSNorm's γ over
+tokens), and no snapshot. Run from the repository root after
 `swift build -c release`:  python3 Tests/fuzz/state_seeds.py"""
 import os
 import sys
@@ -34,6 +35,13 @@ def seeds():
         rows = p.per_sample_gradients(conv, f(2, 1, 4, 4), f(2, 2, 4, 4), 1.0)
         p.update_curvature_from_gradients(conv, rows)
         yield "v3-per-token-and-gathered-conv", p.save_state()
+    with tengrad.Preconditioner() as p:
+        norm = p.add_affine(4)
+        p.update_curvature(norm, f(3, 4), f(3, 4), 3.0)                              # per-sample U
+        rms = p.add_affine(3, bias=False)
+        p.set_snapshot_representation(rms, "raw")
+        p.update_curvature(rms, f(2, 5, 3), f(2, 5, 3), 1.0, mask=np.array([[1, 1, 1, 0, 0], [1] * 5], bool))
+        yield "v3-affine", p.save_state()
 
 
 if __name__ == "__main__":

@@ -218,6 +218,9 @@ struct BlockKernel {
         m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, start: Int, count: Int,
         into u: UnsafeMutablePointer<Float>, work: UnsafeMutablePointer<Float>
     ) -> Double {
+        if geometry.formRows(a: a, g: g, start: start, count: count, into: u, ldu: dims.parameters) {
+            return 2 * Double(count) * Double(dims.positions) * Double(dims.outChannels) * Double(dims.patchWithBias)
+        }
         var flops = 0.0
         for group in 0..<dims.groups {
             flops += formGradients(

@@ -12,19 +12,41 @@
 ///
 /// A kind conforms by stating its `BlockDims` and producing the patch matrix of a range of
 /// samples; the kernel (`BlockKernel`) does all the mathematics once for every kind.
+///
+/// Everything a kind is — its description, sizes, capabilities and state codec — is stated by its
+/// geometry, and the kind is registered once, in `LayerKind.geometries`.
 protocol BlockGeometry: Sendable {
-    var kind: LayerKind { get }
+    static var kind: LayerKind { get }
     var dims: BlockDims { get }
     /// The public description of the layer (kind and shape).
     var description: Preconditioner.Layer { get }
     /// The shapes of its calls' arrays (per sample and token; weight and bias whole): the one
     /// size authority the bindings ask.
     var arrayShapes: Preconditioner.ArrayShapes { get }
-    /// Tokens per sample of a linear layer over sequences (`overTokens`); 1 for every other call.
+    /// Tokens per sample of a layer over sequences (`overTokens`); 1 for every other call.
     var tokens: Int { get }
-    /// The same layer applied over `tokens` positions per sample (inputs [batch][tokens][...]):
-    /// a linear layer over a sequence; other kinds refuse.
+    /// Whether the kind is applied over token sequences (inputs [batch][tokens][...]), with
+    /// masks and token modes.
+    var takesTokens: Bool { get }
+    /// The same layer applied over `tokens` positions per sample; kinds without tokens refuse.
     func overTokens(_ tokens: Int) throws(TENGraDError) -> any BlockGeometry
+    /// Whether the Gram strategy is a choice worth reporting in the stats for this geometry.
+    var reportsStrategy: Bool { get }
+    /// What the `.auto` settings resolve to when the kind has a fixed answer (`.auto`: the cost
+    /// models decide).
+    var defaultStrategy: ConvStrategy { get }
+    var defaultRepresentation: SnapshotRepresentation { get }
+    /// Writes whole rows (weight then bias, unscaled) of the per-sample gradients of samples
+    /// `start..<start+count` into `u + i·ldu` and returns true; or returns false to let the
+    /// kernel form them group by group.
+    func formRows(
+        a: UnsafePointer<Float>, g: UnsafePointer<Float>, start: Int, count: Int,
+        into u: UnsafeMutablePointer<Float>, ldu: Int
+    ) -> Bool
+    /// The kind's number in saved state, and its shape's codec (docs: Preconditioner+State).
+    static var stateCode: UInt32 { get }
+    func writeShape(_ w: inout StateWriter)
+    static func readShape(_ r: inout StateReader) throws(TENGraDError) -> any BlockGeometry
     /// Floats of scratch `patches` needs for `count` samples (0 when the patches are a view).
     func patchScratch(samples count: Int) -> Int
     /// The patch matrix (P features × count·L positions, samples side by side) of samples
@@ -49,6 +71,14 @@ protocol BlockGeometry: Sendable {
 }
 
 extension BlockGeometry {
+    var kind: LayerKind { Self.kind }
+    var reportsStrategy: Bool { tokens > 1 }
+    var defaultStrategy: ConvStrategy { .auto }
+    var defaultRepresentation: SnapshotRepresentation { .auto }
+    func formRows(
+        a: UnsafePointer<Float>, g: UnsafePointer<Float>, start: Int, count: Int,
+        into u: UnsafeMutablePointer<Float>, ldu: Int
+    ) -> Bool { false }
     func formScratch(samples count: Int) -> Int { patchScratch(samples: count) }
     var formChunkFloor: Int { 1 }
     func formWeightGradients(

@@ -101,7 +101,9 @@ struct Conv2dGeometry: BlockGeometry {
         shape = s
     }
 
-    var kind: LayerKind { .conv2d }
+    static let kind = LayerKind.conv2d
+    var takesTokens: Bool { false }
+    var reportsStrategy: Bool { true }
     var description: Preconditioner.Layer { .conv2d(shape) }
     var arrayShapes: Preconditioner.ArrayShapes {
         let s = shape
@@ -114,7 +116,7 @@ struct Conv2dGeometry: BlockGeometry {
     var tokens: Int { 1 }
 
     func overTokens(_ tokens: Int) throws(TENGraDError) -> any BlockGeometry {
-        guard tokens == 1 else { throw .invalid("tokens apply to linear layers; a conv2d layer takes tokens = 1, got \(tokens)") }
+        guard tokens == 1 else { throw .invalid("tokens apply to linear and affine layers; a conv2d layer takes tokens = 1, got \(tokens)") }
         return self
     }
 
@@ -180,5 +182,26 @@ struct Conv2dGeometry: BlockGeometry {
                 }
             }
         }
+    }
+}
+
+extension Conv2dGeometry {
+    static let stateCode: UInt32 = 2
+    /// i64 × 12 (channels in/out, height, width, kernel, stride, padding, dilation — each height
+    /// then width), i64 groups, u32 bias.
+    func writeShape(_ w: inout StateWriter) {
+        let s = shape
+        for v in [s.inChannels, s.outChannels, s.inHeight, s.inWidth, s.kernelHeight, s.kernelWidth,
+                  s.strideHeight, s.strideWidth, s.paddingHeight, s.paddingWidth, s.dilationHeight,
+                  s.dilationWidth, s.groups] { w.i64(v) }
+        w.bool(s.hasBias)
+    }
+    static func readShape(_ r: inout StateReader) throws(TENGraDError) -> any BlockGeometry {
+        var v: [Int] = []
+        for _ in 0..<13 { v.append(try r.i64("conv shape")) }
+        return try Conv2dGeometry(Conv2dShape(
+            inChannels: v[0], outChannels: v[1], inHeight: v[2], inWidth: v[3], kernelHeight: v[4],
+            kernelWidth: v[5], strideHeight: v[6], strideWidth: v[7], paddingHeight: v[8], paddingWidth: v[9],
+            dilationHeight: v[10], dilationWidth: v[11], groups: v[12], hasBias: try r.bool("bias flag")))
     }
 }

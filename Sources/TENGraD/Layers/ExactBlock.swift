@@ -90,7 +90,7 @@ final class ExactBlock {
         scale s: Float, kernel k: BlockKernel, context: LayerContext
     ) throws(TENGraDError) -> Prepared {
         _ = try k.dims.inputCounts(batch: m)
-        switch representationSetting {
+        switch representationSetting == .auto ? k.geometry.defaultRepresentation : representationSetting {
         case .raw:
             return try prepareRaw(m: m, a: a, g: g, scale: s, kernel: k, context: context)
         case .perSample:
@@ -130,6 +130,7 @@ final class ExactBlock {
 
     private func pickStrategy(_ estimates: (factored: Double, explicit: Double)) -> ConvStrategy {
         if strategySetting != .auto { return strategySetting }
+        if geometry.defaultStrategy != .auto { return geometry.defaultStrategy }
         return estimates.factored < estimates.explicit ? .factored : .explicit
     }
 
@@ -273,8 +274,8 @@ final class ExactBlock {
     /// Installs a prepared snapshot and records how it was made. Cannot fail.
     private func install(_ p: Prepared, context: LayerContext) {
         replaceSnapshot(p.snapshot)
-        // The Gram strategy is a choice for convolutions and for linear layers over tokens.
-        let chosen = geometry.kind == .conv2d || p.snapshot.tokens > 1
+        // The Gram strategy is a choice for convolutions and for layers over tokens.
+        let chosen = geometry.reportsStrategy || p.snapshot.tokens > 1
         record.convStrategy = chosen ? p.strategy : .auto
         record.factoredFlopsEstimate = chosen ? p.factoredEstimate : 0
         record.explicitFlopsEstimate = chosen ? p.explicitEstimate : 0

@@ -8,6 +8,11 @@ struct LayerContext {
 public enum LayerKind: Sendable, Equatable {
     case linear
     case conv2d
+    /// A per-feature scale and shift (the affine part of LayerNorm, RMSNorm).
+    case affine
+
+    /// Every kind's geometry, registered once: saved state finds a kind's codec here.
+    static let geometries: [any BlockGeometry.Type] = [LinearGeometry.self, Conv2dGeometry.self, AffineGeometry.self]
 }
 
 /// Which exact Gram strategy a layer uses (docs/DESIGN.md §3). As a setting, `.auto` lets the

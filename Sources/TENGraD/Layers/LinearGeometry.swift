@@ -29,7 +29,8 @@ struct LinearGeometry: BlockGeometry {
             positionMajor: true)
     }
 
-    var kind: LayerKind { .linear }
+    static let kind = LayerKind.linear
+    var takesTokens: Bool { true }
     var description: Preconditioner.Layer { .linear(inFeatures: inFeatures, outFeatures: outFeatures, bias: hasBias) }
     var arrayShapes: Preconditioner.ArrayShapes {
         .init(activations: [inFeatures], outputGrads: [outFeatures], weight: [outFeatures, inFeatures],
@@ -46,5 +47,16 @@ struct LinearGeometry: BlockGeometry {
         _ a: UnsafePointer<Float>, start: Int, count: Int, group: Int, scratch: UnsafeMutablePointer<Float>
     ) -> Block {
         Block(base: a + start * dims.inputSize, ld: inFeatures, positionMajor: true)
+    }
+
+    static let stateCode: UInt32 = 1
+    func writeShape(_ w: inout StateWriter) {
+        w.i64(inFeatures)
+        w.i64(outFeatures)
+        w.bool(hasBias)
+    }
+    static func readShape(_ r: inout StateReader) throws(TENGraDError) -> any BlockGeometry {
+        let i = try r.i64("in_features"), o = try r.i64("out_features"), b = try r.bool("bias flag")
+        return try LinearGeometry(inFeatures: i, outFeatures: o, hasBias: b)
     }
 }

@@ -90,7 +90,7 @@ extension ExactBlock {
             if version >= 3 {
                 let modeCode = try r.u32("token mode")
                 guard let mode = Self.value(modeCode, in: Self.tokenModeCodes),
-                      geometry.kind == .linear || mode == .perSequence else { throw corrupt("invalid token mode \(modeCode)") }
+                      geometry.takesTokens || mode == .perSequence else { throw corrupt("invalid token mode \(modeCode)") }
                 tokenMode = mode
             }
             let kindCode = try r.u32("snapshot kind")

@@ -5,10 +5,11 @@
 ///     magic      8 bytes  "TENGRAD" 0x1A
 ///     u32 format version (3), u32 reserved (0), u64 payload bytes
 ///     payload:   f64 damping, i64 memory limit, u32 layer count,
-///                per layer: u32 kind (1 linear, 2 conv2d) and its shape
-///                  linear: i64 in, i64 out, u32 bias
-///                  conv2d: i64 × 12 (channels in/out, height, width, kernel, stride, padding,
-///                          dilation — each height then width), i64 groups, u32 bias
+///                per layer: u32 kind and its shape, as the kind's geometry writes it
+///                  1 linear: i64 in, i64 out, u32 bias
+///                  2 conv2d: i64 × 12 (channels in/out, height, width, kernel, stride, padding,
+///                            dilation — each height then width), i64 groups, u32 bias
+///                  3 affine: i64 features, u32 bias
 ///                then the layer's state (see ExactBlock+State; version 2 adds the
 ///                representation setting and per-sample snapshots)
 ///     u64 XXH64 (seed 0) of every byte before it
@@ -37,7 +38,7 @@ extension Preconditioner {
         w.i64(memoryLimit)
         w.u32(UInt32(layers.count))
         for layer in layers {
-            layer.geometry.description.write(&w)
+            LayerRecord.write(layer.geometry, &w)
             layer.writeState(&w)
         }
     }
@@ -111,10 +112,11 @@ extension Preconditioner {
         var targets: [ExactBlock] = []
         var restored: [ExactBlock.Restored] = []
         for id in 0..<count {
-            let description = try Layer.read(&r, layer: id)
+            let geometry = try LayerRecord.read(&r, layer: id)
+            let description = geometry.description
             let layer: ExactBlock
             if fresh {
-                layer = try description.makeLayer(id: id)
+                layer = ExactBlock(geometry)
             } else {
                 layer = layers[id]
                 guard layer.geometry.description == description else {
@@ -147,50 +149,21 @@ extension Preconditioner {
     }
 }
 
-extension Preconditioner.Layer {
-    // Format numbers of the layer kinds.
-    private static let linearCode: UInt32 = 1
-    private static let conv2dCode: UInt32 = 2
-
-    func write(_ w: inout StateWriter) {
-        switch self {
-        case let .linear(i, o, b):
-            w.u32(Self.linearCode)
-            w.i64(i)
-            w.i64(o)
-            w.bool(b)
-        case let .conv2d(s):
-            w.u32(Self.conv2dCode)
-            for v in [s.inChannels, s.outChannels, s.inHeight, s.inWidth, s.kernelHeight, s.kernelWidth,
-                      s.strideHeight, s.strideWidth, s.paddingHeight, s.paddingWidth, s.dilationHeight,
-                      s.dilationWidth, s.groups] { w.i64(v) }
-            w.bool(s.hasBias)
-        }
+/// A layer's kind and shape in saved state: the kind's number, then its geometry's codec.
+enum LayerRecord {
+    static func write(_ geometry: any BlockGeometry, _ w: inout StateWriter) {
+        w.u32(type(of: geometry).stateCode)
+        geometry.writeShape(&w)
     }
 
-    static func read(_ r: inout StateReader, layer id: Int) throws(TENGraDError) -> Preconditioner.Layer {
-        switch try r.u32("layer \(id) kind") {
-        case linearCode:
-            return .linear(inFeatures: try r.i64("in_features"), outFeatures: try r.i64("out_features"), bias: try r.bool("bias flag"))
-        case conv2dCode:
-            var v: [Int] = []
-            for _ in 0..<13 { v.append(try r.i64("conv shape")) }
-            return .conv2d(Conv2dShape(
-                inChannels: v[0], outChannels: v[1], inHeight: v[2], inWidth: v[3], kernelHeight: v[4],
-                kernelWidth: v[5], strideHeight: v[6], strideWidth: v[7], paddingHeight: v[8], paddingWidth: v[9],
-                dilationHeight: v[10], dilationWidth: v[11], groups: v[12], hasBias: try r.bool("bias flag")))
-        case let kind:
-            throw StateReader.corrupt("layer \(id): unknown kind \(kind)")
+    static func read(_ r: inout StateReader, layer id: Int) throws(TENGraDError) -> any BlockGeometry {
+        let code = try r.u32("layer \(id) kind")
+        guard let kind = LayerKind.geometries.first(where: { $0.stateCode == code }) else {
+            throw StateReader.corrupt("layer \(id): unknown kind \(code)")
         }
-    }
-
-    func makeLayer(id: Int) throws(TENGraDError) -> ExactBlock {
         do {
-            switch self {
-            case let .linear(i, o, b): return ExactBlock(try LinearGeometry(inFeatures: i, outFeatures: o, hasBias: b))
-            case let .conv2d(s): return ExactBlock(try Conv2dGeometry(s))
-            }
-        } catch {
+            return try kind.readShape(&r)
+        } catch where error.code != .corrupt {
             throw StateReader.corrupt("layer \(id): invalid shape (\(error.message))")
         }
     }

@@ -27,6 +27,7 @@ ERROR_CORRUPT = 7
 
 LAYER_LINEAR = 1
 LAYER_CONV2D = 2
+LAYER_AFFINE = 3
 
 CONV_AUTO = 0
 CONV_FACTORED = 1
@@ -280,6 +281,8 @@ tengrad_get_blas_threads = _declare("tengrad_get_blas_threads", c_int32, _handle
 #                                   int32_t has_bias, int32_t *out_layer);
 tengrad_add_linear = _declare(
     "tengrad_add_linear", c_int32, _handle, c_int64, c_int64, c_int32, POINTER(c_int32))
+# tengrad_status tengrad_add_affine(p, int64_t features, int32_t has_bias, int32_t *out_layer);
+tengrad_add_affine = _declare("tengrad_add_affine", c_int32, _handle, c_int64, c_int32, POINTER(c_int32))
 # tengrad_status tengrad_add_conv2d(p, const tengrad_conv2d_shape *shape, int32_t *out_layer);
 tengrad_add_conv2d = _declare(
     "tengrad_add_conv2d", c_int32, _handle, POINTER(Conv2dShape), POINTER(c_int32))

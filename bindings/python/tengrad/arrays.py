@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from . import _lib
-from .specs import ArrayShapes, LinearSpec
+from .specs import ArrayShapes
 
 
 def ptr(array: Optional[np.ndarray]):
@@ -36,11 +36,12 @@ def check_out(name: str, array, shape: Tuple[int, ...]) -> np.ndarray:
 
 def described_batch(spec, shapes: ArrayShapes, activations, output_grads, mask, grad_scale) -> Tuple[int, _lib.Batch]:
     """(batch, tengrad_batch) of a batch call: plain arrays ([batch, features], NCHW) are one token
-    per sample; a linear layer's [batch, T..., features] arrays or a mask make it a sequence call.
+    per sample; [batch, T..., features] arrays of a layer over tokens (linear, affine) or a mask
+    make it a sequence call.
     The descriptor points into the arrays (and a mask made contiguous uint8), which the caller
     keeps alive through the call."""
     sequence = mask is not None or (isinstance(activations, np.ndarray) and activations.ndim > 2
-                                    and isinstance(spec, LinearSpec))
+                                    and spec.takes_tokens)
     if not sequence:
         if not isinstance(activations, np.ndarray) or activations.ndim < 1:
             raise TypeError("activations must be a numpy.ndarray with a leading batch dimension")
@@ -50,8 +51,8 @@ def described_batch(spec, shapes: ArrayShapes, activations, output_grads, mask, 
         return batch, _lib.batch(batch, 1, ptr(activations), ptr(output_grads), None, float(grad_scale))
     if not isinstance(activations, np.ndarray) or activations.ndim < 2:
         raise TypeError("activations must be a numpy.ndarray [batch, tokens..., features]")
-    if not isinstance(spec, LinearSpec):
-        raise ValueError("token dimensions and masks apply to linear layers")
+    if not spec.takes_tokens:
+        raise ValueError("token dimensions and masks apply to linear and affine layers")
     batch, positions = activations.shape[0], activations.shape[1:-1]
     tokens = int(np.prod(positions)) if positions else 1
     check("activations", activations, (batch,) + positions + shapes.activations)

@@ -16,7 +16,7 @@ import numpy as np
 from . import _lib
 from ._lib import TengradError
 from .arrays import check, described_batch, parameter_pair, ptr, update_arrays
-from .specs import ArrayShapes, Conv2dSpec, LinearSpec, _integer, _pair
+from .specs import AffineSpec, ArrayShapes, Conv2dSpec, LinearSpec, _integer, _pair
 
 
 _STRATEGIES = {"auto": _lib.CONV_AUTO, "factored": _lib.CONV_FACTORED, "explicit": _lib.CONV_EXPLICIT}
@@ -134,6 +134,17 @@ class Preconditioner:
         self._shapes.append(self._query_shapes(out.value))
         return out.value
 
+    def add_affine(self, features: int, bias: bool = True) -> int:
+        """Register a per-feature scale and shift y = γ ∘ x̂ (+ β), γ and β [features]: the affine
+        part of LayerNorm (bias) or RMSNorm (none). Its calls take the normalized inputs x̂ as
+        activations. Returns its id."""
+        out = ctypes.c_int32()
+        features = _integer(features, "features")
+        _lib.tengrad_add_affine(self._h, features, int(bool(bias)), ctypes.byref(out))
+        self._layers.append(AffineSpec(features, bool(bias)))
+        self._shapes.append(self._query_shapes(out.value))
+        return out.value
+
     def add_conv2d(self, in_channels: int, out_channels: int, kernel_size, input_size, stride=1, padding=0,
                    dilation=1, groups: int = 1, bias: bool = True) -> int:
         """Register a 2-D convolution (nn.Conv2d semantics) applied to inputs of spatial size
@@ -197,19 +208,23 @@ class Preconditioner:
         """Rebuild the Python-side layer specs from the library (after loading state)."""
         specs = []
         for layer in range(self.num_layers):
-            i, o, b = ctypes.c_int64(), ctypes.c_int64(), ctypes.c_int32()
-            try:
+            stats = _lib.LayerStats(size=ctypes.sizeof(_lib.LayerStats))
+            _lib.tengrad_get_layer_stats(self._h, layer, ctypes.byref(stats))
+            kind = stats.kind
+            if kind == _lib.LAYER_LINEAR:
+                i, o, b = ctypes.c_int64(), ctypes.c_int64(), ctypes.c_int32()
                 _lib.tengrad_get_linear_shape(self._h, layer, ctypes.byref(i), ctypes.byref(o), ctypes.byref(b))
                 specs.append(LinearSpec(i.value, o.value, bool(b.value)))
-                continue
-            except TengradError:
-                pass
-            c = _lib.Conv2dShape(size=ctypes.sizeof(_lib.Conv2dShape))
-            _lib.tengrad_get_conv2d_shape(self._h, layer, ctypes.byref(c))
-            specs.append(Conv2dSpec(c.in_channels, c.out_channels, (c.in_height, c.in_width),
-                                    (c.kernel_height, c.kernel_width), (c.stride_height, c.stride_width),
-                                    (c.padding_height, c.padding_width), (c.dilation_height, c.dilation_width),
-                                    c.groups, bool(c.has_bias)))
+            elif kind == _lib.LAYER_AFFINE:
+                shapes = self._query_shapes(layer)
+                specs.append(AffineSpec(shapes.weight[0], shapes.bias is not None))
+            else:
+                c = _lib.Conv2dShape(size=ctypes.sizeof(_lib.Conv2dShape))
+                _lib.tengrad_get_conv2d_shape(self._h, layer, ctypes.byref(c))
+                specs.append(Conv2dSpec(c.in_channels, c.out_channels, (c.in_height, c.in_width),
+                                        (c.kernel_height, c.kernel_width), (c.stride_height, c.stride_width),
+                                        (c.padding_height, c.padding_width), (c.dilation_height, c.dilation_width),
+                                        c.groups, bool(c.has_bias)))
         self._layers = specs
         self._shapes = [self._query_shapes(layer) for layer in range(len(specs))]
 

@@ -1,5 +1,5 @@
 """What the numpy API says about a layer: the descriptions a caller registers (``LinearSpec``,
-``Conv2dSpec``, PyTorch's terms), the array shapes the library gives back for them
+``Conv2dSpec``, ``AffineSpec``, PyTorch's terms), the array shapes the library gives back for them
 (``ArrayShapes``: the one size authority), and the checks of integer arguments before ctypes
 could cut them."""
 from __future__ import annotations
@@ -43,6 +43,7 @@ class LinearSpec:
     in_features: int
     out_features: int
     bias: bool
+    takes_tokens = True  # inputs [batch, tokens..., features] are sequences
 
     @property
     def weight_shape(self) -> Tuple[int, ...]:
@@ -66,6 +67,7 @@ class Conv2dSpec:
     dilation: Tuple[int, int]
     groups: int
     bias: bool
+    takes_tokens = False
 
     @property
     def weight_shape(self) -> Tuple[int, ...]:
@@ -79,6 +81,25 @@ class Conv2dSpec:
         return _lib.Conv2dShape(ctypes.sizeof(_lib.Conv2dShape), self.in_channels, self.out_channels, *self.input_size,
                                 *self.kernel_size, *self.stride, *self.padding, *self.dilation, self.groups,
                                 int(self.bias))
+
+
+@dataclass(frozen=True)
+class AffineSpec:
+    """A per-feature scale and shift y = γ ∘ x̂ (+ β): the affine part of LayerNorm (bias) or
+    RMSNorm (none). Its calls take the normalized inputs x̂ as activations, [batch, features] or
+    [batch, tokens..., features]."""
+
+    features: int
+    bias: bool
+    takes_tokens = True
+
+    @property
+    def weight_shape(self) -> Tuple[int, ...]:
+        return (self.features,)
+
+    @property
+    def bias_shape(self) -> Optional[Tuple[int, ...]]:
+        return (self.features,) if self.bias else None
 
 
 @dataclass(frozen=True)

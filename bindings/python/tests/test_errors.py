@@ -295,7 +295,7 @@ def test_layer_settings_through_the_keyed_pair():
         assert (p.conv_strategy(conv), p.snapshot_representation(conv), p.token_mode(lin)) == \
             ("factored", "raw", "per-token")
         before = p.save_state()
-        with pytest.raises(_lib.TengradError, match="token modes apply to linear layers"):
+        with pytest.raises(_lib.TengradError, match="token modes apply to layers over sequences"):
             p.set_token_mode(conv, "per-token")
         for key, value in ((0, 1), (4, 1), (_lib.LAYER_PARAM_CONV_STRATEGY, 3),
                            (_lib.LAYER_PARAM_CONV_STRATEGY, 1 << 33), (_lib.LAYER_PARAM_SNAPSHOT_REPRESENTATION, -1)):

@@ -32,6 +32,11 @@ def batch(model, m, seed):
     return torch.randn(m, 6, generator=g), torch.randint(0, 4, (m,), generator=g)
 
 
+# Modules whose weight (and bias) form one exact block; a norm's [γ | β] rows are a permutation of
+# the library's layout, which leaves (F + λI)⁻¹ v unchanged.
+BLOCKS = (nn.Linear, nn.Conv2d, nn.LayerNorm)
+
+
 def per_sample_grads(model, x, labels):
     """{param name: [m, *param.shape]}: gradient of each sample's own cross-entropy."""
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -53,7 +58,7 @@ def oracle_updates(model, per_sample, grads, damping):
     """{layer name: (F + λI)⁻¹ grad} per Linear/Conv2d block, F from the per-sample gradients."""
     out = {}
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not isinstance(module, BLOCKS):
             continue
         pb = per_sample.get(f"{name}.bias")
         U = block(name, module, per_sample[f"{name}.weight"], pb).numpy().T  # d × m
@@ -64,7 +69,7 @@ def oracle_updates(model, per_sample, grads, damping):
 
 def tengrad_updates(model):
     return {name: block(name, module, module.weight.grad, module.bias.grad if module.bias is not None else None).numpy()
-            for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))}
+            for name, module in model.named_modules() if isinstance(module, BLOCKS)}
 
 
 @pytest.mark.parametrize("make", [mlp, cnn])

@@ -186,16 +186,28 @@ class Attention(nn.Module):
         return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
 
 
-def test_multihead_attention_out_proj_is_skipped_with_a_note():
-    """MHA never calls its out_proj module: hooking it made every step() raise. It is skipped
-    automatically (gradient left as it is) and named in `skipped`."""
+def test_multihead_attention_gets_both_blocks_or_a_note():
+    """MHA reads its projections' weights inside F.multi_head_attention_forward (hooking out_proj
+    made every step() raise). Now both projections are blocks (``attn.in_proj``, ``attn.out_proj``);
+    an attention that cannot run explicitly (kdim ≠ embed_dim) has both skipped with a note and
+    its gradients left as they are."""
     torch.manual_seed(0)
     model = Attention()
     pre = tt.TENGraD(model, damping=0.1)
-    assert "attn.out_proj" in pre.skipped and "attn.out_proj" not in pre.layer_names
-    assert pre.layer_names == ["head"]
+    assert pre.layer_names == ["attn.in_proj", "attn.out_proj", "head"] and not pre.skipped
     x, y = torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
     F.cross_entropy(model(x), y).backward()
+    before = model.attn.in_proj_weight.grad.clone()
+    pre.step()
+    assert not torch.allclose(model.attn.in_proj_weight.grad, before)
+    pre.remove()
+    assert type(model.attn) is nn.MultiheadAttention  # PyTorch's own class again
+
+    model.attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True)
+    pre = tt.TENGraD(model, damping=0.1)
+    assert "kdim" in pre.skipped["attn.out_proj"] and pre.layer_names == ["head"]
+    k = torch.randn(4, 5, 6)
+    F.cross_entropy(model.head(model.attn(x, k, k)[0].mean(1)), y).backward()
     before = model.attn.out_proj.weight.grad.clone()
     pre.step()
     torch.testing.assert_close(model.attn.out_proj.weight.grad, before)

@@ -39,7 +39,7 @@ from .batch import Batches
 from .capture import Capturing, _Hook, _Layer
 from .distributed import DataParallel, attach_comm_hook
 from .fisher import SampledFisher
-from .modules import ModuleAdapter
+from .modules import ModuleAdapter, bias_of
 from .state import Checkpoints
 
 __all__ = ["TENGraD", "release"]
@@ -170,7 +170,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
             self._handles.append(layer.module.register_forward_pre_hook(_Hook(self._make_pre_hook(layer))))
             self._handles.append(layer.module.register_forward_hook(_Hook(self._make_forward_hook(layer))))
         self._registered: List[_Layer] = []  # in registration (= first forward) order
-        attach(self)
+        attach(self, model)
 
     # -- settings ------------------------------------------------------------------------------
     @property
@@ -190,7 +190,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         """The parameters whose gradients ``step()`` preconditions (weights and trainable biases of
         the hooked layers), e.g. to give them and the others (norms, embeddings) different
         optimizers or parameter groups."""
-        return [p for layer in self._layers for p in (layer.module.weight, layer.module.bias)
+        return [p for layer in self._layers for p in (layer.module.weight, bias_of(layer.module))
                 if p is not None and p.requires_grad]
 
     @property
@@ -259,7 +259,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
             nu = self._pre.kl_clip_factor(self.lr, self.kl_clip)
         # Every call succeeded: write.
         for layer, w_up, b_up in updates:
-            for param, update in ((layer.module.weight, w_up), (layer.module.bias, b_up)):
+            for param, update in ((layer.module.weight, w_up), (bias_of(layer.module), b_up)):
                 if update is not None:
                     new = torch.from_numpy(update).view(param.shape)
                     param.grad.copy_(new if nu == 1 else new * nu)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Dict, Iterable, List, Set, Tuple, Union
 
 import torch.nn as nn
 
-from . import modules
+from . import attention, modules
 from .capture import _Layer
 if TYPE_CHECKING:  # annotations only
     from . import TENGraD
@@ -29,17 +29,33 @@ def release(model: nn.Module) -> int:
 
 def find_layers(model: nn.Module, skip: Iterable[Union[str, type]]) -> Tuple[List[_Layer], Dict[str, str]]:
     """The layers to hook, in `named_modules` order, and {name: reason} of the supported modules
-    never preconditioned whatever `skip` says. Raises for a module another live TENGraD hooks."""
+    never preconditioned whatever `skip` says. An ``nn.MultiheadAttention`` gives two layers,
+    ``<name>.in_proj`` (its packed in-projection) and ``<name>.out_proj``; skipping the attention
+    by name or type skips both. Raises for a module another live TENGraD hooks."""
     skip = tuple(skip)
     skip_names = {s for s in skip if isinstance(s, str)}
     skip_types = tuple(s for s in skip if isinstance(s, type))
     skipped = modules.never_called(model)
-    layers = []
+    unattended = set()  # out_proj of attentions that keep PyTorch's forward: never called as a module
+    found = []
     for name, module in model.named_modules():
-        if not isinstance(module, modules.SUPPORTED) or name in skip_names or name in skipped:
+        if isinstance(module, nn.MultiheadAttention):
+            prefix = f"{name}." if name else ""
+            if name in skip_names or name in skipped or (skip_types and isinstance(module, skip_types)) \
+                    or attention.unsupported(module):
+                unattended.add(prefix + "out_proj")
+                continue
+            if prefix + "in_proj" not in skip_names:
+                found.append((prefix + "in_proj", attention.projection(module)))
+            continue
+        if not isinstance(module, modules.SUPPORTED) or name in skip_names or name in skipped or name in unattended:
             continue
         if skip_types and isinstance(module, skip_types):
             continue
+        found.append((name, module))
+    seq_first = modules.sequence_first(model)
+    layers = []
+    for name, module in found:
         modules.ModuleAdapter._check_supported(name, module)
         other = _attached.get(module)
         if other is not None and not other._removed:
@@ -48,9 +64,18 @@ def find_layers(model: nn.Module, skip: Iterable[Union[str, type]]) -> Tuple[Lis
                 "two would precondition its gradient twice. Call remove() on the other one, or "
                 "tengrad.torch.release(model) to remove every TENGraD attached to the model")
         layers.append(_Layer(name, module))
+        layers[-1].batch_dim = modules.batch_dim(name, module, seq_first)
     if not layers:
-        raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition")
+        raise ValueError("the model has no nn.Linear, nn.Conv2d, nn.LayerNorm, nn.RMSNorm or nn.MultiheadAttention "
+                         "layer to precondition")
     return layers, skipped
+
+
+def attentions(model: nn.Module, layers: List[_Layer]) -> List[nn.MultiheadAttention]:
+    """The attentions whose projections are among `layers`: they run explicitly while hooked."""
+    hooked = {id(layer.module) for layer in layers}
+    return [m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and not attention.unsupported(m)
+            and (id(attention.projection(m)) in hooked or id(m.out_proj) in hooked)]
 
 
 def preconditioned_parameters(layers: List[_Layer]) -> Set[int]:
@@ -58,7 +83,7 @@ def preconditioned_parameters(layers: List[_Layer]) -> Set[int]:
     owners: Dict[int, str] = {}
     for layer in layers:
         for kind in ("weight", "bias"):
-            param = getattr(layer.module, kind)
+            param = getattr(layer.module, kind, None)
             if param is None:
                 continue
             if id(param) in owners:
@@ -70,12 +95,18 @@ def preconditioned_parameters(layers: List[_Layer]) -> Set[int]:
     return set(owners)
 
 
-def attach(pre: "TENGraD") -> None:
+def attach(pre: "TENGraD", model: nn.Module) -> None:
     for layer in pre._layers:
         _attached[layer.module] = pre
+    pre._attentions = attentions(model, pre._layers)
+    for mha in pre._attentions:
+        attention.enable(mha)
 
 
 def detach(pre: "TENGraD") -> None:
     for layer in pre._layers:
         if _attached.get(layer.module) is pre:
             del _attached[layer.module]
+    for mha in pre._attentions:
+        attention.disable(mha)
+    pre._attentions = []

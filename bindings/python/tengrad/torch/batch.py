@@ -50,8 +50,8 @@ class Batches:
             if not weight.requires_grad or weight.grad is None:
                 continue  # no gradient this step: no update, no KL term
             if layer.id is None or (refresh and not any(c.grads is not None for c in layer.captures)):
-                if not bool(weight.grad.any()) and (layer.module.bias is None or layer.module.bias.grad is None
-                                                    or not bool(layer.module.bias.grad.any())):
+                b = modules.bias_of(layer.module)
+                if not bool(weight.grad.any()) and (b is None or b.grad is None or not bool(b.grad.any())):
                     continue  # an unused layer whose .grad zero_grad(set_to_none=False) left at zero
                 raise RuntimeError(
                     f"TENGraD: no curvature captured for layer {layer.name!r} in this refresh step: was the model in "
@@ -59,9 +59,9 @@ class Batches:
                     + (", or was sample_fisher not called" if self.fisher == "sampled" else "") + "?")
             bias = None
             if layer.spec.bias:
-                if layer.module.bias.grad is None:
+                if modules.bias_of(layer.module).grad is None:
                     raise RuntimeError(f"TENGraD: layer {layer.name!r} has a weight gradient but no bias gradient")
-                bias = self._array(layer.module.bias.grad, layer, "bias .grad")
+                bias = self._array(modules.bias_of(layer.module).grad, layer, "bias .grad").reshape(layer.spec.bias_shape)
             w = self._array(weight.grad, layer, "weight .grad").reshape(layer.spec.weight_shape)
             batch = None
             if refresh:

@@ -49,12 +49,14 @@ class _Layer:
         self.forward_id = -1
         # The per-sample scale of this step's batch (set by the step's plan).
         self.step_scale = 1.0
-        # A linear layer whose inputs are sequences ([batch, tokens..., features]).
+        # A layer whose inputs are sequences ([batch, tokens..., features]).
         self.sequence = False
+        # 1: its inputs are [tokens, batch, ...] (inside a transformer layer with batch_first=False).
+        self.batch_dim = 0
 
     @property
     def has_bias(self) -> bool:
-        bias = self.module.bias
+        bias = modules.bias_of(self.module)
         return bias is not None and bias.requires_grad
 
 # Hooks run eagerly under torch.compile (Dynamo cannot trace their side effects).
@@ -143,7 +145,8 @@ class Capturing:
             waiting = [i for i, c in enumerate(layer.captures) if c.grads is None]
             if len(waiting) >= self.MAX_WAITING:
                 del layer.captures[waiting[0]]
-            capture = _Capture(x.detach(), self._mask_for(layer, x))
+            inputs = modules.activations(module, x, layer.batch_dim)  # a norm's normalized input, batch first
+            capture = _Capture(inputs, self._mask_for(layer, inputs))
             layer.captures.append(capture)
             layer.pending = capture
             layer.forward_id = self._forward_id
@@ -161,7 +164,7 @@ class Capturing:
                     return None  # the real loss's backward: curvature comes from sample_fisher
                 if self._failed_step:
                     self._drop_failed_batch()
-                capture.grads = grad.detach()
+                capture.grads = modules.output_grads(layer.module, grad.detach(), layer.batch_dim)
                 capture.backward = torch._C._current_graph_task_id()
                 return None
             output.register_hook(grad_hook)
@@ -215,8 +218,9 @@ class Capturing:
         which then contributes nothing to their curvature (docs/DESIGN.md §12). This is the
         inverse of PyTorch's ``key_padding_mask`` (True = padding): pass ``~key_padding_mask``.
         Other values (0.5, 2, NaN, additive 0 / -inf masks) and a mask without any token are
-        refused. It applies to every hooked ``nn.Linear``
-        whose input is [batch, tokens..., features] with those leading dimensions::
+        refused. It applies to every hooked layer over tokens
+        (``nn.Linear``, norms, attention projections) whose input is [batch, tokens..., features]
+        with those leading dimensions::
 
             with pre.token_mask(attention_mask):
                 logits = model(x)
@@ -241,7 +245,7 @@ class Capturing:
 
     def _mask_for(self, layer: _Layer, x: torch.Tensor) -> Optional[torch.Tensor]:
         mask = self._token_mask
-        if mask is None or not modules.is_sequence(layer.module, x):
+        if mask is None or x.dim() < 3:  # x: the layer's activations, [batch, tokens..., features]
             return None
         if tuple(mask.shape) != tuple(x.shape[:-1]):
             raise ValueError(f"TENGraD: layer {layer.name!r}: token_mask has shape {tuple(mask.shape)}, its input "
