@@ -35,10 +35,26 @@ def seq():
     return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), MeanTokens(), torch.nn.Linear(6, 3))
 
 
+class Attention(torch.nn.Module):
+    """Standard transformer modules: an nn.MultiheadAttention (two blocks), an nn.LayerNorm over
+    tokens, pooled, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(4, 6)
+        self.attn = torch.nn.MultiheadAttention(6, 2, batch_first=True)
+        self.norm = torch.nn.LayerNorm(6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(self.norm(h + self.attn(h, h, h, need_weights=False)[0]).mean(1))
+
+
 def batch(model, m, seed):
     if isinstance(model, Partial):
         model = model.body
-    if isinstance(model[2], MeanTokens):
+    if isinstance(model, Attention) or isinstance(model[2], MeanTokens):
         g = torch.Generator().manual_seed(seed)
         return torch.randn(m, 5, 4, generator=g), torch.randint(0, 3, (m,), generator=g)
     return plain_batch(model, m, seed)
@@ -263,7 +279,7 @@ def main():
                 os._exit(0)
             rank, size = rank - 1, size - 1
     torch.manual_seed(0)
-    model = {"mlp": mlp, "cnn": cnn, "seq": seq}[make]() if variant != "partial" else Partial()
+    model = {"mlp": mlp, "cnn": cnn, "seq": seq, "attn": Attention}[make]() if variant != "partial" else Partial()
     kl = fisher.endswith("+kl")                             # KL clipping that is active (ν < 1)
     fisher = fisher.removesuffix("+kl")
     skip, hooked = [], model

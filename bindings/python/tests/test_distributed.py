@@ -148,6 +148,12 @@ def test_sequence_layers_with_padding(fisher, tmp_path):
     check("seq", fisher, tmp_path, "mask", 10, (2, 3))
 
 
+def test_attention_and_norm_blocks_with_padding(tmp_path):
+    """nn.MultiheadAttention's two blocks and an nn.LayerNorm over tokens, data-parallel with
+    padding masks: per-sequence rows, the same updates as one process."""
+    check("attn", "sampled", tmp_path, "mask", 10, (2, 3))
+
+
 def check(make, fisher, tmp_path, variant, m, sizes):
     reference = run(make, fisher, 1, str(tmp_path), False, variant if variant in ("ddp", "mask", "partial") else "plain",
                     m)[0]
@@ -166,7 +172,8 @@ def check(make, fisher, tmp_path, variant, m, sizes):
         assert sorted(set(ranks[0]["owners"].tolist())) == list(range(min(size, len(ranks[0]["owners"]))))
         # the convolutions send per-sample gradients (shorter than their inputs + outputs), linear layers raw rows
         n = len(ranks[0]["kinds"])                          # the DDP variant skips the first layer
-        want_kinds = {"cnn": [True, True, False], "seq": [True, False]}.get(make, [False] * 3)[-n:]
+        want_kinds = {"cnn": [True, True, False], "seq": [True, False],
+                      "attn": [True] * 4 + [False]}.get(make, [False] * 3)[-n:]
         assert ranks[0]["kinds"].tolist() == want_kinds
         for key, want in reference.items():
             if key in ("owners", "kinds"):
