@@ -319,6 +319,8 @@ bench: build ## Benchmark table (not a test): seconds, GFLOP/s, ratio to OpenBLA
 	OPENBLAS_NUM_THREADS=2 $(PYTHON) benchmarks/conv_compare.py
 	@echo; echo "== linear layers over tokens (transformer shapes): strategies, representation, vs expand-KFAC"
 	OPENBLAS_NUM_THREADS=2 $(PYTHON) benchmarks/sequence_bench.py
+	@echo; echo "== standard transformer modules' exact blocks (LayerNorm, MHA projections, MLP) vs an AdamW step"
+	OPENBLAS_NUM_THREADS=2 $(PYTHON) benchmarks/transformer_blocks.py
 
 clean: ## Remove build outputs
 	rm -rf .build $(BUILD)
