@@ -1,4 +1,5 @@
-"""TENGraD for PyTorch: exact natural-gradient preconditioning of ``nn.Linear`` and ``nn.Conv2d``.
+"""TENGraD for PyTorch: exact natural-gradient preconditioning of ``nn.Linear``, ``nn.Conv2d``,
+``nn.LayerNorm`` / ``nn.RMSNorm`` and ``nn.MultiheadAttention``'s projections.
 
     import tengrad.torch as tt
 
@@ -19,7 +20,8 @@ why, data-parallel training and sequence layers: README ("Quick start — PyTorc
 layers", "Reliability", "Distributed"), the ``TENGraD`` docstring and docs/DESIGN.md.
 
 Layout: this module holds the ``TENGraD`` façade (construction, settings, ``step``); the rest is
-in rooms mixed into it: ``modules`` (the supported module types), ``attach`` (which modules are
+in rooms mixed into it: ``modules`` (the supported module types), ``attention`` (MHA's projections made visible),
+``attach`` (which modules are
 hooked; one TENGraD per module), ``capture`` (hooks, masks, registration), ``fisher`` (sampled
 labels), ``batch`` (a step's arrays, accumulation, padding), ``distributed``
 (data parallel), ``state`` (checkpoints).
