@@ -280,3 +280,25 @@ def test_norm_without_affine_parameters_is_skipped_with_a_note():
     model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6, elementwise_affine=False), nn.Linear(6, 3))
     pre = tt.TENGraD(model)
     assert pre.layer_names == ["0", "2"] and "elementwise_affine" in pre.skipped["1"]
+
+
+def test_token_mask_skips_layers_that_are_not_over_tokens():
+    """A conv stem before sequence layers, all under one token_mask: the mask applies to the
+    sequence layers only (the conv input is NCHW, not [batch, tokens, features])."""
+    class ConvStem(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.norm, self.head = nn.Conv2d(1, 4, 2, stride=2), nn.LayerNorm(4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.norm(self.stem(x).flatten(2).transpose(1, 2))).mean(1)
+    torch.manual_seed(0)
+    model = ConvStem()
+    pre = tt.TENGraD(model)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[0, 3] = False
+    with pre.token_mask(mask):
+        out = model(torch.randn(3, 1, 4, 4))
+    assert [c.mask is None for layer in pre._layers for c in layer.captures] == [True, False, False]
+    F.cross_entropy(out, torch.tensor([0, 1, 2])).backward()
+    pre.step()

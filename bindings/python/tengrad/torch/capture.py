@@ -245,7 +245,7 @@ class Capturing:
 
     def _mask_for(self, layer: _Layer, x: torch.Tensor) -> Optional[torch.Tensor]:
         mask = self._token_mask
-        if mask is None or x.dim() < 3:  # x: the layer's activations, [batch, tokens..., features]
+        if mask is None or not layer.sequence:  # x: the layer's activations, [batch, tokens..., features]
             return None
         if tuple(mask.shape) != tuple(x.shape[:-1]):
             raise ValueError(f"TENGraD: layer {layer.name!r}: token_mask has shape {tuple(mask.shape)}, its input "
