@@ -14,22 +14,13 @@ shared 2-core machine: read the ratios within a row. Not a test.
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bindings", "python"))
 import tengrad  # noqa: E402
-
-
-def timed(fn, reps):
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+from sequence_bench import timed  # noqa: E402  (median seconds of a few calls)
 
 
 def layers(d):

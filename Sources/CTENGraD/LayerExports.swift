@@ -5,18 +5,27 @@ import TENGraD
 
 // MARK: - Layers
 
+/// The common end of the tengrad_add_* thunks: `out_layer` present, `has_bias` 0 or 1, then the
+/// layer registered by `add` (given the bias flag) and its id written.
+private func register(
+    _ outLayer: UnsafeMutablePointer<Int32>?, hasBias: Int32, _ add: (Bool) throws(TENGraDError) -> Int
+) throws(TENGraDError) {
+    let out = try required(outLayer, "out_layer")
+    guard hasBias == 0 || hasBias == 1 else {
+        throw TENGraDError(.invalidArgument, "has_bias must be 0 or 1, got \(hasBias)")
+    }
+    out.pointee = Int32(truncatingIfNeeded: try add(hasBias == 1))
+}
+
 @_cdecl("tengrad_add_linear")
 public func tengrad_add_linear(
     _ p: OpaquePointer?, _ inFeatures: Int64, _ outFeatures: Int64, _ hasBias: Int32,
     _ outLayer: UnsafeMutablePointer<Int32>?
 ) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        let out = try required(outLayer, "out_layer")
-        guard hasBias == 0 || hasBias == 1 else {
-            throw TENGraDError(.invalidArgument, "has_bias must be 0 or 1, got \(hasBias)")
+        try register(outLayer, hasBias: hasBias) { (bias) throws(TENGraDError) in
+            try h.core.addLinear(inFeatures: Int(inFeatures), outFeatures: Int(outFeatures), bias: bias)
         }
-        let id = try h.core.addLinear(inFeatures: Int(inFeatures), outFeatures: Int(outFeatures), bias: hasBias == 1)
-        out.pointee = Int32(truncatingIfNeeded: id)
     }
 }
 
@@ -26,12 +35,7 @@ public func tengrad_add_conv2d(
 ) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
         let s = try readCallerStruct(shape, "shape", type: "tengrad_conv2d_shape", start: "TENGRAD_CONV2D_SHAPE_INIT")
-        let out = try required(outLayer, "out_layer")
-        guard s.has_bias == 0 || s.has_bias == 1 else {
-            throw TENGraDError(.invalidArgument, "has_bias must be 0 or 1, got \(s.has_bias)")
-        }
-        let id = try h.core.addConv2d(Conv2dShape(s))
-        out.pointee = Int32(truncatingIfNeeded: id)
+        try register(outLayer, hasBias: s.has_bias) { (_) throws(TENGraDError) in try h.core.addConv2d(Conv2dShape(s)) }
     }
 }
 
@@ -40,12 +44,9 @@ public func tengrad_add_affine(
     _ p: OpaquePointer?, _ features: Int64, _ hasBias: Int32, _ outLayer: UnsafeMutablePointer<Int32>?
 ) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        let out = try required(outLayer, "out_layer")
-        guard hasBias == 0 || hasBias == 1 else {
-            throw TENGraDError(.invalidArgument, "has_bias must be 0 or 1, got \(hasBias)")
+        try register(outLayer, hasBias: hasBias) { (bias) throws(TENGraDError) in
+            try h.core.addAffine(features: Int(features), bias: bias)
         }
-        let id = try h.core.addAffine(features: Int(features), bias: hasBias == 1)
-        out.pointee = Int32(truncatingIfNeeded: id)
     }
 }
 

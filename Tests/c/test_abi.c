@@ -10,6 +10,7 @@
 
 #include "tengrad.h"
 #include "check.h"
+#include "oracle.h"
 
 
 
@@ -36,37 +37,14 @@ static void fill(float *x, int n, unsigned seed) {
     }
 }
 
-/* Dense oracle: (F + λI)^-1 v with F = (1/m) Σ u_i u_iᵀ, u_i = s g_i ⊗ [a_i; 1], by Gaussian
-   elimination with partial pivoting in double. v and the result are [W | b] row by row. */
+/* Dense oracle (oracle.h) of u_i = s g_i ⊗ [a_i; 1]; v and the result are [W | b] row by row. */
 static void oracle(double lambda, double s, const double *v, double *x) {
-    static double f[D][D + 1];
     double u[M][D];
     for (int i = 0; i < M; i++)
         for (int r = 0; r < OUT; r++)
             for (int c = 0; c <= IN; c++)
                 u[i][r * (IN + 1) + c] = s * grads[i * OUT + r] * (c < IN ? act[i * IN + c] : 1.0);
-    for (int r = 0; r < D; r++) {
-        for (int c = 0; c < D; c++) {
-            double sum = 0;
-            for (int i = 0; i < M; i++) sum += u[i][r] * u[i][c];
-            f[r][c] = sum / M + (r == c ? lambda : 0);
-        }
-        f[r][D] = v[r];
-    }
-    for (int k = 0; k < D; k++) {
-        int p = k;
-        for (int r = k + 1; r < D; r++) if (fabs(f[r][k]) > fabs(f[p][k])) p = r;
-        for (int c = 0; c <= D; c++) { double t = f[k][c]; f[k][c] = f[p][c]; f[p][c] = t; }
-        for (int r = k + 1; r < D; r++) {
-            double q = f[r][k] / f[k][k];
-            for (int c = k; c <= D; c++) f[r][c] -= q * f[k][c];
-        }
-    }
-    for (int r = D - 1; r >= 0; r--) {
-        double sum = f[r][D];
-        for (int c = r + 1; c < D; c++) sum -= f[r][c] * x[c];
-        x[r] = sum / f[r][r];
-    }
+    oracle_solve(&u[0][0], M, D, lambda, v, x);
 }
 
 static double relative_error(const float *w, const float *b, const double *want) {

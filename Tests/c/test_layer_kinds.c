@@ -11,6 +11,7 @@
 
 #include "tengrad.h"
 #include "check.h"
+#include "oracle.h"
 
 enum { M = 5, T = 3, F = 4, DA = 2 * F };
 
@@ -29,33 +30,6 @@ static size_t save(tengrad_preconditioner *p, unsigned char *buffer) {
     size_t n = 0;
     CHECK(tengrad_save_state(p, buffer, sizeof before, &n) == TENGRAD_OK);
     return n;
-}
-
-/* (F + λI)⁻¹ v with F = (1/m) Σ u_i u_iᵀ, u rows of d (d ≤ DA), by Gaussian elimination. */
-static void oracle_solve(const double *u, int m, int d, double damping, const double *v, double *out) {
-    double a[DA][DA + 1];
-    for (int r = 0; r < d; r++) {
-        for (int c = 0; c < d; c++) {
-            double s = 0;
-            for (int i = 0; i < m; i++) s += u[i * d + r] * u[i * d + c];
-            a[r][c] = s / m + (r == c ? damping : 0);
-        }
-        a[r][d] = v[r];
-    }
-    for (int k = 0; k < d; k++) {
-        int p = k;
-        for (int r = k + 1; r < d; r++) if (fabs(a[r][k]) > fabs(a[p][k])) p = r;
-        for (int c = 0; c <= d; c++) { double t = a[k][c]; a[k][c] = a[p][c]; a[p][c] = t; }
-        for (int r = k + 1; r < d; r++) {
-            double q = a[r][k] / a[k][k];
-            for (int c = k; c <= d; c++) a[r][c] -= q * a[k][c];
-        }
-    }
-    for (int r = d - 1; r >= 0; r--) {
-        double s = a[r][d];
-        for (int c = r + 1; c < d; c++) s -= a[r][c] * out[c];
-        out[r] = s / a[r][r];
-    }
 }
 
 static double rel_error(const float *w, const float *b, const double *want, int d) {

@@ -30,7 +30,8 @@ protocol BlockGeometry: Sendable {
     var takesTokens: Bool { get }
     /// The same layer applied over `tokens` positions per sample; kinds without tokens refuse.
     func overTokens(_ tokens: Int) throws(TENGraDError) -> any BlockGeometry
-    /// Whether the Gram strategy is a choice worth reporting in the stats for this geometry.
+    /// Whether the Gram strategy is a choice worth reporting in the stats for every call (it is
+    /// for any kind called over tokens, T > 1).
     var reportsStrategy: Bool { get }
     /// What the `.auto` settings resolve to when the kind has a fixed answer (`.auto`: the cost
     /// models decide).
@@ -72,7 +73,7 @@ protocol BlockGeometry: Sendable {
 
 extension BlockGeometry {
     var kind: LayerKind { Self.kind }
-    var reportsStrategy: Bool { tokens > 1 }
+    var reportsStrategy: Bool { false }
     var defaultStrategy: ConvStrategy { .auto }
     var defaultRepresentation: SnapshotRepresentation { .auto }
     func formRows(

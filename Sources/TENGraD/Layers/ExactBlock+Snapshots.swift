@@ -204,7 +204,7 @@ extension ExactBlock {
     /// Installs a prepared snapshot and records how it was made. Cannot fail.
     func install(_ p: Prepared, context: LayerContext) {
         replaceSnapshot(p.snapshot)
-        // The Gram strategy is a choice for convolutions and for layers over tokens.
+        // The Gram strategy is a choice for some kinds (convolutions, affine) and for any layer over tokens.
         let chosen = geometry.reportsStrategy || p.snapshot.tokens > 1
         record.convStrategy = chosen ? p.strategy : .auto
         record.factoredFlopsEstimate = chosen ? p.factoredEstimate : 0

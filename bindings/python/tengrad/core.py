@@ -206,8 +206,9 @@ class Preconditioner:
 
     def _sync_layers(self) -> None:
         """Rebuild the Python-side layer specs from the library (after loading state)."""
-        specs = []
+        specs, shapes = [], []
         for layer in range(self.num_layers):
+            shapes.append(self._query_shapes(layer))
             stats = _lib.LayerStats(size=ctypes.sizeof(_lib.LayerStats))
             _lib.tengrad_get_layer_stats(self._h, layer, ctypes.byref(stats))
             kind = stats.kind
@@ -216,8 +217,7 @@ class Preconditioner:
                 _lib.tengrad_get_linear_shape(self._h, layer, ctypes.byref(i), ctypes.byref(o), ctypes.byref(b))
                 specs.append(LinearSpec(i.value, o.value, bool(b.value)))
             elif kind == _lib.LAYER_AFFINE:
-                shapes = self._query_shapes(layer)
-                specs.append(AffineSpec(shapes.weight[0], shapes.bias is not None))
+                specs.append(AffineSpec(shapes[-1].weight[0], shapes[-1].bias is not None))
             else:
                 c = _lib.Conv2dShape(size=ctypes.sizeof(_lib.Conv2dShape))
                 _lib.tengrad_get_conv2d_shape(self._h, layer, ctypes.byref(c))
@@ -225,8 +225,7 @@ class Preconditioner:
                                         (c.kernel_height, c.kernel_width), (c.stride_height, c.stride_width),
                                         (c.padding_height, c.padding_width), (c.dilation_height, c.dilation_width),
                                         c.groups, bool(c.has_bias)))
-        self._layers = specs
-        self._shapes = [self._query_shapes(layer) for layer in range(len(specs))]
+        self._layers, self._shapes = specs, shapes
 
     # -- state ---------------------------------------------------------------------------------
     def save_state(self) -> bytes:

@@ -164,7 +164,7 @@ class Capturing:
                     return None  # the real loss's backward: curvature comes from sample_fisher
                 if self._failed_step:
                     self._drop_failed_batch()
-                capture.grads = modules.output_grads(layer.module, grad.detach(), layer.batch_dim)
+                capture.grads = modules.batch_first(layer.module, grad.detach(), layer.batch_dim)
                 capture.backward = torch._C._current_graph_task_id()
                 return None
             output.register_hook(grad_hook)

@@ -7,7 +7,7 @@ tengrad.torch that tests those types."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -72,22 +72,22 @@ def same_kind(spec, module: nn.Module) -> bool:
     return isinstance(spec, kind)
 
 
-def sequence_first(model: nn.Module) -> Dict[str, bool]:
-    """{prefix: True} of PyTorch's transformer layers (and stacks) with ``batch_first=False``: the
+def sequence_first(model: nn.Module) -> Set[str]:
+    """Name prefixes of PyTorch's transformer layers (and stacks) with ``batch_first=False``: the
     linear layers and norms inside see [tokens, batch, features] (their attention's projections
     are made batch-first by attention.py)."""
-    found = {}
+    found = set()
     for name, module in model.named_modules():
         stack = isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder))
         attn = getattr(module.layers[0], "self_attn", None) if stack and len(module.layers) else \
             getattr(module, "self_attn", None)
         if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) or stack:
             if isinstance(attn, nn.MultiheadAttention) and not attn.batch_first:
-                found[f"{name}." if name else ""] = True
+                found.add(f"{name}." if name else "")
     return found
 
 
-def batch_dim(name: str, module: nn.Module, seq_first: Dict[str, bool]) -> int:
+def batch_dim(name: str, module: nn.Module, seq_first: Set[str]) -> int:
     """1 for a linear layer or norm of a sequence-first transformer layer, else 0."""
     if isinstance(module, (nn.Linear,) + NORMS) and not name.endswith("out_proj"):
         if any(name.startswith(prefix) for prefix in seq_first):
@@ -103,11 +103,11 @@ def activations(module: nn.Module, x: torch.Tensor, batch_dim: int = 0) -> torch
         x = F.layer_norm(x, module.normalized_shape, eps=module.eps)
     elif isinstance(module, NORMS):  # RMSNorm
         x = F.rms_norm(x, module.normalized_shape, eps=module.eps)
-    return output_grads(module, x.detach(), batch_dim)
+    return batch_first(module, x.detach(), batch_dim)
 
 
-def output_grads(module: nn.Module, g: torch.Tensor, batch_dim: int = 0) -> torch.Tensor:
-    """An output gradient (or activation) in the library's layout: batch first, a norm's
+def batch_first(module: nn.Module, g: torch.Tensor, batch_dim: int = 0) -> torch.Tensor:
+    """A layer's activations or output gradient in the library's layout: batch first, a norm's
     normalized shape flattened."""
     if batch_dim:
         g = g.transpose(0, batch_dim)
