@@ -217,6 +217,21 @@ TENGRAD_NODISCARD tengrad_status tengrad_add_conv2d(tengrad_preconditioner *p,
 TENGRAD_NODISCARD tengrad_status tengrad_add_affine(tengrad_preconditioner *p, int64_t features,
                                                     int32_t has_bias, int32_t *out_layer);
 
+/* Register a lookup table y_t = W[id_t], W of [vocabulary][features] floats (nn.Embedding;
+   1 ≤ vocabulary ≤ 2^24). Its batch calls take the token ids as activations, as floats
+   ([batch][tokens]: integers in [0, vocabulary), exact in float32; anything else at a token the
+   mask keeps is refused with
+   TENGRAD_ERROR_INVALID_ARGUMENT and changes nothing), and dL/dy as output gradients
+   ([batch][tokens][features]). The per-sample gradient holds, on row v, the sum of the output
+   gradients of the sample's tokens with id v; its one-hots are never formed: the Gram counts the
+   ids two samples share, weighted by their output-gradient products (a sort of the batch's ids),
+   and the reuse products are a gather and a scatter-add, O(batch·tokens·features). Snapshots keep
+   the raw batch unless set otherwise (U has vocabulary·features numbers per sample). A padding
+   id (nn.Embedding's padding_idx) is the caller's to mask: zero its output gradients or pass a
+   mask. No bias. Since 0.5. */
+TENGRAD_NODISCARD tengrad_status tengrad_add_embedding(tengrad_preconditioner *p, int64_t vocabulary,
+                                                       int64_t features, int32_t *out_layer);
+
 /* How a convolution builds its m×m Gram; both are exact and agree to float32 rounding.
    TENGRAD_CONV_FACTORED: pairwise products of patches and of output gradients over output
      positions, ≈ groups·m²·L²·(P + C_out/groups + 1) flops (L = H_out·W_out,
@@ -514,7 +529,7 @@ TENGRAD_NODISCARD tengrad_status tengrad_clear_updates(tengrad_preconditioner *p
 
 /* ---- Diagnostics ------------------------------------------------------------------------ */
 
-enum { TENGRAD_LAYER_LINEAR = 1, TENGRAD_LAYER_CONV2D = 2, TENGRAD_LAYER_AFFINE = 3 };
+enum { TENGRAD_LAYER_LINEAR = 1, TENGRAD_LAYER_CONV2D = 2, TENGRAD_LAYER_AFFINE = 3, TENGRAD_LAYER_EMBEDDING = 4 };
 
 typedef struct tengrad_layer_stats {
     size_t size;               /* in: sizeof(tengrad_layer_stats); out: the bytes written */

@@ -79,6 +79,7 @@ extension LayerKind {
         case .linear: Int32(TENGRAD_LAYER_LINEAR)
         case .conv2d: Int32(TENGRAD_LAYER_CONV2D)
         case .affine: Int32(TENGRAD_LAYER_AFFINE)
+        case .embedding: Int32(TENGRAD_LAYER_EMBEDDING)
         }
     }
 }

@@ -50,6 +50,17 @@ public func tengrad_add_affine(
     }
 }
 
+@_cdecl("tengrad_add_embedding")
+public func tengrad_add_embedding(
+    _ p: OpaquePointer?, _ vocabulary: Int64, _ features: Int64, _ outLayer: UnsafeMutablePointer<Int32>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        try register(outLayer, hasBias: 0) { (_) throws(TENGraDError) in
+            try h.core.addEmbedding(vocabulary: Int(vocabulary), features: Int(features))
+        }
+    }
+}
+
 /// One layer setting by key (TENGRAD_LAYER_PARAM_*), checked and applied; every single-setting
 /// thunk goes through here.
 private func setLayerParam(_ h: Handle, _ layer: Int32, _ param: Int32, _ value: Int64) throws(TENGraDError) {

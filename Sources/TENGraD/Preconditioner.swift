@@ -82,6 +82,14 @@ public final class Preconditioner {
         try append(ExactBlock(AffineGeometry(features: features, hasBias: bias)))
     }
 
+    /// Registers a lookup table `y_t = W[id_t]`, `W` of shape [vocabulary][features]
+    /// (nn.Embedding; vocabulary ≤ 2²⁴). Its calls take the token ids, as floats, as activations
+    /// ([batch][tokens]). Returns its id.
+    @discardableResult
+    public func addEmbedding(vocabulary: Int, features: Int) throws(TENGraDError) -> Int {
+        try append(ExactBlock(EmbeddingGeometry(vocabulary: vocabulary, features: features)))
+    }
+
     /// Forces a convolution's Gram strategy (`.auto`, the default, lets the flop model choose).
     public func setConvStrategy(layer id: Int, _ strategy: ConvStrategy) throws(TENGraDError) {
         // Linear layers take it too: it decides their Gram when called over tokens (T > 1).
@@ -160,6 +168,7 @@ public final class Preconditioner {
         case linear(inFeatures: Int, outFeatures: Int, bias: Bool)
         case conv2d(Conv2dShape)
         case affine(features: Int, bias: Bool)
+        case embedding(vocabulary: Int, features: Int)
     }
 
     public func layerDescription(layer id: Int) throws(TENGraDError) -> Layer {

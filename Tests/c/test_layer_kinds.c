@@ -2,7 +2,9 @@
  * Layer kinds beyond linear and conv2d, through the C ABI, against a dense float64 oracle written
  * here: the affine kind (LayerNorm / RMSNorm's γ, β) over token sequences with a padding mask —
  * natural gradient, precondition after a curvature update, per-sample rows, a saved and restored
- * handle — and its refusals, each leaving the saved state byte for byte as it was.
+ * handle — and its refusals, each leaving the saved state byte for byte as it was; the embedding
+ * kind (nn.Embedding: token ids in, dense one-hot rows in the oracle only) the same way, with
+ * token ids out of range refused.
  * Compiled as C11 and C++17 with -Werror.
  */
 #include <math.h>
@@ -35,7 +37,7 @@ static size_t save(tengrad_preconditioner *p, unsigned char *buffer) {
 static double rel_error(const float *w, const float *b, const double *want, int d) {
     double num = 0, den = 0;
     for (int k = 0; k < d; k++) {
-        double got = k < F ? w[k] : b[k - F];
+        double got = (k < F || !b) ? w[k] : b[k - F];
         num += (got - want[k]) * (got - want[k]);
         den += want[k] * want[k];
     }
@@ -130,6 +132,90 @@ static void test_affine(int has_bias) {
     tengrad_destroy(p);
 }
 
+enum { V = 6, VD = V * F };
+static float ids[M * T], ev[VD];
+
+static void test_embedding(void) {
+    const double scale = 3.0, damping = 0.02;
+    static double u[M * VD], mean[VD], want[VD], v[VD];
+    memset(u, 0, sizeof u);
+    for (int i = 0; i < M; i++)
+        for (int t = 0; t < T; t++)
+            if (mask[i * T + t])
+                for (int f = 0; f < F; f++) u[i * VD + (int)ids[i * T + t] * F + f] += scale * g[(i * T + t) * F + f];
+    for (int k = 0; k < VD; k++) {
+        mean[k] = 0;
+        for (int i = 0; i < M; i++) mean[k] += u[i * VD + k] / M;
+        v[k] = ev[k];
+    }
+    tengrad_preconditioner *p = NULL;
+    int32_t layer = -1;
+    CHECK(tengrad_create(&p) == TENGRAD_OK && tengrad_set_damping(p, damping) == TENGRAD_OK);
+    CHECK(tengrad_add_embedding(p, V, F, &layer) == TENGRAD_OK && layer == 0);
+    tengrad_layer_arrays arr;
+    memset(&arr, 0, sizeof arr);
+    arr.size = sizeof arr;
+    CHECK(tengrad_get_layer_arrays(p, layer, &arr) == TENGRAD_OK && arr.activation_rank == 0 &&
+          arr.output_grad_rank == 1 && arr.output_grad_dims[0] == F && arr.weight_rank == 2 &&
+          arr.weight_dims[0] == V && arr.weight_dims[1] == F && arr.bias_rank == 0);
+
+    tengrad_batch b = TENGRAD_BATCH_INIT;
+    b.batch = M;
+    b.tokens = T;
+    b.activations = ids;
+    b.output_grads = g;
+    b.mask = mask;
+    b.grad_scale = scale;
+    float w_up[VD];
+    CHECK(tengrad_natural_gradient_v2(p, layer, &b, w_up, NULL) == TENGRAD_OK);
+    oracle_solve(u, M, VD, damping, mean, want);
+    CHECK(rel_error(w_up, NULL, want, VD) < 1e-4);
+    static float rows[M * VD];
+    CHECK(tengrad_per_sample_gradients_v2(p, layer, &b, rows) == TENGRAD_OK);
+    double worst = 0;
+    for (int k = 0; k < M * VD; k++) worst = fmax(worst, fabs(rows[k] - u[k]));
+    CHECK(worst < 1e-5);
+    CHECK(tengrad_update_curvature_v2(p, layer, &b) == TENGRAD_OK);
+    CHECK(tengrad_precondition(p, layer, ev, NULL, w_up, NULL) == TENGRAD_OK);
+    oracle_solve(u, M, VD, damping, v, want);
+    CHECK(rel_error(w_up, NULL, want, VD) < 1e-4);
+    tengrad_layer_stats st;
+    memset(&st, 0, sizeof st);
+    st.size = sizeof st;
+    CHECK(tengrad_get_layer_stats(p, layer, &st) == TENGRAD_OK && st.kind == TENGRAD_LAYER_EMBEDDING &&
+          st.parameters == VD && st.batch == M);
+
+    size_t n = save(p, before);
+    tengrad_preconditioner *q = NULL;
+    float w2[VD];
+    CHECK(tengrad_create(&q) == TENGRAD_OK && tengrad_load_state(q, before, n) == TENGRAD_OK);
+    CHECK(tengrad_precondition(q, layer, ev, NULL, w2, NULL) == TENGRAD_OK);
+    CHECK(memcmp(w2, w_up, sizeof w2) == 0);
+    tengrad_destroy(q);
+
+    /* Ids out of range, negative, fractional or NaN: refused, nothing changes. */
+    const float wrong[] = {(float)V, -1.0f, 0.5f, 1e20f, NAN};
+    for (size_t k = 0; k < sizeof wrong / sizeof wrong[0]; k++) {
+        float bad[M * T];
+        memcpy(bad, ids, sizeof bad);
+        bad[3] = wrong[k];  /* an unmasked token (padding holds anything) */
+        tengrad_batch nb = b;
+        nb.activations = bad;
+        tengrad_status want_status = isnan(wrong[k]) ? TENGRAD_ERROR_NOT_FINITE : TENGRAD_ERROR_INVALID_ARGUMENT;
+        CHECK(tengrad_update_curvature_v2(p, layer, &nb) == want_status);
+        CHECK(tengrad_natural_gradient_v2(p, layer, &nb, w2, NULL) == want_status);
+        CHECK(tengrad_per_sample_gradients_v2(p, layer, &nb, rows) == want_status);
+    }
+    CHECK(tengrad_precondition(p, layer, ev, ev, w_up, w2) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    int32_t other = -1;
+    CHECK(tengrad_add_embedding(p, 0, F, &other) == TENGRAD_ERROR_INVALID_ARGUMENT && other == -1);
+    CHECK(tengrad_add_embedding(p, (1 << 24) + 1, F, &other) == TENGRAD_ERROR_INVALID_ARGUMENT && other == -1);
+    CHECK(tengrad_add_embedding(p, V, 0, &other) == TENGRAD_ERROR_INVALID_ARGUMENT && other == -1);
+    CHECK(tengrad_add_embedding(p, V, F, NULL) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(save(p, after) == n && memcmp(before, after, n) == 0);
+    tengrad_destroy(p);
+}
+
 int main(void) {
     fill(x, M * T * F, 3);
     fill(g, M * T * F, 4);
@@ -138,5 +224,8 @@ int main(void) {
     for (int i = 0; i < M * T; i++) mask[i] = (uint8_t)(i % T < T - (i / T) % 2);  /* odd rows: last token padded */
     test_affine(1);
     test_affine(0);
+    for (int i = 0; i < M * T; i++) ids[i] = (float)((i * 7 + i / T) % V);  /* ids repeat within and across samples */
+    fill(ev, VD, 7);
+    test_embedding();
     return report();
 }

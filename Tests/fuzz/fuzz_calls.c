@@ -32,11 +32,13 @@ enum { MAX_FLOATS = 1 << 16 };
 static float pool[MAX_FLOATS], out_w[MAX_FLOATS], out_b[4096], rows[MAX_FLOATS];
 static uint8_t mask_buf[4096];
 
-/* Fills the pool with a mix of ordinary values and raw bit patterns (NaN, Inf, huge, tiny). */
+/* Fills the pool with a mix of ordinary values and raw bit patterns (NaN, Inf, huge, tiny); mode
+   bit 2: small non-negative integers (token ids an embedding takes, mostly). */
 static void fill_pool(input *in, size_t n) {
     uint8_t mode = u8(in);
     for (size_t i = 0; i < n; i++) {
-        if (mode & 1) pool[i] = (float)((int)(i * 2654435761u % 2001) - 1000) / 500.0f;
+        if (mode & 2) pool[i] = (float)(i * 2654435761u % 5);
+        else if (mode & 1) pool[i] = (float)((int)(i * 2654435761u % 2001) - 1000) / 500.0f;
         else pool[i] = (float)((int)(i * 40503u % 201) - 100) / 100.0f;
     }
     for (int k = 0; k < (mode >> 4); k++) pool[u8(in) * 97 % n] = f32(in);
@@ -83,8 +85,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         switch (op) {
         case 0: {
             int64_t a = size_value(&in), b = size_value(&in);
-            uint8_t flags = u8(&in);  /* has_bias 0..2 (2 refused); the high bit: an affine layer */
+            uint8_t flags = u8(&in);  /* has_bias 0..2 (2 refused); 0x80: affine, 0x40: embedding (a ids, b wide) */
             if (flags & 0x80) (void)tengrad_add_affine(p, a, (int32_t)(flags % 3), &id);
+            else if (flags & 0x40) (void)tengrad_add_embedding(p, a, b, &id);
             else (void)tengrad_add_linear(p, a, b, (int32_t)(flags % 3), &id);
             break;
         }

@@ -1,7 +1,7 @@
 """Writes seeds of the state fuzzer (Tests/fuzz/corpus/state/v3-*) in the current format version:
 handles with linear layers over tokens (raw, per-sample, per-token snapshots), a conv layer, a
 snapshot from gathered per-sample gradients, affine layers (LayerNorm's γ, β; RMSNorm's γ over
-tokens), and no snapshot. Run from the repository root after
+tokens), an embedding (token ids over tokens, masked), and no snapshot. Run from the repository root after
 `swift build -c release`:  python3 Tests/fuzz/state_seeds.py"""
 import os
 import sys
@@ -42,6 +42,10 @@ def seeds():
         p.set_snapshot_representation(rms, "raw")
         p.update_curvature(rms, f(2, 5, 3), f(2, 5, 3), 1.0, mask=np.array([[1, 1, 1, 0, 0], [1] * 5], bool))
         yield "v3-affine", p.save_state()
+    with tengrad.Preconditioner() as p:
+        emb = p.add_embedding(5, 3)
+        p.update_curvature(emb, np.array([[0, 4, 4], [2, 0, 1]]), f(2, 3, 3), 2.0, mask=np.array([[1, 1, 1], [1, 1, 0]], bool))
+        yield "v3-embedding", p.save_state()
 
 
 if __name__ == "__main__":

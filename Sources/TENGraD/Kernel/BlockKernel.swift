@@ -13,10 +13,13 @@
 struct BlockKernel {
     let geometry: any BlockGeometry
     let dims: BlockDims
+    /// The geometry when its rows are sparse: its gathers and scatters replace the patch products.
+    let sparse: (any SparseRowGeometry)?
 
     init(_ geometry: any BlockGeometry) {
         self.geometry = geometry
         dims = geometry.dims
+        sparse = geometry as? any SparseRowGeometry
     }
 
     // MARK: - Views and scratch sizes
@@ -84,7 +87,8 @@ struct BlockKernel {
     }
 
     /// Floats of workspace the factored Gram needs with blocks of `c` samples.
-    func factoredWorkspace(chunk c: Int) throws(TENGraDError) -> Int {
+    func factoredWorkspace(chunk c: Int, m: Int) throws(TENGraDError) -> Int {
+        if let sparse { return try sparse.sparseGramScratch(samples: m) }
         let cl = try checkedProduct(c, dims.positions, what: "block positions")
         let blocks = try checkedProduct(2, try checkedSum(geometry.patchScratch(samples: c), gradientScratch(samples: c), what: "workspace"), what: "workspace")
         return try checkedSum(blocks, try checkedProduct(2, cl, cl, what: "workspace"), what: "workspace")
@@ -97,6 +101,7 @@ struct BlockKernel {
         m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, into k: UnsafeMutablePointer<Double>,
         chunk c: Int, work: UnsafeMutablePointer<Float>
     ) -> Double {
+        if let sparse { return sparse.sparseGram(m: m, a: a, g: g, into: k, work: work) }
         let L = dims.positions, P = dims.patch, Cg = dims.groupOut
         let one: Float = dims.hasBias ? 1 : 0
         let cl = c * L
@@ -329,6 +334,7 @@ struct BlockKernel {
 
     /// Samples per chunk of `project` / `apply` within `available` floats, and the floats it needs.
     func updatePlan(m: Int, available: Int) throws(TENGraDError) -> (chunk: Int, floats: Int) {
+        if sparse != nil { return (m, 0) }
         let perSample = try checkedSum(
             geometry.patchScratch(samples: 1), try checkedProduct(2, dims.groupOut, dims.positions, what: "chunk workspace"),
             what: "chunk workspace")
@@ -344,6 +350,7 @@ struct BlockKernel {
         weightGrad: UnsafePointer<Float>, biasGrad: UnsafePointer<Float>?,
         into t: UnsafeMutablePointer<Double>, chunk c: Int, work: UnsafeMutablePointer<Float>
     ) -> (flops: Double, patches: Block?) {
+        if let sparse { return (sparse.sparseProject(m: m, a: a, g: g, scale: s, weightGrad: weightGrad, into: t), nil) }
         let L = dims.positions, P = dims.patch, Cg = dims.groupOut
         let patchBuf = work, tBuf = patchBuf + geometry.patchScratch(samples: c), gBuf = tBuf + Cg * c * L
         for i in 0..<m { t[i] = 0 }
@@ -397,6 +404,7 @@ struct BlockKernel {
         weight: UnsafeMutablePointer<Float>, bias: UnsafeMutablePointer<Float>?,
         chunk c: Int, work: UnsafeMutablePointer<Float>, kept: Block? = nil
     ) -> Double {
+        if let sparse { return sparse.sparseApply(m: m, a: a, g: g, scale: s, x: x, alpha: alpha, beta: beta, weight: weight) }
         let L = dims.positions, P = dims.patch, Cg = dims.groupOut, Cout = dims.outChannels
         let patchBuf = work, gs = patchBuf + geometry.patchScratch(samples: c)
         var i0 = 0

@@ -44,6 +44,11 @@ protocol BlockGeometry: Sendable {
         a: UnsafePointer<Float>, g: UnsafePointer<Float>, start: Int, count: Int,
         into u: UnsafeMutablePointer<Float>, ldu: Int
     ) -> Bool
+    /// Refuses activations the kind cannot take beyond NaN and Inf (an embedding's token ids:
+    /// integers in range), before anything reads them as indices.
+    func checkActivations(_ a: UnsafePointer<Float>, count: Int) throws(TENGraDError)
+    /// A bound on |patch entries| given max |activation| (one-hot patches: 1).
+    func patchBound(maxActivation: Float) -> Float
     /// The kind's number in saved state, and its shape's codec (docs: Preconditioner+State).
     static var stateCode: UInt32 { get }
     func writeShape(_ w: inout StateWriter)
@@ -80,12 +85,36 @@ extension BlockGeometry {
         a: UnsafePointer<Float>, g: UnsafePointer<Float>, start: Int, count: Int,
         into u: UnsafeMutablePointer<Float>, ldu: Int
     ) -> Bool { false }
+    func checkActivations(_ a: UnsafePointer<Float>, count: Int) throws(TENGraDError) {}
+    func patchBound(maxActivation: Float) -> Float { maxActivation }
     func formScratch(samples count: Int) -> Int { patchScratch(samples: count) }
     var formChunkFloor: Int { 1 }
     func formWeightGradients(
         a: UnsafePointer<Float>, g: UnsafePointer<Float>, start: Int, count: Int, group: Int, o0: Int, n: Int,
         into u: UnsafeMutablePointer<Float>, ldu: Int, column: Int, scratch: UnsafeMutablePointer<Float>
     ) -> Bool { false }
+}
+
+/// A kind whose per-sample gradient rows are sparse (an embedding's: the rows of the ids a sample
+/// holds): its products over the raw batch are gathers and scatters, which replace the kernel's
+/// patch GEMMs (the factored Gram, Uᵀv and U x of raw snapshots). Unscaled Gram, like the kernel's.
+protocol SparseRowGeometry: BlockGeometry {
+    func sparseGramScratch(samples m: Int) throws(TENGraDError) -> Int
+    /// K += the Gram of the batch's rows (unscaled). Returns the flops.
+    func sparseGram(
+        m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, into k: UnsafeMutablePointer<Double>,
+        work: UnsafeMutablePointer<Float>
+    ) -> Double
+    /// t_i = s ⟨u_i, v⟩. Returns the flops.
+    func sparseProject(
+        m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, scale s: Double, weightGrad: UnsafePointer<Float>,
+        into t: UnsafeMutablePointer<Double>
+    ) -> Double
+    /// weight ← β weight + α s Σ_i x_i u_i (β = 0 overwrites). Returns the flops.
+    func sparseApply(
+        m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, scale s: Double, x: UnsafePointer<Double>,
+        alpha: Double, beta: Float, weight: UnsafeMutablePointer<Float>
+    ) -> Double
 }
 
 /// Sizes of a layer seen as patches × positions. Built by the geometries with every product

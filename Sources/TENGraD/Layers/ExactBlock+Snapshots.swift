@@ -44,6 +44,7 @@ extension ExactBlock {
     ) throws(TENGraDError) -> (a: Float, g: Float) {
         let scanA = ArrayScan(a + start * k.dims.inputSize, count: count * k.dims.inputSize)
         guard scanA.finite else { throw TENGraDError(.notFinite, "activations contain NaN or Inf") }
+        try k.geometry.checkActivations(a + start * k.dims.inputSize, count: count * k.dims.inputSize)
         let scanG = ArrayScan(g + start * k.dims.outputSize, count: count * k.dims.outputSize)
         guard scanG.finite else { throw TENGraDError(.notFinite, "output_grads contain NaN or Inf") }
         return (scanA.maxAbs, scanG.maxAbs)
@@ -109,7 +110,7 @@ extension ExactBlock {
         var workspaceU: UnsafePointer<Float>?
         if strategy == .factored {
             let c = k.factoredChunk(m: m, available: available)
-            let work = try context.workspace.floats(try k.factoredWorkspace(chunk: c))
+            let work = try context.workspace.floats(try k.factoredWorkspace(chunk: c, m: m))
             flops = k.factoredGram(m: m, a: a, g: g, into: gram.base, chunk: c, work: work)
         } else {
             let plan = try k.explicitPlan(m: m, available: available)
@@ -120,7 +121,7 @@ extension ExactBlock {
         flops += system.factorFlops
         let snap = Snapshot(
             m: m, tokens: k.geometry.tokens, scale: s, data: .raw(activations: activations, outputGrads: outputGrads),
-            entryBound: Snapshot.rawEntryBound(scale: s, dims: dims, maxActivation: maxima.a, maxOutputGrad: maxima.g),
+            entryBound: Snapshot.rawEntryBound(scale: s, dims: dims, maxPatch: k.geometry.patchBound(maxActivation: maxima.a), maxOutputGrad: maxima.g),
             system: system)
         return Prepared(
             snapshot: snap, flops: flops, strategy: strategy, factoredEstimate: estimates.factored,
@@ -144,7 +145,7 @@ extension ExactBlock {
         var factoredChunk = 0
         if strategy == .factored {
             factoredChunk = k.factoredChunk(m: m, available: available)
-            need = max(need, try k.factoredWorkspace(chunk: factoredChunk))
+            need = max(need, try k.factoredWorkspace(chunk: factoredChunk, m: m))
         } else {
             need = max(need, m * m)  // the float32 syrk's output
         }

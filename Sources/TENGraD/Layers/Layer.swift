@@ -10,9 +10,13 @@ public enum LayerKind: Sendable, Equatable {
     case conv2d
     /// A per-feature scale and shift (the affine part of LayerNorm, RMSNorm).
     case affine
+    /// A lookup table over token ids (nn.Embedding).
+    case embedding
 
     /// Every kind's geometry, registered once: saved state finds a kind's codec here.
-    static let geometries: [any BlockGeometry.Type] = [LinearGeometry.self, Conv2dGeometry.self, AffineGeometry.self]
+    static let geometries: [any BlockGeometry.Type] = [
+        LinearGeometry.self, Conv2dGeometry.self, AffineGeometry.self, EmbeddingGeometry.self,
+    ]
 }
 
 /// Which exact Gram strategy a layer uses (docs/DESIGN.md §3). As a setting, `.auto` lets the

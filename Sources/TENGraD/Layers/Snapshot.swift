@@ -63,9 +63,10 @@ struct Snapshot {
     }
 
     /// The entry bound of a raw snapshot: an entry of u_i sums L products g·ã, so
-    /// |u_ik| ≤ s · L · max|g| · max|ã| (max|ã| counts the bias's 1).
-    static func rawEntryBound(scale: Float, dims: BlockDims, maxActivation: Float, maxOutputGrad: Float) -> Double {
-        let maxA = max(Double(maxActivation), dims.hasBias ? 1 : 0)
+    /// |u_ik| ≤ s · L · max|g| · max|ã| (max|ã| counts the bias's 1; the geometry's
+    /// `patchBound` of the activations' largest magnitude).
+    static func rawEntryBound(scale: Float, dims: BlockDims, maxPatch: Float, maxOutputGrad: Float) -> Double {
+        let maxA = max(Double(maxPatch), dims.hasBias ? 1 : 0)
         return Double(scale) * Double(dims.positions) * Double(maxOutputGrad) * maxA
     }
 }

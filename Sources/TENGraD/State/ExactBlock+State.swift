@@ -128,8 +128,10 @@ extension ExactBlock {
                 try r.floats(into: g.base, counts.outputGrads, "output gradients")
                 let scanA = ArrayScan(a.base, count: a.count), scanG = ArrayScan(g.base, count: g.count)
                 guard scanA.finite, scanG.finite else { throw corrupt("non-finite activations or output gradients") }
+                do { try k.geometry.checkActivations(a.base, count: a.count) } catch { throw corrupt(error.message) }
                 data = .raw(activations: a, outputGrads: g)
-                entryBound = Snapshot.rawEntryBound(scale: scale, dims: k.dims, maxActivation: scanA.maxAbs, maxOutputGrad: scanG.maxAbs)
+                entryBound = Snapshot.rawEntryBound(
+                    scale: scale, dims: k.dims, maxPatch: k.geometry.patchBound(maxActivation: scanA.maxAbs), maxOutputGrad: scanG.maxAbs)
             } else {
                 let u = try Storage<Float>(count: numbers, budget: budget, what: "restored per-sample gradients")
                 try r.floats(into: u.base, numbers, "per-sample gradients")

@@ -28,6 +28,7 @@ ERROR_CORRUPT = 7
 LAYER_LINEAR = 1
 LAYER_CONV2D = 2
 LAYER_AFFINE = 3
+LAYER_EMBEDDING = 4
 
 CONV_AUTO = 0
 CONV_FACTORED = 1
@@ -283,6 +284,8 @@ tengrad_add_linear = _declare(
     "tengrad_add_linear", c_int32, _handle, c_int64, c_int64, c_int32, POINTER(c_int32))
 # tengrad_status tengrad_add_affine(p, int64_t features, int32_t has_bias, int32_t *out_layer);
 tengrad_add_affine = _declare("tengrad_add_affine", c_int32, _handle, c_int64, c_int32, POINTER(c_int32))
+# tengrad_status tengrad_add_embedding(p, int64_t vocabulary, int64_t features, int32_t *out_layer);
+tengrad_add_embedding = _declare("tengrad_add_embedding", c_int32, _handle, c_int64, c_int64, POINTER(c_int32))
 # tengrad_status tengrad_add_conv2d(p, const tengrad_conv2d_shape *shape, int32_t *out_layer);
 tengrad_add_conv2d = _declare(
     "tengrad_add_conv2d", c_int32, _handle, POINTER(Conv2dShape), POINTER(c_int32))

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from . import _lib
-from .specs import ArrayShapes
+from .specs import ArrayShapes, EmbeddingSpec
 
 
 def ptr(array: Optional[np.ndarray]):
@@ -34,13 +34,25 @@ def check_out(name: str, array, shape: Tuple[int, ...]) -> np.ndarray:
     return array
 
 
+def token_ids(activations):
+    """An embedding's ids as the library takes them: float32 (exact for every id it accepts; an
+    integer id too large for float32 rounds to one it still refuses)."""
+    if isinstance(activations, np.ndarray) and (np.issubdtype(activations.dtype, np.integer)
+                                                or activations.dtype == np.bool_):
+        return np.ascontiguousarray(activations, dtype=np.float32)
+    return activations
+
+
 def described_batch(spec, shapes: ArrayShapes, activations, output_grads, mask, grad_scale) -> Tuple[int, _lib.Batch]:
     """(batch, tengrad_batch) of a batch call: plain arrays ([batch, features], NCHW) are one token
-    per sample; [batch, T..., features] arrays of a layer over tokens (linear, affine) or a mask
-    make it a sequence call.
-    The descriptor points into the arrays (and a mask made contiguous uint8), which the caller
-    keeps alive through the call."""
-    sequence = mask is not None or (isinstance(activations, np.ndarray) and activations.ndim > 2
+    per sample; [batch, T..., features] arrays of a layer over tokens (linear, affine; an
+    embedding's ids [batch, T...]) or a mask make it a sequence call.
+    The descriptor points into the arrays (and a mask made contiguous uint8, ids made float32),
+    which the caller keeps alive through the call."""
+    if isinstance(spec, EmbeddingSpec):
+        activations = token_ids(activations)
+    rank = len(shapes.activations)
+    sequence = mask is not None or (isinstance(activations, np.ndarray) and activations.ndim > rank + 1
                                     and spec.takes_tokens)
     if not sequence:
         if not isinstance(activations, np.ndarray) or activations.ndim < 1:
@@ -48,12 +60,14 @@ def described_batch(spec, shapes: ArrayShapes, activations, output_grads, mask, 
         batch = activations.shape[0]
         check("activations", activations, (batch,) + shapes.activations)
         check("output_grads", output_grads, (batch,) + shapes.output_grads)
-        return batch, _lib.batch(batch, 1, ptr(activations), ptr(output_grads), None, float(grad_scale))
-    if not isinstance(activations, np.ndarray) or activations.ndim < 2:
+        described = _lib.batch(batch, 1, ptr(activations), ptr(output_grads), None, float(grad_scale))
+        described._activations = activations
+        return batch, described
+    if not isinstance(activations, np.ndarray) or activations.ndim < rank + 1:
         raise TypeError("activations must be a numpy.ndarray [batch, tokens..., features]")
     if not spec.takes_tokens:
-        raise ValueError("token dimensions and masks apply to linear and affine layers")
-    batch, positions = activations.shape[0], activations.shape[1:-1]
+        raise ValueError("token dimensions and masks apply to linear, affine and embedding layers")
+    batch, positions = activations.shape[0], activations.shape[1:activations.ndim - rank]
     tokens = int(np.prod(positions)) if positions else 1
     check("activations", activations, (batch,) + positions + shapes.activations)
     check("output_grads", output_grads, (batch,) + positions + shapes.output_grads)
@@ -67,7 +81,8 @@ def described_batch(spec, shapes: ArrayShapes, activations, output_grads, mask, 
             raise TypeError(f"mask must have dtype bool or uint8, got {mask.dtype}")
         mask = np.ascontiguousarray(mask)
     described = _lib.batch(batch, tokens, ptr(activations), ptr(output_grads), ptr(mask), float(grad_scale))
-    described._mask = mask  # a contiguous copy made here lives as long as the descriptor
+    described._mask = mask  # copies made here live as long as the descriptor
+    described._activations = activations
     return batch, described
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from . import _lib
 from ._lib import TengradError
 from .arrays import check, described_batch, parameter_pair, ptr, update_arrays
-from .specs import AffineSpec, ArrayShapes, Conv2dSpec, LinearSpec, _integer, _pair
+from .specs import AffineSpec, ArrayShapes, Conv2dSpec, EmbeddingSpec, LinearSpec, _integer, _pair
 
 
 _STRATEGIES = {"auto": _lib.CONV_AUTO, "factored": _lib.CONV_FACTORED, "explicit": _lib.CONV_EXPLICIT}
@@ -145,6 +145,18 @@ class Preconditioner:
         self._shapes.append(self._query_shapes(out.value))
         return out.value
 
+    def add_embedding(self, num_embeddings: int, embedding_dim: int) -> int:
+        """Register a lookup table y_t = W[id_t], W [num_embeddings, embedding_dim] (nn.Embedding;
+        num_embeddings ≤ 2**24). Its calls take the token ids as activations ([batch] or [batch,
+        tokens...], integer or float32 arrays); ids outside [0, num_embeddings) are refused. The
+        one-hots are never formed. Returns its id."""
+        out = ctypes.c_int32()
+        vocabulary, features = _integer(num_embeddings, "num_embeddings"), _integer(embedding_dim, "embedding_dim")
+        _lib.tengrad_add_embedding(self._h, vocabulary, features, ctypes.byref(out))
+        self._layers.append(EmbeddingSpec(vocabulary, features))
+        self._shapes.append(self._query_shapes(out.value))
+        return out.value
+
     def add_conv2d(self, in_channels: int, out_channels: int, kernel_size, input_size, stride=1, padding=0,
                    dilation=1, groups: int = 1, bias: bool = True) -> int:
         """Register a 2-D convolution (nn.Conv2d semantics) applied to inputs of spatial size
@@ -218,6 +230,8 @@ class Preconditioner:
                 specs.append(LinearSpec(i.value, o.value, bool(b.value)))
             elif kind == _lib.LAYER_AFFINE:
                 specs.append(AffineSpec(shapes[-1].weight[0], shapes[-1].bias is not None))
+            elif kind == _lib.LAYER_EMBEDDING:
+                specs.append(EmbeddingSpec(*shapes[-1].weight))
             else:
                 c = _lib.Conv2dShape(size=ctypes.sizeof(_lib.Conv2dShape))
                 _lib.tengrad_get_conv2d_shape(self._h, layer, ctypes.byref(c))

@@ -1,5 +1,5 @@
 """What the numpy API says about a layer: the descriptions a caller registers (``LinearSpec``,
-``Conv2dSpec``, ``AffineSpec``, PyTorch's terms), the array shapes the library gives back for them
+``Conv2dSpec``, ``AffineSpec``, ``EmbeddingSpec``, PyTorch's terms), the array shapes the library gives back for them
 (``ArrayShapes``: the one size authority), and the checks of integer arguments before ctypes
 could cut them."""
 from __future__ import annotations
@@ -100,6 +100,26 @@ class AffineSpec:
     @property
     def bias_shape(self) -> Optional[Tuple[int, ...]]:
         return (self.features,) if self.bias else None
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """A lookup table y_t = W[id_t], W [num_embeddings, embedding_dim] (nn.Embedding). Its calls
+    take the token ids as activations, [batch] or [batch, tokens...] (integers, or float32 holding
+    integers), and output gradients [batch, tokens..., embedding_dim]."""
+
+    num_embeddings: int
+    embedding_dim: int
+    takes_tokens = True
+    bias = False
+
+    @property
+    def weight_shape(self) -> Tuple[int, ...]:
+        return (self.num_embeddings, self.embedding_dim)
+
+    @property
+    def bias_shape(self) -> Optional[Tuple[int, ...]]:
+        return None
 
 
 @dataclass(frozen=True)

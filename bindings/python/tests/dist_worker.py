@@ -51,7 +51,26 @@ class Attention(torch.nn.Module):
         return self.head(self.norm(h + self.attn(h, h, h, need_weights=False)[0]).mean(1))
 
 
+class Tokens(torch.nn.Module):
+    """Token ids through an nn.Embedding with a padding id (its raw rows travel: ids and output
+    gradients) plus position embeddings from ids expanded per sequence (per-sample rows: a small
+    table), pooled, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(9, 6, padding_idx=0)
+        self.pos = torch.nn.Embedding(5, 6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = self.embed(ids) + self.pos(torch.arange(ids.shape[1]).expand(ids.shape))
+        return self.head(torch.tanh(h).mean(1))
+
+
 def batch(model, m, seed):
+    if isinstance(model, Tokens):
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, 9, (m, 5), generator=g), torch.randint(0, 3, (m,), generator=g)
     if isinstance(model, Partial):
         model = model.body
     if isinstance(model, Attention) or isinstance(model[2], MeanTokens):
@@ -279,7 +298,7 @@ def main():
                 os._exit(0)
             rank, size = rank - 1, size - 1
     torch.manual_seed(0)
-    model = {"mlp": mlp, "cnn": cnn, "seq": seq, "attn": Attention}[make]() if variant != "partial" else Partial()
+    model = {"mlp": mlp, "cnn": cnn, "seq": seq, "attn": Attention, "tokens": Tokens}[make]() if variant != "partial" else Partial()
     kl = fisher.endswith("+kl")                             # KL clipping that is active (ν < 1)
     fisher = fisher.removesuffix("+kl")
     skip, hooked = [], model
@@ -341,7 +360,7 @@ def main():
             for p in model.parameters():
                 if p.grad is not None:
                     p.sub_(0.05 * p.grad)
-    kinds = np.array([pre._rows(layer)[0] == "per-sample" for layer in pre._layers  # rows a refresh sends
+    kinds = np.array([pre._rows(layer, 5)[0] == "per-sample" for layer in pre._layers  # rows a refresh sends
                       if layer.spec is not None])
     if variant == "subgroup":
         rank += 1                                           # files named by global rank

@@ -154,6 +154,12 @@ def test_attention_and_norm_blocks_with_padding(tmp_path):
     check("attn", "sampled", tmp_path, "mask", 10, (2, 3))
 
 
+def test_embeddings_with_padding(tmp_path):
+    """nn.Embedding with a padding id under a token mask (raw rows: ids and output gradients) and
+    position embeddings from expanded ids (per-sample rows), data-parallel: one process's updates."""
+    check("tokens", "empirical", tmp_path, "mask", 10, (2, 3))
+
+
 def check(make, fisher, tmp_path, variant, m, sizes):
     reference = run(make, fisher, 1, str(tmp_path), False, variant if variant in ("ddp", "mask", "partial") else "plain",
                     m)[0]
@@ -173,7 +179,7 @@ def check(make, fisher, tmp_path, variant, m, sizes):
         # the convolutions send per-sample gradients (shorter than their inputs + outputs), linear layers raw rows
         n = len(ranks[0]["kinds"])                          # the DDP variant skips the first layer
         want_kinds = {"cnn": [True, True, False], "seq": [True, False],
-                      "attn": [True] * 4 + [False]}.get(make, [False] * 3)[-n:]
+                      "attn": [True] * 4 + [False], "tokens": [False, True, False]}.get(make, [False] * 3)[-n:]
         assert ranks[0]["kinds"].tolist() == want_kinds
         for key, want in reference.items():
             if key in ("owners", "kinds"):

@@ -1,6 +1,7 @@
 """Standard PyTorch transformer modules through tengrad.torch, every parameter on an exact block:
 ``nn.TransformerEncoder`` (packed ``nn.MultiheadAttention``, ``nn.LayerNorm``, MLP), a GPT-style
-pre-norm decoder (causal ``nn.MultiheadAttention``, ``nn.RMSNorm``), language-model logits
+pre-norm decoder (token and position ``nn.Embedding``, causal ``nn.MultiheadAttention``,
+``nn.RMSNorm``), language-model logits
 [B, T, V] for the sampled Fisher. Each block's update is checked against the dense float64
 oracle (F + λI)⁻¹ v with F from per-sequence gradients PyTorch computes (torch.func.vmap of grad
 over the unhooked model); the test lists each parameter and its block. The explicit attention
@@ -60,18 +61,20 @@ class DecoderBlock(nn.Module):
 
 
 class GPT(nn.Module):
-    """Inputs are one-hot characters [B, T, V] through a Linear (the embedding kind is separate)."""
+    """Token ids [B, T] through nn.Embedding; position embeddings from ids expanded to [B, T]
+    (each sequence's own ids: an exact block; shared ids [T] get the plain gradient)."""
 
     def __init__(self, vocab=7, d=8, heads=2, blocks=2, T=5):
         super().__init__()
-        self.embed = nn.Linear(vocab, d, bias=False)
-        self.pos = nn.Parameter(0.1 * torch.randn(T, d))
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(T, d)
         self.blocks = nn.Sequential(*(DecoderBlock(d, heads) for _ in range(blocks)))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
 
     def forward(self, x):
-        return self.head(self.norm(self.blocks(self.embed(x) + self.pos[:x.shape[1]])))
+        positions = torch.arange(x.shape[1]).expand(x.shape)
+        return self.head(self.norm(self.blocks(self.embed(x) + self.pos(positions))))
 
 
 def blocks(pre, model):
@@ -125,7 +128,7 @@ def test_gpt_decoder_sampled_fisher_over_tokens_and_reuse():
     torch.manual_seed(1)
     model = GPT()
     m, T, V = 6, 5, 7
-    x = F.one_hot(torch.randint(0, V, (m, T)), V).float()
+    x = torch.randint(0, V, (m, T))
     targets = torch.randint(0, V, (m, T))
     mask = torch.arange(T)[None] < torch.tensor([5, 3, 5, 4, 5, 2])[:, None]
     with torch.no_grad():
@@ -139,11 +142,12 @@ def test_gpt_decoder_sampled_fisher_over_tokens_and_reuse():
     rows = vmap(grad(sampled), in_dims=(None, 0, 0, 0))(params, x, labels, mask.float())
     pre = tt.TENGraD(model, damping=0.1, fisher="sampled", update_freq=2)
     table = blocks(pre, model)
-    covered = {n for names in table.values() for n in names}
-    assert set(params) - covered == {"pos"}  # a bare parameter: no module, no block
+    covered = [n for names in table.values() for n in names]
+    assert sorted(covered) == sorted(params) and not pre.skipped  # every parameter, once
+    assert table["embed"] == ["embed.weight"] and table["pos"] == ["pos.weight"]
     assert "blocks.0.attn.in_proj" in table and "blocks.1.norm1" in table and table["blocks.1.norm1"] == ["blocks.1.norm1.weight"]
     for step in range(2):                                # a refresh, then a reuse step on a new batch
-        xs = x if step == 0 else F.one_hot(torch.randint(0, V, (m, T)), V).float()
+        xs = x if step == 0 else torch.randint(0, V, (m, T))
         logits = model(xs)
         if step == 0:
             pre.sample_fisher(logits, generator=torch.Generator().manual_seed(3), mask=mask)
@@ -158,7 +162,7 @@ def test_sample_fisher_refuses_bad_masks_and_1d_logits():
     torch.manual_seed(0)
     model = GPT()
     pre = tt.TENGraD(model, fisher="sampled")
-    logits = model(F.one_hot(torch.randint(0, 7, (2, 5)), 7).float())
+    logits = model(torch.randint(0, 7, (2, 5)))
     for bad, match in [(torch.ones(2, 4), "shape"), (torch.full((2, 5), 0.5), "1 for a token")]:
         with pytest.raises(ValueError, match=match):
             pre.sample_fisher(logits, mask=bad)

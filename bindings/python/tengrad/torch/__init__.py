@@ -1,5 +1,5 @@
 """TENGraD for PyTorch: exact natural-gradient preconditioning of ``nn.Linear``, ``nn.Conv2d``,
-``nn.LayerNorm`` / ``nn.RMSNorm`` and ``nn.MultiheadAttention``'s projections.
+``nn.LayerNorm`` / ``nn.RMSNorm``, ``nn.Embedding`` and ``nn.MultiheadAttention``'s projections.
 
     import tengrad.torch as tt
 
@@ -69,8 +69,10 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
     """Exact block-diagonal natural-gradient preconditioner for a PyTorch model.
 
     Args:
-        model: the network; every ``nn.Linear`` and ``nn.Conv2d`` in it is preconditioned unless
-            skipped.
+        model: the network; every ``nn.Linear``, ``nn.Conv2d``, ``nn.LayerNorm`` / ``nn.RMSNorm``,
+            ``nn.Embedding`` and ``nn.MultiheadAttention`` in it is preconditioned unless skipped
+            (``skipped`` says which are not and why; an embedding called with ids the whole batch
+            shares, such as position ids [T], keeps its plain gradient with a warning).
         damping: λ of ``F + λI`` (> 0). Change it later with ``set_damping`` (schedules).
         fisher: ``"empirical"`` or ``"sampled"`` (see the module docstring).
         update_freq: refresh the curvature every this many steps (reuse path in between).
@@ -157,6 +159,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         self._batch = 0  # samples of the training forwards since the last step (data-parallel weights)
         self._recount = False  # a step failed: the next training forward starts a new batch
         self._token_mask: Optional[torch.Tensor] = None
+        self._root = None  # (shape, ids?) of the running forward's first tensor argument
         if lr is not None:
             lr = _check_lr(lr)
         self.lr = lr
@@ -192,7 +195,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         """The parameters whose gradients ``step()`` preconditions (weights and trainable biases of
         the hooked layers), e.g. to give them and the others (norms, embeddings) different
         optimizers or parameter groups."""
-        return [p for layer in self._layers for p in (layer.module.weight, bias_of(layer.module))
+        return [p for layer in self._layers if layer.plain is None for p in (layer.module.weight, bias_of(layer.module))
                 if p is not None and p.requires_grad]
 
     @property

@@ -53,6 +53,7 @@ def find_layers(model: nn.Module, skip: Iterable[Union[str, type]]) -> Tuple[Lis
         if skip_types and isinstance(module, skip_types):
             continue
         found.append((name, module))
+    found = _untie_embeddings(found, skipped)
     seq_first = modules.sequence_first(model)
     layers = []
     for name, module in found:
@@ -66,9 +67,27 @@ def find_layers(model: nn.Module, skip: Iterable[Union[str, type]]) -> Tuple[Lis
         layers.append(_Layer(name, module))
         layers[-1].batch_dim = modules.batch_dim(name, module, seq_first)
     if not layers:
-        raise ValueError("the model has no nn.Linear, nn.Conv2d, nn.LayerNorm, nn.RMSNorm or nn.MultiheadAttention "
-                         "layer to precondition")
+        raise ValueError("the model has no nn.Linear, nn.Conv2d, nn.LayerNorm, nn.RMSNorm, nn.Embedding or "
+                         "nn.MultiheadAttention layer to precondition")
     return layers, skipped
+
+
+def _untie_embeddings(found, skipped: Dict[str, str]):
+    """An nn.Embedding whose weight another hooked layer also uses (a language model's output
+    head tied to its token embedding) is left out, with a note: the other layer keeps its block,
+    as before embeddings had blocks (a tied weight has no exact block of its own)."""
+    users: Dict[int, List[str]] = {}
+    for name, module in found:
+        users.setdefault(id(module.weight), []).append(name)
+    kept = []
+    for name, module in found:
+        partners = [n for n in users[id(module.weight)] if n != name]
+        if isinstance(module, nn.Embedding) and partners:
+            skipped[name] = (f"its weight is tied to {partners[0]!r}'s, which keeps the exact block (a tied weight has "
+                             "no block of its own)")
+            continue
+        kept.append((name, module))
+    return kept
 
 
 def attentions(model: nn.Module, layers: List[_Layer]) -> List[nn.MultiheadAttention]:

@@ -47,8 +47,8 @@ class Batches:
         plans = []
         for layer in self._layers:
             weight = layer.module.weight
-            if not weight.requires_grad or weight.grad is None:
-                continue  # no gradient this step: no update, no KL term
+            if not weight.requires_grad or weight.grad is None or layer.plain is not None:
+                continue  # no gradient this step (no update, no KL term), or the plain gradient kept
             if layer.id is None or (refresh and not any(c.grads is not None for c in layer.captures)):
                 b = modules.bias_of(layer.module)
                 if not bool(weight.grad.any()) and (b is None or b.grad is None or not bool(b.grad.any())):
@@ -74,7 +74,8 @@ class Batches:
                     grads = [g * np.float32(sc / scales[0]) if sc != scales[0] else g for g, sc in zip(grads, scales)]
                 masks = None
                 if any(c.mask is not None for c in done):  # the union's mask: unmasked captures are all tokens
-                    masks = [np.ascontiguousarray((c.mask if c.mask is not None else torch.ones(c.inputs.shape[:-1]))
+                    masks = [np.ascontiguousarray((c.mask if c.mask is not None else
+                                                   torch.ones(modules.token_shape(layer.module, c.inputs)))
                                                   .detach().cpu().numpy() != 0).view(np.uint8) for c in done]
                 if len({x.shape[1:] for x in inputs}) > 1:
                     inputs, grads, masks = self._pad_tokens(layer, inputs, grads, masks)
@@ -89,7 +90,8 @@ class Batches:
         """Micro-batches of one refresh with different sequence lengths ([batch, T_k, features]):
         padded to the longest T with zeros and masked, so the union is one batch whose padding
         counts for nothing."""
-        if not modules.can_join_lengths(layer.module) or any(x.ndim != 3 for x in inputs):
+        rank = 2 + modules.feature_dims(layer.module)  # [batch, tokens, features]; an embedding's ids [batch, tokens]
+        if not modules.can_join_lengths(layer.module) or any(x.ndim != rank for x in inputs):
             raise ValueError(f"TENGraD: layer {layer.name!r}: the accumulated micro-batches have different shapes "
                              f"{sorted({x.shape[1:] for x in inputs})}; only [batch, tokens, features] sequences of "
                              "different lengths can be joined")

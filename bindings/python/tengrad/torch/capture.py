@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from typing import List, Optional
 
 import torch
@@ -53,6 +54,9 @@ class _Layer:
         self.sequence = False
         # 1: its inputs are [tokens, batch, ...] (inside a transformer layer with batch_first=False).
         self.batch_dim = 0
+        # Why the layer keeps its plain gradient (an embedding called with ids shared by the
+        # batch), or None.
+        self.plain: Optional[str] = None
 
     @property
     def has_bias(self) -> bool:
@@ -119,6 +123,9 @@ class Capturing:
             # The training batch (the global-mean weights): the first tensor argument, positional
             # or keyword (model(x=...)).
             first = next((t for t in list(inputs) + list((kwargs or {}).values()) if isinstance(t, torch.Tensor)), None)
+            # The batch as embeddings compare it (modules.shared_ids): shape, and whether it is ids.
+            self._root = None if first is None else \
+                (tuple(first.shape), not (first.dtype.is_floating_point or first.is_complex()))
             if module.training and torch.is_grad_enabled():
                 if self._recount:  # the last step() raised: this forward starts a new batch
                     self._train_forwards, self._batch, self._recount = 0, 0, False
@@ -134,7 +141,12 @@ class Capturing:
             if not self._capturing_inputs(module) or _in_backward():
                 return  # eval, no_grad, a reuse step, or a checkpoint's recomputation
             x = inputs[0]
-            self._check_tensor(layer, x, "input")
+            if layer.plain is not None:
+                return
+            if modules.shared_ids(module, x, self._root):
+                return self._use_plain_gradient(layer, x)
+            if not modules.takes_ids(module):
+                self._check_tensor(layer, x, "input")
             self._ensure_registered(layer, x)
             layer.sequence = modules.is_sequence(module, x)
             last = layer.captures[-1] if layer.captures else None
@@ -190,6 +202,20 @@ class Capturing:
             layer.captures = [c for c in layer.captures if c.grads is None]
         self._failed_step = False
 
+    def _use_plain_gradient(self, layer: _Layer, x: torch.Tensor):
+        """An embedding called with ids the whole batch shares: its gradient reaches any hook
+        already summed over the batch, so no per-sample block exists; it keeps its plain gradient
+        (for every later step too) and the user is told once. Its parameters leave the
+        preconditioned set, so DistributedDataParallel averages them again."""
+        layer.plain = (f"called with ids shared by the whole batch (input {tuple(x.shape)}, e.g. position ids): its "
+                       "gradient is summed over the batch before any hook sees it, so no per-sample block exists")
+        layer.captures, layer.pending = [], None
+        for param in (layer.module.weight, modules.bias_of(layer.module)):
+            if param is not None:
+                self._preconditioned.discard(id(param))
+        warnings.warn(f"TENGraD: embedding {layer.name!r} is {layer.plain}; it keeps its plain gradient (give it to "
+                      f"your other optimizer, or skip=[{layer.name!r}] to silence this)", stacklevel=3)
+
     def _check_tensor(self, layer: _Layer, t: torch.Tensor, what: str):
         if t.dtype != torch.float32:
             raise TypeError(f"TENGraD: layer {layer.name!r}: {what} has dtype {t.dtype}; only float32 is supported")
@@ -244,11 +270,16 @@ class Capturing:
             self._token_mask = previous
 
     def _mask_for(self, layer: _Layer, x: torch.Tensor) -> Optional[torch.Tensor]:
-        mask = self._token_mask
-        if mask is None or not layer.sequence:  # x: the layer's activations, [batch, tokens..., features]
-            return None
-        if tuple(mask.shape) != tuple(x.shape[:-1]):
+        """The capture's mask: the token_mask of a layer over tokens, and an embedding's
+        padding_idx tokens. x: the layer's activations, [batch, tokens..., features] (ids:
+        [batch, tokens...])."""
+        mask = self._token_mask if layer.sequence else None
+        tokens = modules.token_shape(layer.module, x)
+        if mask is not None and tuple(mask.shape) != tokens:
             raise ValueError(f"TENGraD: layer {layer.name!r}: token_mask has shape {tuple(mask.shape)}, its input "
-                             f"{tuple(x.shape)} needs {tuple(x.shape[:-1])}")
+                             f"{tuple(x.shape)} needs {tokens}")
+        padding = modules.padding_mask(layer.module, x)
+        if padding is not None:
+            mask = padding if mask is None else padding & (mask != 0)
         return mask
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..parallel import assign_owners, kl_clip_from_sum
+from ..specs import EmbeddingSpec
 
 
 class _CommHookRouter:
@@ -112,12 +113,20 @@ class DataParallel:
             return buffer
         return future.then(write)
 
+    def _row_plan(self, layer, batch):
+        """(kind, width) of the rows this rank sends for a layer in this step (``_rows``): an
+        embedding's raw width depends on its tokens this refresh."""
+        ids = batch is not None and isinstance(layer.spec, EmbeddingSpec)
+        return self._rows(layer, int(np.prod(batch[0].shape[1:])) if ids else 1)
+
     def _agreement(self, plans) -> List[int]:
         """What every rank must have alike before any exchange, as int64 numbers: the step number,
-        a fingerprint of the layers and settings, the set of layers with a gradient this step,
-        and the number of training forwards (train mode, gradients on) since the last step."""
+        a fingerprint of the layers, settings and row widths (an embedding's raw rows: its tokens),
+        the set of layers with a gradient this step, and the number of training forwards (train
+        mode, gradients on) since the last step."""
+        widths = tuple(self._row_plan(layer, batch) for layer, _, _, batch in plans)
         settings = (tuple((layer.name, layer.spec) for layer in self._layers), self.fisher, self.update_freq,
-                    self.damping, self.lr, self.kl_clip, self.loss_reduction, self.token_mode)
+                    self.damping, self.lr, self.kl_clip, self.loss_reduction, self.token_mode, widths)
         present = tuple(layer.name for layer, *_ in plans)
         return [self.steps, zlib.crc32(repr(settings).encode()), zlib.crc32(repr(present).encode()),
                 self._train_forwards]
@@ -133,8 +142,9 @@ class DataParallel:
                                "step() once per training step; no .grad was changed")
         if differ(3):
             raise RuntimeError("TENGraD: the ranks have different layers or settings (layer shapes, fisher, "
-                               "update_freq, damping, lr, kl_clip, loss_reduction, token_mode): change them alike on "
-                               "every rank (set_damping, set_lr); no .grad was changed")
+                               "update_freq, damping, lr, kl_clip, loss_reduction, token_mode, an embedding's sequence "
+                               "length): change them alike on every rank (set_damping, set_lr; pad the embeddings' "
+                               "token ids to one length); no .grad was changed")
         if differ(4):
             raise RuntimeError("TENGraD: the ranks differ in which layers have a gradient this step (a layer frozen or "
                                "unused on some ranks only); no .grad was changed")
@@ -187,7 +197,7 @@ class DataParallel:
             # global rank 0 failed every step).
             root = dist.get_global_rank(group, owner) if group is not None and group != dist.group.WORLD else owner
             numel = w.size + (b.size if b is not None else 0)
-            kind, width = self._rows(layer)
+            kind, width = self._row_plan(layer, batch)
             # This rank's part, built before the layer's collectives: whatever fails here, the
             # rank still takes part in them (with NaN, which makes the owner refuse), so every rank
             # raises instead of its peers waiting for the group's timeout.
@@ -206,6 +216,9 @@ class DataParallel:
                     if n == 0:
                         pass
                     elif kind == "raw":  # inputs and per-sample output gradients, written into place
+                        if mask is not None:  # an embedding's padding: zero id, zero gradient, as the library masks
+                            a = a * mask.astype(np.float32)
+                            g = g * mask.astype(np.float32).reshape(mask.shape + (1,) * (g.ndim - mask.ndim))
                         cut = int(np.prod(a.shape[1:]))
                         pad[:n, :cut] = torch.from_numpy(a.reshape(n, -1))
                         pad[:n, cut:] = torch.from_numpy(g.reshape(n, -1))

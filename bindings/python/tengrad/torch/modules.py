@@ -1,6 +1,6 @@
 """The module types tengrad.torch preconditions — ``nn.Linear`` (over features or token sequences),
-``nn.Conv2d``, the affine part of ``nn.LayerNorm`` / ``nn.RMSNorm``, and ``nn.MultiheadAttention``'s
-projections (attention.py) — and everything that depends on the type: what is refused at
+``nn.Conv2d``, the affine part of ``nn.LayerNorm`` / ``nn.RMSNorm``, ``nn.Embedding`` and
+``nn.MultiheadAttention``'s projections (attention.py) — and everything that depends on the type: what is refused at
 construction, the library's layer spec, what the library is handed as a layer's activations and
 output gradients, and the row a data-parallel refresh sends per sample. The only module of
 tengrad.torch that tests those types."""
@@ -14,13 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..specs import AffineSpec, Conv2dSpec, LinearSpec
+from ..specs import AffineSpec, Conv2dSpec, EmbeddingSpec, LinearSpec
 from . import attention
 if TYPE_CHECKING:  # annotations only
     from .capture import _Layer
 
 NORMS = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-SUPPORTED = (nn.Linear, nn.Conv2d, attention.InProjection) + NORMS
+SUPPORTED = (nn.Linear, nn.Conv2d, attention.InProjection, nn.Embedding) + NORMS
 
 
 def _pair(v):
@@ -40,6 +40,10 @@ def never_called(model: nn.Module) -> Dict[str, str]:
     for name, module in model.named_modules():
         if isinstance(module, NORMS) and getattr(module, "weight", None) is None:
             found[name] = "a norm without affine parameters (elementwise_affine=False): nothing to precondition"
+        if isinstance(module, nn.Embedding):
+            why = embedding_unsupported(module)
+            if why:
+                found[name] = why
         if isinstance(module, nn.MultiheadAttention):
             why = attention.unsupported(module)
             if why:
@@ -47,6 +51,59 @@ def never_called(model: nn.Module) -> Dict[str, str]:
                     if child and isinstance(sub, SUPPORTED):
                         found[f"{name}.{child}" if name else child] = f"inside nn.MultiheadAttention: {why}"
     return found
+
+
+def embedding_unsupported(module: nn.Embedding) -> Optional[str]:
+    """Why an nn.Embedding has no exact per-sample block, or None."""
+    if module.sparse:
+        return "an embedding with sparse=True (sparse gradients): left to its optimizer"
+    if module.scale_grad_by_freq:
+        return ("an embedding with scale_grad_by_freq=True: its gradient divides by the batch's id counts, "
+                "which is not a sum of per-sample gradients")
+    if module.max_norm is not None:
+        return "an embedding with max_norm (it renormalizes its weight in the forward): left to its optimizer"
+    return None
+
+
+def shared_ids(module: nn.Module, x: torch.Tensor, root) -> bool:
+    """An embedding called with ids shared by the whole batch — position ids [T] or [1, T] added to
+    [B, T, d] token embeddings (nanoGPT, Hugging Face) — whose gradient reaches its hooks already
+    summed over the batch: no per-sample block exists. `root`: (shape, integer dtype) of the
+    model's first tensor argument of this forward (the batch), or None. A 1-D input as long as
+    both the batch and the root's token dimension is ambiguous and counts as shared (the plain
+    gradient is never wrong; a block from summed gradients would be)."""
+    if not isinstance(module, nn.Embedding) or root is None or x.dim() == 0:
+        return False
+    shape, ids = root
+    if not shape:
+        return False
+    if int(x.shape[0]) != int(shape[0]):
+        return True
+    return x.dim() == 1 and ids and len(shape) >= 2 and int(shape[1]) == int(x.shape[0]) and int(shape[0]) > 1
+
+
+def takes_ids(module: nn.Module) -> bool:
+    """Its input is integer ids (an embedding), not float32 activations."""
+    return isinstance(module, nn.Embedding)
+
+
+def feature_dims(module: nn.Module) -> int:
+    """Trailing feature dimensions of the library's activations: 0 for an embedding's ids
+    ([batch, tokens...]), 1 for every other layer ([batch, tokens..., features])."""
+    return 0 if isinstance(module, nn.Embedding) else 1
+
+
+def token_shape(module: nn.Module, x: torch.Tensor) -> Tuple[int, ...]:
+    """[batch, tokens...] of the library's activations `x` (a mask's shape)."""
+    return tuple(x.shape[:x.dim() - feature_dims(module)])
+
+
+def padding_mask(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """An embedding's padding_idx tokens as a mask (1 = token): they get no gradient and add
+    nothing to the curvature. None when there is no padding_idx."""
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        return x != module.padding_idx
+    return None
 
 
 def features_of(module: nn.Module) -> int:
@@ -58,6 +115,8 @@ def is_sequence(module: nn.Module, x: torch.Tensor) -> bool:
     """A layer over tokens whose input is [batch, tokens..., features]."""
     if isinstance(module, NORMS):
         return x.dim() > 1 + len(module.normalized_shape)
+    if isinstance(module, nn.Embedding):
+        return x.dim() > 1
     return isinstance(module, (nn.Linear, attention.InProjection)) and x.dim() > 2
 
 
@@ -68,7 +127,8 @@ def can_join_lengths(module: nn.Module) -> bool:
 
 def same_kind(spec, module: nn.Module) -> bool:
     """A saved spec and a module are the same kind of layer."""
-    kind = AffineSpec if isinstance(module, NORMS) else Conv2dSpec if isinstance(module, nn.Conv2d) else LinearSpec
+    kind = AffineSpec if isinstance(module, NORMS) else Conv2dSpec if isinstance(module, nn.Conv2d) else \
+        EmbeddingSpec if isinstance(module, nn.Embedding) else LinearSpec
     return isinstance(spec, kind)
 
 
@@ -97,9 +157,12 @@ def batch_dim(name: str, module: nn.Module, seq_first: Set[str]) -> int:
 
 @torch.no_grad()
 def activations(module: nn.Module, x: torch.Tensor, batch_dim: int = 0) -> torch.Tensor:
-    """What the library takes as the layer's activations, batch first: the input itself, or a
-    norm's normalized input x̂ ([batch, tokens..., features], the normalized shape flattened)."""
-    if isinstance(module, nn.LayerNorm):
+    """What the library takes as the layer's activations, batch first: the input itself, a
+    norm's normalized input x̂ ([batch, tokens..., features], the normalized shape flattened), or
+    an embedding's ids as float32 ([batch, tokens...]; exact for every id below 2**24)."""
+    if isinstance(module, nn.Embedding):
+        x = x.to(torch.float32)
+    elif isinstance(module, nn.LayerNorm):
         x = F.layer_norm(x, module.normalized_shape, eps=module.eps)
     elif isinstance(module, NORMS):  # RMSNorm
         x = F.rms_norm(x, module.normalized_shape, eps=module.eps)
@@ -139,6 +202,8 @@ class ModuleAdapter:
         has_bias = b is not None and b.requires_grad if bias is None else bias
         if isinstance(module, NORMS):
             return AffineSpec(features_of(module), has_bias)
+        if isinstance(module, nn.Embedding):
+            return EmbeddingSpec(module.num_embeddings, module.embedding_dim)
         if isinstance(module, (nn.Linear, attention.InProjection)):
             return LinearSpec(module.in_features, module.out_features, has_bias)
         k, d = _pair(module.kernel_size), _pair(module.dilation)
@@ -155,6 +220,8 @@ class ModuleAdapter:
             layer_id = self._pre.add_linear(spec.in_features, spec.out_features, spec.bias)
         elif isinstance(spec, AffineSpec):
             layer_id = self._pre.add_affine(spec.features, spec.bias)
+        elif isinstance(spec, EmbeddingSpec):
+            layer_id = self._pre.add_embedding(spec.num_embeddings, spec.embedding_dim)
         else:
             layer_id = self._pre.add_conv2d(spec.in_channels, spec.out_channels, spec.kernel_size, spec.input_size,
                                             spec.stride, spec.padding, spec.dilation, spec.groups, spec.bias)
@@ -171,6 +238,11 @@ class ModuleAdapter:
                 raise ValueError(f"TENGraD: norm layer {layer.name!r} got a {tuple(x.shape)} input; it needs a batch "
                                  f"dimension first and {tuple(m.normalized_shape)} last")
             return self._module_spec(m)
+        if isinstance(m, nn.Embedding):
+            if x.dtype.is_floating_point or x.is_complex() or x.dtype == torch.bool or x.dim() < 1:
+                raise ValueError(f"TENGraD: embedding {layer.name!r} got a {x.dtype} {tuple(x.shape)} input; it needs "
+                                 "integer ids with a batch dimension first ([batch] or [batch, tokens...])")
+            return self._module_spec(m)
         if isinstance(m, (nn.Linear, attention.InProjection)):
             if x.dim() < 2:
                 raise ValueError(f"TENGraD: linear layer {layer.name!r} got a {x.dim()}-D input; it needs a batch "
@@ -180,15 +252,20 @@ class ModuleAdapter:
             raise ValueError(f"TENGraD: conv layer {layer.name!r} needs NCHW input, got {x.dim()}-D")
         return self._module_spec(m, (x.shape[2], x.shape[3]))
 
-    def _rows(self, layer: _Layer) -> Tuple[str, int]:
+    def _rows(self, layer: _Layer, tokens: int = 1) -> Tuple[str, int]:
         """What a refresh sends of each sample of this layer (docs/DESIGN.md §11): the raw row
         (inputs + output gradients) or, when it is shorter, the per-sample gradient (weight + bias
-        numbers) — a convolution with many output positions. A layer over sequences always
-        sends per-sequence gradients: one width whatever the ranks' sequence lengths and masks.
+        numbers) — a convolution with many output positions. A layer over sequences sends
+        per-sequence gradients (one width whatever the ranks' sequence lengths and masks), except
+        an embedding, whose gradient rows (vocabulary × dim) are longer than its raw sequence
+        (ids + output gradients of `tokens` tokens, masked ones zeroed) unless the vocabulary is
+        tiny: every rank then needs the same `tokens` (part of the ranks' agreement).
         Returns (kind, floats per sample)."""
         shapes = self._pre.array_shapes(layer.id)  # the library's sizes (a conv's output size)
         d = shapes.parameters
-        if layer.spec.takes_tokens and layer.sequence:  # one row per sequence, whatever its length
-            return "per-sample", d
         raw = int(np.prod(shapes.activations)) + int(np.prod(shapes.output_grads))
+        if isinstance(layer.spec, EmbeddingSpec):
+            raw *= tokens
+        elif layer.spec.takes_tokens and layer.sequence:
+            return "per-sample", d
         return ("per-sample", d) if d < raw else ("raw", raw)
