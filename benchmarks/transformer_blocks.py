@@ -7,7 +7,9 @@ tensors of the layer's parameter shapes.
 
 Layers of a width-d block over m sequences of T tokens: ``nn.LayerNorm(d)`` (the affine kind:
 γ, β), ``nn.MultiheadAttention``'s packed in-projection d → 3d and its out-projection d → d
-(linear blocks over tokens), the MLP's d → 4d. The library calls are timed on numpy arrays (the
+(linear blocks over tokens), the MLP's d → 4d, and token embeddings ``nn.Embedding(V, d)`` (the
+embedding kind) for GPT-2's vocabulary V = 50257 with Zipf-distributed ids (text-like: frequent
+ids shared by every sequence, the sorted Gram's worst case) and a character-level V = 65. The library calls are timed on numpy arrays (the
 hooks' own cost is not included: it is PyTorch's forward work). Medians of a few repetitions on a
 shared 2-core machine: read the ratios within a row. Not a test.
 """
@@ -24,9 +26,9 @@ from sequence_bench import timed  # noqa: E402  (median seconds of a few calls)
 
 
 def layers(d):
-    # (name, kind, in, out): kind "affine" (a norm over d features) or "linear"
+    # (name, kind, in, out): kind "affine" (a norm over d features), "linear", or "embedding" (in: V)
     return [("LayerNorm", "affine", d, d), ("MHA in_proj", "linear", d, 3 * d), ("MHA out_proj", "linear", d, d),
-            ("MLP up", "linear", d, 4 * d)]
+            ("MLP up", "linear", d, 4 * d), ("Embed 50257", "embedding", 50257, d), ("Embed 65", "embedding", 65, d)]
 
 
 def main():
@@ -45,12 +47,18 @@ def main():
                     if kind == "affine":
                         layer = p.add_affine(d)
                         shapes = [(d,), (d,)]
+                    elif kind == "embedding":
+                        layer = p.add_embedding(n_in, n_out)
+                        shapes = [(n_in, n_out)]
                     else:
                         layer = p.add_linear(n_in, n_out)
                         shapes = [(n_out, n_in), (n_out,)]
-                    a = rng.standard_normal((m, T, n_in)).astype(np.float32)
+                    if kind == "embedding":
+                        a = np.minimum(rng.zipf(1.2, (m, T)), n_in) - 1  # text-like ids
+                    else:
+                        a = rng.standard_normal((m, T, n_in)).astype(np.float32)
                     g = rng.standard_normal((m, T, n_out)).astype(np.float32)
-                    vw, vb = (rng.standard_normal(s).astype(np.float32) for s in shapes)
+                    vw, vb = (list(rng.standard_normal(s).astype(np.float32) for s in shapes) + [None])[:2]
 
                     def refresh():
                         p.update_curvature(layer, a, g, float(m))
