@@ -1,13 +1,10 @@
-"""A 2-block transformer built of nn.Linear (the ViT demo's blocks: separate q, k, v, output
-projections and MLP; patch embedding on [batch, T, p] tokens, classifier on the pooled
-[batch, d]) through tengrad.torch:
+"""A 2-block transformer whose attention is written by hand of nn.Linear (separate q, k, v, output
+projections and MLP, as many codebases do; patch embedding on [batch, T, p] tokens, classifier on
+the pooled [batch, d]) through tengrad.torch:
 every Linear's and LayerNorm's update equals the dense float64 oracle's (F + λI)⁻¹ grad with F
 from per-sequence gradients that PyTorch computes (torch.func.vmap of grad over the whole model).
 The position embedding (a bare parameter) stays unpreconditioned (its .grad is the plain
 gradient). Tolerance 1e-3."""
-import os
-import sys
-
 import numpy as np
 import pytest
 
@@ -19,10 +16,32 @@ import tengrad.torch as tt  # noqa: E402
 from oracle import relative_error  # noqa: E402
 from test_torch import oracle_updates, per_sample_grads, tengrad_updates  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "examples", "torch"))
-from vit import Block  # noqa: E402  (the ViT demo's attention and MLP blocks)
-
 TOL = 1e-3
+
+
+class Attention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        split = lambda y: y.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.o(y.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = Attention(d, heads)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
 class TinyTransformer(nn.Module):
