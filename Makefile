@@ -45,7 +45,7 @@ PYTHON       ?= python3
 CWARN        := -Wall -Wextra -Werror
 LINK_TENGRAD := -L$(RELEASE_DIR) -ltengrad -Wl,-rpath,'$(CURDIR)/$(RELEASE_DIR)'
 APT_PACKAGES := libopenblas-dev liblapacke-dev dataset-fashion-mnist openmpi-bin libopenmpi-dev cmake pkg-config
-PIP_PACKAGES := numpy pytest xxhash matplotlib tqdm asdfghjkl==0.1a5 $(SCIPY_OPENBLAS)
+PIP_PACKAGES := numpy pytest xxhash matplotlib tqdm asdfghjkl==0.1a5 heavyball==3.2.1 schedulefree==1.4.1 $(SCIPY_OPENBLAS)
 TORCH        := torch==2.13.0+cpu
 export OPENBLAS_NUM_THREADS ?= 2
 # The Python binding, examples and benchmarks load the library this BLAS setting built.
@@ -82,7 +82,7 @@ setup: ## Install the apt and pip packages a fresh machine lacks (no-op when pre
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	@# One pip call with the torch pin: asdfghjkl requires an unpinned torch (a 2.8 GB CUDA build).
-	@$(PYTHON) -c "import numpy, pytest, xxhash, matplotlib, tqdm, asdl, torch, scipy_openblas32" 2>/dev/null || \
+	@$(PYTHON) -c "import numpy, pytest, xxhash, matplotlib, tqdm, asdl, heavyball, schedulefree, torch, scipy_openblas32" 2>/dev/null || \
 	  $(PYTHON) -m pip install -q $(PIP_PACKAGES) "$(TORCH)"
 
 build: setup ## Build libtengrad.so and the Swift products (release)
@@ -112,7 +112,7 @@ $(BUILD)/mlp_mpi: examples/c/mlp_mpi.c $(MLP_SOURCES) build
 	mkdir -p $(BUILD)
 	mpicc -std=c11 -O2 $(CWARN) -Iinclude examples/c/mlp_mpi.c examples/c/mlp_common.c -o $@ $(LINK_TENGRAD) -lopenblas -lm
 
-demo: build ## Main job: the paper's Fashion-MNIST ConvNet in PyTorch, TENGraD vs SGD vs Adam vs KFAC (~12 min)
+demo: build ## Main job: the Fashion-MNIST ConvNet race, TENGraD vs SGD, AdamW, Muon, SOAP, Schedule-Free, KFAC (~14 min)
 	$(PYTHON) examples/torch/fashion_mnist.py --data $(DATA_SRC) --plot $(BUILD)/fashion_mnist.png $(DEMO_ARGS)
 
 demo-c: $(BUILD)/mlp $(DATA)/.done ## The C trainer: 784-128-10 MLP on Fashion-MNIST, TENGraD vs SGD

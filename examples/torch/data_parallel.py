@@ -114,7 +114,10 @@ def main(args, data, make_model, tt):
     rank, size = dist.get_rank(), dist.get_world_size()
     # One core per process when the processes share the machine's cores.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-    names = [n.strip() for n in args.optimizers.split(",") if n.strip() and n.strip() != "kfac"]
+    asked = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    names = [n for n in asked if n in ("tengrad", "sgd", "adam")]
+    if rank == 0 and len(names) < len(asked):
+        print(f"data parallel runs tengrad, sgd and adam; left out: {', '.join(n for n in asked if n not in names)}")
     if rank == 0:
         print(f"data parallel: {size} process(es), gloo; global batch {args.batch} "
               f"({args.batch // size}–{-(-args.batch // size)} per process), "

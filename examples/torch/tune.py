@@ -1,64 +1,133 @@
-"""Fair tuning of the demo's optimizers: the same small grid budget for each, on a short run.
+"""The race's tuning search: the same budget for every optimizer, on either demo's task.
 
-    python3 examples/torch/tune.py [--budget 25] [--out examples/torch/TUNING.md]
+    python3 examples/torch/tune.py [--task convnet|vit] [--budget 40] [--optimizers ...]
+        [--out examples/torch/TUNING.md]
 
-Every optimizer gets 4 configurations, each trained for --budget seconds of training time on the
-full Fashion-MNIST training set (width 32, batch 128, seed 0), scored by test accuracy at the end
-(evaluation time not counted). Common to all: momentum 0.9 (SGD-based methods), weight decay 5e-4.
-TENGraD runs the paper's protocol: sampled-label Fisher, curvature refreshed every 10 steps and
-reused in between, KL clipping κ = 1e-2; KFAC (ASDL) the paper's: Monte-Carlo Fisher, factors
-every 20 steps, inverses every 100, the same KL clipping. The results file lists every
-configuration and its score; the demo's defaults are the winners.
+Every optimizer of peers.py gets a grid of at least 8 configurations — its learning rate and its
+main knob, each method under the race's schedule (linear warm-up over 5 % of the budget, cosine
+decay to zero at its end; Schedule-Free: the warm-up only) — each trained for --budget seconds of
+training time on the full Fashion-MNIST training set from seed 0 and scored by test accuracy (10k
+images) at the end. When the best configuration sits at an edge of a numeric axis, the axis is
+extended one step beyond it (holding the other knobs at the best's values) until it does not, up
+to 3 times. The two best configurations are then run on seeds 1 and 2; an optimizer's winner is
+the one with the best median of the 3 seeds. Every run and score goes to the output file (a
+section per task, replacing that task's section); the demos' defaults are the winners.
 """
 import argparse
+import itertools
 import os
+import re
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fashion_mnist as demo  # noqa: E402  (sets GOMP_SPINCOUNT before torch loads)
+import race  # noqa: E402
 
-GRID = {
-    "sgd": [{"lr_sgd": lr} for lr in (0.02, 0.05, 0.1, 0.2)],
-    "adam": [{"lr_adam": lr} for lr in (5e-4, 1e-3, 2e-3, 4e-3)],
-    "kfac": [{"lr_kfac": lr, "kfac_damping": d} for lr in (0.05, 0.1) for d in (0.03, 0.1)],
-    "tengrad": [{"lr_tengrad": lr, "damping": d, "fisher": "sampled", "update_freq": 10}
-                for lr in (0.05, 0.1) for d in (0.1, 1.0)],
+# Per optimizer: {knob: values}; the product is the grid (≥ 8 each).
+GRIDS = {
+    "convnet": {
+        "tengrad": {"lr_tengrad": [0.03, 0.1, 0.3], "damping": [0.3, 1.0, 3.0]},
+        "sgd": {"lr_sgd": [0.025, 0.05, 0.1, 0.2], "sgd_decay": [5e-4, 5e-3]},
+        "adamw": {"lr_adamw": [5e-4, 1e-3, 2e-3, 4e-3], "adamw_decay": [0.01, 0.1]},
+        "muon": {"lr_muon": [0.005, 0.01, 0.02, 0.04], "lr_muon_adamw": [1e-3, 4e-3]},
+        "soap": {"lr_soap": [1e-3, 2e-3, 4e-3, 8e-3], "soap_decay": [0.01, 0.1]},
+        "schedulefree": {"lr_schedulefree": [1e-3, 2.5e-3, 5e-3, 1e-2], "warmup": [0.05, 0.2]},
+        "kfac": {"lr_kfac": [0.001, 0.003, 0.01, 0.03], "kfac_damping": [0.03, 0.1]},
+    },
 }
+GRIDS["vit"] = {**GRIDS["convnet"],
+                "sgd": {"lr_sgd": [0.025, 0.05, 0.1, 0.2], "sgd_decay": [5e-4, 5e-3]},
+                "adamw": {"lr_adamw": [5e-4, 1e-3, 2e-3, 4e-3], "adamw_decay": [0.05, 0.2]}}
+
+
+def configs(grid):
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def label(config):
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budget", type=float, default=25.0)
-    ap.add_argument("--optimizers", default="tengrad,sgd,adam,kfac")
+    ap.add_argument("--task", default="convnet", choices=sorted(GRIDS))
+    ap.add_argument("--budget", type=float, default=40.0)
+    ap.add_argument("--optimizers", default=",".join(GRIDS["convnet"]))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "TUNING.md"))
     ap.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
+    ap.add_argument("--train-limit", type=int, default=None, help="(smoke tests) fewer training images")
     cli = ap.parse_args()
-    base = demo.parser().parse_args(["--data", cli.data, "--budget", str(cli.budget), "--eval-seconds", str(10 * cli.budget)])
+    if cli.task == "vit":
+        import vit
+        base_parser, make = vit.parser(), None
+    else:
+        base_parser = demo.parser()
+    argv = ["--data", cli.data, "--budget", str(cli.budget), "--eval-seconds", str(10 * cli.budget)]
+    if cli.train_limit:
+        argv += ["--train-limit", str(cli.train_limit)]
+    base = base_parser.parse_args(argv)
+    if cli.task == "vit":
+        make = lambda: vit.ViT(base.width, base.depth, base.heads)  # noqa: E731
+    else:
+        make = lambda: demo.ConvNet(base.width)  # noqa: E731
     data = demo.load_data(base)
-    rows = []
-    start = time.time()
-    for name in [n.strip() for n in cli.optimizers.split(",")]:
-        for config in GRID[name]:
-            args = argparse.Namespace(**{**vars(base), **config})
-            h = demo.train(name, args, data, seed=0)
-            rows.append((name, config, h["accuracy"][-1], h["steps_per_second"]))
-            print(f"{name:<8} {config} -> {100 * h['accuracy'][-1]:.2f}% ({h['steps_per_second']:.1f} steps/s)", flush=True)
+    start, lines, winners = time.time(), [], {}
+
+    def run(name, config, seed):
+        args = argparse.Namespace(**{**vars(base), **config})
+        h = race.train(name, args, data, seed, make)
+        score = h["accuracy"][-1]
+        lines.append(f"| {name} | {label(config)} | {seed} | {100 * score:.2f}% | {h['steps_per_second']:.1f} |")
+        print(f"{name:<12} {label(config)} seed {seed} -> {100 * score:.2f}%", flush=True)
+        return score
+
+    for name in [n.strip() for n in cli.optimizers.split(",") if n.strip()]:
+        grid = {k: list(v) for k, v in GRIDS[cli.task][name].items()}
+        scores = {}
+        for config in configs(grid):
+            scores[tuple(config.items())] = run(name, config, 0)
+        for _ in range(3):  # extend an axis whose edge holds the best
+            best = dict(max(scores, key=scores.get))
+            extended = False
+            for k, values in grid.items():
+                at = values.index(best[k])
+                if at in (0, len(values) - 1) and len(values) > 1 and isinstance(best[k], float):
+                    step = values[1] / values[0] if at == 0 else values[-1] / values[-2]
+                    new = values[0] / step if at == 0 else values[-1] * step
+                    if k in ("warmup",) and not 0 < new < 0.5:
+                        continue
+                    values.insert(0, new) if at == 0 else values.append(new)
+                    config = {**best, k: new}
+                    scores[tuple(config.items())] = run(name, config, 0)
+                    extended = True
+            if not extended:
+                break
+        top = sorted(scores, key=scores.get, reverse=True)[:2]
+        medians = {}
+        for key in top:
+            seeds = [scores[key]] + [run(name, dict(key), seed) for seed in (1, 2)]
+            medians[key] = sorted(seeds)[1]
+        win = max(medians, key=medians.get)
+        winners[name] = (dict(win), medians[win])
+    write(cli, start, lines, winners)
+
+
+def write(cli, start, lines, winners):
+    title = f"## {cli.task}"
+    section = [title, "",
+               f"`python3 examples/torch/tune.py --task {cli.task} --budget {cli.budget:g}` on the 2-core development "
+               f"machine ({time.strftime('%Y-%m-%d')}, {(time.time() - start) / 60:.0f} min in all). Score: test "
+               f"accuracy after {cli.budget:g} s of training under the race's schedule (seed 0; the two best of each "
+               "optimizer also on seeds 1 and 2). Winners (median of 3 seeds), the demo's defaults:", ""]
+    section += [f"* **{name}**: {label(config)} — {100 * score:.2f}%" for name, (config, score) in winners.items()]
+    section += ["", "| optimizer | configuration | seed | test accuracy | steps/s |", "|---|---|---|---|---|"] + lines + [""]
+    old = open(cli.out).read() if os.path.exists(cli.out) else "# Tuning results\n\n"
+    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub("\n".join(section) + "\n", old) if pattern.search(old) else old.rstrip() + "\n\n" + "\n".join(section) + "\n"
     with open(cli.out, "w") as f:
-        f.write("# Tuning results\n\n")
-        f.write(f"`python3 examples/torch/tune.py --budget {cli.budget:g}` on the 2-core development machine "
-                f"({time.strftime('%Y-%m-%d')}, {time.time() - start:.0f} s in all). Each configuration trains the demo "
-                f"ConvNet (width 32, batch 128, seed 0) for {cli.budget:g} s of training time on the full training "
-                "set; score = test accuracy (10k images) at the end. Same grid size (4) for every optimizer. "
-                "**Bold**: the best of each optimizer, the demo's defaults.\n\n")
-        f.write("| optimizer | configuration | test accuracy | steps/s |\n|---|---|---|---|\n")
-        for name in dict.fromkeys(r[0] for r in rows):
-            mine = [r for r in rows if r[0] == name]
-            best = max(mine, key=lambda r: r[2])
-            for r in mine:
-                cfg = ", ".join(f"{k}={v}" for k, v in r[1].items())
-                acc = f"{100 * r[2]:.2f}%"
-                f.write(f"| {name} | {cfg} | {'**' + acc + '**' if r is best else acc} | {r[3]:.1f} |\n")
+        f.write(text)
     print(f"written: {cli.out}")
 
 

@@ -24,6 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fashion_mnist as fm  # noqa: E402  (sets GOMP_SPINCOUNT before torch loads)
+import race  # noqa: E402
 import tengrad  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -61,7 +62,7 @@ def parser():
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--heads", type=int, default=4)
     # Defaults for this model (a short equal-budget sweep, README "Sequence layers").
-    ap.set_defaults(width=64, optimizers="tengrad,adamw,sgd", budget=120.0, plot="vit.png", targets="0.85,0.87",
+    ap.set_defaults(width=64, optimizers="tengrad,sgd,adamw,muon,soap,schedulefree,kfac", budget=120.0, plot="vit.png", targets="0.85,0.87",
                     lr_tengrad=0.1, damping=1.0, lr_sgd=0.1, lr_adamw=2e-3, eval_seconds=15.0)
     return ap
 
@@ -77,8 +78,8 @@ def main():
     print(f"CPU and TENGraD's BLAS: {tengrad.blas_summary()}")
     make = lambda: ViT(args.width, args.depth, args.heads)  # noqa: E731
     seeds = list(range(args.seed, args.seed + args.seeds))
-    runs = {n: [fm.train(n, args, data, seed, make_model=make) for seed in seeds] for n in names}
-    fm.report(runs, args, data, make_model=make)
+    runs = {n: [race.train(n, args, data, seed, make) for seed in seeds] for n in names}
+    race.report(runs, args, data, make)
 
 
 if __name__ == "__main__":
