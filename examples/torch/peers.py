@@ -2,6 +2,9 @@
 the demos' command lines set the knobs a tuning search varies (examples/torch/TUNING.md).
 
 * ``tengrad``: TENGraD's exact blocks under SGD with momentum 0.9 (weight decay ``--sgd-decay``);
+  variants for the ablation: ``--graft sgd|adam`` (per-layer step-size grafting; onto Adam's
+  step the momentum averages, dampening 0.9) and ``--tengrad-hidden`` (exact blocks on the hidden
+  layers only, AdamW for the first and last layers, norms and embeddings: Muon's practice);
 * ``sgd``: SGD, momentum 0.9, weight decay ``--sgd-decay`` (5e-4);
 * ``adam``: Adam (L2 weight decay 5e-4), the previous demos' baseline;
 * ``adamw``: AdamW, betas (0.9, 0.999), decoupled weight decay ``--adamw-decay``;
@@ -74,6 +77,15 @@ class Setup:
             self.optimizers[0].train()
 
 
+def _edges(model: nn.Module) -> List[str]:
+    """Names of what "hidden layers only" leaves to AdamW: the first and last nn.Linear/nn.Conv2d,
+    norms and embeddings."""
+    weighted = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    others = [n for n, m in model.named_modules() if isinstance(m, (nn.LayerNorm, nn.Embedding))
+              or (hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm))]
+    return ([weighted[0], weighted[-1]] if weighted else []) + others
+
+
 def _matrices(model: nn.Module):
     """Muon's split: (hidden weight matrices, the rest). Hidden: 2-D or convolution weights of
     modules other than the first layer, embeddings and the last layer (the classifier)."""
@@ -89,10 +101,22 @@ def _matrices(model: nn.Module):
 
 def make(name: str, model: nn.Module, args) -> Setup:
     if name == "tengrad":
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr_tengrad, momentum=0.9, weight_decay=args.sgd_decay)
+        graft = None if args.graft == "none" else args.graft
+        skip = _edges(model) if args.tengrad_hidden else []
         pre = tt.TENGraD(model, damping=args.damping, fisher=args.fisher, update_freq=args.update_freq,
-                         kl_clip=args.kl_clip or None, lr=args.lr_tengrad)
-        return Setup([opt], precond=pre)
+                         kl_clip=args.kl_clip or None, lr=args.lr_tengrad, graft=graft, skip=skip)
+        mine = pre.parameters()
+        ids = {id(p) for p in mine}
+        rest = [p for p in model.parameters() if id(p) not in ids]
+        # Grafted onto Adam's step, momentum averages like Adam's β₁ (dampening 0.9) instead of summing.
+        opt = torch.optim.SGD(mine, lr=args.lr_tengrad, momentum=0.9, dampening=0.9 if graft == "adam" else 0.0,
+                              weight_decay=args.sgd_decay)
+        opts = [opt]
+        if rest and args.tengrad_hidden:  # Muon's practice: AdamW for the edges, norms, embeddings
+            opts.append(torch.optim.AdamW(rest, lr=args.lr_tengrad_adamw, weight_decay=args.adamw_decay))
+        elif rest:  # what TENGraD does not hook (bare parameters, skipped layers): the same SGD
+            opt.add_param_group({"params": rest})
+        return Setup(opts, precond=pre)
     if name == "sgd":
         return Setup([torch.optim.SGD(model.parameters(), lr=args.lr_sgd, momentum=0.9, weight_decay=args.sgd_decay)])
     if name == "adam":
@@ -138,6 +162,11 @@ def add_arguments(ap) -> None:
     ap.add_argument("--damping", type=float, default=1.0)
     ap.add_argument("--kl-clip", type=float, default=1e-2, help="TENGraD's KL clipping κ (0: none)")
     ap.add_argument("--lr-tengrad", type=float, default=0.1)
+    ap.add_argument("--graft", default="none", choices=["none", "sgd", "adam"],
+                    help="TENGraD's per-layer step-size grafting (tengrad.torch graft=)")
+    ap.add_argument("--tengrad-hidden", action="store_true",
+                    help="TENGraD on hidden layers only; AdamW (--lr-tengrad-adamw) for the edges, norms, embeddings")
+    ap.add_argument("--lr-tengrad-adamw", type=float, default=1e-3)
     ap.add_argument("--lr-sgd", type=float, default=0.1)
     ap.add_argument("--sgd-decay", type=float, default=5e-4, help="weight decay of SGD and of TENGraD's SGD")
     ap.add_argument("--lr-adam", type=float, default=4e-3)

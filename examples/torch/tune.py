@@ -58,6 +58,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "TUNING.md"))
     ap.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--train-limit", type=int, default=None, help="(smoke tests) fewer training images")
+    ap.add_argument("--test-limit", type=int, default=None, help="(smoke tests) fewer test images")
     cli = ap.parse_args()
     if cli.task == "vit":
         import vit
@@ -65,8 +66,9 @@ def main():
     else:
         base_parser = demo.parser()
     argv = ["--data", cli.data, "--budget", str(cli.budget), "--eval-seconds", str(10 * cli.budget)]
-    if cli.train_limit:
-        argv += ["--train-limit", str(cli.train_limit)]
+    for flag, value in (("--train-limit", cli.train_limit), ("--test-limit", cli.test_limit)):
+        if value:
+            argv += [flag, str(value)]
     base = base_parser.parse_args(argv)
     if cli.task == "vit":
         make = lambda: vit.ViT(base.width, base.depth, base.heads)  # noqa: E731

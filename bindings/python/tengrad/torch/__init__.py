@@ -41,6 +41,7 @@ from .batch import Batches
 from .capture import Capturing, _Hook, _Layer
 from .distributed import DataParallel, attach_comm_hook
 from .fisher import SampledFisher
+from .graft import GRAFTS, Grafting
 from .modules import ModuleAdapter, bias_of
 from .state import Checkpoints
 
@@ -65,7 +66,7 @@ def _check_lr(lr) -> float:
     return lr
 
 
-class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Checkpoints):
+class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Checkpoints, Grafting):
     """Exact block-diagonal natural-gradient preconditioner for a PyTorch model.
 
     Args:
@@ -96,6 +97,11 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
             slower; README, "Threads"). Demo ConvNet reuse step: 4.0 → 3.0 ms with two threads
             and ``GOMP_SPINCOUNT=10000``.
             An int n uses n threads for every call (0: OpenBLAS's setting).
+        graft: ``None`` (default), ``"sgd"`` or ``"adam"``: per-layer step-size grafting — each
+            layer's update keeps TENGraD's direction with the norm of the gradient (``"sgd"``) or of
+            an Adam step ``g / (√v̂ + ε)`` (``"adam"``, β₂ 0.999; the moments are kept here and in
+            ``state_dict``), so a learning rate and schedule tuned for SGD or Adam carry over
+            (graft.py). Single process only for now.
         token_mode: for ``nn.Linear`` applied to sequences (inputs [batch, T..., d]; the
             dimensions between batch and features are positions): ``"per-sequence"`` (default) —
             the exact Fisher block of per-sequence gradients, a sequence's gradient summing its
@@ -121,7 +127,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
                  loss_reduction: Union[str, float] = "mean",
                  skip: Iterable[Union[str, type]] = (), fast_path: bool = False, memory_limit: int = 0,
                  conv_strategy: str = "auto", blas_threads: Union[str, int] = "auto", process_group=None,
-                 token_mode: str = "per-sequence"):
+                 token_mode: str = "per-sequence", graft: Optional[str] = None):
         if fisher not in ("empirical", "sampled"):
             raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
         if int(update_freq) < 1:
@@ -132,6 +138,10 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
             raise ValueError(f"blas_threads must be 'auto' or an int in 0..1024, got {blas_threads!r}")
         if token_mode not in ("per-sequence", "per-token"):
             raise ValueError(f"token_mode must be 'per-sequence' or 'per-token', got {token_mode!r}")
+        if graft not in GRAFTS:
+            raise ValueError(f"graft must be None, 'sgd' or 'adam', got {graft!r}")
+        if graft is not None and process_group is not None:
+            raise ValueError("TENGraD: graft with a process_group is not supported yet")
         if token_mode == "per-token" and process_group is not None:
             raise ValueError("TENGraD: token_mode='per-token' with a process_group is not supported yet")
         if not (loss_reduction in ("mean", "sum") or isinstance(loss_reduction, (int, float))):
@@ -144,6 +154,8 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         self.fast_path = fast_path
         self.conv_strategy = conv_strategy
         self.token_mode = token_mode
+        self.graft = graft
+        self._moments = {}  # graft="adam": {parameter name: (running g², steps)}
         self.blas_threads = blas_threads
         self._short_host_spin = _short_host_spin()
         self.process_group = process_group
@@ -259,8 +271,11 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
                     continue
                 self._pre.update_curvature(layer.id, a, g, scale, mask=mask)
             updates.append((layer, *self._pre.precondition(layer.id, w, b)))
-        nu = 1.0
-        if self.kl_clip is not None and self.lr > 0 and updates:
+        nu, moments = 1.0, {}
+        if self.graft is not None and updates:
+            updates, total, moments = self._grafted(updates)
+            nu = self._graft_nu(total)
+        elif self.kl_clip is not None and self.lr > 0 and updates:
             nu = self._pre.kl_clip_factor(self.lr, self.kl_clip)
         # Every call succeeded: write.
         for layer, w_up, b_up in updates:
@@ -268,5 +283,6 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
                 if update is not None:
                     new = torch.from_numpy(update).view(param.shape)
                     param.grad.copy_(new if nu == 1 else new * nu)
+        self._moments.update(moments)
         self.last_nu = nu
         self._finish_step()

@@ -19,6 +19,7 @@ class Checkpoints:
             "lr": self.lr,
             "layers": [layer.name for layer in self._registered],
             "native": self._pre.save_state(),
+            "graft": self._graft_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -62,3 +63,4 @@ class Checkpoints:
         self.update_freq = int(state["update_freq"])
         self.kl_clip = state["kl_clip"]
         self.lr = state["lr"]
+        self._load_graft_state(state.get("graft", {}))

@@ -1,0 +1,69 @@
+"""Per-layer step-size grafting (Shampoo's practice): each layer's preconditioned update keeps its
+direction and takes the norm of a reference optimizer's step on the same gradient, so TENGraD
+inherits a learning rate and schedule tuned for that optimizer:
+
+* ``"sgd"``: the gradient itself (‖update‖ = ‖grad‖ per layer);
+* ``"adam"``: ``g / (√v̂ + ε)``, v Adam's running average of g² (β₂ = 0.999, bias-corrected,
+  ε = 1e-8) kept per parameter here (and in ``state_dict``) — the norm of an Adam step without
+  momentum, which the user's optimizer adds.
+
+A layer is weight and bias together (one block, one norm). KL clipping then uses the grafted
+updates' ⟨update, grad⟩. The moments advance only when a step succeeds."""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+
+from ..parallel import kl_clip_from_sum
+from .modules import bias_of
+
+GRAFTS = (None, "sgd", "adam")
+BETA2, EPS = 0.999, 1e-8
+
+
+class Grafting:
+    """Mixed into TENGraD."""
+
+    def _graft_pairs(self, layer, w_up, b_up):
+        pairs = [(f"{layer.name}.weight", layer.module.weight, w_up)]
+        if b_up is not None:
+            pairs.append((f"{layer.name}.bias", bias_of(layer.module), b_up))
+        return pairs
+
+    def _grafted(self, updates) -> Tuple[list, float, Dict[str, Tuple[torch.Tensor, int]]]:
+        """The updates scaled per layer to the reference step's norm, the KL sum
+        Σ_l scale_l ⟨u_l, g_l⟩, and the new Adam moments (installed by step() on success)."""
+        moments: Dict[str, Tuple[torch.Tensor, int]] = {}
+        total = 0.0
+        for layer, w_up, b_up in updates:
+            reference = 0.0
+            for key, param, _ in self._graft_pairs(layer, w_up, b_up):
+                g = param.grad.detach().to(torch.float64)
+                if self.graft == "adam":
+                    v, t = self._moments.get(key, (torch.zeros_like(g), 0))
+                    v = BETA2 * v + (1 - BETA2) * g * g
+                    t += 1
+                    g = g / ((v / (1 - BETA2 ** t)).sqrt() + EPS)
+                    moments[key] = (v, t)
+                reference += float(g.square().sum())
+            norm = sum(float(np.dot(u.ravel().astype(np.float64), u.ravel().astype(np.float64)))
+                       for _, _, u in self._graft_pairs(layer, w_up, b_up))
+            scale = math.sqrt(reference / norm) if norm > 0 else 0.0
+            for _, _, u in self._graft_pairs(layer, w_up, b_up):
+                u *= np.float32(scale)
+            total += scale * self._pre.layer_stats(layer.id)["update_dot_grad"]
+        return updates, total, moments
+
+    def _graft_nu(self, total: float) -> float:
+        if self.kl_clip is None or self.lr == 0:
+            return 1.0
+        return kl_clip_from_sum(self.lr, self.kl_clip, total)
+
+    def _graft_state(self) -> Dict[str, List]:
+        return {key: [v.clone(), t] for key, (v, t) in self._moments.items()}
+
+    def _load_graft_state(self, saved) -> None:
+        self._moments = {key: (torch.as_tensor(v, dtype=torch.float64).clone(), int(t)) for key, (v, t) in saved.items()}
