@@ -57,7 +57,7 @@ class ViT(nn.Module):
 
 
 def parser():
-    ap = fm.parser()
+    ap = fm.base_parser()
     ap.description = __doc__
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--heads", type=int, default=4)
