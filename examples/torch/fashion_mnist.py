@@ -90,7 +90,9 @@ class ConvNet(nn.Module):
 
 # This task's winners of examples/torch/tune.py (TUNING.md, section "convnet"); knobs not listed
 # keep peers.py's defaults (the authors' settings).
-TUNED = {"lr_tengrad": 0.1, "damping": 1.0, "lr_sgd": 0.1, "lr_adam": 4e-3, "lr_adamw": 1e-3}
+TUNED = {"lr_tengrad": 0.3, "damping": 1.0, "lr_sgd": 0.05, "sgd_decay": 5e-06, "lr_adamw": 0.008,
+         "adamw_decay": 0.01, "lr_muon": 0.02, "lr_muon_adamw": 0.004, "lr_soap": 0.008, "soap_decay": 0.1,
+         "lr_schedulefree": 0.01, "schedulefree_warmup": 0.05, "lr_kfac": 0.003, "kfac_damping": 0.03}
 
 
 def parser():

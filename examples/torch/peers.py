@@ -1,7 +1,7 @@
 """The optimizers of the race (examples/torch/race.py), each configured as its authors recommend;
 the demos' command lines set the knobs a tuning search varies (examples/torch/TUNING.md).
 
-* ``tengrad``: TENGraD's exact blocks under SGD with momentum 0.9 (weight decay ``--sgd-decay``);
+* ``tengrad``: TENGraD's exact blocks under SGD with momentum 0.9 (weight decay ``--tengrad-decay``);
   variants for the ablation: ``--graft sgd|adam`` (per-layer step-size grafting; onto Adam's
   step the momentum averages, dampening 0.9) and ``--tengrad-hidden`` (exact blocks on the hidden
   layers only, AdamW for the first and last layers, norms and embeddings: Muon's practice);
@@ -16,7 +16,7 @@ the demos' command lines set the knobs a tuning search varies (examples/torch/TU
   weight decay ``--soap-decay`` 0.01, preconditioner every 10 steps), run eagerly (``compile_mode = None``:
   compiling costs minutes on a CPU);
 * ``schedulefree``: ``schedulefree.AdamWScheduleFree`` (betas (0.9, 0.999), weight decay
-  ``--adamw-decay``); no decay schedule (it replaces one), the common warm-up only, and its
+  ``--schedulefree-decay``); no decay schedule (it replaces one), the common warm-up only, and its
   averaged weights for evaluation (``eval()`` / ``train()``);
 * ``kfac``: ASDL's KfacGradientMaker, Monte-Carlo Fisher, its authors' Fashion-MNIST settings by
   default (lr 0.003, damping 0.1, factors every 20 steps, inverses every 100, SGD momentum 0.9,
@@ -110,10 +110,10 @@ def make(name: str, model: nn.Module, args) -> Setup:
         rest = [p for p in model.parameters() if id(p) not in ids]
         # Grafted onto Adam's step, momentum averages like Adam's β₁ (dampening 0.9) instead of summing.
         opt = torch.optim.SGD(mine, lr=args.lr_tengrad, momentum=0.9, dampening=0.9 if graft == "adam" else 0.0,
-                              weight_decay=args.sgd_decay)
+                              weight_decay=args.tengrad_decay)
         opts = [opt]
         if rest and args.tengrad_hidden:  # Muon's practice: AdamW for the edges, norms, embeddings
-            opts.append(torch.optim.AdamW(rest, lr=args.lr_tengrad_adamw, weight_decay=args.adamw_decay))
+            opts.append(torch.optim.AdamW(rest, lr=args.lr_tengrad_adamw, weight_decay=args.muon_adamw_decay))
         elif rest:  # what TENGraD does not hook (bare parameters, skipped layers): the same SGD
             opt.add_param_group({"params": rest})
         return Setup(opts, precond=pre)
@@ -127,7 +127,7 @@ def make(name: str, model: nn.Module, args) -> Setup:
         hidden, rest = _matrices(model)
         shadows = [(p.detach().view(p.shape[0], -1), p) for p in hidden]
         muon = torch.optim.Muon([flat for flat, _ in shadows], lr=args.lr_muon, weight_decay=args.muon_decay)
-        adamw = torch.optim.AdamW(rest, lr=args.lr_muon_adamw, weight_decay=args.adamw_decay)
+        adamw = torch.optim.AdamW(rest, lr=args.lr_muon_adamw, weight_decay=args.muon_adamw_decay)
         return Setup([muon, adamw], shadows=shadows)
     if name == "soap":
         import heavyball
@@ -136,7 +136,8 @@ def make(name: str, model: nn.Module, args) -> Setup:
                                      weight_decay=args.soap_decay, precondition_frequency=10)])
     if name == "schedulefree":
         import schedulefree
-        opt = schedulefree.AdamWScheduleFree(model.parameters(), lr=args.lr_schedulefree, weight_decay=args.adamw_decay)
+        opt = schedulefree.AdamWScheduleFree(model.parameters(), lr=args.lr_schedulefree,
+                                             weight_decay=args.schedulefree_decay)
         opt.train()
         return Setup([opt], scheduled=False, averaged=True)
     if name == "kfac":
@@ -168,16 +169,22 @@ def add_arguments(ap) -> None:
                     help="TENGraD on hidden layers only; AdamW (--lr-tengrad-adamw) for the edges, norms, embeddings")
     ap.add_argument("--lr-tengrad-adamw", type=float, default=1e-3)
     ap.add_argument("--lr-sgd", type=float, default=0.1)
-    ap.add_argument("--sgd-decay", type=float, default=5e-4, help="weight decay of SGD and of TENGraD's SGD")
+    ap.add_argument("--sgd-decay", type=float, default=5e-4, help="SGD's weight decay")
+    ap.add_argument("--tengrad-decay", type=float, default=5e-4, help="weight decay of TENGraD's SGD")
     ap.add_argument("--lr-adam", type=float, default=4e-3)
     ap.add_argument("--lr-adamw", type=float, default=1e-3)
     ap.add_argument("--adamw-decay", type=float, default=0.05)
     ap.add_argument("--lr-muon", type=float, default=0.02)
     ap.add_argument("--muon-decay", type=float, default=0.0)
     ap.add_argument("--lr-muon-adamw", type=float, default=1e-3, help="AdamW's lr for what Muon leaves out")
+    ap.add_argument("--muon-adamw-decay", type=float, default=0.05,
+                    help="that AdamW's weight decay (also TENGraD's with --tengrad-hidden)")
     ap.add_argument("--lr-soap", type=float, default=3e-3)
     ap.add_argument("--soap-decay", type=float, default=0.01)
     ap.add_argument("--lr-schedulefree", type=float, default=2.5e-3)
+    ap.add_argument("--schedulefree-decay", type=float, default=0.05)
+    ap.add_argument("--schedulefree-warmup", type=float, default=None,
+                    help="Schedule-Free's warm-up fraction (default: the race's --warmup)")
     ap.add_argument("--lr-kfac", type=float, default=3e-3)
     ap.add_argument("--kfac-damping", type=float, default=0.1)
     ap.add_argument("--kfac-decay", type=float, default=1e-3)

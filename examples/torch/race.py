@@ -31,13 +31,14 @@ def add_arguments(ap) -> None:
     peers.add_arguments(ap)
 
 
-def schedule(progress: float, args) -> float:
+def schedule(progress: float, args, warmup=None) -> float:
     """The learning-rate factor at `progress` ∈ [0, 1] of the budget."""
-    if args.warmup > 0 and progress < args.warmup:
-        return max(progress / args.warmup, 1e-3)
+    warmup = args.warmup if warmup is None else warmup
+    if warmup > 0 and progress < warmup:
+        return max(progress / warmup, 1e-3)
     if args.schedule == "constant":
         return 1.0
-    rest = min(1.0, (progress - args.warmup) / max(1e-9, 1 - args.warmup))
+    rest = min(1.0, (progress - warmup) / max(1e-9, 1 - warmup))
     return 0.5 * (1 + math.cos(math.pi * rest)) if args.schedule == "cosine" else 1 - rest
 
 
@@ -105,9 +106,11 @@ def train(name, args, data, seed, make_model):
         for s in range(0, len(order) - args.batch + 1, args.batch):
             idx = order[s:s + args.batch]
             progress = steps / total_steps if total_steps else clock / args.budget
-            factor = schedule(progress, args)
-            if not setup.scheduled:  # Schedule-Free: the warm-up only
-                factor = factor if progress < args.warmup else 1.0
+            if setup.scheduled:
+                factor = schedule(progress, args)
+            else:  # Schedule-Free: its warm-up only
+                warmup = args.warmup if args.schedulefree_warmup is None else args.schedulefree_warmup
+                factor = schedule(progress, args, warmup) if progress < warmup else 1.0
             setup.scale_lr(factor)
             refresh = setup.precond is not None and setup.precond.steps % setup.precond.update_freq == 0
             loss, times = one_step(model, setup, x_train[idx], y_train[idx], g, args)

@@ -32,7 +32,7 @@ GRIDS = {
         "adamw": {"lr_adamw": [5e-4, 1e-3, 2e-3, 4e-3], "adamw_decay": [0.01, 0.1]},
         "muon": {"lr_muon": [0.005, 0.01, 0.02, 0.04], "lr_muon_adamw": [1e-3, 4e-3]},
         "soap": {"lr_soap": [1e-3, 2e-3, 4e-3, 8e-3], "soap_decay": [0.01, 0.1]},
-        "schedulefree": {"lr_schedulefree": [1e-3, 2.5e-3, 5e-3, 1e-2], "warmup": [0.05, 0.2]},
+        "schedulefree": {"lr_schedulefree": [1e-3, 2.5e-3, 5e-3, 1e-2], "schedulefree_warmup": [0.05, 0.2]},
         "kfac": {"lr_kfac": [0.001, 0.003, 0.01, 0.03], "kfac_damping": [0.03, 0.1]},
     },
 }
@@ -79,7 +79,11 @@ def main():
 
     def run(name, config, seed):
         args = argparse.Namespace(**{**vars(base), **config})
-        h = race.train(name, args, data, seed, make)
+        try:
+            h = race.train(name, args, data, seed, make)
+        except Exception as e:  # noqa: BLE001 — a diverged run (NaN inside a peer) scores 0
+            print(f"{name} {label(config)} seed {seed} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            h = {"accuracy": [0.0], "steps_per_second": float("nan")}
         score = h["accuracy"][-1]
         lines.append(f"| {name} | {label(config)} | {seed} | {100 * score:.2f}% | {h['steps_per_second']:.1f} |")
         print(f"{name:<12} {label(config)} seed {seed} -> {100 * score:.2f}%", flush=True)
@@ -98,7 +102,7 @@ def main():
                 if at in (0, len(values) - 1) and len(values) > 1 and isinstance(best[k], float):
                     step = values[1] / values[0] if at == 0 else values[-1] / values[-2]
                     new = values[0] / step if at == 0 else values[-1] * step
-                    if k in ("warmup",) and not 0 < new < 0.5:
+                    if k.endswith("warmup") and not 0 < new < 0.5:
                         continue
                     values.insert(0, new) if at == 0 else values.append(new)
                     config = {**best, k: new}
