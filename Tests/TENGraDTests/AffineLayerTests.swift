@@ -89,9 +89,6 @@ import Testing
         let want = try q.naturalGradient(layer: l, batch: m * T, activations: x, outputGrads: g, gradScale: 2)
         #expect(got == want)
         let before = p.saveState()
-        func refused(_ code: TENGraDError.Code, _ body: () throws(TENGraDError) -> Void) {
-            do { try body(); Issue.record("not refused") } catch { #expect(error.code == code) }
-        }
         var bad = x
         bad[4] = .nan
         refused(.notFinite) { () throws(TENGraDError) in try p.updateCurvature(layer: l, batch: m, tokens: T, activations: bad, outputGrads: g, mask: nil, gradScale: 1) }

@@ -1,3 +1,4 @@
+import Testing
 import TENGraD
 
 /// Dense float64 oracle (docs/DESIGN.md §2): forms each per-sample gradient u_i and F + λI explicitly and
@@ -137,4 +138,9 @@ struct SeededRandom {
         return Float(z >> 40) / Float(1 << 24) * 2 - 1
     }
     mutating func array(_ n: Int) -> [Float] { (0..<n).map { _ in next() } }
+}
+
+/// Runs a call that must throw `code` (the state-unchanged checks come after it in each test).
+func refused(_ code: TENGraDError.Code, _ body: () throws(TENGraDError) -> Void) {
+    do { try body(); Issue.record("not refused") } catch { #expect(error.code == code) }
 }

@@ -62,7 +62,7 @@ def main():
     cli = ap.parse_args()
     if cli.task == "vit":
         import vit
-        base_parser, make = vit.parser(), None
+        base_parser = vit.parser()
     else:
         base_parser = demo.parser()
     argv = ["--data", cli.data, "--budget", str(cli.budget), "--eval-seconds", str(10 * cli.budget)]

@@ -39,8 +39,9 @@ class Grafting:
         moments: Dict[str, Tuple[torch.Tensor, int]] = {}
         total = 0.0
         for layer, w_up, b_up in updates:
+            pairs = self._graft_pairs(layer, w_up, b_up)
             reference = 0.0
-            for key, param, _ in self._graft_pairs(layer, w_up, b_up):
+            for key, param, _ in pairs:
                 g = param.grad.detach().to(torch.float64)
                 if self.graft == "adam":
                     v, t = self._moments.get(key, (torch.zeros_like(g), 0))
@@ -49,10 +50,9 @@ class Grafting:
                     g = g / ((v / (1 - BETA2 ** t)).sqrt() + EPS)
                     moments[key] = (v, t)
                 reference += float(g.square().sum())
-            norm = sum(float(np.dot(u.ravel().astype(np.float64), u.ravel().astype(np.float64)))
-                       for _, _, u in self._graft_pairs(layer, w_up, b_up))
+            norm = sum(float(np.dot(u.ravel().astype(np.float64), u.ravel().astype(np.float64))) for _, _, u in pairs)
             scale = math.sqrt(reference / norm) if norm > 0 else 0.0
-            for _, _, u in self._graft_pairs(layer, w_up, b_up):
+            for _, _, u in pairs:
                 u *= np.float32(scale)
             total += scale * self._pre.layer_stats(layer.id)["update_dot_grad"]
         return updates, total, moments
