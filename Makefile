@@ -153,6 +153,8 @@ test-c: build ## C ABI tests, compiled as C11 and C++17 with warnings as errors
 	$(CXX) -std=c++17 -O1 $(CWARN) -Iinclude -x c++ Tests/c/test_batch_api.c -o $(BUILD)/test_batch_api_cxx $(LINK_TENGRAD) -lm
 	$(CC) -std=c11 -O1 $(CWARN) -Iinclude Tests/c/test_layer_kinds.c -o $(BUILD)/test_layer_kinds $(LINK_TENGRAD) -lm
 	$(CXX) -std=c++17 -O1 $(CWARN) -Iinclude -x c++ Tests/c/test_layer_kinds.c -o $(BUILD)/test_layer_kinds_cxx $(LINK_TENGRAD) -lm
+	$(CC) -std=c11 -O1 $(CWARN) -Iinclude Tests/c/test_base.c -o $(BUILD)/test_base $(LINK_TENGRAD) -lm
+	$(CXX) -std=c++17 -O1 $(CWARN) -Iinclude -x c++ Tests/c/test_base.c -o $(BUILD)/test_base_cxx $(LINK_TENGRAD) -lm
 	$(BUILD)/test_abi
 	$(BUILD)/test_abi_cxx
 	$(BUILD)/test_threads
@@ -160,6 +162,8 @@ test-c: build ## C ABI tests, compiled as C11 and C++17 with warnings as errors
 	$(BUILD)/test_batch_api_cxx
 	$(BUILD)/test_layer_kinds
 	$(BUILD)/test_layer_kinds_cxx
+	$(BUILD)/test_base
+	$(BUILD)/test_base_cxx
 
 test-python: build ## pytest of the Python binding
 	cd bindings/python && $(PYTHON) -m pytest -q tests
@@ -287,9 +291,12 @@ test-asan: setup ## Swift and C tests under AddressSanitizer (+ UBSan and LeakSa
 	  -L$(ASAN_DIR) -ltengrad -Wl,-rpath,'$(CURDIR)/$(ASAN_DIR)' -lm
 	$(ASAN_CC) -std=c11 $(SAN_FLAGS) $(CWARN) -Iinclude Tests/c/test_layer_kinds.c -o $(BUILD)/asan/test_layer_kinds \
 	  -L$(ASAN_DIR) -ltengrad -Wl,-rpath,'$(CURDIR)/$(ASAN_DIR)' -lm
+	$(ASAN_CC) -std=c11 $(SAN_FLAGS) $(CWARN) -Iinclude Tests/c/test_base.c -o $(BUILD)/asan/test_base \
+	  -L$(ASAN_DIR) -ltengrad -Wl,-rpath,'$(CURDIR)/$(ASAN_DIR)' -lm
 	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/asan/test_abi
 	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/asan/test_batch_api
 	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/asan/test_layer_kinds
+	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/asan/test_base
 	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/asan/test_threads
 	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/asan/leak_loop
 

@@ -398,6 +398,27 @@ TENGRAD_NODISCARD tengrad_status tengrad_set_layer_param(tengrad_preconditioner 
 TENGRAD_NODISCARD tengrad_status tengrad_get_layer_param(const tengrad_preconditioner *p, int32_t layer,
                                                          int32_t param, int64_t *out_value);
 
+/* ---- Diagonal base ------------------------------------------------------------------------ */
+
+/* A layer's block becomes F + λE instead of F + λI: E = diag(e), one number per parameter — the
+   weight in weight_grad's layout, the bias (exactly when the layer has one) in bias_grad's — so
+   that directions one batch does not see get curvature from elsewhere, e.g. a running average of
+   squared gradients normalized to mean 1 (docs/DESIGN.md §13). Still one m×m system per layer:
+     (F + λE)⁻¹ v = (1/λ) E⁻¹ (v − U x),  x = (UᵀE⁻¹U + mλI)⁻¹ UᵀE⁻¹ v  (U: per-sample gradients),
+   and λ remains a shift (tengrad_set_damping re-factorizes the kept Gram). e = 1 everywhere is
+   the plain block. Every e must be a normal positive float (2⁻¹²⁶ ≤ e < ∞):
+   TENGRAD_ERROR_NOT_FINITE for NaN or Inf, TENGRAD_ERROR_INVALID_ARGUMENT for a smaller entry, a
+   missing or unexpected bias_base; either changes nothing. weight_base NULL (and bias_base NULL)
+   clears the base. The library copies e (2 floats per parameter, counted against the memory
+   limit). It takes effect at the next curvature update (the current snapshot keeps the base it
+   was taken with; saved state keeps both). A layer with a base takes its Gram by the explicit
+   strategy (embeddings: their sparse Gram), whatever its strategy setting.
+   tengrad_get_layer_base: 1 when a base is set for the next snapshot, else 0. */
+TENGRAD_NODISCARD tengrad_status tengrad_set_layer_base(tengrad_preconditioner *p, int32_t layer,
+                                                        const float *weight_base, const float *bias_base);
+TENGRAD_NODISCARD tengrad_status tengrad_get_layer_base(const tengrad_preconditioner *p, int32_t layer,
+                                                        int32_t *out_has_base);
+
 /* tengrad_update_curvature and tengrad_natural_gradient over sequences (see above). */
 TENGRAD_NODISCARD tengrad_status tengrad_update_curvature_tokens(tengrad_preconditioner *p, int32_t layer,
                                                                  int64_t batch, int64_t tokens,
@@ -471,13 +492,13 @@ TENGRAD_NODISCARD tengrad_status tengrad_natural_gradient(tengrad_preconditioner
 
 /* Save everything a resumed run needs for bit-identical updates: settings (damping, memory
    limit, conv strategies), layers and their shapes, each layer's curvature snapshot (batch
-   copies, Gram, Cholesky factor) and last ⟨update, grad⟩. Size query then fill: with
+   copies, Gram, Cholesky factor, diagonal base) and last ⟨update, grad⟩. Size query then fill: with
    buffer == NULL, *size receives the bytes needed; otherwise up to capacity bytes are written
    and *size receives the bytes written (TENGRAD_ERROR_SHAPE if capacity is too small).
-   Format: magic "TENGRAD\x1a", u32 version (3), explicit little-endian fields, no pointers,
+   Format: magic "TENGRAD\x1a", u32 version (4), explicit little-endian fields, no pointers,
    XXH64 checksum of all preceding bytes last. The blob is portable across machines.
    Version 2 added the snapshot representation, version 3 a snapshot's token count (sequence
-   layers); blobs of versions 1 and 2 still load. */
+   layers), version 4 diagonal bases; blobs of versions 1 to 3 still load. */
 TENGRAD_NODISCARD tengrad_status tengrad_save_state(const tengrad_preconditioner *p, void *buffer,
                                                     size_t capacity, size_t *size);
 

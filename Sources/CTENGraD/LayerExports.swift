@@ -195,3 +195,27 @@ public func tengrad_get_conv2d_shape(
         try writeCallerStruct(tengrad_conv2d_shape(s), to: out, "out", type: "tengrad_conv2d_shape")
     }
 }
+
+// MARK: - Diagonal base
+
+@_cdecl("tengrad_set_layer_base")
+public func tengrad_set_layer_base(
+    _ p: OpaquePointer?, _ layer: Int32, _ weightBase: UnsafePointer<Float>?, _ biasBase: UnsafePointer<Float>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let counts = try h.core.arrayCounts(layer: Int(layer), batch: 0)
+        try h.core.setBase(
+            layer: Int(layer), weightBase: weightBase.map { UnsafeBufferPointer(start: $0, count: counts.weight) },
+            biasBase: biasBase.map { UnsafeBufferPointer(start: $0, count: counts.bias) })
+    }
+}
+
+@_cdecl("tengrad_get_layer_base")
+public func tengrad_get_layer_base(
+    _ p: OpaquePointer?, _ layer: Int32, _ outHasBase: UnsafeMutablePointer<Int32>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let o = try required(outHasBase, "out_has_base")
+        o.pointee = try h.core.hasBase(layer: Int(layer)) ? 1 : 0
+    }
+}

@@ -37,6 +37,15 @@ extension Preconditioner {
         }
     }
 
+    /// `setBase` with arrays (nil weight base: clear).
+    public func setBase(layer: Int, weightBase: [Float]?, biasBase: [Float]?) throws(TENGraDError) {
+        try withOptionalBuffer(weightBase) { (w) throws(TENGraDError) in
+            try withOptionalBuffer(biasBase) { (b) throws(TENGraDError) in
+                try setBase(layer: layer, weightBase: w, biasBase: b)
+            }
+        }
+    }
+
     /// `precondition` with arrays; returns the weight update and the bias update (nil without bias).
     public func precondition(layer: Int, weightGrad: [Float], biasGrad: [Float]?) throws(TENGraDError) -> (weight: [Float], bias: [Float]?) {
         let counts = try arrayCounts(layer: layer, batch: 0)

@@ -126,6 +126,31 @@ public final class Preconditioner {
         try layer(id).tokenMode
     }
 
+    /// Sets a layer's diagonal base E (docs/DESIGN.md §13): its block becomes `F + λE` instead of
+    /// `F + λI`, one positive number per parameter (each a normal float32: ≥ 2⁻¹²⁶ and finite),
+    /// weight in the gradient's layout, bias when the layer has one. nil clears it (λI). Takes
+    /// effect at the next curvature update; the current snapshot keeps the base it was taken
+    /// with. Layers with a base use the explicit Gram (or a sparse kind's own).
+    public func setBase(
+        layer id: Int, weightBase: UnsafeBufferPointer<Float>?, biasBase: UnsafeBufferPointer<Float>?
+    ) throws(TENGraDError) {
+        let l = try layer(id)
+        guard let weightBase else {
+            guard biasBase == nil else { throw .invalid("bias_base without weight_base") }
+            l.baseSetting = nil
+            return
+        }
+        let w = try Arguments.base(weightBase, count: l.dims.weightCount, "weight_base")
+        let b = try Arguments.bias(biasBase, count: l.dims.biasCount, "bias_base")
+        l.baseSetting = try DiagonalBase(weight: w, weightCount: l.dims.weightCount, bias: b, biasCount: l.dims.biasCount,
+                                         budget: budget)
+    }
+
+    /// Whether a layer has a diagonal base set (for its next snapshot).
+    public func hasBase(layer id: Int) throws(TENGraDError) -> Bool {
+        try layer(id).baseSetting != nil
+    }
+
     func append(_ layer: ExactBlock) throws(TENGraDError) -> Int {
         guard layers.count < Int(Int32.max) else { throw .invalid("too many layers") }
         layers.append(layer)

@@ -75,15 +75,15 @@ struct DenseOracle {
         return v
     }
 
-    /// (F + λI)⁻¹ v with F = (1/m) Σ u_i u_iᵀ.
-    func solve(damping: Double, _ v: [Double]) -> [Double] {
+    /// (F + λI)⁻¹ v with F = (1/m) Σ u_i u_iᵀ; with a base e (in the rows' order), (F + λ diag(e))⁻¹ v.
+    func solve(damping: Double, base: [Double]? = nil, _ v: [Double]) -> [Double] {
         let m = Double(u.count)
         var f = [[Double]](repeating: [Double](repeating: 0, count: d + 1), count: d)
         for r in 0..<d {
             for c in 0..<d {
                 var sum = 0.0
                 for row in u { sum += row[r] * row[c] }
-                f[r][c] = sum / m + (r == c ? damping : 0)
+                f[r][c] = sum / m + (r == c ? damping * (base?[r] ?? 1) : 0)
             }
             f[r][d] = v[r]
         }

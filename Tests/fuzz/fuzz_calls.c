@@ -78,7 +78,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     tengrad_preconditioner *p = NULL;
     if (tengrad_create(&p) != TENGRAD_OK) abort();
     for (int step = 0; step < 24 && in.at < in.size; step++) {
-        uint8_t op = u8(&in) % 14;
+        uint8_t op = u8(&in) % 15;
         int32_t id = 0, layer = (int32_t)(u8(&in) % 5) - 1;
         int64_t batch = size_value(&in);
         size_t acts, grads, weight, bias;
@@ -217,6 +217,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             d.b.grad_scale = f64(&in);
             if (v & 16) (void)tengrad_update_curvature_v2(p, layer, &d.b);
             else (void)tengrad_natural_gradient_v2(p, layer, &d.b, out_w, bias ? out_b : NULL);
+            break;
+        }
+        case 13: { /* a diagonal base from the pool (fuzzed values: 0, negative, NaN, subnormal), or cleared */
+            uint8_t v = u8(&in);
+            layer_sizes(p, layer, 1, &acts, &grads, &weight, &bias);
+            if (weight == 0 || weight + bias > MAX_FLOATS) {
+                (void)tengrad_set_layer_base(p, layer, NULL, NULL);
+                break;
+            }
+            fill_pool(&in, weight + bias);
+            if (v & 1) for (size_t i = 0; i < weight + bias; i++) pool[i] = pool[i] < 0 ? -pool[i] : pool[i] + 0.5f;
+            if (v & 2) (void)tengrad_set_layer_base(p, layer, NULL, NULL);
+            else (void)tengrad_set_layer_base(p, layer, pool, v & 4 ? NULL : pool + weight);
+            int32_t has;
+            (void)tengrad_get_layer_base(p, layer, &has);
             break;
         }
         default: (void)tengrad_last_error(p); break;

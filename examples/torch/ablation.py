@@ -7,7 +7,8 @@ for the optimizer whose step norm it inherits.
 Variants: ``tengrad`` (the tuned TENGraD); ``graft-sgd`` (per-layer norm of the gradient, SGD's
 tuned lr); ``graft-adam`` (per-layer norm of an Adam step, AdamW's tuned lr, momentum averaged
 like Adam's); ``hidden+adamw`` (exact blocks on the hidden layers only, AdamW at its tuned lr for
-the first and last layers, norms and embeddings). Printed: the race's table (accuracy at the
+the first and last layers, norms and embeddings); ``base-adam`` (the block F + λE, E from Adam's
+second moment, TENGraD's tuned lr and λ). Printed: the race's table (accuracy at the
 budget, time to the targets, steps/s; median [min–max] over seeds).
 """
 import argparse
@@ -25,6 +26,7 @@ def variants(args):
         "graft-sgd": {"graft": "sgd", "lr_tengrad": args.lr_sgd},
         "graft-adam": {"graft": "adam", "lr_tengrad": args.lr_adamw},
         "hidden+adamw": {"tengrad_hidden": True, "lr_tengrad_adamw": args.lr_adamw},
+        "base-adam": {"tengrad_base": "adam"},
     }
 
 

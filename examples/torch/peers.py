@@ -4,7 +4,8 @@ the demos' command lines set the knobs a tuning search varies (examples/torch/TU
 * ``tengrad``: TENGraD's exact blocks under SGD with momentum 0.9 (weight decay ``--tengrad-decay``);
   variants for the ablation: ``--graft sgd|adam`` (per-layer step-size grafting; onto Adam's
   step the momentum averages, dampening 0.9) and ``--tengrad-hidden`` (exact blocks on the hidden
-  layers only, AdamW for the first and last layers, norms and embeddings: Muon's practice);
+  layers only, AdamW for the first and last layers, norms and embeddings: Muon's practice) and
+  ``--tengrad-base adam`` (the block F + λE, E from Adam's second moment);
 * ``sgd``: SGD, momentum 0.9, weight decay ``--sgd-decay`` (5e-4);
 * ``adam``: Adam (L2 weight decay 5e-4), the previous demos' baseline;
 * ``adamw``: AdamW, betas (0.9, 0.999), decoupled weight decay ``--adamw-decay``;
@@ -104,7 +105,8 @@ def make(name: str, model: nn.Module, args) -> Setup:
         graft = None if args.graft == "none" else args.graft
         skip = _edges(model) if args.tengrad_hidden else []
         pre = tt.TENGraD(model, damping=args.damping, fisher=args.fisher, update_freq=args.update_freq,
-                         kl_clip=args.kl_clip or None, lr=args.lr_tengrad, graft=graft, skip=skip)
+                         kl_clip=args.kl_clip or None, lr=args.lr_tengrad, graft=graft, skip=skip,
+                         base=None if args.tengrad_base == "none" else args.tengrad_base)
         mine = pre.parameters()
         ids = {id(p) for p in mine}
         rest = [p for p in model.parameters() if id(p) not in ids]
@@ -165,6 +167,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--lr-tengrad", type=float, default=0.1)
     ap.add_argument("--graft", default="none", choices=["none", "sgd", "adam"],
                     help="TENGraD's per-layer step-size grafting (tengrad.torch graft=)")
+    ap.add_argument("--tengrad-base", default="none", choices=["none", "adam"],
+                    help="TENGraD's diagonal base: F + λE with E from Adam's second moment (tengrad.torch base=)")
     ap.add_argument("--tengrad-hidden", action="store_true",
                     help="TENGraD on hidden layers only; AdamW (--lr-tengrad-adamw) for the edges, norms, embeddings")
     ap.add_argument("--lr-tengrad-adamw", type=float, default=1e-3)

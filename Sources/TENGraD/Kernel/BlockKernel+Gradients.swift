@@ -102,6 +102,36 @@ extension BlockKernel {
         return Double(m) * Double(m + 1) * Double(width)
     }
 
+    /// K += (U E^{-1/2})(U E^{-1/2})ᵀ for kept U (m × d, rows [weight | bias]) and a diagonal
+    /// base: column blocks of U scaled into `work` (`scaledGramFloats` floats: the syrk's m² and
+    /// the block), one syrk each. Returns the flops.
+    func scaledGram(
+        m: Int, u: UnsafePointer<Float>, base: DiagonalBase, into k: UnsafeMutablePointer<Double>,
+        work: UnsafeMutablePointer<Float>, floats: Int
+    ) -> Double {
+        let d = dims.parameters
+        let width = max(1, min(d, (floats - m * m) / max(m, 1)))
+        let block = work + m * m
+        var flops = 0.0
+        var c0 = 0
+        while c0 < d {
+            let w = min(width, d - c0)
+            for i in 0..<m { (block + i * w).update(from: u + i * d + c0, count: w) }
+            base.scaleRows(block, rows: m, width: w, ldu: w, column: c0)
+            flops += accumulateGram(m: m, u: block, width: w, ldu: w, into: k, scratch: work)
+            c0 += w
+        }
+        return flops
+    }
+
+    /// Floats `scaledGram` takes within `available`: m² and a block of at least 1024 columns.
+    func scaledGramFloats(m: Int, available: Int) throws(TENGraDError) -> Int {
+        let mm = try checkedProduct(m, m, what: "batch²")
+        let least = try checkedSum(mm, try checkedProduct(m, min(dims.parameters, 1024), what: "Gram block"), what: "workspace")
+        let whole = try checkedSum(mm, try checkedProduct(m, dims.parameters, what: "Gram block"), what: "workspace")
+        return min(whole, max(least, available))
+    }
+
     /// Explicit Gram without keeping U: per-sample gradients of a block of output features for
     /// all m samples, then K += U_blk U_blkᵀ. When all of U fits `available` floats it is formed
     /// whole and returned (a pointer into `work`, valid until the workspace is next requested),
@@ -128,19 +158,21 @@ extension BlockKernel {
         return ExplicitPlan(channels: cb, chunk: mc, whole: whole, floats: mm + m * width + geometry.formScratch(samples: mc))
     }
 
-    /// Runs an `ExplicitPlan`: adds the Gram to `k` (unscaled). Returns the flops and, when U was
-    /// formed whole, its rows ([weight | bias], stride d) inside `work`.
+    /// Runs an `ExplicitPlan`: adds the Gram to `k` (unscaled; with a base, of U E^{-1/2}).
+    /// Returns the flops and, when U was formed whole without a base, its rows ([weight | bias],
+    /// stride d) inside `work`.
     func explicitGram(
         m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, into k: UnsafeMutablePointer<Double>,
-        plan: ExplicitPlan, work: UnsafeMutablePointer<Float>
+        plan: ExplicitPlan, work: UnsafeMutablePointer<Float>, base: DiagonalBase? = nil
     ) -> (flops: Double, u: UnsafePointer<Float>?) {
         let pT = dims.patchWithBias, P = dims.patch, Cg = dims.groupOut, mm = m * m
         let kf = work, u = work + mm
         if plan.whole {
             let patchBuf = u + m * dims.parameters
             var flops = formAllGradients(m: m, a: a, g: g, into: u, chunk: plan.chunk, work: patchBuf)
+            base?.scaleRows(u, rows: m, width: dims.parameters, ldu: dims.parameters, column: 0)
             flops += accumulateGram(m: m, u: u, width: dims.parameters, ldu: dims.parameters, into: k, scratch: kf)
-            return (flops, UnsafePointer(u))
+            return (flops, base == nil ? UnsafePointer(u) : nil)
         }
         let width = plan.channels * pT
         let patchBuf = u + m * width
@@ -156,6 +188,12 @@ extension BlockKernel {
                         a: a, g: g, start: i0, count: c, group: group, o0: o0, n: n, into: u, ldu: width,
                         weightColumn: 0, biasColumn: n * P, patchBuf: patchBuf)
                     i0 += c
+                }
+                if let base {
+                    geometry.scaleWeightBlock(u, rows: m, ldu: width, group: group, o0: o0, n: n, base: base)
+                    if dims.hasBias {
+                        base.scaleRows(u + n * P, rows: m, width: n, ldu: width, column: dims.weightCount + group * Cg + o0)
+                    }
                 }
                 flops += accumulateGram(m: m, u: u, width: n * pT, ldu: width, into: k, scratch: kf)
                 o0 += n

@@ -103,9 +103,9 @@ struct BlockKernel {
     /// For a linear layer (L = 1, one block) this is K = (AAᵀ + 1) ∘ (GGᵀ). Returns the flops.
     func factoredGram(
         m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, into k: UnsafeMutablePointer<Double>,
-        chunk c: Int, work: UnsafeMutablePointer<Float>
+        chunk c: Int, work: UnsafeMutablePointer<Float>, base: DiagonalBase? = nil
     ) -> Double {
-        if let sparse { return sparse.sparseGram(m: m, a: a, g: g, into: k, work: work) }
+        if let sparse { return sparse.sparseGram(m: m, a: a, g: g, into: k, work: work, base: base) }
         let L = dims.positions, P = dims.patch, Cg = dims.groupOut
         let one: Float = dims.hasBias ? 1 : 0
         let cl = c * L

@@ -74,6 +74,10 @@ protocol BlockGeometry: Sendable {
         a: UnsafePointer<Float>, g: UnsafePointer<Float>, start: Int, count: Int, group: Int, o0: Int, n: Int,
         into u: UnsafeMutablePointer<Float>, ldu: Int, column: Int, scratch: UnsafeMutablePointer<Float>
     ) -> Bool
+    /// Scales a block that `formWeightGradients` wrote (m rows from `u`, row stride ldu) by a
+    /// diagonal base's e^{-1/2}, column by column in the block's own order.
+    func scaleWeightBlock(
+        _ u: UnsafeMutablePointer<Float>, rows m: Int, ldu: Int, group: Int, o0: Int, n: Int, base: DiagonalBase)
 }
 
 extension BlockGeometry {
@@ -93,6 +97,12 @@ extension BlockGeometry {
         a: UnsafePointer<Float>, g: UnsafePointer<Float>, start: Int, count: Int, group: Int, o0: Int, n: Int,
         into u: UnsafeMutablePointer<Float>, ldu: Int, column: Int, scratch: UnsafeMutablePointer<Float>
     ) -> Bool { false }
+    /// The weight's order: features o0..<o0+n of group γ are n·P consecutive parameters.
+    func scaleWeightBlock(
+        _ u: UnsafeMutablePointer<Float>, rows m: Int, ldu: Int, group: Int, o0: Int, n: Int, base: DiagonalBase
+    ) {
+        base.scaleRows(u, rows: m, width: n * dims.patch, ldu: ldu, column: (group * dims.groupOut + o0) * dims.patch)
+    }
 }
 
 /// A kind whose per-sample gradient rows are sparse (an embedding's: the rows of the ids a sample
@@ -100,10 +110,11 @@ extension BlockGeometry {
 /// patch GEMMs (the factored Gram, Uᵀv and U x of raw snapshots). Unscaled Gram, like the kernel's.
 protocol SparseRowGeometry: BlockGeometry {
     func sparseGramScratch(samples m: Int) throws(TENGraDError) -> Int
-    /// K += the Gram of the batch's rows (unscaled). Returns the flops.
+    /// K += the Gram of the batch's rows (unscaled; with a base, of the rows ⊙ e^{-1/2}).
+    /// Returns the flops.
     func sparseGram(
         m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, into k: UnsafeMutablePointer<Double>,
-        work: UnsafeMutablePointer<Float>
+        work: UnsafeMutablePointer<Float>, base: DiagonalBase?
     ) -> Double
     /// t_i = s ⟨u_i, v⟩. Returns the flops.
     func sparseProject(

@@ -112,6 +112,15 @@ struct EmbeddingGeometry: SparseRowGeometry {
         return true
     }
 
+    /// The block is V × n per sample: id v's features o0..<o0+n are parameters v·D + o0 + f.
+    func scaleWeightBlock(
+        _ u: UnsafeMutablePointer<Float>, rows m: Int, ldu: Int, group: Int, o0: Int, n: Int, base: DiagonalBase
+    ) {
+        for v in 0..<vocabulary {
+            base.scaleRows(u + v * n, rows: m, width: n, ldu: ldu, column: v * features + o0)
+        }
+    }
+
     // MARK: - Sparse products over the raw batch
 
     /// Sort keys (2 floats each), one summed row per sample of an id (m × D), their Gram (m²).
@@ -124,7 +133,7 @@ struct EmbeddingGeometry: SparseRowGeometry {
 
     func sparseGram(
         m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, into k: UnsafeMutablePointer<Double>,
-        work: UnsafeMutablePointer<Float>
+        work: UnsafeMutablePointer<Float>, base: DiagonalBase?
     ) -> Double {
         let n = m * tokens, D = features
         let rows = work + 2 * n, square = rows + m * D
@@ -152,6 +161,7 @@ struct EmbeddingGeometry: SparseRowGeometry {
                     end += 1
                 }
                 flops += Double(end - start) * Double(D)
+                base?.scaleRows(rows, rows: r, width: D, ldu: D, column: Int(v) * D)
                 if r <= 8 {
                     for x in 0..<r {
                         for y in 0...x {

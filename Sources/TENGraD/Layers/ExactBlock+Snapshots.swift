@@ -59,7 +59,9 @@ extension ExactBlock {
         return (factored, uFormed ? syrk : 2 * dm * dl * Double(k.dims.weightCount) + syrk)
     }
 
-    private func pickStrategy(_ estimates: (factored: Double, explicit: Double)) -> ConvStrategy {
+    /// With a diagonal base only the explicit Gram (and a sparse kind's own) can weight U's columns.
+    private func pickStrategy(_ estimates: (factored: Double, explicit: Double), _ k: BlockKernel) -> ConvStrategy {
+        if baseSetting != nil && k.sparse == nil { return .explicit }
         if strategySetting != .auto { return strategySetting }
         if geometry.defaultStrategy != .auto { return geometry.defaultStrategy }
         return estimates.factored < estimates.explicit ? .factored : .explicit
@@ -103,7 +105,8 @@ extension ExactBlock {
         }
         let gram = try newGram(m: m, context: context)
         let estimates = gramEstimates(k, m: m, uFormed: false)
-        let strategy = pickStrategy(estimates)
+        let strategy = pickStrategy(estimates, k)
+        let base = baseSetting
         // Still to come after the Gram: the Cholesky factor (m² doubles) and the solve's 2m doubles.
         let available = workspaceFloats(context, reserve: (m * m + 2 * m) * MemoryLayout<Double>.stride)
         var flops: Double
@@ -111,18 +114,18 @@ extension ExactBlock {
         if strategy == .factored {
             let c = k.factoredChunk(m: m, available: available)
             let work = try context.workspace.floats(try k.factoredWorkspace(chunk: c, m: m))
-            flops = k.factoredGram(m: m, a: a, g: g, into: gram.base, chunk: c, work: work)
+            flops = k.factoredGram(m: m, a: a, g: g, into: gram.base, chunk: c, work: work, base: base)
         } else {
             let plan = try k.explicitPlan(m: m, available: available)
             let work = try context.workspace.floats(plan.floats)
-            (flops, workspaceU) = k.explicitGram(m: m, a: a, g: g, into: gram.base, plan: plan, work: work)
+            (flops, workspaceU) = k.explicitGram(m: m, a: a, g: g, into: gram.base, plan: plan, work: work, base: base)
         }
         let system = try finishSystem(gram, m: m, scale: s, context: context)
         flops += system.factorFlops
         let snap = Snapshot(
             m: m, tokens: k.geometry.tokens, scale: s, data: .raw(activations: activations, outputGrads: outputGrads),
             entryBound: Snapshot.rawEntryBound(scale: s, dims: dims, maxPatch: k.geometry.patchBound(maxActivation: maxima.a), maxOutputGrad: maxima.g),
-            system: system)
+            system: system, base: base)
         return Prepared(
             snapshot: snap, flops: flops, strategy: strategy, factoredEstimate: estimates.factored,
             explicitEstimate: estimates.explicit, workspaceU: workspaceU)
@@ -138,7 +141,8 @@ extension ExactBlock {
         let u = try Storage<Float>(count: count, budget: context.budget, what: "per-sample gradients (\(m) × \(k.dims.parameters) floats)")
         let gram = try newGram(m: m, context: context)
         let estimates = gramEstimates(k, m: m, uFormed: true)
-        let strategy = pickStrategy(estimates)
+        let strategy = pickStrategy(estimates, k)
+        let base = baseSetting
         let available = workspaceFloats(context, reserve: (m * m + 2 * m) * MemoryLayout<Double>.stride)
         let formChunk = k.formChunk(m: m, available: available)
         var need = k.geometry.formScratch(samples: formChunk)
@@ -146,6 +150,8 @@ extension ExactBlock {
         if strategy == .factored {
             factoredChunk = k.factoredChunk(m: m, available: available)
             need = max(need, try k.factoredWorkspace(chunk: factoredChunk, m: m))
+        } else if base != nil {
+            need = max(need, try k.scaledGramFloats(m: m, available: available))
         } else {
             need = max(need, m * m)  // the float32 syrk's output
         }
@@ -170,27 +176,31 @@ extension ExactBlock {
                 throw TENGraDError(.numerical, "the per-sample gradients overflow float32 (inputs too large)")
             }
             scannedBound = Double(s) * Double(scan.maxAbs)
-            flops += k.factoredGram(m: m, a: a, g: g, into: gram.base, chunk: factoredChunk, work: work)
+            flops += k.factoredGram(m: m, a: a, g: g, into: gram.base, chunk: factoredChunk, work: work, base: base)
+        } else if let base {
+            flops += k.scaledGram(m: m, u: u.base, base: base, into: gram.base, work: work, floats: need)
         } else {
             flops += k.accumulateGram(m: m, u: u.base, width: k.dims.parameters, ldu: k.dims.parameters, into: gram.base, scratch: work)
         }
         let system = try finishSystem(gram, m: m, scale: s, context: context)
         flops += system.factorFlops
-        let entryBound = scannedBound ?? Self.diagonalBound(system, parameters: k.dims.parameters)
+        let entryBound = scannedBound ?? Self.diagonalBound(system, parameters: k.dims.parameters, base: base)
         let snap = Snapshot(
-            m: m, tokens: k.geometry.tokens, scale: s, data: .perSample(u), entryBound: entryBound, system: system)
+            m: m, tokens: k.geometry.tokens, scale: s, data: .perSample(u), entryBound: entryBound, system: system, base: base)
         return Prepared(
             snapshot: snap, flops: flops, strategy: strategy, factoredEstimate: estimates.factored,
             explicitEstimate: estimates.explicit, workspaceU: nil)
     }
 
     /// max_ij |s·u_ij| ≤ max_i √K_ii for a Gram taken from U's own float32 syrk, whose sum of d
-    /// squares may round low by up to d·2⁻²⁴ relative.
-    private static func diagonalBound(_ system: DampedSystem, parameters d: Int) -> Double {
+    /// squares may round low by up to d·2⁻²⁴ relative (with a base, K̃_ii = Σ_j u_ij²/e_j: times
+    /// the largest e, and the rounding of the scaling).
+    static func diagonalBound(_ system: DampedSystem, parameters d: Int, base: DiagonalBase?) -> Double {
         let m = system.m
         var largest = 0.0
         for i in 0..<m { largest = max(largest, system.gram.base[i * m + i]) }
-        return (largest * (1 + Double(d) * 0x1p-24)).squareRoot()
+        let e = base.map { Double($0.largest) * (1 + 0x1p-20) } ?? 1
+        return (largest * e * (1 + Double(d) * 0x1p-24)).squareRoot()
     }
 
     /// Copies the batch into a raw snapshot and installs it. Cannot fail.

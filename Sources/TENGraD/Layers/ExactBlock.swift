@@ -18,6 +18,8 @@ final class ExactBlock {
     var representationSetting: SnapshotRepresentation = .auto
     /// Linear layers over sequences: per-sequence (exact) or per-token samples.
     var tokenMode: TokenMode = .perSequence
+    /// The diagonal base the next snapshot takes (nil: λI).
+    var baseSetting: DiagonalBase?
 
     private(set) var snapshot: Snapshot?
     /// Statistics recorded by the calls; `stats` adds the lazily computed condition estimate.
@@ -119,13 +121,22 @@ final class ExactBlock {
         guard scan.finite else { throw TENGraDError(.notFinite, "per_sample_gradients contain NaN or Inf") }
         let kept = try Storage<Float>(count: count, budget: context.budget, what: "per-sample gradients (\(m) × \(dims.parameters) floats)")
         let gram = try newGram(m: m, context: context)
-        let work = try context.workspace.floats(try checkedProduct(m, m, what: "batch²"))
-        var flops = kernel.accumulateGram(m: m, u: u, width: dims.parameters, ldu: dims.parameters, into: gram.base, scratch: work)
+        let base = baseSetting
+        var flops: Double
+        if let base {
+            let floats = try kernel.scaledGramFloats(m: m, available: workspaceFloats(context, reserve: m * m * 8))
+            let work = try context.workspace.floats(floats)
+            flops = kernel.scaledGram(m: m, u: u, base: base, into: gram.base, work: work, floats: floats)
+        } else {
+            let work = try context.workspace.floats(try checkedProduct(m, m, what: "batch²"))
+            flops = kernel.accumulateGram(m: m, u: u, width: dims.parameters, ldu: dims.parameters, into: gram.base, scratch: work)
+        }
         let system = try finishSystem(gram, m: m, scale: 1, context: context)
         flops += system.factorFlops
         kept.base.update(from: u, count: count)
         let estimates = gramEstimates(kernel, m: m, uFormed: true)
-        let snap = Snapshot(m: m, tokens: 1, scale: 1, data: .perSample(kept), entryBound: Double(scan.maxAbs), system: system)
+        let snap = Snapshot(m: m, tokens: 1, scale: 1, data: .perSample(kept), entryBound: Double(scan.maxAbs), system: system,
+                            base: base)
         install(Prepared(snapshot: snap, flops: flops, strategy: .explicit, factoredEstimate: estimates.factored,
                          explicitEstimate: estimates.explicit, workspaceU: nil), context: context)
         record.curvatureSeconds = monotonicSeconds() - start
@@ -152,7 +163,9 @@ final class ExactBlock {
             sumC += c[i]
             sumAbsC += abs(c[i])
         }
-        let bound = p.snapshot.entryBound * sumAbsC
+        let base = p.snapshot.base
+        // With a base the update is E⁻¹ U c: U c, then divided by e in place.
+        let bound = p.snapshot.entryBound * sumAbsC * max(1, 1 / Double(base?.smallest ?? 1))
         guard sumAbsC.isFinite, bound <= safeMagnitude else {
             throw TENGraDError(.numerical, "the natural-gradient update would overflow float32 (bound \(bound))")
         }
@@ -170,6 +183,10 @@ final class ExactBlock {
             flops = k.apply(
                 m: m, a: a, g: g, scale: Double(s), x: c, alpha: 1, beta: 0, weight: weightUpdate, bias: biasUpdate,
                 chunk: plan.chunk, work: work)
+        }
+        if let base {
+            base.divide(weightUpdate, count: dims.weightCount, column: 0, times: 1)
+            if let biasUpdate { base.divide(biasUpdate, count: dims.biasCount, column: dims.weightCount, times: 1) }
         }
         commit(p, activations: a, outputGrads: g, context: context)
         record.curvatureSeconds = middle - start
@@ -202,6 +219,15 @@ final class ExactBlock {
         let m = snap.m, s = Double(snap.scale)
         let t = try context.workspace.doubles(try checkedProduct(2, m, what: "2·batch"))
         let tCopy = t + m
+        let base = snap.base
+        // With a base, Uᵀ reads E⁻¹v (d floats after the products' workspace) and E⁻¹ scales v − U x.
+        let extra = base == nil ? 0 : dims.parameters
+        if let base {
+            let largest = max(scanW.maxAbs, scanB.maxAbs) / Double(base.smallest)
+            guard largest <= safeMagnitude else {
+                throw TENGraDError(.numerical, "gradient / base overflows float32 (bound \(largest))")
+            }
+        }
 
         // Everything the products need, allocated before any output is written.
         enum Source {
@@ -209,23 +235,36 @@ final class ExactBlock {
             case raw(a: UnsafePointer<Float>, g: UnsafePointer<Float>, chunk: Int, work: UnsafeMutablePointer<Float>)
         }
         let source: Source
+        let w: UnsafeMutablePointer<Float>  // after the products' workspace: E⁻¹v when there is a base
         switch snap.data {
         case let .perSample(u):
             // The float workspace is idle on this path: no allocation per reuse step.
-            source = .kept(u: UnsafePointer(u.base), scratch: try context.workspace.floats(try checkedProduct(2, m, what: "2·batch")))
+            let scratch = try context.workspace.floats(try checkedSum(try checkedProduct(2, m, what: "2·batch"), extra, what: "workspace"))
+            source = .kept(u: UnsafePointer(u.base), scratch: scratch)
+            w = scratch + 2 * m
         case let .raw(a, g):
-            let plan = try k.updatePlan(m: m, available: workspaceFloats(context, reserve: 0))
-            source = .raw(a: UnsafePointer(a.base), g: UnsafePointer(g.base), chunk: plan.chunk, work: try context.workspace.floats(plan.floats))
+            let plan = try k.updatePlan(m: m, available: workspaceFloats(context, reserve: extra * 4))
+            let work = try context.workspace.floats(try checkedSum(plan.floats, extra, what: "workspace"))
+            source = .raw(a: UnsafePointer(a.base), g: UnsafePointer(g.base), chunk: plan.chunk, work: work)
+            w = work + plan.floats
+        }
+        // What Uᵀ reads: v, or E⁻¹v (and Σ v²/e for ⟨update, v⟩).
+        var vw = weightGrad, vb = biasGrad
+        var vNorm = scanW.sumSquares + scanB.sumSquares
+        if let base {
+            vNorm = base.divide(weightGrad, count: dims.weightCount, column: 0, into: w)
+            if let biasGrad { vNorm += base.divide(biasGrad, count: dims.biasCount, column: dims.weightCount, into: w + dims.weightCount) }
+            (vw, vb) = (UnsafePointer(w), biasGrad == nil ? nil : UnsafePointer(w + dims.weightCount))
         }
 
         var flops: Double
         var keptPatches: Block?
         switch source {
         case let .kept(u, scratch):
-            flops = k.projectKept(m: m, u: u, scale: s, weightGrad: weightGrad, biasGrad: biasGrad, into: t, tf: scratch)
+            flops = k.projectKept(m: m, u: u, scale: s, weightGrad: vw, biasGrad: vb, into: t, tf: scratch)
         case let .raw(a, g, chunk, work):
             (flops, keptPatches) = k.project(
-                m: m, a: a, g: g, scale: s, weightGrad: weightGrad, biasGrad: biasGrad, into: t, chunk: chunk, work: work)
+                m: m, a: a, g: g, scale: s, weightGrad: vw, biasGrad: vb, into: t, chunk: chunk, work: work)
         }
         var finite = true
         for i in 0..<m { finite = finite && t[i].isFinite }
@@ -240,7 +279,9 @@ final class ExactBlock {
         }
         let λ = system.damping
         let maxV = max(scanW.maxAbs, scanB.maxAbs)
-        let bound = (maxV + snap.entryBound * sumAbsX) / λ
+        // With a base: v − U x first, then divided by λe.
+        let bound = base.map { (maxV + snap.entryBound * sumAbsX) * max(1, 1 / (λ * Double($0.smallest))) }
+            ?? (maxV + snap.entryBound * sumAbsX) / λ
         guard sumAbsX.isFinite, bound <= safeMagnitude else {
             throw TENGraDError(.numerical, "the preconditioned update would overflow float32 (bound \(bound))")
         }
@@ -248,7 +289,7 @@ final class ExactBlock {
         // In place (the update written over v, as tengrad.torch does) no pass is spent on (1/λ)v
         // and BLAS scales with its threads; out of place v is copied first and the same call runs
         // on the same numbers, so both give the same bits.
-        let inverse = Float(1 / λ)
+        let (alpha, inverse) = base == nil ? (-1 / λ, Float(1 / λ)) : (-1, 1)
         if UnsafePointer(weightUpdate) != weightGrad { weightUpdate.update(from: weightGrad, count: dims.weightCount) }
         if let biasUpdate, let biasGrad, UnsafePointer(biasUpdate) != biasGrad {
             biasUpdate.update(from: biasGrad, count: dims.biasCount)
@@ -256,18 +297,22 @@ final class ExactBlock {
         switch source {
         case let .kept(u, scratch):
             flops += k.applyKept(
-                m: m, u: u, scale: s, x: x, alpha: -1 / λ, beta: inverse, weight: weightUpdate, bias: biasUpdate,
+                m: m, u: u, scale: s, x: x, alpha: alpha, beta: inverse, weight: weightUpdate, bias: biasUpdate,
                 xf: scratch + m)
         case let .raw(a, g, chunk, work):
             flops += k.apply(
-                m: m, a: a, g: g, scale: s, x: x, alpha: -1 / λ, beta: inverse, weight: weightUpdate, bias: biasUpdate,
+                m: m, a: a, g: g, scale: s, x: x, alpha: alpha, beta: inverse, weight: weightUpdate, bias: biasUpdate,
                 chunk: chunk, work: work, kept: keptPatches)
+        }
+        if let base {
+            base.divide(weightUpdate, count: dims.weightCount, column: 0, times: Float(1 / λ))
+            if let biasUpdate { base.divide(biasUpdate, count: dims.biasCount, column: dims.weightCount, times: Float(1 / λ)) }
         }
         if system !== snap.system { replaceSnapshot(snap.with(system: system)) }
         record.updateSeconds = monotonicSeconds() - start
         record.updateFlops = flops + 2 * Double(m) * Double(m)
-        // ⟨update, v⟩ = (1/λ)(‖v‖² − (Uᵀv)ᵀ x).
-        record.updateDotGrad = (scanW.sumSquares + scanB.sumSquares - tDotX) / λ
+        // ⟨update, v⟩ = (1/λ)(‖v‖² − (Uᵀv)ᵀ x); with a base (1/λ)(vᵀE⁻¹v − (UᵀE⁻¹v)ᵀ x).
+        record.updateDotGrad = (vNorm - tDotX) / λ
         record.hasUpdate = true
     }
 }

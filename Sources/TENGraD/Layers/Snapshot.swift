@@ -42,6 +42,8 @@ struct Snapshot {
     /// updates: |(U x)_k| ≤ entryBound · Σ|x_i|.
     let entryBound: Double
     let system: DampedSystem
+    /// The diagonal base its Gram used (nil: λI), which its products then use too.
+    var base: DiagonalBase? = nil
 
     var representation: SnapshotRepresentation {
         if case .raw = data { return .raw }
@@ -59,7 +61,7 @@ struct Snapshot {
     var bytes: Int { dataBytes + system.bytes }
 
     func with(system newSystem: DampedSystem) -> Snapshot {
-        Snapshot(m: m, tokens: tokens, scale: scale, data: data, entryBound: entryBound, system: newSystem)
+        Snapshot(m: m, tokens: tokens, scale: scale, data: data, entryBound: entryBound, system: newSystem, base: base)
     }
 
     /// The entry bound of a raw snapshot: an entry of u_i sums L products g·ã, so

@@ -1,20 +1,22 @@
 /// A layer's part of saved state: its settings, its curvature snapshot (either representation,
 /// Gram, Cholesky factor) and the last update's ⟨update, grad⟩ for KL clipping.
 ///
-/// Format version 3:
+/// Format version 4:
 ///
 ///     u32 strategy setting        (0 auto, 1 factored, 2 explicit)
 ///     u32 representation setting  (0 auto, 1 raw, 2 per-sample)
 ///     u32 token mode setting      (0 per sequence, 1 per token; 0 for conv layers)
+///     u32 base setting            (0 none, 1 set); if 1: f32 × d, the diagonal base e
 ///     u32 snapshot                (0 none, 1 raw, 2 per-sample); if not 0:
 ///         i64 m, i64 tokens T (positions per sample of a raw batch; 1 for conv layers),
 ///         f32 grad scale, f64 λ of the factor, f64 jitter, f64 1-norm,
 ///         raw:        f32 × activations count, f32 × output-gradient count
 ///         per-sample: f32 × m·d  (U unscaled, rows [weight | bias])
-///         f64 × m² Gram, f64 × m² factor
+///         f64 × m² Gram (of U E^{-1/2} with a base), f64 × m² factor
+///         u32 snapshot base (0 none, 1 set); if 1: f32 × d
 ///     u32 has update, f64 ⟨update, grad⟩
 ///
-/// Version 2 (still read): no token mode, no T (T = 1). Version 1 (still read): u32 strategy
+/// Version 3 (still read): no base. Version 2 (still read): no token mode, no T (T = 1). Version 1 (still read): u32 strategy
 /// setting, u32 has snapshot (raw only, no representation setting), then the same fields.
 extension ExactBlock {
     /// A layer state parsed and allocated, not yet installed.
@@ -22,6 +24,7 @@ extension ExactBlock {
         let strategy: ConvStrategy
         let representation: SnapshotRepresentation
         let tokenMode: TokenMode
+        let base: DiagonalBase?
         let snapshot: Snapshot?
         let hasUpdate: Bool
         let updateDotGrad: Double
@@ -44,6 +47,7 @@ extension ExactBlock {
         w.u32(Self.code(strategySetting, in: Self.strategyCodes))
         w.u32(Self.code(representationSetting, in: Self.representationCodes))
         w.u32(Self.code(tokenMode, in: Self.tokenModeCodes))
+        Self.writeBase(baseSetting, &w)
         guard let s = snapshot else {
             w.u32(0)
             w.bool(record.hasUpdate)
@@ -66,8 +70,26 @@ extension ExactBlock {
         }
         w.doubles(s.system.gram.base, s.m * s.m)
         w.doubles(s.system.factor.base, s.m * s.m)
+        Self.writeBase(s.base, &w)
         w.bool(record.hasUpdate)
         w.f64(record.updateDotGrad)
+    }
+
+    private static func writeBase(_ base: DiagonalBase?, _ w: inout StateWriter) {
+        w.bool(base != nil)
+        if let base { w.floats(base.scale.base, base.count) }
+    }
+
+    /// A base (format 4), checked: every entry a normal positive float.
+    private func readBase(_ r: inout StateReader, _ what: String, budget: MemoryBudget,
+                          corrupt: (String) -> TENGraDError) throws(TENGraDError) -> DiagonalBase? {
+        guard try r.bool("\(what) flag") else { return nil }
+        let d = dims.parameters
+        try r.require(try checkedProduct(d, 4, what: what), size: 1, what)
+        let e = try Storage<Float>(count: d, budget: budget, what: "restored \(what)")
+        try r.floats(into: e.base, d, what)
+        guard let base = try DiagonalBase(restoring: e, budget: budget) else { throw corrupt("invalid \(what)") }
+        return base
     }
 
     /// Parses and validates this layer's state (format `version`), allocating the snapshot
@@ -81,6 +103,7 @@ extension ExactBlock {
         var representation = SnapshotRepresentation.auto
         var tokenMode = TokenMode.perSequence
         var kind = SnapshotRepresentation.auto
+        var base: DiagonalBase?
         if version >= 2 {
             let settingCode = try r.u32("representation setting")
             guard let setting = Self.value(settingCode, in: Self.representationCodes) else {
@@ -93,6 +116,7 @@ extension ExactBlock {
                       geometry.takesTokens || mode == .perSequence else { throw corrupt("invalid token mode \(modeCode)") }
                 tokenMode = mode
             }
+            if version >= 4 { base = try readBase(&r, "base setting", budget: budget, corrupt: corrupt) }
             let kindCode = try r.u32("snapshot kind")
             guard let k = Self.value(kindCode, in: Self.representationCodes) else { throw corrupt("invalid snapshot kind \(kindCode)") }
             kind = k
@@ -149,12 +173,14 @@ extension ExactBlock {
             for i in 0..<m { finite = finite && factor.base[i * m + i] > 0 }
             guard finite else { throw corrupt("non-finite Gram, or a factor without a positive diagonal") }
             let system = DampedSystem(restoring: gram, factor: factor, m: m, damping: damping, jitter: jitter, anorm: anorm)
-            snap = Snapshot(m: m, tokens: tokens, scale: scale, data: data, entryBound: entryBound, system: system)
+            let snapshotBase = version >= 4 ? try readBase(&r, "snapshot base", budget: budget, corrupt: corrupt) : nil
+            snap = Snapshot(m: m, tokens: tokens, scale: scale, data: data, entryBound: entryBound, system: system,
+                            base: snapshotBase)
         }
         let hasUpdate = try r.bool("update flag")
         let dot = try r.f64("update · grad")
         guard dot.isFinite else { throw corrupt("non-finite update · grad") }
-        return Restored(strategy: strategy, representation: representation, tokenMode: tokenMode, snapshot: snap,
+        return Restored(strategy: strategy, representation: representation, tokenMode: tokenMode, base: base, snapshot: snap,
                         hasUpdate: hasUpdate, updateDotGrad: dot)
     }
 
@@ -163,6 +189,7 @@ extension ExactBlock {
         strategySetting = restored.strategy
         representationSetting = restored.representation
         tokenMode = restored.tokenMode
+        baseSetting = restored.base
         replaceSnapshot(restored.snapshot)
         record.hasUpdate = restored.hasUpdate
         record.updateDotGrad = restored.updateDotGrad

@@ -1,17 +1,18 @@
 /// Saved state: everything a resumed run needs to compute bit-identical updates.
 ///
-/// Format (version 3; versions 1 and 2 are still read), all numbers little-endian:
+/// Format (version 4; versions 1 to 3 are still read), all numbers little-endian:
 ///
 ///     magic      8 bytes  "TENGRAD" 0x1A
-///     u32 format version (3), u32 reserved (0), u64 payload bytes
+///     u32 format version (4), u32 reserved (0), u64 payload bytes
 ///     payload:   f64 damping, i64 memory limit, u32 layer count,
 ///                per layer: u32 kind and its shape, as the kind's geometry writes it
 ///                  1 linear: i64 in, i64 out, u32 bias
 ///                  2 conv2d: i64 × 12 (channels in/out, height, width, kernel, stride, padding,
 ///                            dilation — each height then width), i64 groups, u32 bias
 ///                  3 affine: i64 features, u32 bias
+///                  4 embedding: i64 vocabulary, i64 features
 ///                then the layer's state (see ExactBlock+State; version 2 adds the
-///                representation setting and per-sample snapshots)
+///                representation setting and per-sample snapshots, 3 token modes, 4 bases)
 ///     u64 XXH64 (seed 0) of every byte before it
 ///
 /// No pointers, no padding, no host-dependent sizes. Loading checks magic, version, length and
@@ -23,7 +24,7 @@
 /// Settings (damping, memory limit, conv strategies) are restored either way.
 extension Preconditioner {
     static let stateMagic: [UInt8] = [0x54, 0x45, 0x4E, 0x47, 0x52, 0x41, 0x44, 0x1A]
-    static let stateVersion: UInt32 = 3
+    static let stateVersion: UInt32 = 4
     /// Oldest format version `loadState` reads.
     static let oldestStateVersion: UInt32 = 1
     private static let headerBytes = 8 + 4 + 4 + 8

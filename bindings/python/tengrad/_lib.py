@@ -327,6 +327,10 @@ tengrad_get_layer_param = _declare("tengrad_get_layer_param", c_int32, _handle, 
 #                                                        const float *per_sample_gradients);
 tengrad_update_curvature_from_gradients = _declare(
     "tengrad_update_curvature_from_gradients", c_int32, _handle, c_int32, c_int64, _f32p)
+# tengrad_status tengrad_set_layer_base(p, int32_t layer, const float *weight_base, const float *bias_base);
+tengrad_set_layer_base = _declare("tengrad_set_layer_base", c_int32, _handle, c_int32, _f32p, _f32p)
+# tengrad_status tengrad_get_layer_base(const tengrad_preconditioner *p, int32_t layer, int32_t *out_has_base);
+tengrad_get_layer_base = _declare("tengrad_get_layer_base", c_int32, _handle, c_int32, POINTER(c_int32))
 # tengrad_status tengrad_precondition(p, int32_t layer, const float *weight_grad,
 #                                     const float *bias_grad, float *weight_update, float *bias_update);
 tengrad_precondition = _declare(

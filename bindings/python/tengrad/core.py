@@ -207,6 +207,25 @@ class Preconditioner:
         code = self._get_param(layer, _lib.LAYER_PARAM_SNAPSHOT_REPRESENTATION)
         return {v: k for k, v in _REPRESENTATIONS.items()}[code]
 
+    def set_base(self, layer: int, weight_base: Optional[np.ndarray], bias_base: Optional[np.ndarray] = None) -> None:
+        """The layer's diagonal base E: its block becomes F + λE instead of F + λI (one positive
+        number per parameter, shaped like the weight and the bias; ``None`` clears it). Takes
+        effect at the next curvature update; the current snapshot keeps its own."""
+        if weight_base is None:
+            if bias_base is not None:
+                raise ValueError("bias_base without weight_base")
+            _lib.tengrad_set_layer_base(self._h, self._id(layer), None, None)
+            return
+        shapes = self.array_shapes(layer)
+        parameter_pair(shapes, weight_base, bias_base, ("weight_base", "bias_base"))
+        _lib.tengrad_set_layer_base(self._h, int(layer), ptr(weight_base), ptr(bias_base))
+
+    def has_base(self, layer: int) -> bool:
+        """Whether a diagonal base is set for the layer's next snapshot."""
+        out = ctypes.c_int32()
+        _lib.tengrad_get_layer_base(self._h, self._id(layer), ctypes.byref(out))
+        return bool(out.value)
+
     # Every per-layer setting goes through the library's one keyed pair (tengrad_set_layer_param).
     def _set_param(self, layer: int, key: int, value: int) -> None:
         _lib.tengrad_set_layer_param(self._h, self._id(layer), key, value)

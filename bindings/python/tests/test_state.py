@@ -93,8 +93,8 @@ def corruptions(blob):
         damaged[at] ^= 0x40
         yield f"flipped byte {at}", bytes(damaged)
     wrong_version = bytearray(blob)
-    struct.pack_into("<I", wrong_version, 8, 4)
-    yield "version 4", bytes(wrong_version)
+    struct.pack_into("<I", wrong_version, 8, 5)
+    yield "version 5", bytes(wrong_version)
 
 
 def test_every_corruption_is_rejected_and_changes_nothing():
@@ -110,7 +110,7 @@ def test_every_corruption_is_rejected_and_changes_nothing():
             with pytest.raises(tengrad.TengradError) as e:
                 q.load_state(damaged)
             assert e.value.status == tengrad.ERROR_CORRUPT, name
-        assert "version 4" in _message(q, dict(corruptions(blob))["version 4"])
+        assert "version 5" in _message(q, dict(corruptions(blob))["version 5"])
         assert "checksum" in _message(q, dict(corruptions(blob))[f"flipped byte {len(blob) // 2}"])
         assert_bit_identical(before, updates(q, layers, np.random.default_rng(5)))
     p.close()
@@ -216,4 +216,4 @@ def test_format_version_1_still_loads():
         spec = dict(kernel=(2, 2), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=2, bias=False)
         U = conv_per_sample(x.astype(np.float64), g.astype(np.float64), spec, 1.0)
         assert relative_error(join_conv(w, None), damped_solve(U, p.damping, join_conv(v, None))) <= 1e-3
-        assert struct.unpack_from("<I", p.save_state(), 8)[0] == 3  # saved again as version 3
+        assert struct.unpack_from("<I", p.save_state(), 8)[0] == 4  # saved again as version 4

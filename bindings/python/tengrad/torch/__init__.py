@@ -41,6 +41,7 @@ from .batch import Batches
 from .capture import Capturing, _Hook, _Layer
 from .distributed import DataParallel, attach_comm_hook
 from .fisher import SampledFisher
+from .base import BASES, DiagonalBases
 from .graft import GRAFTS, Grafting
 from .modules import ModuleAdapter, bias_of
 from .state import Checkpoints
@@ -66,7 +67,7 @@ def _check_lr(lr) -> float:
     return lr
 
 
-class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Checkpoints, Grafting):
+class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Checkpoints, Grafting, DiagonalBases):
     """Exact block-diagonal natural-gradient preconditioner for a PyTorch model.
 
     Args:
@@ -102,6 +103,10 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
             an Adam step ``g / (√v̂ + ε)`` (``"adam"``, β₂ 0.999; the moments are kept here and in
             ``state_dict``), so a learning rate and schedule tuned for SGD or Adam carry over
             (graft.py). Single process only for now.
+        base: ``None`` (default: ``F + λI``) or ``"adam"``: each layer's block is ``F + λE`` with
+            E = diag(e) from Adam's second moment of its gradients (√v̂ normalized to mean 1 per
+            layer, clamped to [1e-3, 1e3]; base.py, docs/DESIGN.md §15) — curvature memory
+            across batches in the directions one batch does not span. Single process only for now.
         token_mode: for ``nn.Linear`` applied to sequences (inputs [batch, T..., d]; the
             dimensions between batch and features are positions): ``"per-sequence"`` (default) —
             the exact Fisher block of per-sequence gradients, a sequence's gradient summing its
@@ -127,7 +132,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
                  loss_reduction: Union[str, float] = "mean",
                  skip: Iterable[Union[str, type]] = (), fast_path: bool = False, memory_limit: int = 0,
                  conv_strategy: str = "auto", blas_threads: Union[str, int] = "auto", process_group=None,
-                 token_mode: str = "per-sequence", graft: Optional[str] = None):
+                 token_mode: str = "per-sequence", graft: Optional[str] = None, base: Optional[str] = None):
         if fisher not in ("empirical", "sampled"):
             raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
         if int(update_freq) < 1:
@@ -142,6 +147,10 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
             raise ValueError(f"graft must be None, 'sgd' or 'adam', got {graft!r}")
         if graft is not None and process_group is not None:
             raise ValueError("TENGraD: graft with a process_group is not supported yet")
+        if base not in BASES:
+            raise ValueError(f"base must be None or 'adam', got {base!r}")
+        if base is not None and process_group is not None:
+            raise ValueError("TENGraD: base with a process_group is not supported yet")
         if token_mode == "per-token" and process_group is not None:
             raise ValueError("TENGraD: token_mode='per-token' with a process_group is not supported yet")
         if not (loss_reduction in ("mean", "sum") or isinstance(loss_reduction, (int, float))):
@@ -156,6 +165,8 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         self.token_mode = token_mode
         self.graft = graft
         self._moments = {}  # graft="adam": {parameter name: (running g², steps)}
+        self.base = base
+        self._base_moments = {}  # base="adam": {parameter name: (running g², steps)}
         self.blas_threads = blas_threads
         self._short_host_spin = _short_host_spin()
         self.process_group = process_group
@@ -257,8 +268,14 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
             self._pre.blas_threads = self.blas_threads
         self._pre.clear_updates()  # KL clipping sums only this step's layers
         updates = []
+        bases = {}  # base="adam": the moments this step advances (installed on success)
+        if self.base is not None:
+            for layer, *_ in plans:
+                bases.update(self._base_moments_of(layer))
         for layer, w, b, batch in plans:
             if batch is not None:
+                if self.base is not None:
+                    self._set_layer_base(layer, bases)
                 a, g, mask = batch if len(batch) == 3 else batch + (None,)
                 scale = layer.step_scale
                 single = len([c for c in layer.captures if c.grads is not None]) == 1
@@ -284,5 +301,6 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
                     new = torch.from_numpy(update).view(param.shape)
                     param.grad.copy_(new if nu == 1 else new * nu)
         self._moments.update(moments)
+        self._base_moments.update(bases)
         self.last_nu = nu
         self._finish_step()

@@ -20,6 +20,7 @@ class Checkpoints:
             "layers": [layer.name for layer in self._registered],
             "native": self._pre.save_state(),
             "graft": self._graft_state(),
+            "base": self._base_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -64,3 +65,4 @@ class Checkpoints:
         self.kl_clip = state["kl_clip"]
         self.lr = state["lr"]
         self._load_graft_state(state.get("graft", {}))
+        self._load_base_state(state.get("base", {}))
