@@ -384,14 +384,23 @@ TENGRAD_NODISCARD tengrad_status tengrad_get_token_mode(const tengrad_preconditi
      TENGRAD_LAYER_PARAM_CONV_STRATEGY          TENGRAD_CONV_*      (tengrad_set_conv_strategy)
      TENGRAD_LAYER_PARAM_SNAPSHOT_REPRESENTATION TENGRAD_SNAPSHOT_* (tengrad_set_snapshot_representation)
      TENGRAD_LAYER_PARAM_TOKEN_MODE             TENGRAD_TOKENS_*    (tengrad_set_token_mode)
+     TENGRAD_LAYER_PARAM_DAMPING_MODE           TENGRAD_DAMPING_*
+   TENGRAD_DAMPING_ABSOLUTE (default): the layer's block is F + λI (F + λE with a base), λ as set
+   by tengrad_set_damping. TENGRAD_DAMPING_RELATIVE: λ is relative to the batch block's average
+   nonzero eigenvalue — the layer uses λ · tr(F)/min(m, d) (with a base, of E⁻¹F), computed at
+   each refresh from the snapshot's Gram (λ itself when F is zero), so one λ fits layers and
+   losses of any scale (docs/DESIGN.md §16). Takes effect at the next curvature update; the layer stats' damping
+   reports the λ in use.
    An unknown key or a value outside its set is TENGRAD_ERROR_INVALID_ARGUMENT and changes
    nothing; so is a value the layer's kind does not take (PER_TOKEN on a conv2d layer). The
    single-setting calls above stay, as thin wrappers, for the 0.x versions. */
 enum {
     TENGRAD_LAYER_PARAM_CONV_STRATEGY = 1,
     TENGRAD_LAYER_PARAM_SNAPSHOT_REPRESENTATION = 2,
-    TENGRAD_LAYER_PARAM_TOKEN_MODE = 3
+    TENGRAD_LAYER_PARAM_TOKEN_MODE = 3,
+    TENGRAD_LAYER_PARAM_DAMPING_MODE = 4
 };
+enum { TENGRAD_DAMPING_ABSOLUTE = 0, TENGRAD_DAMPING_RELATIVE = 1 };
 
 TENGRAD_NODISCARD tengrad_status tengrad_set_layer_param(tengrad_preconditioner *p, int32_t layer,
                                                          int32_t param, int64_t value);

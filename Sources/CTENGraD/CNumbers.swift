@@ -73,6 +73,23 @@ extension TokenMode {
     }
 }
 
+extension DampingMode {
+    init?(code: Int32) {
+        switch Int(code) {
+        case Int(TENGRAD_DAMPING_ABSOLUTE): self = .absolute
+        case Int(TENGRAD_DAMPING_RELATIVE): self = .relative
+        default: return nil
+        }
+    }
+
+    var code: Int32 {
+        switch self {
+        case .absolute: Int32(TENGRAD_DAMPING_ABSOLUTE)
+        case .relative: Int32(TENGRAD_DAMPING_RELATIVE)
+        }
+    }
+}
+
 extension LayerKind {
     var code: Int32 {
         switch self {

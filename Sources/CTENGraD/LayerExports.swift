@@ -82,6 +82,11 @@ private func setLayerParam(_ h: Handle, _ layer: Int32, _ param: Int32, _ value:
             throw TENGraDError(.invalidArgument, "mode must be TENGRAD_TOKENS_PER_SEQUENCE or _PER_TOKEN, got \(value)")
         }
         try h.core.setTokenMode(layer: Int(layer), m)
+    case Int(TENGRAD_LAYER_PARAM_DAMPING_MODE):
+        guard let m = code.flatMap(DampingMode.init(code:)) else {
+            throw TENGraDError(.invalidArgument, "damping mode must be TENGRAD_DAMPING_ABSOLUTE or _RELATIVE, got \(value)")
+        }
+        try h.core.setDampingMode(layer: Int(layer), m)
     default:
         throw TENGraDError(.invalidArgument, "unknown layer parameter \(param) (TENGRAD_LAYER_PARAM_*)")
     }
@@ -104,6 +109,7 @@ public func tengrad_get_layer_param(
         case Int(TENGRAD_LAYER_PARAM_SNAPSHOT_REPRESENTATION):
             o.pointee = Int64(try h.core.snapshotRepresentation(layer: id).code)
         case Int(TENGRAD_LAYER_PARAM_TOKEN_MODE): o.pointee = Int64(try h.core.tokenMode(layer: id).code)
+        case Int(TENGRAD_LAYER_PARAM_DAMPING_MODE): o.pointee = Int64(try h.core.dampingMode(layer: id).code)
         default: throw TENGraDError(.invalidArgument, "unknown layer parameter \(param) (TENGRAD_LAYER_PARAM_*)")
         }
     }

@@ -126,6 +126,16 @@ public final class Preconditioner {
         try layer(id).tokenMode
     }
 
+    /// How a layer reads λ (`DampingMode`: `.absolute`, the default, or `.relative` — λ times the
+    /// snapshot's average nonzero eigenvalue tr(F)/min(m, d)). Takes effect at the next curvature update.
+    public func setDampingMode(layer id: Int, _ mode: DampingMode) throws(TENGraDError) {
+        try layer(id).dampingMode = mode
+    }
+
+    public func dampingMode(layer id: Int) throws(TENGraDError) -> DampingMode {
+        try layer(id).dampingMode
+    }
+
     /// Sets a layer's diagonal base E (docs/DESIGN.md §13): its block becomes `F + λE` instead of
     /// `F + λI`, one positive number per parameter (each a normal float32: ≥ 2⁻¹²⁶ and finite),
     /// weight in the gradient's layout, bias when the layer has one. nil clears it (λI). Takes

@@ -3,7 +3,8 @@
  * against the dense float64 oracle (F + λ diag(e))⁻¹ — precondition after a curvature update, in
  * place, a new damping, the one-call natural gradient, a saved and restored handle — then every
  * refusal (NaN, Inf, zero, negative, subnormal, a missing or unexpected bias base, an unknown
- * layer, the memory limit), each leaving the saved state byte for byte as it was, and clearing.
+ * layer, the memory limit), each leaving the saved state byte for byte as it was, and clearing;
+ * relative damping (TENGRAD_LAYER_PARAM_DAMPING_MODE) against the oracle with λ · tr(E⁻¹F)/min(m, d).
  * Compiled as C11 and C++17 with -Werror.
  */
 #include <math.h>
@@ -136,6 +137,28 @@ int main(void) {
     CHECK(tengrad_set_memory_limit(p, in_use + 8) == TENGRAD_OK);
     CHECK(tengrad_set_layer_base(p, layer, ew, eb) == TENGRAD_ERROR_OUT_OF_MEMORY);
     CHECK(tengrad_set_memory_limit(p, 0) == TENGRAD_OK);
+
+    /* Relative damping: λ · tr(F)/min(m, d) of the next snapshot (here of E⁻¹F: the base is set). */
+    int64_t mode = -1;
+    CHECK(tengrad_get_layer_param(p, layer, TENGRAD_LAYER_PARAM_DAMPING_MODE, &mode) == TENGRAD_OK &&
+          mode == TENGRAD_DAMPING_ABSOLUTE);
+    CHECK(tengrad_set_layer_param(p, layer, TENGRAD_LAYER_PARAM_DAMPING_MODE, 2) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_set_layer_param(p, layer, TENGRAD_LAYER_PARAM_DAMPING_MODE, TENGRAD_DAMPING_RELATIVE) == TENGRAD_OK);
+    CHECK(tengrad_get_layer_param(p, layer, TENGRAD_LAYER_PARAM_DAMPING_MODE, &mode) == TENGRAD_OK &&
+          mode == TENGRAD_DAMPING_RELATIVE);
+    CHECK(tengrad_update_curvature(p, layer, M, a, g, (float)scale) == TENGRAD_OK);
+    double trace = 0;
+    for (int i = 0; i < M; i++)
+        for (int k = 0; k < D; k++) trace += u[i * D + k] * u[i * D + k] / e[k];
+    double relative = 0.3 * trace / M / (M < D ? M : D);
+    tengrad_layer_stats st;
+    memset(&st, 0, sizeof st);
+    st.size = sizeof st;
+    CHECK(tengrad_get_layer_stats(p, layer, &st) == TENGRAD_OK && fabs(st.damping - relative) <= 1e-6 * relative);
+    CHECK(tengrad_precondition(p, layer, vw, vb, wu, bu) == TENGRAD_OK);
+    oracle_solve_base(u, M, D, relative, e, v, want);
+    CHECK(rel_error(wu, bu, want) < 1e-4);
+    CHECK(tengrad_set_layer_param(p, layer, TENGRAD_LAYER_PARAM_DAMPING_MODE, TENGRAD_DAMPING_ABSOLUTE) == TENGRAD_OK);
 
     /* Clearing: the next snapshot is the plain block. */
     CHECK(tengrad_set_layer_base(p, layer, NULL, NULL) == TENGRAD_OK);

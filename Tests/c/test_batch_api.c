@@ -188,7 +188,7 @@ static void test_layer_params(void) {
     size_t n = save(p, before);
     CHECK(tengrad_set_layer_param(p, c, 0, 1) == TENGRAD_ERROR_INVALID_ARGUMENT);
     CHECK(strstr(tengrad_last_error(p), "unknown layer parameter") != NULL);
-    CHECK(tengrad_set_layer_param(p, c, 4, 1) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_set_layer_param(p, c, 5, 1) == TENGRAD_ERROR_INVALID_ARGUMENT);  /* the first unknown key */
     CHECK(tengrad_set_layer_param(p, c, TENGRAD_LAYER_PARAM_CONV_STRATEGY, 3) == TENGRAD_ERROR_INVALID_ARGUMENT);
     CHECK(tengrad_set_layer_param(p, c, TENGRAD_LAYER_PARAM_CONV_STRATEGY, -1) == TENGRAD_ERROR_INVALID_ARGUMENT);
     CHECK(tengrad_set_layer_param(p, c, TENGRAD_LAYER_PARAM_CONV_STRATEGY, (int64_t)1 << 33) ==

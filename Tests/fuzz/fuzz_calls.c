@@ -108,8 +108,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             else if (v & 2) (void)tengrad_set_snapshot_representation(p, layer, (int32_t)((v >> 2) % 4));
             else if (v & 4) { /* any key, any value, and the getter */
                 int64_t value = (int64_t)u64(&in);
-                (void)tengrad_set_layer_param(p, layer, (int32_t)(v >> 3) % 5, v & 8 ? value : value % 4);
-                (void)tengrad_get_layer_param(p, layer, (int32_t)(v >> 3) % 5, &value);
+                (void)tengrad_set_layer_param(p, layer, (int32_t)(v >> 3) % 6, v & 8 ? value : value % 4);
+                (void)tengrad_get_layer_param(p, layer, (int32_t)(v >> 3) % 6, &value);
             }
             else (void)tengrad_set_blas_threads(p, (int32_t)(v >> 2) % 4 - 1); /* -1 (refused) to 2 */
             break;

@@ -2,7 +2,7 @@
 demo's tuned settings without tuning of its own: a grafted variant takes the learning rate tuned
 for the optimizer whose step norm it inherits.
 
-    python3 examples/torch/ablation.py [--task convnet|vit] [--seeds 3] [--budget ...]
+    python3 examples/torch/ablation.py [--task convnet|vit] [--variants a,b] [--seeds 3] [--budget ...]
 
 Variants: ``tengrad`` (the tuned TENGraD); ``graft-sgd`` (per-layer norm of the gradient, SGD's
 tuned lr); ``graft-adam`` (per-layer norm of an Adam step, AdamW's tuned lr, momentum averaged
@@ -33,6 +33,7 @@ def variants(args):
 def main():
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--task", default="convnet", choices=["convnet", "vit"])
+    first.add_argument("--variants", default=None, help="comma-separated subset of the variants (default: all)")
     known, argv = first.parse_known_args()
     task = known.task
     if task == "vit":
@@ -46,8 +47,9 @@ def main():
     data = demo.load_data(args)
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"TENGraD variants on the {task} task, {args.budget:.0f} s of training each, seeds {seeds}")
+    chosen = {k: v for k, v in variants(args).items() if known.variants is None or k in known.variants.split(",")}
     runs = {label: [race.train("tengrad", argparse.Namespace(**{**vars(args), **change}), data, seed, make)
-                    for seed in seeds] for label, change in variants(args).items()}
+                    for seed in seeds] for label, change in chosen.items()}
     race.report(runs, args, data, make)
 
 

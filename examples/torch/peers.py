@@ -5,7 +5,8 @@ the demos' command lines set the knobs a tuning search varies (examples/torch/TU
   variants for the ablation: ``--graft sgd|adam`` (per-layer step-size grafting; onto Adam's
   step the momentum averages, dampening 0.9) and ``--tengrad-hidden`` (exact blocks on the hidden
   layers only, AdamW for the first and last layers, norms and embeddings: Muon's practice) and
-  ``--tengrad-base adam`` (the block F + λE, E from Adam's second moment);
+  ``--tengrad-base adam`` (the block F + λE, E from Adam's second moment) and ``--damping-mode
+  relative`` (λ times each block's average nonzero eigenvalue);
 * ``sgd``: SGD, momentum 0.9, weight decay ``--sgd-decay`` (5e-4);
 * ``adam``: Adam (L2 weight decay 5e-4), the previous demos' baseline;
 * ``adamw``: AdamW, betas (0.9, 0.999), decoupled weight decay ``--adamw-decay``;
@@ -106,7 +107,8 @@ def make(name: str, model: nn.Module, args) -> Setup:
         skip = _edges(model) if args.tengrad_hidden else []
         pre = tt.TENGraD(model, damping=args.damping, fisher=args.fisher, update_freq=args.update_freq,
                          kl_clip=args.kl_clip or None, lr=args.lr_tengrad, graft=graft, skip=skip,
-                         base=None if args.tengrad_base == "none" else args.tengrad_base)
+                         base=None if args.tengrad_base == "none" else args.tengrad_base,
+                         damping_mode=args.damping_mode)
         mine = pre.parameters()
         ids = {id(p) for p in mine}
         rest = [p for p in model.parameters() if id(p) not in ids]
@@ -163,6 +165,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--fisher", default="sampled", choices=["sampled", "empirical"])
     ap.add_argument("--update-freq", type=int, default=10)
     ap.add_argument("--damping", type=float, default=1.0)
+    ap.add_argument("--damping-mode", default="absolute", choices=["absolute", "relative"],
+                    help="TENGraD's λ as given, or relative to each block's average eigenvalue (tengrad.torch damping_mode=)")
     ap.add_argument("--kl-clip", type=float, default=1e-2, help="TENGraD's KL clipping κ (0: none)")
     ap.add_argument("--lr-tengrad", type=float, default=0.1)
     ap.add_argument("--graft", default="none", choices=["none", "sgd", "adam"],

@@ -67,10 +67,11 @@ extension ExactBlock {
         return estimates.factored < estimates.explicit ? .factored : .explicit
     }
 
-    /// K (unscaled) into a new m×m Storage, s² applied, checked finite, and factorized.
+    /// K (unscaled) into a new m×m Storage, s² applied, checked finite, and factorized with the
+    /// layer's λ (relative damping: λ · tr(K)/(m·min(m, d))); returns the system and λ's factor.
     func finishSystem(
         _ gram: Storage<Double>, m: Int, scale s: Float, context: LayerContext
-    ) throws(TENGraDError) -> DampedSystem {
+    ) throws(TENGraDError) -> (system: DampedSystem, dampingScale: Double) {
         let s2 = Double(s) * Double(s)
         var finite = true
         for i in 0..<(m * m) {
@@ -80,7 +81,8 @@ extension ExactBlock {
         guard finite else {
             throw TENGraDError(.numerical, "the Gram of the per-sample gradients overflows (inputs too large)")
         }
-        return try DampedSystem(gram: gram, m: m, damping: context.damping, budget: context.budget)
+        let factor = dampingMode == .relative ? Snapshot.relativeScale(gram, m: m, parameters: dims.parameters) : 1
+        return (try DampedSystem(gram: gram, m: m, damping: context.damping * factor, budget: context.budget), factor)
     }
 
     func newGram(m: Int, context: LayerContext) throws(TENGraDError) -> Storage<Double> {
@@ -120,12 +122,12 @@ extension ExactBlock {
             let work = try context.workspace.floats(plan.floats)
             (flops, workspaceU) = k.explicitGram(m: m, a: a, g: g, into: gram.base, plan: plan, work: work, base: base)
         }
-        let system = try finishSystem(gram, m: m, scale: s, context: context)
+        let (system, dampingScale) = try finishSystem(gram, m: m, scale: s, context: context)
         flops += system.factorFlops
         let snap = Snapshot(
             m: m, tokens: k.geometry.tokens, scale: s, data: .raw(activations: activations, outputGrads: outputGrads),
             entryBound: Snapshot.rawEntryBound(scale: s, dims: dims, maxPatch: k.geometry.patchBound(maxActivation: maxima.a), maxOutputGrad: maxima.g),
-            system: system, base: base)
+            system: system, base: base, dampingScale: dampingScale)
         return Prepared(
             snapshot: snap, flops: flops, strategy: strategy, factoredEstimate: estimates.factored,
             explicitEstimate: estimates.explicit, workspaceU: workspaceU)
@@ -182,11 +184,12 @@ extension ExactBlock {
         } else {
             flops += k.accumulateGram(m: m, u: u.base, width: k.dims.parameters, ldu: k.dims.parameters, into: gram.base, scratch: work)
         }
-        let system = try finishSystem(gram, m: m, scale: s, context: context)
+        let (system, dampingScale) = try finishSystem(gram, m: m, scale: s, context: context)
         flops += system.factorFlops
         let entryBound = scannedBound ?? Self.diagonalBound(system, parameters: k.dims.parameters, base: base)
         let snap = Snapshot(
-            m: m, tokens: k.geometry.tokens, scale: s, data: .perSample(u), entryBound: entryBound, system: system, base: base)
+            m: m, tokens: k.geometry.tokens, scale: s, data: .perSample(u), entryBound: entryBound, system: system, base: base,
+            dampingScale: dampingScale)
         return Prepared(
             snapshot: snap, flops: flops, strategy: strategy, factoredEstimate: estimates.factored,
             explicitEstimate: estimates.explicit, workspaceU: nil)

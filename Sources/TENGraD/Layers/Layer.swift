@@ -19,6 +19,16 @@ public enum LayerKind: Sendable, Equatable {
     ]
 }
 
+/// How a layer's λ is meant (docs/DESIGN.md §16): as given, or relative to its Fisher block's
+/// average eigenvalue.
+public enum DampingMode: Sendable, Equatable {
+    /// λ as set (default).
+    case absolute
+    /// λ times the snapshot's average nonzero eigenvalue, tr(F)/min(m, d) (with a diagonal base,
+    /// of E⁻¹F), so one λ fits layers and losses of any scale; λ itself when F is zero.
+    case relative
+}
+
 /// Which exact Gram strategy a layer uses (docs/DESIGN.md §3). As a setting, `.auto` lets the
 /// flop model choose; in `LayerStats`, `.auto` means "not a convolution".
 public enum ConvStrategy: Sendable, Equatable {

@@ -44,6 +44,18 @@ struct Snapshot {
     let system: DampedSystem
     /// The diagonal base its Gram used (nil: λI), which its products then use too.
     var base: DiagonalBase? = nil
+    /// The factor λ is multiplied by for this snapshot: 1 (absolute damping), or the batch
+    /// block's average nonzero eigenvalue tr(F)/min(m, d) = tr(K)/(m·min(m, d)) (relative; K the
+    /// Gram its system holds). A new λ re-factorizes with λ · dampingScale.
+    var dampingScale: Double = 1
+
+    /// tr(K)/(m·min(m, d)) of a Gram (s² applied), or 1 when it is 0: the relative damping's factor.
+    static func relativeScale(_ gram: Storage<Double>, m: Int, parameters d: Int) -> Double {
+        var trace = 0.0
+        for i in 0..<m { trace += gram.base[i * m + i] }
+        let scale = trace / (Double(m) * Double(min(m, d)))
+        return scale > 0 && scale.isFinite ? scale : 1
+    }
 
     var representation: SnapshotRepresentation {
         if case .raw = data { return .raw }
@@ -61,7 +73,8 @@ struct Snapshot {
     var bytes: Int { dataBytes + system.bytes }
 
     func with(system newSystem: DampedSystem) -> Snapshot {
-        Snapshot(m: m, tokens: tokens, scale: scale, data: data, entryBound: entryBound, system: newSystem, base: base)
+        Snapshot(m: m, tokens: tokens, scale: scale, data: data, entryBound: entryBound, system: newSystem, base: base,
+                 dampingScale: dampingScale)
     }
 
     /// The entry bound of a raw snapshot: an entry of u_i sums L products g·ã, so

@@ -6,6 +6,7 @@
 ///     u32 strategy setting        (0 auto, 1 factored, 2 explicit)
 ///     u32 representation setting  (0 auto, 1 raw, 2 per-sample)
 ///     u32 token mode setting      (0 per sequence, 1 per token; 0 for conv layers)
+///     u32 damping mode setting    (0 absolute, 1 relative)
 ///     u32 base setting            (0 none, 1 set); if 1: f32 × d, the diagonal base e
 ///     u32 snapshot                (0 none, 1 raw, 2 per-sample); if not 0:
 ///         i64 m, i64 tokens T (positions per sample of a raw batch; 1 for conv layers),
@@ -14,9 +15,11 @@
 ///         per-sample: f32 × m·d  (U unscaled, rows [weight | bias])
 ///         f64 × m² Gram (of U E^{-1/2} with a base), f64 × m² factor
 ///         u32 snapshot base (0 none, 1 set); if 1: f32 × d
+///         u32 snapshot damping (1: λ's factor is tr(K)/(m·min(m, d)) of the Gram — relative — and
+///             not 1; else 0)
 ///     u32 has update, f64 ⟨update, grad⟩
 ///
-/// Version 3 (still read): no base. Version 2 (still read): no token mode, no T (T = 1). Version 1 (still read): u32 strategy
+/// Version 3 (still read): no damping mode, no base. Version 2 (still read): no token mode, no T (T = 1). Version 1 (still read): u32 strategy
 /// setting, u32 has snapshot (raw only, no representation setting), then the same fields.
 extension ExactBlock {
     /// A layer state parsed and allocated, not yet installed.
@@ -24,6 +27,7 @@ extension ExactBlock {
         let strategy: ConvStrategy
         let representation: SnapshotRepresentation
         let tokenMode: TokenMode
+        let dampingMode: DampingMode
         let base: DiagonalBase?
         let snapshot: Snapshot?
         let hasUpdate: Bool
@@ -34,6 +38,7 @@ extension ExactBlock {
     private static let strategyCodes: [(ConvStrategy, UInt32)] = [(.auto, 0), (.factored, 1), (.explicit, 2)]
     private static let representationCodes: [(SnapshotRepresentation, UInt32)] = [(.auto, 0), (.raw, 1), (.perSample, 2)]
     private static let tokenModeCodes: [(TokenMode, UInt32)] = [(.perSequence, 0), (.perToken, 1)]
+    private static let dampingModeCodes: [(DampingMode, UInt32)] = [(.absolute, 0), (.relative, 1)]
 
     private static func code<T: Equatable>(_ value: T, in table: [(T, UInt32)]) -> UInt32 {
         table.first { $0.0 == value }?.1 ?? 0
@@ -47,6 +52,7 @@ extension ExactBlock {
         w.u32(Self.code(strategySetting, in: Self.strategyCodes))
         w.u32(Self.code(representationSetting, in: Self.representationCodes))
         w.u32(Self.code(tokenMode, in: Self.tokenModeCodes))
+        w.u32(Self.code(dampingMode, in: Self.dampingModeCodes))
         Self.writeBase(baseSetting, &w)
         guard let s = snapshot else {
             w.u32(0)
@@ -71,6 +77,7 @@ extension ExactBlock {
         w.doubles(s.system.gram.base, s.m * s.m)
         w.doubles(s.system.factor.base, s.m * s.m)
         Self.writeBase(s.base, &w)
+        w.bool(s.dampingScale != 1)
         w.bool(record.hasUpdate)
         w.f64(record.updateDotGrad)
     }
@@ -104,6 +111,7 @@ extension ExactBlock {
         var tokenMode = TokenMode.perSequence
         var kind = SnapshotRepresentation.auto
         var base: DiagonalBase?
+        var dampingMode = DampingMode.absolute
         if version >= 2 {
             let settingCode = try r.u32("representation setting")
             guard let setting = Self.value(settingCode, in: Self.representationCodes) else {
@@ -116,7 +124,12 @@ extension ExactBlock {
                       geometry.takesTokens || mode == .perSequence else { throw corrupt("invalid token mode \(modeCode)") }
                 tokenMode = mode
             }
-            if version >= 4 { base = try readBase(&r, "base setting", budget: budget, corrupt: corrupt) }
+            if version >= 4 {
+                let code = try r.u32("damping mode")
+                guard let mode = Self.value(code, in: Self.dampingModeCodes) else { throw corrupt("invalid damping mode \(code)") }
+                dampingMode = mode
+                base = try readBase(&r, "base setting", budget: budget, corrupt: corrupt)
+            }
             let kindCode = try r.u32("snapshot kind")
             guard let k = Self.value(kindCode, in: Self.representationCodes) else { throw corrupt("invalid snapshot kind \(kindCode)") }
             kind = k
@@ -174,13 +187,16 @@ extension ExactBlock {
             guard finite else { throw corrupt("non-finite Gram, or a factor without a positive diagonal") }
             let system = DampedSystem(restoring: gram, factor: factor, m: m, damping: damping, jitter: jitter, anorm: anorm)
             let snapshotBase = version >= 4 ? try readBase(&r, "snapshot base", budget: budget, corrupt: corrupt) : nil
+            let relative = version >= 4 ? try r.bool("snapshot damping") : false
             snap = Snapshot(m: m, tokens: tokens, scale: scale, data: data, entryBound: entryBound, system: system,
-                            base: snapshotBase)
+                            base: snapshotBase,
+                            dampingScale: relative ? Snapshot.relativeScale(gram, m: m, parameters: dims.parameters) : 1)
         }
         let hasUpdate = try r.bool("update flag")
         let dot = try r.f64("update · grad")
         guard dot.isFinite else { throw corrupt("non-finite update · grad") }
-        return Restored(strategy: strategy, representation: representation, tokenMode: tokenMode, base: base, snapshot: snap,
+        return Restored(strategy: strategy, representation: representation, tokenMode: tokenMode, dampingMode: dampingMode,
+                        base: base, snapshot: snap,
                         hasUpdate: hasUpdate, updateDotGrad: dot)
     }
 
@@ -189,6 +205,7 @@ extension ExactBlock {
         strategySetting = restored.strategy
         representationSetting = restored.representation
         tokenMode = restored.tokenMode
+        dampingMode = restored.dampingMode
         baseSetting = restored.base
         replaceSnapshot(restored.snapshot)
         record.hasUpdate = restored.hasUpdate

@@ -256,3 +256,31 @@ def test_format_3_states_load_and_format_4_keeps_bases():
         p.load_state(blob)
         assert [p.has_base(i) for i in range(p.num_layers)] == [False, True, True]
         assert p.save_state() == blob
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_relative_damping_matches_the_oracle(kind):
+    """damping_mode "relative": λ · tr(F)/min(m, d) of each snapshot, with and without a base."""
+    rng = np.random.default_rng(6)
+    add, a, g, s, U, flat = CASES[kind](rng)
+    d, m = U.shape
+    for with_base in (False, True):
+        with tengrad.Preconditioner(damping=0.3) as p:
+            layer = add(p)
+            p.set_damping_mode(layer, "relative")
+            assert p.damping_mode(layer) == "relative"
+            e = np.ones(d)
+            if with_base:
+                ew, eb = bases(p, layer, rng)
+                p.set_base(layer, ew, eb)
+                e = flat(ew, eb)
+            p.update_curvature(layer, a, g, s)
+            lam = 0.3 * float((U * U / e[:, None]).sum()) / m / min(m, d)
+            assert p.layer_stats(layer)["damping"] == pytest.approx(lam, rel=1e-6)
+            shapes = p.array_shapes(layer)
+            vw = rng.standard_normal(shapes.weight).astype(np.float32)
+            vb = rng.standard_normal(shapes.bias).astype(np.float32) if shapes.bias is not None else None
+            w, b = p.precondition(layer, vw, vb)
+            assert relative_error(flat(w, b), solve(U, e, lam, flat(vw, vb))) < TOL
+            with pytest.raises(ValueError):
+                p.set_damping_mode(layer, "trace")

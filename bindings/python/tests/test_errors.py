@@ -297,7 +297,7 @@ def test_layer_settings_through_the_keyed_pair():
         before = p.save_state()
         with pytest.raises(_lib.TengradError, match="token modes apply to layers over sequences"):
             p.set_token_mode(conv, "per-token")
-        for key, value in ((0, 1), (4, 1), (_lib.LAYER_PARAM_CONV_STRATEGY, 3),
+        for key, value in ((0, 1), (5, 1), (_lib.LAYER_PARAM_DAMPING_MODE, 2), (_lib.LAYER_PARAM_CONV_STRATEGY, 3),
                            (_lib.LAYER_PARAM_CONV_STRATEGY, 1 << 33), (_lib.LAYER_PARAM_SNAPSHOT_REPRESENTATION, -1)):
             with pytest.raises(_lib.TengradError):
                 _lib.tengrad_set_layer_param(p._h, conv, key, value)

@@ -76,6 +76,9 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
             (``skipped`` says which are not and why; an embedding called with ids the whole batch
             shares, such as position ids [T], keeps its plain gradient with a warning).
         damping: λ of ``F + λI`` (> 0). Change it later with ``set_damping`` (schedules).
+        damping_mode: ``"absolute"`` (default: λ as given) or ``"relative"``: each layer uses λ
+            times its batch block's average nonzero eigenvalue, tr(F)/min(m, d), computed at each
+            refresh — one λ for layers and losses of any scale (docs/DESIGN.md §16).
         fisher: ``"empirical"`` or ``"sampled"`` (see the module docstring).
         update_freq: refresh the curvature every this many steps (reuse path in between).
         kl_clip: KL clipping constant κ, or None for no clipping; needs ``lr``.
@@ -105,7 +108,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
             (graft.py). Single process only for now.
         base: ``None`` (default: ``F + λI``) or ``"adam"``: each layer's block is ``F + λE`` with
             E = diag(e) from Adam's second moment of its gradients (√v̂ normalized to mean 1 per
-            layer, clamped to [1e-3, 1e3]; base.py, docs/DESIGN.md §15) — curvature memory
+            layer, clamped to [0.1, 10]; base.py, docs/DESIGN.md §15) — curvature memory
             across batches in the directions one batch does not span. Single process only for now.
         token_mode: for ``nn.Linear`` applied to sequences (inputs [batch, T..., d]; the
             dimensions between batch and features are positions): ``"per-sequence"`` (default) —
@@ -132,7 +135,8 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
                  loss_reduction: Union[str, float] = "mean",
                  skip: Iterable[Union[str, type]] = (), fast_path: bool = False, memory_limit: int = 0,
                  conv_strategy: str = "auto", blas_threads: Union[str, int] = "auto", process_group=None,
-                 token_mode: str = "per-sequence", graft: Optional[str] = None, base: Optional[str] = None):
+                 token_mode: str = "per-sequence", graft: Optional[str] = None, base: Optional[str] = None,
+                 damping_mode: str = "absolute"):
         if fisher not in ("empirical", "sampled"):
             raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
         if int(update_freq) < 1:
@@ -147,6 +151,8 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
             raise ValueError(f"graft must be None, 'sgd' or 'adam', got {graft!r}")
         if graft is not None and process_group is not None:
             raise ValueError("TENGraD: graft with a process_group is not supported yet")
+        if damping_mode not in ("absolute", "relative"):
+            raise ValueError(f"damping_mode must be 'absolute' or 'relative', got {damping_mode!r}")
         if base not in BASES:
             raise ValueError(f"base must be None or 'adam', got {base!r}")
         if base is not None and process_group is not None:
@@ -166,6 +172,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         self.graft = graft
         self._moments = {}  # graft="adam": {parameter name: (running g², steps)}
         self.base = base
+        self.damping_mode = damping_mode
         self._base_moments = {}  # base="adam": {parameter name: (running g², steps)}
         self.blas_threads = blas_threads
         self._short_host_spin = _short_host_spin()

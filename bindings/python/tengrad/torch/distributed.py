@@ -126,7 +126,7 @@ class DataParallel:
         mode, gradients on) since the last step."""
         widths = tuple(self._row_plan(layer, batch) for layer, _, _, batch in plans)
         settings = (tuple((layer.name, layer.spec) for layer in self._layers), self.fisher, self.update_freq,
-                    self.damping, self.lr, self.kl_clip, self.loss_reduction, self.token_mode, widths)
+                    self.damping, self.lr, self.kl_clip, self.loss_reduction, self.token_mode, self.damping_mode, widths)
         present = tuple(layer.name for layer, *_ in plans)
         return [self.steps, zlib.crc32(repr(settings).encode()), zlib.crc32(repr(present).encode()),
                 self._train_forwards]
@@ -142,7 +142,7 @@ class DataParallel:
                                "step() once per training step; no .grad was changed")
         if differ(3):
             raise RuntimeError("TENGraD: the ranks have different layers or settings (layer shapes, fisher, "
-                               "update_freq, damping, lr, kl_clip, loss_reduction, token_mode, an embedding's sequence "
+                               "update_freq, damping, lr, kl_clip, loss_reduction, token_mode, damping_mode, an embedding's sequence "
                                "length): change them alike on every rank (set_damping, set_lr; pad the embeddings' "
                                "token ids to one length); no .grad was changed")
         if differ(4):

@@ -228,6 +228,7 @@ class ModuleAdapter:
             self._pre.set_conv_strategy(layer_id, self.conv_strategy)
         if spec.takes_tokens:
             self._pre.set_token_mode(layer_id, self.token_mode)
+        self._pre.set_damping_mode(layer_id, self.damping_mode)
         return layer_id
 
     def _spec_for(self, layer: _Layer, x: torch.Tensor):
