@@ -8,8 +8,11 @@ Variants: ``tengrad`` (the tuned TENGraD); ``graft-sgd`` (per-layer norm of the 
 tuned lr); ``graft-adam`` (per-layer norm of an Adam step, AdamW's tuned lr, momentum averaged
 like Adam's); ``hidden+adamw`` (exact blocks on the hidden layers only, AdamW at its tuned lr for
 the first and last layers, norms and embeddings); ``base-adam`` (the block F + λE, E from Adam's
-second moment, TENGraD's tuned lr and λ). Printed: the race's table (accuracy at the
-budget, time to the targets, steps/s; median [min–max] over seeds).
+second moment, TENGraD's tuned lr and λ); ``relative-1`` (each block's λ equal to its average
+nonzero eigenvalue — relative damping at its natural, untuned point — TENGraD's tuned lr).
+Printed: the race's table (accuracy at the budget, time to the targets, steps/s; median
+[min–max] over seeds) and the runs that failed (a diverged variant's update refused as
+overflowing float32), which the table leaves out.
 """
 import argparse
 import os
@@ -27,6 +30,7 @@ def variants(args):
         "graft-adam": {"graft": "adam", "lr_tengrad": args.lr_adamw},
         "hidden+adamw": {"tengrad_hidden": True, "lr_tengrad_adamw": args.lr_adamw},
         "base-adam": {"tengrad_base": "adam"},
+        "relative-1": {"damping_mode": "relative", "damping": 1.0},
     }
 
 
@@ -48,8 +52,9 @@ def main():
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"TENGraD variants on the {task} task, {args.budget:.0f} s of training each, seeds {seeds}")
     chosen = {k: v for k, v in variants(args).items() if known.variants is None or k in known.variants.split(",")}
-    runs = {label: [race.train("tengrad", argparse.Namespace(**{**vars(args), **change}), data, seed, make)
-                    for seed in seeds] for label, change in chosen.items()}
+    runs = {label: race.train_seeds("tengrad", argparse.Namespace(**{**vars(args), **change}), data, seeds, make,
+                                    label=label)
+            for label, change in chosen.items()}
     race.report(runs, args, data, make)
 
 

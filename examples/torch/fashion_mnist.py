@@ -154,7 +154,7 @@ def main():
     seeds = list(range(args.seed, args.seed + args.seeds))
     data = (x_train, y_train, x_test, y_test)
     make = lambda: ConvNet(args.width)  # noqa: E731
-    runs = {n: [race.train(n, args, data, seed, make) for seed in seeds] for n in names}
+    runs = {n: race.train_seeds(n, args, data, seeds, make) for n in names}
     race.report(runs, args, data, make)
 
 

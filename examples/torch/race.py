@@ -208,11 +208,35 @@ def spread(values, fmt):
     return text
 
 
+def train_seeds(name, args, data, seeds, make_model, label=None):
+    """``train`` on each seed. A run that raises — a method that diverged: NaN inside a peer, an
+    overflowing update the library refuses — is kept as ``{"failed": message}`` and reported as
+    such, so one diverged method does not end the race."""
+    out = []
+    for seed in seeds:
+        try:
+            out.append(train(name, args, data, seed, make_model))
+        except Exception as e:  # noqa: BLE001
+            first = (str(e).strip().splitlines() or [""])[0]
+            out.append({"failed": f"{label or name} seed {seed} diverged: {type(e).__name__}: {first[:160]}"})
+            print(out[-1]["failed"], flush=True)
+    return out
+
+
+def finished(histories):
+    return [h for h in histories if "failed" not in h]
+
+
 def report(runs, args, data=None, make_model=None):
     """The table. "acc @ budget" is each run's evaluation at the end of its own budget (every run
     ends within one step after it); an earlier version read every run at the earliest run's end,
-    which showed a run's previous evaluation when its last step ended later."""
-    n = len(next(iter(runs.values())))
+    which showed a run's previous evaluation when its last step ended later. Runs that diverged
+    are left out of their method's row and listed below the table."""
+    failures = [h["failed"] for hs in runs.values() for h in hs if "failed" in h]
+    runs = {name: finished(hs) for name, hs in runs.items()}
+    diverged = [name for name, hs in runs.items() if not hs]
+    runs = {name: hs for name, hs in runs.items() if hs}
+    n = max((len(hs) for hs in runs.values()), default=0)
     print(f"\n{n} seed(s); median [min–max] over seeds; test accuracy on the full test set, evaluation time not counted")
     targets = [float(t) for t in args.targets.split(",")]
     budget = f"{args.epochs} epochs" if args.epochs else f"{args.budget:.0f} s"
@@ -225,6 +249,10 @@ def report(runs, args, data=None, make_model=None):
         row = [name, spread([h["steps_per_second"] for h in hs], lambda v: f"{v:.1f}"),
                spread([h["accuracy"][-1] for h in hs], pct)] + [spread([time_to(h, t) for h in hs], sec) for t in targets]
         print("".join(f"{c:<{w}}" for c, w in zip(row, widths)))
+    for name in diverged:
+        print(f"{name:<13}diverged on every seed")
+    for line in failures:
+        print(f"  {line}")
     if "tengrad" in runs and "sgd" in runs:
         ratio = np.median([h["steps_per_second"] for h in runs["tengrad"]]) / np.median(
             [h["steps_per_second"] for h in runs["sgd"]])
@@ -246,7 +274,7 @@ def report(runs, args, data=None, make_model=None):
             for kind, med in h["phases"].items():
                 print(f"{name:<13}{kind:<9}{h['phase_counts'][kind]:>7}" + "".join(f"{1e3 * v:>{w}.1f}" for v, w in
                       zip(med, (9, 9, 10, 9, 11))) + f"{1e3 * med.sum():>8.1f}")
-    if args.plot:
+    if args.plot and runs:
         plot(runs, args.plot)
 
 

@@ -78,7 +78,7 @@ def main():
     print(f"CPU and TENGraD's BLAS: {tengrad.blas_summary()}")
     make = lambda: ViT(args.width, args.depth, args.heads)  # noqa: E731
     seeds = list(range(args.seed, args.seed + args.seeds))
-    runs = {n: [race.train(n, args, data, seed, make) for seed in seeds] for n in names}
+    runs = {n: race.train_seeds(n, args, data, seeds, make) for n in names}
     race.report(runs, args, data, make)
 
 
