@@ -50,7 +50,9 @@ class Grafting:
                     g = g / ((v / (1 - BETA2 ** t)).sqrt() + EPS)
                     moments[key] = (v, t)
                 reference += float(g.square().sum())
-            norm = sum(float(np.dot(u.ravel().astype(np.float64), u.ravel().astype(np.float64))) for _, _, u in pairs)
+            # In torch, not numpy: np.dot runs on numpy's own OpenBLAS, whose threads then spin against
+            # torch's on the next forward (measured: the demo's forward and backward took 2× as long).
+            norm = sum(float(torch.from_numpy(u).double().square().sum()) for _, _, u in pairs)
             scale = math.sqrt(reference / norm) if norm > 0 else 0.0
             for _, _, u in pairs:
                 u *= np.float32(scale)
