@@ -79,10 +79,8 @@ def main():
 
     def run(name, config, seed):
         args = argparse.Namespace(**{**vars(base), **config})
-        try:
-            h = race.train(name, args, data, seed, make)
-        except Exception as e:  # noqa: BLE001 — a diverged run (NaN inside a peer) scores 0
-            print(f"{name} {label(config)} seed {seed} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        h = race.train_seeds(name, args, data, [seed], make, label=f"{name} {label(config)}")[0]
+        if "failed" in h:  # a diverged run (NaN inside a peer, an overflow refused) scores 0
             h = {"accuracy": [0.0], "steps_per_second": float("nan")}
         score = h["accuracy"][-1]
         lines.append(f"| {name} | {label(config)} | {seed} | {100 * score:.2f}% | {h['steps_per_second']:.1f} |")

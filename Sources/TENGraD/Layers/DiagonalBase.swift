@@ -23,11 +23,10 @@ struct DiagonalBase {
     init(weight: UnsafePointer<Float>, weightCount: Int, bias: UnsafePointer<Float>?, biasCount: Int,
          budget: MemoryBudget) throws(TENGraDError) {
         func check(_ p: UnsafePointer<Float>, _ n: Int, _ name: String) throws(TENGraDError) -> (Float, Float) {
+            if let range = Self.range(p, count: n) { return range }
+            // Refused: a second pass only to say why.
             guard ArrayScan(p, count: n).finite else { throw TENGraDError(.notFinite, "\(name) contains NaN or Inf") }
-            guard let range = Self.range(p, count: n) else {
-                throw .invalid("\(name) has an entry below \(Float.leastNormalMagnitude): a base must be positive")
-            }
-            return range
+            throw .invalid("\(name) has an entry below \(Float.leastNormalMagnitude): a base must be positive")
         }
         var (low, high) = try check(weight, weightCount, "weight_base")
         if let bias {
