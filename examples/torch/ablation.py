@@ -9,7 +9,10 @@ tuned lr); ``graft-adam`` (per-layer norm of an Adam step, AdamW's tuned lr, mom
 like Adam's); ``hidden+adamw`` (exact blocks on the hidden layers only, AdamW at its tuned lr for
 the first and last layers, norms and embeddings); ``base-adam`` (the block F + λE, E from Adam's
 second moment, TENGraD's tuned lr and λ); ``relative-1`` (each block's λ equal to its average
-nonzero eigenvalue — relative damping at its natural, untuned point — TENGraD's tuned lr).
+nonzero eigenvalue — relative damping at its natural, untuned point — TENGraD's tuned lr);
+``kl-peak`` (KL clipping at the peak lr, so that the schedule scales the clipped step: with the
+scheduled lr, lr · ν is constant while the clip binds and the cosine decay does nothing);
+``window-2``, ``window-4`` (each block the exact Fisher of the last 2 or 4 refreshes' batches).
 Printed: the race's table (accuracy at the budget, time to the targets, steps/s; median
 [min–max] over seeds) and the runs that failed (a diverged variant's update refused as
 overflowing float32), which the table leaves out.
@@ -31,6 +34,9 @@ def variants(args):
         "hidden+adamw": {"tengrad_hidden": True, "lr_tengrad_adamw": args.lr_adamw},
         "base-adam": {"tengrad_base": "adam"},
         "relative-1": {"damping_mode": "relative", "damping": 1.0},
+        "kl-peak": {"kl_lr": "peak"},
+        "window-2": {"window": 2},
+        "window-4": {"window": 4},
     }
 
 

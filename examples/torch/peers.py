@@ -5,8 +5,9 @@ the demos' command lines set the knobs a tuning search varies (examples/torch/TU
   variants for the ablation: ``--graft sgd|adam`` (per-layer step-size grafting; onto Adam's
   step the momentum averages, dampening 0.9) and ``--tengrad-hidden`` (exact blocks on the hidden
   layers only, AdamW for the first and last layers, norms and embeddings: Muon's practice) and
-  ``--tengrad-base adam`` (the block F + λE, E from Adam's second moment) and ``--damping-mode
-  relative`` (λ times each block's average nonzero eigenvalue);
+  ``--tengrad-base adam`` (the block F + λE, E from Adam's second moment), ``--damping-mode
+  relative`` (λ times each block's average nonzero eigenvalue), ``--window k`` (each block over
+  the last k refreshes' batches) and ``--kl-lr peak`` (KL clipping at the peak lr);
 * ``sgd``: SGD, momentum 0.9, weight decay ``--sgd-decay`` (5e-4);
 * ``adam``: Adam (L2 weight decay 5e-4), the previous demos' baseline;
 * ``adamw``: AdamW, betas (0.9, 0.999), decoupled weight decay ``--adamw-decay``;
@@ -50,6 +51,7 @@ class Setup:
     scheduled: bool = True
     averaged: bool = False  # Schedule-Free: evaluate its averaged weights (eval() / train())
     shadows: List = field(default_factory=list)  # Muon: (2-D view, parameter) pairs
+    kl_lr: str = "scheduled"  # TENGraD: the lr KL clipping assumes, "scheduled" or "peak" (--kl-lr)
 
     def zero_grad(self):
         for opt in self.optimizers:
@@ -67,7 +69,7 @@ class Setup:
             for group in opt.param_groups:
                 group.setdefault("initial_lr", group["lr"])
                 group["lr"] = group["initial_lr"] * factor
-        if self.precond is not None and self.precond.kl_clip is not None:
+        if self.precond is not None and self.precond.kl_clip is not None and self.kl_lr == "scheduled":
             self.precond.set_lr(self.optimizers[0].param_groups[0]["lr"])
 
     def eval(self):
@@ -108,7 +110,7 @@ def make(name: str, model: nn.Module, args) -> Setup:
         pre = tt.TENGraD(model, damping=args.damping, fisher=args.fisher, update_freq=args.update_freq,
                          kl_clip=args.kl_clip or None, lr=args.lr_tengrad, graft=graft, skip=skip,
                          base=None if args.tengrad_base == "none" else args.tengrad_base,
-                         damping_mode=args.damping_mode)
+                         damping_mode=args.damping_mode, window=args.window)
         mine = pre.parameters()
         ids = {id(p) for p in mine}
         rest = [p for p in model.parameters() if id(p) not in ids]
@@ -120,7 +122,7 @@ def make(name: str, model: nn.Module, args) -> Setup:
             opts.append(torch.optim.AdamW(rest, lr=args.lr_tengrad_adamw, weight_decay=args.muon_adamw_decay))
         elif rest:  # what TENGraD does not hook (bare parameters, skipped layers): the same SGD
             opt.add_param_group({"params": rest})
-        return Setup(opts, precond=pre)
+        return Setup(opts, precond=pre, kl_lr=args.kl_lr)
     if name == "sgd":
         return Setup([torch.optim.SGD(model.parameters(), lr=args.lr_sgd, momentum=0.9, weight_decay=args.sgd_decay)])
     if name == "adam":
@@ -168,11 +170,17 @@ def add_arguments(ap) -> None:
     ap.add_argument("--damping-mode", default="absolute", choices=["absolute", "relative"],
                     help="TENGraD's λ as given, or relative to each block's average eigenvalue (tengrad.torch damping_mode=)")
     ap.add_argument("--kl-clip", type=float, default=1e-2, help="TENGraD's KL clipping κ (0: none)")
+    ap.add_argument("--kl-lr", default="scheduled", choices=["scheduled", "peak"],
+                    help="the lr KL clipping assumes: the scheduled one (set_lr at each step; while the clip "
+                         "binds, lr x nu is constant and the schedule has no effect) or the peak lr (the "
+                         "schedule then scales the clipped step)")
     ap.add_argument("--lr-tengrad", type=float, default=0.1)
     ap.add_argument("--graft", default="none", choices=["none", "sgd", "adam"],
                     help="TENGraD's per-layer step-size grafting (tengrad.torch graft=)")
     ap.add_argument("--tengrad-base", default="none", choices=["none", "adam"],
                     help="TENGraD's diagonal base: F + λE with E from Adam's second moment (tengrad.torch base=)")
+    ap.add_argument("--window", type=int, default=1,
+                    help="TENGraD's curvature window: the last k refreshes' batches in each block (tengrad.torch window=)")
     ap.add_argument("--tengrad-hidden", action="store_true",
                     help="TENGraD on hidden layers only; AdamW (--lr-tengrad-adamw) for the edges, norms, embeddings")
     ap.add_argument("--lr-tengrad-adamw", type=float, default=1e-3)

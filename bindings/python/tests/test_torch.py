@@ -308,7 +308,7 @@ def test_momentum_and_weight_decay_come_from_the_users_optimizer():
 def test_reuse_threads_follow_the_host_spin():
     """blas_threads="auto" gives reuse steps OpenBLAS's threads only when torch's OpenMP workers
     stop spinning soon after each op (read from the environment libgomp read)."""
-    from tengrad.torch import _short_host_spin
+    from tengrad.torch.options import short_host_spin as _short_host_spin
     assert _short_host_spin({"GOMP_SPINCOUNT": "10000"})
     assert _short_host_spin({"OMP_WAIT_POLICY": "PASSIVE"})
     assert not _short_host_spin({})

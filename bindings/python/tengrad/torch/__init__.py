@@ -20,18 +20,17 @@ why, data-parallel training and sequence layers: README ("Quick start — PyTorc
 layers", "Reliability", "Distributed"), the ``TENGraD`` docstring and docs/DESIGN.md.
 
 Layout: this module holds the ``TENGraD`` façade (construction, settings, ``step``); the rest is
-in rooms mixed into it: ``modules`` (the supported module types), ``attention`` (MHA's projections made visible),
-``attach`` (which modules are
-hooked; one TENGraD per module), ``capture`` (hooks, masks, registration), ``fisher`` (sampled
-labels), ``batch`` (a step's arrays, accumulation, padding), ``distributed``
-(data parallel), ``state`` (checkpoints).
+in rooms mixed into it: ``options`` (the constructor's checks), ``modules`` (the supported module
+types), ``attention`` (MHA's projections made visible), ``attach`` (which modules are hooked; one
+TENGraD per module), ``capture`` (hooks, masks, registration), ``fisher`` (sampled labels),
+``batch`` (a step's arrays, accumulation, padding), ``local`` (one process's step),
+``distributed`` (data parallel), ``graft`` and ``base`` (step-size grafting, a diagonal base),
+``state`` (checkpoints).
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, Iterable, List, Optional, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -41,33 +40,19 @@ from .batch import Batches
 from .capture import Capturing, _Hook, _Layer
 from .distributed import DataParallel, attach_comm_hook
 from .fisher import SampledFisher
-from .base import BASES, DiagonalBases
-from .graft import GRAFTS, Grafting
+from .base import DiagonalBases
+from .graft import Grafting
+from .local import LocalStep
 from .modules import ModuleAdapter, bias_of
+from .options import check_lr, check_options, short_host_spin
 from .state import Checkpoints
+from .window import Windows
 
 __all__ = ["TENGraD", "release"]
 
 
-def _short_host_spin(environ=os.environ) -> bool:
-    """Whether torch's OpenMP workers stop spinning soon after each op (libgomp reads these when
-    torch loads): then a second BLAS thread in a short call does not meet a spinning worker."""
-    if environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive":
-        return True
-    try:
-        return 0 <= int(environ.get("GOMP_SPINCOUNT", "")) <= 100000
-    except ValueError:
-        return False
-
-
-def _check_lr(lr) -> float:
-    lr = float(lr)
-    if not (lr >= 0 and lr != float("inf")):
-        raise ValueError(f"lr must be finite and >= 0, got {lr}")
-    return lr
-
-
-class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Checkpoints, Grafting, DiagonalBases):
+class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, LocalStep, DataParallel, Checkpoints, Grafting,
+              DiagonalBases, Windows):
     """Exact block-diagonal natural-gradient preconditioner for a PyTorch model.
 
     Args:
@@ -110,6 +95,10 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
             E = diag(e) from Adam's second moment of its gradients (√v̂ normalized to mean 1 per
             layer, clamped to [0.1, 10]; base.py, docs/DESIGN.md §15) — curvature memory
             across batches in the directions one batch does not span. Single process only for now.
+        window: k ≥ 1 (default 1): each refresh's block is the exact Fisher of this refresh's
+            batch and the last k − 1 refreshes' batches together (k·m samples, one k·m × k·m
+            system; window.py) — curvature memory across batches at (k·m)² Gram cost. Single
+            process only for now.
         token_mode: for ``nn.Linear`` applied to sequences (inputs [batch, T..., d]; the
             dimensions between batch and features are positions): ``"per-sequence"`` (default) —
             the exact Fisher block of per-sequence gradients, a sequence's gradient summing its
@@ -136,31 +125,10 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
                  skip: Iterable[Union[str, type]] = (), fast_path: bool = False, memory_limit: int = 0,
                  conv_strategy: str = "auto", blas_threads: Union[str, int] = "auto", process_group=None,
                  token_mode: str = "per-sequence", graft: Optional[str] = None, base: Optional[str] = None,
-                 damping_mode: str = "absolute"):
-        if fisher not in ("empirical", "sampled"):
-            raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
-        if int(update_freq) < 1:
-            raise ValueError(f"update_freq must be >= 1, got {update_freq}")
-        if kl_clip is not None and (lr is None or not kl_clip > 0):
-            raise ValueError("kl_clip needs a positive kl_clip and a learning rate lr (>= 0; at 0 nothing is clipped)")
-        if not (blas_threads == "auto" or (isinstance(blas_threads, int) and 0 <= blas_threads <= 1024)):
-            raise ValueError(f"blas_threads must be 'auto' or an int in 0..1024, got {blas_threads!r}")
-        if token_mode not in ("per-sequence", "per-token"):
-            raise ValueError(f"token_mode must be 'per-sequence' or 'per-token', got {token_mode!r}")
-        if graft not in GRAFTS:
-            raise ValueError(f"graft must be None, 'sgd' or 'adam', got {graft!r}")
-        if graft is not None and process_group is not None:
-            raise ValueError("TENGraD: graft with a process_group is not supported yet")
-        if damping_mode not in ("absolute", "relative"):
-            raise ValueError(f"damping_mode must be 'absolute' or 'relative', got {damping_mode!r}")
-        if base not in BASES:
-            raise ValueError(f"base must be None or 'adam', got {base!r}")
-        if base is not None and process_group is not None:
-            raise ValueError("TENGraD: base with a process_group is not supported yet")
-        if token_mode == "per-token" and process_group is not None:
-            raise ValueError("TENGraD: token_mode='per-token' with a process_group is not supported yet")
-        if not (loss_reduction in ("mean", "sum") or isinstance(loss_reduction, (int, float))):
-            raise ValueError(f"loss_reduction must be 'mean', 'sum' or a number, got {loss_reduction!r}")
+                 damping_mode: str = "absolute", window: int = 1):
+        check_options(fisher=fisher, update_freq=update_freq, kl_clip=kl_clip, lr=lr, loss_reduction=loss_reduction,
+                      blas_threads=blas_threads, process_group=process_group, token_mode=token_mode, graft=graft,
+                      base=base, damping_mode=damping_mode, window=window)
         self.model = model
         self.fisher = fisher
         self.update_freq = int(update_freq)
@@ -174,8 +142,11 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         self.base = base
         self.damping_mode = damping_mode
         self._base_moments = {}  # base="adam": {parameter name: (running g², steps)}
+        self.window = window
+        self._window_batches = {}  # window > 1: {layer name: the last window - 1 refreshes' arrays}
+        self._window_pending = {}
         self.blas_threads = blas_threads
-        self._short_host_spin = _short_host_spin()
+        self._short_host_spin = short_host_spin()
         self.process_group = process_group
         self._owners: Optional[List[int]] = None
         self.steps = 0
@@ -190,9 +161,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         self._recount = False  # a step failed: the next training forward starts a new batch
         self._token_mask: Optional[torch.Tensor] = None
         self._root = None  # (shape, ids?) of the running forward's first tensor argument
-        if lr is not None:
-            lr = _check_lr(lr)
-        self.lr = lr
+        self.lr = None if lr is None else check_lr(lr)
         self._layers, self.skipped = find_layers(model, skip)  # skipped: {name: why never hooked}
         self._by_name: Dict[str, _Layer] = {layer.name: layer for layer in self._layers}
         self._handles = []
@@ -219,7 +188,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
     def set_lr(self, lr: float) -> None:
         """The learning rate KL clipping assumes (call when a scheduler changes it). Finite and
         >= 0; at 0 (the end of a cosine schedule) the step is not clipped (ν = 1)."""
-        self.lr = _check_lr(lr)
+        self.lr = check_lr(lr)
 
     def parameters(self) -> List[nn.Parameter]:
         """The parameters whose gradients ``step()`` preconditions (weights and trainable biases of
@@ -268,46 +237,4 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, DataParallel, Ch
         refresh = self._refresh_step()
         if self.process_group is not None and self._world_size() > 1:
             return self._distributed_step(refresh)
-        plans = self._plan(refresh)
-        if self.blas_threads == "auto":
-            self._pre.blas_threads = 0 if refresh or self._short_host_spin else 1
-        else:
-            self._pre.blas_threads = self.blas_threads
-        self._pre.clear_updates()  # KL clipping sums only this step's layers
-        updates = []
-        bases = {}  # base="adam": the moments this step advances (installed on success)
-        if self.base is not None:
-            for layer, *_ in plans:
-                bases.update(self._base_moments_of(layer))
-        for layer, w, b, batch in plans:
-            if batch is not None:
-                if self.base is not None:
-                    self._set_layer_base(layer, bases)
-                a, g, mask = batch if len(batch) == 3 else batch + (None,)
-                scale = layer.step_scale
-                single = len([c for c in layer.captures if c.grads is not None]) == 1
-                if self.fisher == "empirical" and self.update_freq == 1 and self.fast_path and single \
-                        and not layer.sequence and scale == a.shape[0]:
-                    # The one-call path does not read .grad: check it as precondition would.
-                    if not (np.isfinite(w).all() and (b is None or np.isfinite(b).all())):
-                        raise ValueError(f"TENGraD: layer {layer.name!r}: .grad contains NaN or Inf")
-                    updates.append((layer, *self._pre.natural_gradient(layer.id, a, g, scale, mask=mask)))
-                    continue
-                self._pre.update_curvature(layer.id, a, g, scale, mask=mask)
-            updates.append((layer, *self._pre.precondition(layer.id, w, b)))
-        nu, moments = 1.0, {}
-        if self.graft is not None and updates:
-            updates, total, moments = self._grafted(updates)
-            nu = self._graft_nu(total)
-        elif self.kl_clip is not None and self.lr > 0 and updates:
-            nu = self._pre.kl_clip_factor(self.lr, self.kl_clip)
-        # Every call succeeded: write.
-        for layer, w_up, b_up in updates:
-            for param, update in ((layer.module.weight, w_up), (bias_of(layer.module), b_up)):
-                if update is not None:
-                    new = torch.from_numpy(update).view(param.shape)
-                    param.grad.copy_(new if nu == 1 else new * nu)
-        self._moments.update(moments)
-        self._base_moments.update(bases)
-        self.last_nu = nu
-        self._finish_step()
+        self._local_step(refresh)

@@ -45,6 +45,7 @@ class Batches:
         """Everything step() needs, checked before any call or .grad write: per layer the gradient
         arrays and, on a refresh, the batch (micro-batches joined)."""
         plans = []
+        self._window_pending = {}  # window > 1: this step's batches, joining the windows if it succeeds
         for layer in self._layers:
             weight = layer.module.weight
             if not weight.requires_grad or weight.grad is None or layer.plain is not None:
@@ -79,7 +80,11 @@ class Batches:
                                                   .detach().cpu().numpy() != 0).view(np.uint8) for c in done]
                 if len({x.shape[1:] for x in inputs}) > 1:
                     inputs, grads, masks = self._pad_tokens(layer, inputs, grads, masks)
-                batch = (inputs[0], grads[0]) if len(done) == 1 else (np.concatenate(inputs), np.concatenate(grads))
+                if self.window > 1:  # the earlier refreshes' batches first (window.py)
+                    inputs, grads, masks = self._windowed(layer, inputs, grads, masks, scales[0])
+                    if len({x.shape[1:] for x in inputs}) > 1:
+                        inputs, grads, masks = self._pad_tokens(layer, inputs, grads, masks)
+                batch = (inputs[0], grads[0]) if len(inputs) == 1 else (np.concatenate(inputs), np.concatenate(grads))
                 if masks is not None:
                     batch = batch + (masks[0] if len(masks) == 1 else np.concatenate(masks),)
             plans.append((layer, w, bias, batch))

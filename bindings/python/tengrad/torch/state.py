@@ -21,6 +21,7 @@ class Checkpoints:
             "native": self._pre.save_state(),
             "graft": self._graft_state(),
             "base": self._base_state(),
+            "window": self._window_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -66,3 +67,4 @@ class Checkpoints:
         self.lr = state["lr"]
         self._load_graft_state(state.get("graft", {}))
         self._load_base_state(state.get("base", {}))
+        self._load_window_state(state.get("window", {}))

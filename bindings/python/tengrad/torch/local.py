@@ -1,0 +1,66 @@
+"""One process's step: each hooked layer's captured batch into the library (curvature on refresh
+steps, or the one-call path), its ``.grad`` preconditioned, the step-size rule (grafting or KL
+clipping) applied, and ``.grad`` written only when every layer succeeded. Mixed into ``TENGraD``
+(the data-parallel step is ``distributed.py``'s)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .modules import bias_of
+
+
+class LocalStep:
+    """Mixin: ``_local_step(refresh)`` (the host supplies ``_plan``, ``_pre``, the options, the
+    graft and base moments and ``_finish_step``)."""
+
+    def _local_step(self, refresh: bool) -> None:
+        plans = self._plan(refresh)
+        if self.blas_threads == "auto":
+            self._pre.blas_threads = 0 if refresh or self._short_host_spin else 1
+        else:
+            self._pre.blas_threads = self.blas_threads
+        self._pre.clear_updates()  # KL clipping sums only this step's layers
+        updates = []
+        bases = {}  # base="adam": the moments this step advances (installed on success)
+        if self.base is not None:
+            for layer, *_ in plans:
+                bases.update(self._base_moments_of(layer))
+        for layer, w, b, batch in plans:
+            if batch is not None:
+                if self.base is not None:
+                    self._set_layer_base(layer, bases)
+                a, g, mask = batch if len(batch) == 3 else batch + (None,)
+                if self._one_call(layer, a):
+                    # The one-call path does not read .grad: check it as precondition would.
+                    if not (np.isfinite(w).all() and (b is None or np.isfinite(b).all())):
+                        raise ValueError(f"TENGraD: layer {layer.name!r}: .grad contains NaN or Inf")
+                    updates.append((layer, *self._pre.natural_gradient(layer.id, a, g, layer.step_scale, mask=mask)))
+                    continue
+                self._pre.update_curvature(layer.id, a, g, layer.step_scale, mask=mask)
+            updates.append((layer, *self._pre.precondition(layer.id, w, b)))
+        nu, moments = 1.0, {}
+        if self.graft is not None and updates:
+            updates, total, moments = self._grafted(updates)
+            nu = self._graft_nu(total)
+        elif self.kl_clip is not None and self.lr > 0 and updates:
+            nu = self._pre.kl_clip_factor(self.lr, self.kl_clip)
+        # Every call succeeded: write.
+        for layer, w_up, b_up in updates:
+            for param, update in ((layer.module.weight, w_up), (bias_of(layer.module), b_up)):
+                if update is not None:
+                    new = torch.from_numpy(update).view(param.shape)
+                    param.grad.copy_(new if nu == 1 else new * nu)
+        self._moments.update(moments)
+        self._base_moments.update(bases)
+        self._commit_window()
+        self.last_nu = nu
+        self._finish_step()
+
+    def _one_call(self, layer, a) -> bool:
+        """The fast path (``natural_gradient`` in one call): the empirical Fisher refreshed every
+        step, allowed by ``fast_path``, one captured backward, no window, not a sequence layer, a
+        mean loss."""
+        single = len([c for c in layer.captures if c.grads is not None]) == 1
+        return (self.fisher == "empirical" and self.update_freq == 1 and self.fast_path and single
+                and self.window == 1 and not layer.sequence and layer.step_scale == a.shape[0])

@@ -1,0 +1,60 @@
+"""Curvature over a window (``window=k``): each refresh's block is the exact Fisher of the union of
+this refresh's batch and the batches of the last k − 1 refreshes, ``F = (1/km) Σ u uᵀ`` over all
+km samples, still inverted through one km × km system (Woodbury). A batch of m samples spans at
+most m directions of a layer's parameters; the window keeps curvature the earlier batches found
+(their per-sample gradients taken at the weights of their own step, as KFAC's running factors
+are). The cost: a refresh's Gram grows as (km)², its factorization as (km)³.
+
+Kept here per layer: the last k − 1 refreshes' library arrays (inputs, output gradients, token
+masks) and their per-sample scales, copied; a step's own batch joins the window only when the
+step succeeds. Sequences of other lengths are padded and masked (a layer's other shapes are
+fixed). In ``state_dict``."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from . import modules
+
+
+class Windows:
+    """Mixed into TENGraD."""
+
+    def _windowed(self, layer, inputs: List[np.ndarray], grads: List[np.ndarray], masks: Optional[List[np.ndarray]],
+                  scale: float):
+        """This refresh's arrays (one scale, ``scale``) with the window's earlier batches put
+        first; the refresh's own batch is kept pending until the step succeeds."""
+        joined = np.concatenate(inputs) if len(inputs) > 1 else inputs[0]
+        own = (joined.copy(), (np.concatenate(grads) if len(grads) > 1 else grads[0]).copy(),
+               None if masks is None else (np.concatenate(masks) if len(masks) > 1 else masks[0]).copy(), scale)
+        past = self._window_batches.get(layer.name, [])
+        self._window_pending[layer.name] = past[-(self.window - 2):] + [own] if self.window > 2 else [own]
+        if not past:
+            return inputs, grads, masks
+        grads = [g if s == scale else g * np.float32(s / scale) for _, g, _, s in past] + grads
+        if masks is not None or any(e[2] is not None for e in past):
+            ones = lambda x: np.ones(modules.token_shape(layer.module, torch.from_numpy(x)), np.uint8)  # noqa: E731
+            masks = [ones(x) if k is None else k for x, _, k, _ in past] + \
+                (masks if masks is not None else [ones(x) for x in inputs])
+        inputs = [x for x, _, _, _ in past] + inputs
+        return inputs, grads, masks
+
+    def _commit_window(self) -> None:
+        """The step succeeded: its refresh batches join their layers' windows."""
+        self._window_batches.update(self._window_pending)
+        self._window_pending = {}
+
+    def _window_state(self) -> Dict[str, list]:
+        as_tensor = lambda x: None if x is None else torch.from_numpy(x.copy())  # noqa: E731
+        return {name: [[as_tensor(x), as_tensor(g), as_tensor(k), float(s)] for x, g, k, s in entries]
+                for name, entries in self._window_batches.items()}
+
+    def _load_window_state(self, saved) -> None:
+        as_array = lambda t: None if t is None else np.ascontiguousarray(torch.as_tensor(t).numpy())  # noqa: E731
+        keep = self.window - 1
+        self._window_batches = {
+            name: [(as_array(x), as_array(g), as_array(k), float(s)) for x, g, k, s in entries][-keep:]
+            for name, entries in saved.items() if keep > 0 and name in self._by_name}
+        self._window_pending = {}
