@@ -10,7 +10,9 @@ training time on the full Fashion-MNIST training set from seed 0 and scored by t
 images) at the end. When the best configuration sits at an edge of a numeric axis, the axis is
 extended one step beyond it (holding the other knobs at the best's values) until it does not, up
 to 3 times. The two best configurations are then run on seeds 1 and 2; an optimizer's winner is
-the one with the best median of the 3 seeds. Every run and score goes to the output file (a
+the one with the best median of the 3 seeds. When that winner sits at an edge, the axis is
+extended there too (seed 0); a new configuration that beats the winner on seed 0 is run on seeds
+1 and 2 and competes by its median (up to 3 times). Every run and score goes to the output file (a
 section per task, replacing that task's section); the demos' defaults are the winners.
 """
 import argparse
@@ -92,9 +94,10 @@ def main():
         scores = {}
         for config in configs(grid):
             scores[tuple(config.items())] = run(name, config, 0)
-        for _ in range(3):  # extend an axis whose edge holds the best
-            best = dict(max(scores, key=scores.get))
-            extended = False
+
+        def extend(best):
+            """Runs (seed 0) one step beyond each numeric axis's edge that holds ``best``; the new keys."""
+            new_keys = []
             for k, values in grid.items():
                 at = values.index(best[k])
                 if at in (0, len(values) - 1) and len(values) > 1 and isinstance(best[k], float):
@@ -103,16 +106,28 @@ def main():
                     if k.endswith("warmup") and not 0 < new < 0.5:
                         continue
                     values.insert(0, new) if at == 0 else values.append(new)
-                    config = {**best, k: new}
-                    scores[tuple(config.items())] = run(name, config, 0)
-                    extended = True
-            if not extended:
+                    key = tuple({**best, k: new}.items())
+                    scores[key] = run(name, dict(key), 0)
+                    new_keys.append(key)
+            return new_keys
+
+        for _ in range(3):  # extend an axis whose edge holds the best of seed 0
+            if not extend(dict(max(scores, key=scores.get))):
                 break
-        top = sorted(scores, key=scores.get, reverse=True)[:2]
         medians = {}
-        for key in top:
-            seeds = [scores[key]] + [run(name, dict(key), seed) for seed in (1, 2)]
-            medians[key] = sorted(seeds)[1]
+
+        def seeded(key):
+            medians[key] = sorted([scores[key]] + [run(name, dict(key), seed) for seed in (1, 2)])[1]
+
+        for key in sorted(scores, key=scores.get, reverse=True)[:2]:
+            seeded(key)
+        for _ in range(3):  # the winner of the medians at an edge: extend there too
+            win = max(medians, key=medians.get)
+            better = [key for key in extend(dict(win)) if scores[key] > scores[win]]
+            for key in better:
+                seeded(key)
+            if not better:
+                break
         win = max(medians, key=medians.get)
         winners[name] = (dict(win), medians[win])
     write(cli, start, lines, winners)

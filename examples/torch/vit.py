@@ -1,9 +1,9 @@
 """A small Vision Transformer on Fashion-MNIST, built of standard PyTorch modules: TENGraD's exact
-per-sequence blocks on every parameter, against AdamW and SGD at equal wall-clock time
+per-sequence blocks on every parameter, against the race's peers at equal wall-clock time
 (`make demo-vit`).
 
     python3 examples/torch/vit.py [--budget 120] [--width 64] [--depth 3] [--heads 4]
-        [--optimizers tengrad,adamw,sgd] [--seeds N] [--plot vit.png]
+        [--optimizers tengrad,sgd,adamw,...] [--seeds N] [--plot vit.png]
 
 The model: 4×4 patches (T = 49 tokens of 16 pixels) → nn.Linear patch embedding + nn.Embedding
 position embedding (each image's position ids) → nn.TransformerEncoder of `--depth` pre-norm
@@ -14,8 +14,8 @@ per-image gradients (docs/DESIGN.md §12) — the attention's packed in-projecti
 norms' γ and β, the position table — so no parameter is left to the plain gradient.
 
 Training, evaluation, the table and the plot are the main demo's (examples/torch/fashion_mnist.py,
-whose options all apply); defaults here are for this model: TENGraD with the sampled Fisher
-refreshed every 10 steps, AdamW (lr 1e-3, weight decay 0.05), SGD with momentum.
+whose options all apply); defaults here are this model's tuned settings (TUNED below, from
+``tune.py --task vit``), TENGraD with the sampled Fisher refreshed every 10 steps.
 """
 from __future__ import annotations
 
@@ -56,14 +56,19 @@ class ViT(nn.Module):
         return self.head(self.ln(h).mean(1))
 
 
+# The tuning search's winners for this model (examples/torch/TUNING.md, section vit: tune.py --task vit).
+TUNED = {"lr_tengrad": 0.03, "damping": 0.3, "lr_sgd": 0.1, "sgd_decay": 5e-4, "lr_adamw": 0.004,
+         "adamw_decay": 0.0125, "lr_muon": 0.01, "lr_muon_adamw": 0.064, "lr_soap": 0.008, "soap_decay": 0.1,
+         "lr_schedulefree": 0.01, "schedulefree_warmup": 0.2, "lr_kfac": 0.001, "kfac_damping": 0.03}
+
+
 def parser():
     ap = fm.base_parser()
     ap.description = __doc__
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--heads", type=int, default=4)
-    # Defaults for this model (a short equal-budget sweep, README "Sequence layers").
-    ap.set_defaults(width=64, optimizers="tengrad,sgd,adamw,muon,soap,schedulefree,kfac", budget=120.0, plot="vit.png", targets="0.85,0.87",
-                    lr_tengrad=0.1, damping=1.0, lr_sgd=0.1, lr_adamw=2e-3, eval_seconds=15.0)
+    ap.set_defaults(width=64, optimizers="tengrad,sgd,adamw,muon,soap,schedulefree,kfac", budget=120.0, plot="vit.png",
+                    targets="0.85,0.87", eval_seconds=15.0, **TUNED)
     return ap
 
 
