@@ -35,6 +35,27 @@ def per_sample_rows(model, clean, x, y, params):
     return torch.cat([grads[names[id(p)]].reshape(x.shape[0], -1) for p in params], 1).double()
 
 
+def assert_resumes(model, pre, make, options, steps):
+    """A twin of ``model`` with a fresh TENGraD(**options) loading ``pre.state_dict()`` gives
+    bit-identical updates to ``pre`` over ``steps``."""
+    saved = pre.state_dict()
+    twin = make()
+    twin.load_state_dict(model.state_dict())
+    other = tt.TENGraD(twin, **options)
+    twin(batch(model, 8, 99)[0])  # registers the layers
+    other.load_state_dict(saved)
+    for s in steps:
+        x, y = batch(model, 8, s)
+        outs = []
+        for m, p in ((model, pre), (twin, other)):
+            m.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            p.step()
+            outs.append([q.grad.clone() for q in m.parameters()])
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("make", [mlp, cnn])
 def test_updates_match_the_oracle_over_steps(make):
     torch.manual_seed(0)
@@ -77,23 +98,7 @@ def test_moments_resume_from_state_dict_and_bad_settings_are_refused():
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
         pre.step()
-    saved = pre.state_dict()
-    twin = mlp()
-    twin.load_state_dict(model.state_dict())
-    other = tt.TENGraD(twin, damping=0.1, base="adam", update_freq=2)
-    x, y = batch(model, 8, 9)
-    twin(x)  # registers the layers
-    other.load_state_dict(saved)
-    for s in range(3, 6):
-        x, y = batch(model, 8, s)
-        outs = []
-        for m, p in ((model, pre), (twin, other)):
-            m.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-            p.step()
-            outs.append([q.grad.clone() for q in m.parameters()])
-        for a, b in zip(*outs):
-            assert torch.equal(a, b)
+    assert_resumes(model, pre, mlp, dict(damping=0.1, base="adam", update_freq=2), range(3, 6))
     with pytest.raises(ValueError):
         tt.TENGraD(mlp(), base="rms")
     with pytest.raises(ValueError):

@@ -13,7 +13,7 @@ import torch.nn.functional as F  # noqa: E402
 import tengrad.torch as tt  # noqa: E402
 from tengrad import TengradError  # noqa: E402
 from test_torch import batch, cnn, mlp  # noqa: E402
-from test_torch_base import hooked, per_sample_rows  # noqa: E402
+from test_torch_base import assert_resumes, hooked, per_sample_rows  # noqa: E402
 
 
 def close(got, want, what):
@@ -26,7 +26,6 @@ def train(model, clean, pre, steps, window, damping, update_freq=1, data=None, l
     matrix = {}
     for s in range(steps):
         x, y = data(s) if data else batch(model, 8, s)
-        clean.load_state_dict({k: v for k, v in model.state_dict().items()})
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
         layers = hooked(model)
@@ -107,22 +106,7 @@ def test_window_resumes_from_state_dict_and_bad_windows_are_refused():
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
         pre.step()
-    saved = pre.state_dict()
-    twin = cnn()
-    twin.load_state_dict(model.state_dict())
-    other = tt.TENGraD(twin, damping=0.1, window=3, update_freq=2)
-    twin(batch(model, 8, 9)[0])  # registers the layers
-    other.load_state_dict(saved)
-    for s in range(5, 10):
-        x, y = batch(model, 8, s)
-        outs = []
-        for m, p in ((model, pre), (twin, other)):
-            m.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-            p.step()
-            outs.append([q.grad.clone() for q in m.parameters()])
-        for a, b in zip(*outs):
-            assert torch.equal(a, b)
+    assert_resumes(model, pre, cnn, dict(damping=0.1, window=3, update_freq=2), range(5, 10))
     for bad in (0, 65, 1.5, True, "2"):
         with pytest.raises(ValueError):
             tt.TENGraD(mlp(), window=bad)

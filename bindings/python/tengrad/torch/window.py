@@ -19,6 +19,11 @@ import torch
 from . import modules
 
 
+def joined(arrays: List[np.ndarray]) -> np.ndarray:
+    """One array of the list's rows, owned here (a lone array may view a torch tensor: copied)."""
+    return np.concatenate(arrays) if len(arrays) > 1 else arrays[0].copy()
+
+
 class Windows:
     """Mixed into TENGraD."""
 
@@ -26,9 +31,7 @@ class Windows:
                   scale: float):
         """This refresh's arrays (one scale, ``scale``) with the window's earlier batches put
         first; the refresh's own batch is kept pending until the step succeeds."""
-        joined = np.concatenate(inputs) if len(inputs) > 1 else inputs[0]
-        own = (joined.copy(), (np.concatenate(grads) if len(grads) > 1 else grads[0]).copy(),
-               None if masks is None else (np.concatenate(masks) if len(masks) > 1 else masks[0]).copy(), scale)
+        own = (joined(inputs), joined(grads), None if masks is None else joined(masks), scale)
         past = self._window_batches.get(layer.name, [])
         self._window_pending[layer.name] = past[-(self.window - 2):] + [own] if self.window > 2 else [own]
         if not past:
