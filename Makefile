@@ -183,9 +183,9 @@ test-example: $(BUILD)/mlp $(DATA)/.done ## The examples on real data; the C tra
 	  --no-paired-cost --plot $(BUILD)/vit_smoke.png
 	$(PYTHON) examples/torch/ablation.py --budget 2 --train-limit 2000 --test-limit 500 --eval-seconds 1 \
 	  --plot $(BUILD)/ablation_smoke.png
-	$(PYTHON) examples/torch/tune.py --budget 0.3 --train-limit 500 --test-limit 200 --optimizers sgd \
+	$(PYTHON) examples/torch/tune.py --budget 0.3 --train-limit 500 --test-limit 200 --optimizers sgd,tengrad-hidden \
 	  --out $(BUILD)/TUNING_smoke.md
-	grep -q "^\* \*\*sgd\*\*" $(BUILD)/TUNING_smoke.md
+	grep -q "^\* \*\*sgd\*\*" $(BUILD)/TUNING_smoke.md && grep -q "^\* \*\*tengrad-hidden\*\*" $(BUILD)/TUNING_smoke.md
 	timeout 300 $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=2 examples/torch/fashion_mnist.py \
 	  --distributed --budget 3 --train-limit 3000 --test-limit 1000 --eval-seconds 1.5 --optimizers tengrad,adam
 	swift build -c release --product tengrad-swift-example $(SWIFT_FLAGS)

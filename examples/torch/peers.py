@@ -30,6 +30,7 @@ or linear decay to the end of the budget) on its learning rates.
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -181,7 +182,7 @@ def add_arguments(ap) -> None:
                     help="TENGraD's diagonal base: F + λE with E from Adam's second moment (tengrad.torch base=)")
     ap.add_argument("--window", type=int, default=1,
                     help="TENGraD's curvature window: the last k refreshes' batches in each block (tengrad.torch window=)")
-    ap.add_argument("--tengrad-hidden", action="store_true",
+    ap.add_argument("--tengrad-hidden", action=argparse.BooleanOptionalAction, default=False,
                     help="TENGraD on hidden layers only; AdamW (--lr-tengrad-adamw) for the edges, norms, embeddings")
     ap.add_argument("--lr-tengrad-adamw", type=float, default=1e-3)
     ap.add_argument("--lr-sgd", type=float, default=0.1)

@@ -3,17 +3,18 @@
     python3 examples/torch/tune.py [--task convnet|vit] [--budget 40] [--optimizers ...]
         [--out examples/torch/TUNING.md]
 
-Every optimizer of peers.py gets a grid of at least 8 configurations — its learning rate and its
-main knob, each method under the race's schedule (linear warm-up over 5 % of the budget, cosine
-decay to zero at its end; Schedule-Free: the warm-up only) — each trained for --budget seconds of
-training time on the full Fashion-MNIST training set from seed 0 and scored by test accuracy (10k
-images) at the end. When the best configuration sits at an edge of a numeric axis, the axis is
-extended one step beyond it (holding the other knobs at the best's values) until it does not, up
-to 3 times. The two best configurations are then run on seeds 1 and 2; an optimizer's winner is
-the one with the best median of the 3 seeds. When that winner sits at an edge, the axis is
-extended there too (seed 0); a new configuration that beats the winner on seed 0 is run on seeds
-1 and 2 and competes by its median (up to 3 times). Every run and score goes to the output file (a
-section per task, replacing that task's section); the demos' defaults are the winners.
+Every optimizer of peers.py (and ``tengrad-hidden``, TENGraD on the hidden layers with AdamW for the
+rest, searched as an optimizer of its own) gets a grid of at least 8 configurations — its learning
+rate and its main knob, each method under the race's schedule (linear warm-up over 5 % of the
+budget, cosine decay to zero at its end; Schedule-Free: the warm-up only) — each trained for
+--budget seconds of training time on the full Fashion-MNIST training set from seed 0 and scored by
+test accuracy (10k images) at the end. When the best configuration sits at an edge of a numeric
+axis, the axis is extended one step beyond it (holding the other knobs at the best's values) until
+it does not, up to 3 times. The two best configurations are then run on seeds 1 and 2; an
+optimizer's winner is the one with the best median of the 3 seeds. When that winner sits at an edge,
+the axis is extended there too (seed 0); a new configuration that beats the winner on seed 0 is run
+on seeds 1 and 2 and competes by its median (up to 3 times). Every run and score goes to the output
+file (a section per task, replacing that task's section); the demos' defaults are the winners.
 """
 import argparse
 import itertools
@@ -41,6 +42,14 @@ GRIDS = {
 GRIDS["vit"] = {**GRIDS["convnet"],
                 "sgd": {"lr_sgd": [0.025, 0.05, 0.1, 0.2], "sgd_decay": [5e-4, 5e-3]},
                 "adamw": {"lr_adamw": [5e-4, 1e-3, 2e-3, 4e-3], "adamw_decay": [0.05, 0.2]}}
+# A TENGraD variant searched like an optimizer of its own: (the race's optimizer, fixed options).
+# "tengrad-hidden" is Muon's split (exact blocks on the hidden layers, AdamW for the rest; peers.py
+# --tengrad-hidden); its grid adds that AdamW's lr, as Muon's does.
+VARIANTS = {"tengrad-hidden": ("tengrad", {"tengrad_hidden": True})}
+GRIDS["convnet"]["tengrad-hidden"] = {"lr_tengrad": [0.1, 0.3, 1.0], "damping": [0.3, 1.0, 3.0],
+                                      "lr_tengrad_adamw": [0.004, 0.016]}
+GRIDS["vit"]["tengrad-hidden"] = {"lr_tengrad": [0.01, 0.03, 0.1], "damping": [0.1, 0.3, 1.0],
+                                  "lr_tengrad_adamw": [0.004, 0.016]}
 
 
 def configs(grid):
@@ -80,8 +89,9 @@ def main():
     start, lines, winners = time.time(), [], {}
 
     def run(name, config, seed):
-        args = argparse.Namespace(**{**vars(base), **config})
-        h = race.train_seeds(name, args, data, [seed], make, label=f"{name} {label(config)}")[0]
+        peer, fixed = VARIANTS.get(name, (name, {}))
+        args = argparse.Namespace(**{**vars(base), **fixed, **config})
+        h = race.train_seeds(peer, args, data, [seed], make, label=f"{name} {label(config)}")[0]
         if "failed" in h:  # a diverged run (NaN inside a peer, an overflow refused) scores 0
             h = {"accuracy": [0.0], "steps_per_second": float("nan")}
         score = h["accuracy"][-1]
@@ -134,17 +144,29 @@ def main():
 
 
 def write(cli, start, lines, winners):
-    title = f"## {cli.task}"
+    """The task's section (``## task``) for a search of every optimizer; for a search of some, their
+    own subsection (``### task: names``) at the end of the task's section, the rest kept."""
+    whole = set(winners) == set(GRIDS[cli.task])
+    title = f"## {cli.task}" if whole else f"### {cli.task}: {', '.join(winners)}"
+    command = f"python3 examples/torch/tune.py --task {cli.task} --budget {cli.budget:g}"
+    command += "" if whole else f" --optimizers {','.join(winners)}"
     section = [title, "",
-               f"`python3 examples/torch/tune.py --task {cli.task} --budget {cli.budget:g}` on the 2-core development "
+               f"`{command}` on the 2-core development "
                f"machine ({time.strftime('%Y-%m-%d')}, {(time.time() - start) / 60:.0f} min in all). Score: test "
                f"accuracy after {cli.budget:g} s of training under the race's schedule (seed 0; the two best of each "
-               "optimizer also on seeds 1 and 2). Winners (median of 3 seeds), the demo's defaults:", ""]
+               "optimizer also on seeds 1 and 2). Winners (median of 3 seeds):", ""]
     section += [f"* **{name}**: {label(config)} — {100 * score:.2f}%" for name, (config, score) in winners.items()]
     section += ["", "| optimizer | configuration | seed | test accuracy | steps/s |", "|---|---|---|---|---|"] + lines + [""]
+    body = "\n".join(section) + "\n"
     old = open(cli.out).read() if os.path.exists(cli.out) else "# Tuning results\n\n"
-    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub("\n".join(section) + "\n", old) if pattern.search(old) else old.rstrip() + "\n\n" + "\n".join(section) + "\n"
+    mine = re.compile(rf"^{re.escape(title)}\n.*?(?=^{'##' if not whole else '## '}|\Z)", re.S | re.M)
+    task = re.compile(rf"^## {re.escape(cli.task)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if mine.search(old):
+        text = mine.sub(lambda _: body, old)
+    elif not whole and task.search(old):
+        text = task.sub(lambda m: m.group(0).rstrip() + "\n\n" + body, old)
+    else:
+        text = old.rstrip() + "\n\n" + body
     with open(cli.out, "w") as f:
         f.write(text)
     print(f"written: {cli.out}")
