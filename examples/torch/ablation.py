@@ -7,7 +7,9 @@ for the optimizer whose step norm it inherits.
 Variants: ``tengrad`` (the tuned TENGraD); ``graft-sgd`` (per-layer norm of the gradient, SGD's
 tuned lr); ``graft-adam`` (per-layer norm of an Adam step, AdamW's tuned lr, momentum averaged
 like Adam's); ``hidden+adamw`` (exact blocks on the hidden layers only, AdamW at its tuned lr for
-the first and last layers, norms and embeddings); ``base-adam`` (the block F + λE, E from Adam's
+the first and last layers, norms and embeddings); ``all-layers`` (every parameter on its exact
+block, the rest of the tuned settings: the ViT's tuned TENGraD runs on the hidden layers only);
+``base-adam`` (the block F + λE, E from Adam's
 second moment, TENGraD's tuned lr and λ); ``relative-1`` (each block's λ equal to its average
 nonzero eigenvalue — relative damping at its natural, untuned point — TENGraD's tuned lr);
 ``kl-peak`` (KL clipping at the peak lr, so that the schedule scales the clipped step: with the
@@ -32,6 +34,7 @@ def variants(args):
         "graft-sgd": {"graft": "sgd", "lr_tengrad": args.lr_sgd},
         "graft-adam": {"graft": "adam", "lr_tengrad": args.lr_adamw},
         "hidden+adamw": {"tengrad_hidden": True, "lr_tengrad_adamw": args.lr_adamw},
+        "all-layers": {"tengrad_hidden": False},
         "base-adam": {"tengrad_base": "adam"},
         "relative-1": {"damping_mode": "relative", "damping": 1.0},
         "kl-peak": {"kl_lr": "peak"},
