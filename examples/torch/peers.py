@@ -82,15 +82,6 @@ class Setup:
             self.optimizers[0].train()
 
 
-def _edges(model: nn.Module) -> List[str]:
-    """Names of what "hidden layers only" leaves to AdamW: the first and last nn.Linear/nn.Conv2d,
-    norms and embeddings."""
-    weighted = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    others = [n for n, m in model.named_modules() if isinstance(m, (nn.LayerNorm, nn.Embedding))
-              or (hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm))]
-    return ([weighted[0], weighted[-1]] if weighted else []) + others
-
-
 def _matrices(model: nn.Module):
     """Muon's split: (hidden weight matrices, the rest). Hidden: 2-D or convolution weights of
     modules other than the first layer, embeddings and the last layer (the classifier)."""
@@ -107,14 +98,12 @@ def _matrices(model: nn.Module):
 def make(name: str, model: nn.Module, args) -> Setup:
     if name == "tengrad":
         graft = None if args.graft == "none" else args.graft
-        skip = _edges(model) if args.tengrad_hidden else []
+        skip = tt.edges(model) if args.tengrad_hidden else []
         pre = tt.TENGraD(model, damping=args.damping, fisher=args.fisher, update_freq=args.update_freq,
                          kl_clip=args.kl_clip or None, lr=args.lr_tengrad, graft=graft, skip=skip,
                          base=None if args.tengrad_base == "none" else args.tengrad_base,
                          damping_mode=args.damping_mode, window=args.window)
-        mine = pre.parameters()
-        ids = {id(p) for p in mine}
-        rest = [p for p in model.parameters() if id(p) not in ids]
+        mine, rest = pre.parameters(), pre.other_parameters()
         # Grafted onto Adam's step, momentum averages like Adam's β₁ (dampening 0.9) instead of summing.
         opt = torch.optim.SGD(mine, lr=args.lr_tengrad, momentum=0.9, dampening=0.9 if graft == "adam" else 0.0,
                               weight_decay=args.tengrad_decay)

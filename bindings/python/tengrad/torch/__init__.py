@@ -19,13 +19,13 @@ backward, edited ``.grad``, a failed step, checkpointing, ``torch.compile``), wh
 why, data-parallel training and sequence layers: README ("Quick start — PyTorch", "Sequence
 layers", "Reliability", "Distributed"), the ``TENGraD`` docstring and docs/DESIGN.md.
 
-Layout: this module holds the ``TENGraD`` façade (construction, settings, ``step``); the rest is
-in rooms mixed into it: ``options`` (the constructor's checks), ``modules`` (the supported module
-types), ``attention`` (MHA's projections made visible), ``attach`` (which modules are hooked; one
-TENGraD per module), ``capture`` (hooks, masks, registration), ``fisher`` (sampled labels),
-``batch`` (a step's arrays, accumulation, padding), ``local`` (one process's step),
-``distributed`` (data parallel), ``graft`` and ``base`` (step-size grafting, a diagonal base),
-``state`` (checkpoints).
+Layout: this module holds the ``TENGraD`` façade (construction, settings, ``step``); the rest is in
+rooms mixed into it: ``options`` (the constructor's checks), ``modules`` (the supported module
+types), ``attention`` (MHA's projections made visible), ``attach`` (which modules are hooked, Muon's
+split ``edges``; one TENGraD per module), ``capture`` (hooks, masks, registration), ``fisher``
+(sampled labels), ``batch`` (a step's arrays, accumulation, padding), ``local`` (one process's
+step), ``distributed`` (data parallel), ``graft`` and ``base`` (step-size grafting, a diagonal
+base), ``state`` (checkpoints).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from ..core import Preconditioner
-from .attach import attach, detach, find_layers, preconditioned_parameters, release
+from .attach import attach, detach, edges, find_layers, preconditioned_parameters, release
 from .batch import Batches
 from .capture import Capturing, _Hook, _Layer
 from .distributed import DataParallel, attach_comm_hook
@@ -48,7 +48,7 @@ from .options import check_lr, check_options, short_host_spin
 from .state import Checkpoints
 from .window import Windows
 
-__all__ = ["TENGraD", "release"]
+__all__ = ["TENGraD", "edges", "release"]
 
 
 class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, LocalStep, DataParallel, Checkpoints, Grafting,
@@ -196,6 +196,12 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, LocalStep, DataP
         optimizers or parameter groups."""
         return [p for layer in self._layers if layer.plain is None for p in (layer.module.weight, bias_of(layer.module))
                 if p is not None and p.requires_grad]
+
+    def other_parameters(self) -> List[nn.Parameter]:
+        """The model's trainable parameters that ``step()`` leaves alone (skipped or unsupported
+        modules, bare parameters): with ``skip=edges(model)``, what AdamW trains in Muon's split."""
+        mine = {id(p) for p in self.parameters()}
+        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in mine]
 
     @property
     def layer_names(self) -> List[str]:

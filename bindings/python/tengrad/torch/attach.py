@@ -97,6 +97,18 @@ def attentions(model: nn.Module, layers: List[_Layer]) -> List[nn.MultiheadAtten
             and (id(attention.projection(m)) in hooked or id(m.out_proj) in hooked)]
 
 
+def edges(model: nn.Module) -> List[str]:
+    """Muon's split: the names of the modules a first-order optimizer (AdamW) should train while
+    TENGraD's exact blocks go to the hidden layers — the first and the last ``nn.Linear`` /
+    ``nn.Conv2d`` in ``named_modules`` order (a usual model's input layer and classifier; the
+    projections inside ``nn.MultiheadAttention`` never count), every embedding and every norm.
+    ``TENGraD(model, skip=edges(model))``; its ``other_parameters()`` are then theirs."""
+    inner = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    weighted = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in inner]
+    others = [n for n, m in model.named_modules() if isinstance(m, (nn.Embedding,) + modules.NORMS)]
+    return list(dict.fromkeys(([weighted[0], weighted[-1]] if weighted else []) + others))
+
+
 def preconditioned_parameters(layers: List[_Layer]) -> Set[int]:
     """The ids of the parameters step() replaces; refuses a parameter shared by two layers."""
     owners: Dict[int, str] = {}
