@@ -196,15 +196,18 @@ def time_to(history, target):
 
 
 def spread(values, fmt):
-    """median [min–max] of the values that are not None, and how many are missing."""
-    got = [v for v in values if v is not None]
-    if not got:
+    """median [min–max] of the values; a None (a target never reached) counts as slower than every
+    run that reached it, so the median is "not reached" when most runs did not."""
+    if all(v is None for v in values):
         return "not reached"
-    text = fmt(float(np.median(got)))
+    order = np.array([np.inf if v is None else v for v in values], dtype=float)
+    middle = float(np.median(order))
+    text = fmt(middle) if np.isfinite(middle) else "not reached"
     if len(values) > 1:
-        text += f" [{fmt(min(got))}–{fmt(max(got))}]"
-    if len(got) < len(values):
-        text += f" ({len(values) - len(got)} not)"
+        text += f" [{fmt(order.min())}–{fmt(order.max()) if np.isfinite(order.max()) else 'not'}]"
+    missing = sum(v is None for v in values)
+    if missing:
+        text += f" ({missing} not)"
     return text
 
 
@@ -241,14 +244,14 @@ def report(runs, args, data=None, make_model=None):
     targets = [float(t) for t in args.targets.split(",")]
     budget = f"{args.epochs} epochs" if args.epochs else f"{args.budget:.0f} s"
     cols = ["optimizer", "steps/s", f"acc @ {budget}"] + [f"t to {100 * t:g}%" for t in targets]
-    widths = [13, 20, 25] + [26] * len(targets)
-    print("".join(f"{c:<{w}}" for c, w in zip(cols, widths)))
+    widths = [13, 20, 25] + [32] * len(targets)
+    print("".join(f"{c:<{w - 1}} " for c, w in zip(cols, widths)).rstrip())
     pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
     sec = lambda v: f"{v:.0f} s"  # noqa: E731
     for name, hs in runs.items():
         row = [name, spread([h["steps_per_second"] for h in hs], lambda v: f"{v:.1f}"),
                spread([h["accuracy"][-1] for h in hs], pct)] + [spread([time_to(h, t) for h in hs], sec) for t in targets]
-        print("".join(f"{c:<{w}}" for c, w in zip(row, widths)))
+        print("".join(f"{c:<{w - 1}} " for c, w in zip(row, widths)).rstrip())
     for name in diverged:
         print(f"{name:<13}diverged on every seed")
     for line in failures:
