@@ -118,7 +118,7 @@ demo: build ## Main job: the Fashion-MNIST ConvNet race, TENGraD vs SGD, AdamW, 
 demo-c: $(BUILD)/mlp $(DATA)/.done ## The C trainer: 784-128-10 MLP on Fashion-MNIST, TENGraD vs SGD
 	$(BUILD)/mlp --data $(DATA)
 
-demo-vit: build ## A small ViT on Fashion-MNIST: TENGraD (exact per-sequence blocks) vs AdamW vs SGD (~7 min)
+demo-vit: build ## A small ViT on Fashion-MNIST: TENGraD (exact blocks on the hidden layers) against the race's six peers (~16 min)
 	$(PYTHON) examples/torch/vit.py --data $(DATA_SRC) --plot $(BUILD)/vit.png $(DEMO_ARGS)
 
 demo-distributed: build ## The demo data-parallel on 2 processes (torchrun, gloo): TENGraD vs SGD vs Adam

@@ -1,5 +1,5 @@
-"""A small Vision Transformer on Fashion-MNIST, built of standard PyTorch modules: TENGraD's exact
-per-sequence blocks on every parameter, against the race's peers at equal wall-clock time
+"""A small Vision Transformer on Fashion-MNIST, built of standard PyTorch modules that all have
+TENGraD's exact per-sequence blocks, against the race's peers at equal wall-clock time
 (`make demo-vit`).
 
     python3 examples/torch/vit.py [--budget 120] [--width 64] [--depth 3] [--heads 4]
@@ -9,9 +9,9 @@ The model: 4×4 patches (T = 49 tokens of 16 pixels) → nn.Linear patch embeddi
 position embedding (each image's position ids) → nn.TransformerEncoder of `--depth` pre-norm
 nn.TransformerEncoderLayer blocks (nn.MultiheadAttention, MLP d → 2d → d with GELU, two
 nn.LayerNorm) → nn.LayerNorm → mean over tokens → nn.Linear classifier. Every layer but the
-classifier sees [batch, 49, features]: TENGraD preconditions each with the exact Fisher block of
-per-image gradients (docs/DESIGN.md §12) — the attention's packed in-projection as one block, the
-norms' γ and β, the position table — so no parameter is left to the plain gradient.
+classifier sees [batch, 49, features]: TENGraD can precondition each with the exact Fisher block
+of per-image gradients (docs/DESIGN.md §12) — the attention's packed in-projection as one block,
+the norms' γ and β, the position table — so no parameter need be left to the plain gradient.
 
 Training, evaluation, the table and the plot are the main demo's (examples/torch/fashion_mnist.py,
 whose options all apply); defaults here are this model's tuned settings (TUNED below, from
