@@ -83,14 +83,13 @@ class Setup:
 
 
 def _matrices(model: nn.Module):
-    """Muon's split: (hidden weight matrices, the rest). Hidden: 2-D or convolution weights of
-    modules other than the first layer, embeddings and the last layer (the classifier)."""
-    weighted = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    edges = {id(weighted[0]), id(weighted[-1])} if weighted else set()
-    hidden = [m.weight for m in weighted if id(m) not in edges]
-    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
-        hidden += [m.in_proj_weight for m in model.modules() if isinstance(m, nn.MultiheadAttention)
-                   and m.in_proj_weight is not None]
+    """Muon's split: (hidden weight matrices, the rest). Hidden: the weights of the nn.Linear /
+    nn.Conv2d modules that ``tt.edges`` (TENGraD's split) does not name, and every attention's
+    packed in-projection."""
+    edges = set(tt.edges(model))
+    hidden = [m.weight for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n not in edges]
+    hidden += [m.in_proj_weight for m in model.modules() if isinstance(m, nn.MultiheadAttention)
+               and m.in_proj_weight is not None]
     ids = {id(p) for p in hidden}
     return hidden, [p for p in model.parameters() if id(p) not in ids]
 

@@ -14,7 +14,8 @@ it does not, up to 3 times. The two best configurations are then run on seeds 1 
 optimizer's winner is the one with the best median of the 3 seeds. When that winner sits at an edge,
 the axis is extended there too (seed 0); a new configuration that beats the winner on seed 0 is run
 on seeds 1 and 2 and competes by its median (up to 3 times). Every run and score goes to the output
-file (a section per task, replacing that task's section); the demos' defaults are the winners.
+file (a section per task, replacing that task's section; a search of some optimizers, their own
+subsection in it); the demos' defaults are the winners.
 """
 import argparse
 import itertools
