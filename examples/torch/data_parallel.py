@@ -1,7 +1,7 @@
 """Data-parallel training of the demo (``fashion_mnist.py --distributed``, started by torchrun):
 
     torchrun --standalone --nproc_per_node=2 examples/torch/fashion_mnist.py --distributed \
-        [--optimizers tengrad,sgd,adam] [--budget 60] [--batch 128]
+        [--optimizers tengrad,sgd,adam] [--budget 60] [--batch 128] [--graft adam] [--tengrad-base adam] [--window 2]
 
 Every process holds the whole data set, shuffles it alike and trains on its share of each global
 batch of ``--batch`` samples; the model is wrapped in ``DistributedDataParallel`` (gloo). TENGraD
@@ -53,10 +53,13 @@ def _train(name, args, data, seed, make_model, tt):
     ddp = DistributedDataParallel(model)
     precond = None
     if name == "tengrad":
-        opt = torch.optim.SGD(ddp.parameters(), lr=args.lr_tengrad, momentum=0.9, weight_decay=5e-4)
+        graft = None if args.graft == "none" else args.graft
+        opt = torch.optim.SGD(ddp.parameters(), lr=args.lr_tengrad, momentum=0.9, weight_decay=5e-4,
+                              dampening=0.9 if graft == "adam" else 0.0)
         precond = tt.TENGraD(ddp, damping=args.damping, fisher=args.fisher, update_freq=args.update_freq,
-                             kl_clip=args.kl_clip, lr=args.lr_tengrad, process_group=dist.group.WORLD,
-                             blas_threads=1 if size > 1 else "auto")
+                             kl_clip=args.kl_clip or None, lr=args.lr_tengrad, process_group=dist.group.WORLD,
+                             blas_threads=1 if size > 1 else "auto", graft=graft, damping_mode=args.damping_mode,
+                             base=None if args.tengrad_base == "none" else args.tengrad_base, window=args.window)
     elif name == "sgd":
         opt = torch.optim.SGD(ddp.parameters(), lr=args.lr_sgd, momentum=0.9, weight_decay=5e-4)
     elif name == "adam":

@@ -275,6 +275,11 @@ def ddp_remove(rank, size, make, m, out):
     os._exit(0)
 
 
+# Variants that are options of TENGraD (the single-process reference takes them too).
+OPTIONS = {"graft-sgd": {"graft": "sgd"}, "graft-adam": {"graft": "adam"}, "base": {"base": "adam"},
+           "window": {"window": 2}, "window-base": {"window": 3, "base": "adam"}}
+
+
 def main():
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     make, fisher, m, out, distributed = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
@@ -308,13 +313,13 @@ def main():
             hooked = torch.nn.parallel.DistributedDataParallel(model, process_group=group)
             skip = ["module.0"]
     pre = tt.TENGraD(hooked, damping=0.1, fisher=fisher, update_freq=2, process_group=group, skip=skip,
-                     kl_clip=1e-4 if kl else None, lr=1.0 if kl else None)
+                     kl_clip=1e-4 if kl else None, lr=1.0 if kl else None, **OPTIONS.get(variant, {}))
     shards = np.array_split(np.arange(m), size) if distributed else [np.arange(m)]
     if variant == "empty" and distributed:                  # the last rank gets no sample at all
         shards = np.array_split(np.arange(m), size - 1) + [np.arange(0)]
     mine = shards[rank]
     saved = {}
-    for step in range(4):                                   # refresh, reuse, refresh, reuse
+    for step in range(6 if variant.startswith("window") else 4):  # refresh, reuse, ... (a window: 3 refreshes)
         x, y = batch(model, m, 100 + step)
         x, y = x[mine], y[mine]
         model.zero_grad()

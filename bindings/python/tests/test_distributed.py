@@ -160,9 +160,20 @@ def test_embeddings_with_padding(tmp_path):
     check("tokens", "empirical", tmp_path, "mask", 10, (2, 3))
 
 
+@pytest.mark.parametrize("variant,make,fisher", [("graft-sgd", "mlp", "empirical"), ("graft-adam", "cnn", "empirical+kl"),
+                                                 ("base", "cnn", "empirical"), ("base", "mlp", "sampled"),
+                                                 ("window", "cnn", "empirical"), ("window", "mlp", "sampled"),
+                                                 ("window-base", "cnn", "sampled")])
+def test_graft_base_and_window(variant, make, fisher, tmp_path):
+    """Grafting, the diagonal base and the curvature window data-parallel: the moments advance on
+    every rank from the reduced global gradient, the owner keeps the window's gathered rows (raw
+    and per-sample kinds), and every rank's update equals the single process's on the whole batch."""
+    check(make, fisher, tmp_path, variant, 10, (2, 3))
+
+
 def check(make, fisher, tmp_path, variant, m, sizes):
-    reference = run(make, fisher, 1, str(tmp_path), False, variant if variant in ("ddp", "mask", "partial") else "plain",
-                    m)[0]
+    own = ("ddp", "mask", "partial", "graft-sgd", "graft-adam", "base", "window", "window-base")
+    reference = run(make, fisher, 1, str(tmp_path), False, variant if variant in own else "plain", m)[0]
     for size in sizes:
         ranks = run(make, fisher, size, str(tmp_path), True, variant, m)
         worst = 0.0

@@ -101,8 +101,6 @@ def test_moments_resume_from_state_dict_and_bad_settings_are_refused():
     assert_resumes(model, pre, mlp, dict(damping=0.1, base="adam", update_freq=2), range(3, 6))
     with pytest.raises(ValueError):
         tt.TENGraD(mlp(), base="rms")
-    with pytest.raises(ValueError):
-        tt.TENGraD(mlp(), base="adam", process_group=object())
 
 
 def test_relative_damping_uses_each_blocks_average_eigenvalue():

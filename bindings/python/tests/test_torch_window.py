@@ -111,4 +111,29 @@ def test_window_resumes_from_state_dict_and_bad_windows_are_refused():
         with pytest.raises(ValueError):
             tt.TENGraD(mlp(), window=bad)
     with pytest.raises(ValueError):
-        tt.TENGraD(mlp(), window=2, process_group=object())
+        tt.TENGraD(mlp(), window=2, token_mode="per-token", process_group=object())
+
+
+def test_an_owners_gradient_rows_restart_the_window_in_one_process():
+    """A data-parallel owner keeps per-sample gradient rows (no inputs) in its window; loaded into
+    one process such a layer's window restarts, the others' are kept, and steps run."""
+    torch.manual_seed(5)
+    model = cnn()
+    pre = tt.TENGraD(model, damping=0.1, window=2)
+    for s in range(2):
+        x, y = batch(model, 8, s)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+    state = pre.state_dict()
+    first, *others = sorted(state["window"])
+    state["window"][first] = [[None, g, k, sc] for _, g, k, sc in state["window"][first]]
+    pre.remove()
+    fresh = tt.TENGraD(model, damping=0.1, window=2)
+    fresh.load_state_dict(state)
+    assert sorted(fresh._window_batches) == others
+    x, y = batch(model, 8, 9)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    fresh.step()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -24,8 +24,8 @@ rooms mixed into it: ``options`` (the constructor's checks), ``modules`` (the su
 types), ``attention`` (MHA's projections made visible), ``attach`` (which modules are hooked, Muon's
 split ``edges``; one TENGraD per module), ``capture`` (hooks, masks, registration), ``fisher``
 (sampled labels), ``batch`` (a step's arrays, accumulation, padding), ``local`` (one process's
-step), ``distributed`` (data parallel), ``graft`` and ``base`` (step-size grafting, a diagonal
-base), ``state`` (checkpoints).
+step), ``distributed`` and ``comm_hook`` (data parallel, DDP's hook), ``graft`` and ``base`` (step-size grafting, a diagonal
+base), ``window`` (curvature over the last k batches), ``state`` (checkpoints).
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ from ..core import Preconditioner
 from .attach import attach, detach, edges, find_layers, preconditioned_parameters, release
 from .batch import Batches
 from .capture import Capturing, _Hook, _Layer
-from .distributed import DataParallel, attach_comm_hook
+from .comm_hook import CommHook, attach_comm_hook
+from .distributed import DataParallel
 from .fisher import SampledFisher
 from .base import DiagonalBases
 from .graft import Grafting
@@ -51,7 +52,7 @@ from .window import Windows
 __all__ = ["TENGraD", "edges", "release"]
 
 
-class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, LocalStep, DataParallel, Checkpoints, Grafting,
+class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, LocalStep, DataParallel, CommHook, Checkpoints, Grafting,
               DiagonalBases, Windows):
     """Exact block-diagonal natural-gradient preconditioner for a PyTorch model.
 
@@ -90,15 +91,16 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, LocalStep, DataP
             layer's update keeps TENGraD's direction with the norm of the gradient (``"sgd"``) or of
             an Adam step ``g / (√v̂ + ε)`` (``"adam"``, β₂ 0.999; the moments are kept here and in
             ``state_dict``), so a learning rate and schedule tuned for SGD or Adam carry over
-            (graft.py). Single process only for now.
+            (graft.py). Data-parallel too (the owner grafts; every rank keeps the moments).
         base: ``None`` (default: ``F + λI``) or ``"adam"``: each layer's block is ``F + λE`` with
             E = diag(e) from Adam's second moment of its gradients (√v̂ normalized to mean 1 per
             layer, clamped to [0.1, 10]; base.py, docs/DESIGN.md §15) — curvature memory
-            across batches in the directions one batch does not span. Single process only for now.
+            across batches in the directions one batch does not span. Data-parallel too.
         window: k ≥ 1 (default 1): each refresh's block is the exact Fisher of this refresh's
             batch and the last k − 1 refreshes' batches together (k·m samples, one k·m × k·m
-            system; window.py) — curvature memory across batches at (k·m)² Gram cost. Single
-            process only for now.
+            system; window.py) — curvature memory across batches at (k·m)² Gram cost.
+            Data-parallel, each layer's owner keeps the gathered global batches (a loaded
+            ``state_dict`` restarts the windows, as it refreshes the snapshots).
         token_mode: for ``nn.Linear`` applied to sequences (inputs [batch, T..., d]; the
             dimensions between batch and features are positions): ``"per-sequence"`` (default) —
             the exact Fisher block of per-sequence gradients, a sequence's gradient summing its
@@ -116,7 +118,9 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, LocalStep, DataP
             and ``ddp_comm_hook`` is registered so DDP averages only the other parameters (norms,
             embeddings, skipped layers), or use no DDP. A failure on any rank (bad input, NaN, a
             layer without gradient) raises on every rank and changes no ``.grad``. KL clipping uses
-            the global sum of ⟨update, grad⟩.
+            the global sum of ⟨update, grad⟩. With ``graft`` or ``base`` the layers' gradients are
+            allreduced (every rank advances the same moments) instead of reduced to the owner.
+            ``token_mode="per-token"`` is single-process only.
     """
 
     def __init__(self, model: nn.Module, damping: float = 0.1, fisher: str = "empirical", update_freq: int = 1,
@@ -241,6 +245,6 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, LocalStep, DataP
         self._failed_step = True  # until this step succeeds: a new backward then drops its captures
         self._recount = True  # ... and a new forward restarts the per-step counts
         refresh = self._refresh_step()
-        if self.process_group is not None and self._world_size() > 1:
+        if self._data_parallel():
             return self._distributed_step(refresh)
         self._local_step(refresh)

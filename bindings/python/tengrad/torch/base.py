@@ -16,7 +16,6 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from .modules import bias_of
 
 BASES = (None, "adam")
 BETA2 = 0.999
@@ -26,14 +25,11 @@ LOW, HIGH = 0.1, 10.0
 class DiagonalBases:
     """Mixed into TENGraD."""
 
-    def _base_moments_of(self, layer) -> Dict[str, Tuple[torch.Tensor, int]]:
-        """The layer's advanced moments {key: (v, t)} from its current .grad (not installed)."""
+    def _base_moments_of(self, parts) -> Dict[str, Tuple[torch.Tensor, int]]:
+        """A layer's advanced moments {key: (v, t)} from its gradient parts (``grad_parts``: its
+        .grad, or the data-parallel step's reduced gradient); not installed."""
         out = {}
-        for suffix, param in (("weight", layer.module.weight), ("bias", bias_of(layer.module))):
-            if param is None or param.grad is None:
-                continue
-            key = f"{layer.name}.{suffix}"
-            g = param.grad.detach().to(torch.float64)
+        for key, g in parts:
             v, t = self._base_moments.get(key, (torch.zeros_like(g), 0))
             out[key] = (BETA2 * v + (1 - BETA2) * g * g, t + 1)
         return out

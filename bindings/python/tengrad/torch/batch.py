@@ -80,7 +80,8 @@ class Batches:
                                                   .detach().cpu().numpy() != 0).view(np.uint8) for c in done]
                 if len({x.shape[1:] for x in inputs}) > 1:
                     inputs, grads, masks = self._pad_tokens(layer, inputs, grads, masks)
-                if self.window > 1:  # the earlier refreshes' batches first (window.py)
+                if self.window > 1 and not self._data_parallel():  # the earlier batches first (window.py; the
+                    # data-parallel owner joins the gathered global batches)
                     inputs, grads, masks = self._windowed(layer, inputs, grads, masks, scales[0])
                     if len({x.shape[1:] for x in inputs}) > 1:
                         inputs, grads, masks = self._pad_tokens(layer, inputs, grads, masks)

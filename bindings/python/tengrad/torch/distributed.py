@@ -1,58 +1,18 @@
 """Data-parallel steps with exact global-batch blocks (docs/DESIGN.md §11): rows gathered to each
-layer's owner, gradients reduced there, updates broadcast; the DDP communication hook; failures
-agreed on by every rank."""
+layer's owner, gradients reduced there (to every rank when grafting or a diagonal base keeps
+moments), updates broadcast; failures agreed on by every rank. The DDP communication hook is
+``comm_hook.py``'s."""
 from __future__ import annotations
 
-import weakref
 import zlib
 from typing import List
 
 import numpy as np
 import torch
 
-from ..parallel import assign_owners, kl_clip_from_sum
+from ..parallel import assign_owners
 from ..specs import EmbeddingSpec
-
-
-class _CommHookRouter:
-    """The one communication hook a DistributedDataParallel model can have (DDP refuses a second
-    and cannot remove one): it routes to the live TENGraD attached to the model, and when there
-    is none (removed) averages every gradient as DDP's default does, so replicas stay equal."""
-
-    def __init__(self, group):
-        self.group = group
-        self.current = None  # weakref to the TENGraD whose hook runs
-
-    def attach(self, pre) -> None:
-        self.current = weakref.ref(pre)
-
-
-def _route(router: _CommHookRouter, bucket):
-    pre = router.current() if router.current is not None else None
-    if pre is not None and not pre._removed:
-        return pre.ddp_comm_hook(router.group, bucket)
-    import torch.distributed as dist
-    buffer = bucket.buffer()
-    buffer.div_(dist.get_world_size(router.group))
-    return dist.all_reduce(buffer, group=router.group, async_op=True).get_future().then(lambda fut: fut.value()[0])
-
-
-# The router installed on each DDP model (weak keys: nothing is stored on the model).
-_routers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def attach_comm_hook(model, group, pre) -> None:
-    """Route `model`'s (a DistributedDataParallel) communication hook to `pre`; installed once per
-    model, so a later TENGraD on the same model (after remove()) takes it over."""
-    router = _routers.get(model)
-    if router is None:
-        router = _CommHookRouter(group)
-        model.register_comm_hook(router, _route)
-        _routers[model] = router
-    elif router.group is not group:
-        raise ValueError("TENGraD: this DistributedDataParallel model's communication hook was installed for "
-                         "another process group")
-    router.attach(pre)
+from .modules import grad_parts
 
 
 class DataParallel:
@@ -72,6 +32,10 @@ class DataParallel:
             self._owners = assign_owners(costs, dist.get_world_size(self.process_group))
         return self._owners
 
+    def _data_parallel(self) -> bool:
+        """Whether steps run data-parallel (a process group of more than one rank)."""
+        return self.process_group is not None and self._world_size() > 1
+
     def _world_size(self) -> int:
         """Ranks of the process group (one rank: the single-process step, with its fast path)."""
         import torch.distributed as dist
@@ -83,35 +47,6 @@ class DataParallel:
         if dist.get_backend(self.process_group) == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
-
-    def ddp_comm_hook(self, group, bucket):
-        """A ``DistributedDataParallel`` communication hook that allreduces (averages) only the
-        gradients TENGraD does not precondition; preconditioned layers keep their local gradients,
-        which ``step()`` reduces to each layer's owner (docs/DESIGN.md §11). Registered
-        automatically when the model given to ``TENGraD`` is the DDP module; otherwise
-        ``ddp_model.register_comm_hook(process_group, pre.ddp_comm_hook)``."""
-        import torch.distributed as dist
-        buffer = bucket.buffer()
-        others, offset = [], 0
-        for param in bucket.parameters():
-            n = param.numel()
-            if id(param) not in self._preconditioned:
-                others.append((offset, n))
-            offset += n
-        if not others:
-            done = torch.futures.Future()
-            done.set_result(buffer)
-            return done
-        flat = torch.cat([buffer[o:o + n] for o, n in others]) / dist.get_world_size(group)  # DDP's average
-        future = dist.all_reduce(flat, group=group, async_op=True).get_future()
-
-        def write(fut):
-            total, at = fut.value()[0], 0
-            for o, n in others:
-                buffer[o:o + n].copy_(total[at:at + n])
-                at += n
-            return buffer
-        return future.then(write)
 
     def _row_plan(self, layer, batch):
         """(kind, width) of the rows this rank sends for a layer in this step (``_rows``): an
@@ -126,7 +61,8 @@ class DataParallel:
         mode, gradients on) since the last step."""
         widths = tuple(self._row_plan(layer, batch) for layer, _, _, batch in plans)
         settings = (tuple((layer.name, layer.spec) for layer in self._layers), self.fisher, self.update_freq,
-                    self.damping, self.lr, self.kl_clip, self.loss_reduction, self.token_mode, self.damping_mode, widths)
+                    self.damping, self.lr, self.kl_clip, self.loss_reduction, self.token_mode, self.damping_mode,
+                    self.graft, self.base, self.window, widths)
         present = tuple(layer.name for layer, *_ in plans)
         return [self.steps, zlib.crc32(repr(settings).encode()), zlib.crc32(repr(present).encode()),
                 self._train_forwards]
@@ -142,8 +78,8 @@ class DataParallel:
                                "step() once per training step; no .grad was changed")
         if differ(3):
             raise RuntimeError("TENGraD: the ranks have different layers or settings (layer shapes, fisher, "
-                               "update_freq, damping, lr, kl_clip, loss_reduction, token_mode, damping_mode, an embedding's sequence "
-                               "length): change them alike on every rank (set_damping, set_lr; pad the embeddings' "
+                               "update_freq, damping, lr, kl_clip, loss_reduction, token_mode, damping_mode, graft, base, "
+                               "window, an embedding's sequence length): change them alike on every rank (set_damping, set_lr; pad the embeddings' "
                                "token ids to one length); no .grad was changed")
         if differ(4):
             raise RuntimeError("TENGraD: the ranks differ in which layers have a gradient this step (a layer frozen or "
@@ -189,7 +125,9 @@ class DataParallel:
         if m_total == 0:  # every rank agrees: the same counts reached all
             raise RuntimeError("TENGraD: no rank has a sample in this step; no .grad was changed")
         weight = counts[rank] / m_total
-        status, updates = 0, []
+        status, updates, dots = 0, [], 0.0
+        replicate = self.graft is not None or self.base is not None
+        moments, bases = {}, {}  # graft="adam" and base="adam": installed when the step succeeds
         # Samples of every rank: the global mean gradient weights each rank's mean by its share; a
         # refresh gathers that many rows from each rank to the layer's owner.
         for (layer, w, b, batch), owner in zip(plans, owners):
@@ -232,38 +170,54 @@ class DataParallel:
                 g_sum = torch.full((numel,), float("nan"), dtype=torch.float32, device=device)
                 pad = torch.full((max(counts), width), float("nan"), dtype=torch.float32, device=device) \
                     if refresh else None
-            dist.reduce(g_sum, dst=root, group=group)
+            if replicate:  # every rank advances every layer's moments from the global gradient
+                dist.all_reduce(g_sum, group=group)
+            else:
+                dist.reduce(g_sum, dst=root, group=group)
             if refresh:
                 gathered = [torch.zeros_like(pad) for _ in range(size)] if rank == owner else None
                 dist.gather(pad, gathered, dst=root, group=group)
             out = torch.zeros(numel, dtype=torch.float32, device=device)
-            if rank == owner:
-                try:
-                    if refresh:
-                        full = torch.cat([blk[:n] for blk, n in zip(gathered, counts)]).cpu().numpy()
-                        if kind == "raw":
-                            cut = int(np.prod(a.shape[1:]))
-                            fa = np.ascontiguousarray(full[:, :cut]).reshape((m_total,) + a.shape[1:])
-                            fg = np.ascontiguousarray(full[:, cut:]).reshape((m_total,) + batch[1].shape[1:])
-                            self._pre.update_curvature(layer.id, fa, fg, 1.0)
-                        else:
-                            self._pre.update_curvature_from_gradients(layer.id, np.ascontiguousarray(full))
+            try:
+                if replicate or rank == owner:
                     reduced = g_sum.cpu().numpy()
                     gw = reduced[:w.size].reshape(w.shape).copy()
                     gb = reduced[w.size:].copy() if b is not None else None
+                    parts = grad_parts(layer, gw, gb)
+                    if self.base is not None:
+                        bases.update(self._base_moments_of(parts))
+                if rank == owner:
+                    if refresh:
+                        if self.base is not None:
+                            self._set_layer_base(layer, bases)
+                        full = torch.cat([blk[:n] for blk, n in zip(gathered, counts)]).cpu().numpy()
+                        if kind == "raw":
+                            cut = int(np.prod(a.shape[1:]))
+                            own = (np.ascontiguousarray(full[:, :cut]).reshape((m_total,) + a.shape[1:]),
+                                   np.ascontiguousarray(full[:, cut:]).reshape((m_total,) + batch[1].shape[1:]))
+                            fa, fg = self._windowed_rows(layer, own) if self.window > 1 else own
+                            self._pre.update_curvature(layer.id, fa, fg, 1.0)
+                        else:
+                            own = (np.ascontiguousarray(full),)
+                            rows, = self._windowed_rows(layer, own) if self.window > 1 else own
+                            self._pre.update_curvature_from_gradients(layer.id, rows)
                     uw, ub = self._pre.precondition(layer.id, gw, gb)
+                    scale = 1.0
+                    if self.graft is not None:
+                        scale = self._graft_scale(self._reference_norm2(parts, moments), (uw, ub))
+                    dots += scale * self._pre.layer_stats(layer.id)["update_dot_grad"]
                     out = torch.from_numpy(np.concatenate([uw.ravel(), ub.ravel()]) if ub is not None
                                            else uw.ravel().copy()).to(device)
-                except Exception as e:  # noqa: BLE001 — every rank learns of it below
-                    status, error = 1, e
+                elif self.graft == "adam":  # the owner grafts; every rank keeps the moments alike
+                    self._reference_norm2(parts, moments)
+            except Exception as e:  # noqa: BLE001 — every rank learns of it below
+                status, error = 1, e
             dist.broadcast(out, src=root, group=group)
             updates.append((layer, out))
         # One allreduce: a failure flag per rank and this rank's ⟨update, grad⟩ terms of the layers
         # it owns (the global KL sum).
-        dots = sum(self._pre.layer_stats(layer.id)["update_dot_grad"]
-                   for (layer, *_), owner in zip(plans, owners) if owner == rank) if status == 0 else 0.0
         summary = torch.zeros(size + 1, dtype=torch.float64, device=device)
-        summary[rank], summary[size] = float(status), dots
+        summary[rank], summary[size] = float(status), dots if status == 0 else 0.0
         dist.all_reduce(summary, group=group)
         summary = summary.cpu()
         failed = [r for r in range(size) if summary[r].item() != 0]
@@ -273,9 +227,7 @@ class DataParallel:
             if error is not None:
                 raise RuntimeError(f"{message}: {error}") from error
             raise RuntimeError(message)
-        nu, total = 1.0, float(summary[size].item())
-        if self.kl_clip is not None:
-            nu = kl_clip_from_sum(self.lr, self.kl_clip, total)
+        nu = self._nu_from_sum(float(summary[size].item()))  # 1 without KL clipping or at lr 0
         for layer, out in updates:
             n = layer.module.weight.numel()
             if nu != 1:
@@ -283,5 +235,8 @@ class DataParallel:
             layer.module.weight.grad.copy_(out[:n].view_as(layer.module.weight))
             if layer.spec.bias:
                 layer.module.bias.grad.copy_(out[n:].view_as(layer.module.bias))
+        self._moments.update(moments)
+        self._base_moments.update(bases)
+        self._commit_window()
         self.last_nu = nu
         self._finish_step()

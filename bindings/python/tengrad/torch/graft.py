@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..parallel import kl_clip_from_sum
-from .modules import bias_of
+from .modules import grad_parts
 
 GRAFTS = (None, "sgd", "adam")
 BETA2, EPS = 0.999, 1e-8
@@ -27,11 +27,31 @@ BETA2, EPS = 0.999, 1e-8
 class Grafting:
     """Mixed into TENGraD."""
 
-    def _graft_pairs(self, layer, w_up, b_up):
-        pairs = [(f"{layer.name}.weight", layer.module.weight, w_up)]
-        if b_up is not None:
-            pairs.append((f"{layer.name}.bias", bias_of(layer.module), b_up))
-        return pairs
+    def _reference_norm2(self, parts, moments) -> float:
+        """‖the reference optimizer's step‖² over a layer's gradient parts; ``graft="adam"``
+        advances their second moments into ``moments`` (installed by the step on success)."""
+        reference = 0.0
+        for key, g in parts:
+            if self.graft == "adam":
+                v, t = self._moments.get(key, (torch.zeros_like(g), 0))
+                v = BETA2 * v + (1 - BETA2) * g * g
+                t += 1
+                g = g / ((v / (1 - BETA2 ** t)).sqrt() + EPS)
+                moments[key] = (v, t)
+            reference += float(g.square().sum())
+        return reference
+
+    @staticmethod
+    def _graft_scale(reference: float, ups) -> float:
+        """Scales the layer's updates (numpy, in place) to the reference norm; returns the scale."""
+        # In torch, not numpy: np.dot runs on numpy's own OpenBLAS, whose threads then spin against
+        # torch's on the next forward (measured: the demo's forward and backward took 2× as long).
+        norm = sum(float(torch.from_numpy(u).double().square().sum()) for u in ups if u is not None)
+        scale = math.sqrt(reference / norm) if norm > 0 else 0.0
+        for u in ups:
+            if u is not None:
+                u *= np.float32(scale)
+        return scale
 
     def _grafted(self, updates) -> Tuple[list, float, Dict[str, Tuple[torch.Tensor, int]]]:
         """The updates scaled per layer to the reference step's norm, the KL sum
@@ -39,27 +59,12 @@ class Grafting:
         moments: Dict[str, Tuple[torch.Tensor, int]] = {}
         total = 0.0
         for layer, w_up, b_up in updates:
-            pairs = self._graft_pairs(layer, w_up, b_up)
-            reference = 0.0
-            for key, param, _ in pairs:
-                g = param.grad.detach().to(torch.float64)
-                if self.graft == "adam":
-                    v, t = self._moments.get(key, (torch.zeros_like(g), 0))
-                    v = BETA2 * v + (1 - BETA2) * g * g
-                    t += 1
-                    g = g / ((v / (1 - BETA2 ** t)).sqrt() + EPS)
-                    moments[key] = (v, t)
-                reference += float(g.square().sum())
-            # In torch, not numpy: np.dot runs on numpy's own OpenBLAS, whose threads then spin against
-            # torch's on the next forward (measured: the demo's forward and backward took 2× as long).
-            norm = sum(float(torch.from_numpy(u).double().square().sum()) for _, _, u in pairs)
-            scale = math.sqrt(reference / norm) if norm > 0 else 0.0
-            for _, _, u in pairs:
-                u *= np.float32(scale)
+            reference = self._reference_norm2(grad_parts(layer), moments)
+            scale = self._graft_scale(reference, (w_up, b_up))
             total += scale * self._pre.layer_stats(layer.id)["update_dot_grad"]
         return updates, total, moments
 
-    def _graft_nu(self, total: float) -> float:
+    def _nu_from_sum(self, total: float) -> float:
         if self.kl_clip is None or self.lr == 0:
             return 1.0
         return kl_clip_from_sum(self.lr, self.kl_clip, total)

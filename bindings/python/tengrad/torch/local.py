@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .modules import bias_of
+from .modules import bias_of, grad_parts
 
 
 class LocalStep:
@@ -25,7 +25,7 @@ class LocalStep:
         bases = {}  # base="adam": the moments this step advances (installed on success)
         if self.base is not None:
             for layer, *_ in plans:
-                bases.update(self._base_moments_of(layer))
+                bases.update(self._base_moments_of(grad_parts(layer)))
         for layer, w, b, batch in plans:
             if batch is not None:
                 if self.base is not None:
@@ -42,7 +42,7 @@ class LocalStep:
         nu, moments = 1.0, {}
         if self.graft is not None and updates:
             updates, total, moments = self._grafted(updates)
-            nu = self._graft_nu(total)
+            nu = self._nu_from_sum(total)
         elif self.kl_clip is not None and self.lr > 0 and updates:
             nu = self._pre.kl_clip_factor(self.lr, self.kl_clip)
         # Every call succeeded: write.

@@ -7,7 +7,7 @@ tengrad.torch that tests those types."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Dict, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -30,6 +30,19 @@ def _pair(v):
 def bias_of(module: nn.Module) -> Optional[nn.Parameter]:
     """The module's bias parameter (RMSNorm has none)."""
     return getattr(module, "bias", None)
+
+
+def grad_parts(layer, w=None, b=None) -> List[Tuple[str, torch.Tensor]]:
+    """A hooked layer's gradient as [(parameter key "<layer>.weight"/".bias", float64 tensor in
+    the parameter's shape)]: its ``.grad`` or, in a data-parallel step, the reduced global
+    gradient ``w``, ``b`` (library arrays; ``b`` None when the layer has no bias block)."""
+    parts = []
+    for suffix, param, given in (("weight", layer.module.weight, w), ("bias", bias_of(layer.module), b)):
+        if w is None and param is not None and param.grad is not None:
+            parts.append((f"{layer.name}.{suffix}", param.grad.detach().to(torch.float64)))
+        elif w is not None and given is not None:
+            parts.append((f"{layer.name}.{suffix}", torch.from_numpy(given).reshape(param.shape).to(torch.float64)))
+    return parts
 
 
 def never_called(model: nn.Module) -> Dict[str, str]:

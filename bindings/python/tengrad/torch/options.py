@@ -49,13 +49,7 @@ def check_options(*, fisher, update_freq, kl_clip, lr, loss_reduction, blas_thre
         raise ValueError(f"loss_reduction must be 'mean', 'sum' or a number, got {loss_reduction!r}")
     if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= 64:
         raise ValueError(f"window must be an int in 1..64, got {window!r}")
-    if process_group is not None:
-        if window != 1:
-            raise ValueError("TENGraD: window > 1 with a process_group is not supported yet")
-        for name, value in (("graft", graft), ("base", base)):
-            if value is not None:
-                raise ValueError(f"TENGraD: {name} with a process_group is not supported yet")
-        if token_mode == "per-token":
-            raise ValueError("TENGraD: token_mode='per-token' with a process_group is not supported yet")
+    if process_group is not None and token_mode == "per-token":
+        raise ValueError("TENGraD: token_mode='per-token' with a process_group is not supported yet")
     if lr is not None:
         check_lr(lr)

@@ -60,7 +60,7 @@ class Checkpoints:
             layer.id, layer.spec = i, fresh.layer_spec(i)
             self._registered.append(layer)
         self.steps = int(state["steps"])
-        self._refresh_after_load = self.process_group is not None and self._world_size() > 1
+        self._refresh_after_load = self._data_parallel()
         self.fisher = state["fisher"]
         self.update_freq = int(state["update_freq"])
         self.kl_clip = state["kl_clip"]

@@ -24,6 +24,15 @@ def joined(arrays: List[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays) if len(arrays) > 1 else arrays[0].copy()
 
 
+def padded_join(arrays: List[np.ndarray]) -> np.ndarray:
+    """The arrays' rows in one array; [rows, tokens, ...] arrays of different token counts
+    padded with zeros to the longest."""
+    if len({x.shape[1:] for x in arrays}) > 1:
+        longest = max(x.shape[1] for x in arrays)
+        arrays = [np.pad(x, [(0, 0), (0, longest - x.shape[1])] + [(0, 0)] * (x.ndim - 2)) for x in arrays]
+    return np.concatenate(arrays)
+
+
 class Windows:
     """Mixed into TENGraD."""
 
@@ -44,6 +53,21 @@ class Windows:
         inputs = [x for x, _, _, _ in past] + inputs
         return inputs, grads, masks
 
+    def _windowed_rows(self, layer, own: tuple) -> tuple:
+        """A data-parallel refresh on the layer's owner: the gathered global batch — (inputs,
+        output gradients) raw rows, their per-sample scale folded in, or (per-sample gradients,)
+        — with the window's earlier batches put first; this one kept pending until the step
+        succeeds. An embedding's ids of another length are padded with id 0 and a zero gradient,
+        which add nothing to a per-sample gradient."""
+        entry = (own[0], own[1], None, 1.0) if len(own) == 2 else (None, own[0], None, 1.0)
+        past = self._window_batches.get(layer.name, [])
+        self._window_pending[layer.name] = past[-(self.window - 2):] + [entry] if self.window > 2 else [entry]
+        if not past:
+            return own
+        if len(own) == 2:
+            return padded_join([x for x, _, _, _ in past] + [own[0]]), padded_join([g for _, g, _, _ in past] + [own[1]])
+        return (np.concatenate([g for _, g, _, _ in past] + [own[0]]),)
+
     def _commit_window(self) -> None:
         """The step succeeded: its refresh batches join their layers' windows."""
         self._window_batches.update(self._window_pending)
@@ -57,7 +81,10 @@ class Windows:
     def _load_window_state(self, saved) -> None:
         as_array = lambda t: None if t is None else np.ascontiguousarray(torch.as_tensor(t).numpy())  # noqa: E731
         keep = self.window - 1
+        if self._refresh_after_load:  # data parallel: windows live on the owners; they restart with the refresh
+            keep = 0
         self._window_batches = {
             name: [(as_array(x), as_array(g), as_array(k), float(s)) for x, g, k, s in entries][-keep:]
-            for name, entries in saved.items() if keep > 0 and name in self._by_name}
+            for name, entries in saved.items()
+            if keep > 0 and name in self._by_name and all(x is not None for x, *_ in entries)}  # not an owner's gradient rows
         self._window_pending = {}
