@@ -186,8 +186,10 @@ test-example: $(BUILD)/mlp $(DATA)/.done ## The examples on real data; the C tra
 	$(PYTHON) examples/torch/tune.py --budget 0.3 --train-limit 500 --test-limit 200 --optimizers sgd,tengrad-hidden \
 	  --out $(BUILD)/TUNING_smoke.md
 	grep -q "^\* \*\*sgd\*\*" $(BUILD)/TUNING_smoke.md && grep -q "^\* \*\*tengrad-hidden\*\*" $(BUILD)/TUNING_smoke.md
+	$(PYTHON) examples/torch/untuned.py --steps 4 --lrs 0.1 --options "" --options "update_freq=2,kl_clip=0.01,lr=sgd"
 	timeout 300 $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=2 examples/torch/fashion_mnist.py \
-	  --distributed --budget 3 --train-limit 3000 --test-limit 1000 --eval-seconds 1.5 --optimizers tengrad,adam
+	  --distributed --budget 3 --train-limit 3000 --test-limit 1000 --eval-seconds 1.5 --optimizers tengrad,adam \
+	  --tengrad-base adam --window 2
 	swift build -c release --product tengrad-swift-example $(SWIFT_FLAGS)
 	$(RELEASE_DIR)/tengrad-swift-example $(DATA) 1
 

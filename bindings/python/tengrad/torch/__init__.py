@@ -66,7 +66,10 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, LocalStep, DataP
             times its batch block's average nonzero eigenvalue, tr(F)/min(m, d), computed at each
             refresh — one λ for layers and losses of any scale (docs/DESIGN.md §16).
         fisher: ``"empirical"`` or ``"sampled"`` (see the module docstring).
-        update_freq: refresh the curvature every this many steps (reuse path in between).
+        update_freq: refresh the curvature every this many steps (reuse path in between). A
+            reuse step's gradient has directions the snapshot does not span, scaled by 1/λ:
+            with update_freq > 1 set ``kl_clip`` and ``lr`` (untuned, without them 3 of 4 models
+            diverged at SGD lr 0.1; with them none — README "Untuned").
         kl_clip: KL clipping constant κ, or None for no clipping; needs ``lr``.
         lr: the learning rate KL clipping assumes (update it with ``set_lr`` when it changes).
         loss_reduction: ``"mean"``, ``"sum"`` or a per-sample scale for the real loss: the number
