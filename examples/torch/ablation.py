@@ -14,7 +14,9 @@ second moment, TENGraD's tuned lr and λ); ``relative-1`` (each block's λ equal
 nonzero eigenvalue — relative damping at its natural, untuned point — TENGraD's tuned lr);
 ``kl-peak`` (KL clipping at the peak lr, so that the schedule scales the clipped step: with the
 scheduled lr, lr · ν is constant while the clip binds and the cosine decay does nothing);
-``window-2``, ``window-4`` (each block the exact Fisher of the last 2 or 4 refreshes' batches).
+``window-2``, ``window-4`` (each block the exact Fisher of the last 2 or 4 refreshes' batches);
+``kl-0.001``, ``kl-0.1``, ``no-kl`` (KL clipping's κ ten times smaller or larger than the race's
+1e-2, or none: while the clip binds, κ and not the lr sets the step).
 Printed: the race's table (accuracy at the budget, time to the targets, steps/s; median
 [min–max] over seeds) and the runs that failed (a diverged variant's update refused as
 overflowing float32), which the table leaves out.
@@ -40,6 +42,9 @@ def variants(args):
         "kl-peak": {"kl_lr": "peak"},
         "window-2": {"window": 2},
         "window-4": {"window": 4},
+        "kl-0.001": {"kl_clip": 1e-3},
+        "kl-0.1": {"kl_clip": 1e-1},
+        "no-kl": {"kl_clip": 0.0},
     }
 
 

@@ -156,6 +156,50 @@ def test_kl_clip_scales_every_update_by_nu():
         torch.testing.assert_close(p.grad, q.grad * nu, rtol=1e-6, atol=0)
 
 
+def test_a_callable_lr_follows_the_optimizers_scheduler():
+    """lr=callable: each step reads it, so KL clipping follows a scheduler without set_lr and
+    equals a TENGraD given each step's lr by set_lr; a callable that fails or returns a bad
+    value makes step() raise with every .grad unchanged, and a retry succeeds."""
+    torch.manual_seed(1)
+    model = mlp()
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    follows = tt.TENGraD(model, damping=0.1, kl_clip=1e-5, lr=lambda: opt.param_groups[0]["lr"], update_freq=2)
+    manual = tt.TENGraD(twin, damping=0.1, kl_clip=1e-5, lr=0.5, update_freq=2)
+    nus = []
+    for step in range(4):
+        x, y = batch(model, 8, 20 + step)
+        for m in (model, twin):
+            m.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+        manual.set_lr(sched.get_last_lr()[0])
+        follows.step()
+        manual.step()
+        nus.append(follows.last_nu)
+        assert follows.lr == manual.lr == opt.param_groups[0]["lr"]
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(p.grad, q.grad)
+        opt.step()
+        with torch.no_grad():
+            for q in twin.parameters():
+                q.add_(q.grad, alpha=-manual.lr)
+        sched.step()
+    assert all(nu < 1 for nu in nus) and len(set(nus)) == 4  # the clip saw four learning rates
+    x, y = batch(model, 8, 30)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    for bad in (lambda: float("nan"), lambda: -1.0, lambda: 1 / 0):
+        follows.set_lr(bad)
+        with pytest.raises((ValueError, ZeroDivisionError)):
+            follows.step()
+        assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+    follows.set_lr(lambda: 0.1)
+    follows.step()
+    assert follows.lr == 0.1 and not all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+
+
 def test_short_training_run_reduces_the_loss():
     torch.manual_seed(0)
     model = cnn()

@@ -29,7 +29,7 @@ base), ``window`` (curvature over the last k batches), ``state`` (checkpoints).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -71,7 +71,9 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, LocalStep, DataP
             with update_freq > 1 set ``kl_clip`` and ``lr`` (untuned, without them 3 of 4 models
             diverged at SGD lr 0.1; with them none — README "Untuned").
         kl_clip: KL clipping constant κ, or None for no clipping; needs ``lr``.
-        lr: the learning rate KL clipping assumes (update it with ``set_lr`` when it changes).
+        lr: the learning rate KL clipping assumes: a number (update it with ``set_lr`` when it
+            changes) or a callable returning it, read at each ``step()`` (``lambda:
+            opt.param_groups[0]["lr"]`` follows the optimizer's scheduler).
         loss_reduction: ``"mean"``, ``"sum"`` or a per-sample scale for the real loss: the number
             the layers' output gradients are multiplied by to give one sample's gradient
             (``"mean"`` = the batch size; for a loss averaged over all tokens of a batch, in
@@ -127,7 +129,7 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, LocalStep, DataP
     """
 
     def __init__(self, model: nn.Module, damping: float = 0.1, fisher: str = "empirical", update_freq: int = 1,
-                 kl_clip: Optional[float] = None, lr: Optional[float] = None,
+                 kl_clip: Optional[float] = None, lr: Union[None, float, Callable[[], float]] = None,
                  loss_reduction: Union[str, float] = "mean",
                  skip: Iterable[Union[str, type]] = (), fast_path: bool = False, memory_limit: int = 0,
                  conv_strategy: str = "auto", blas_threads: Union[str, int] = "auto", process_group=None,
@@ -168,7 +170,10 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, LocalStep, DataP
         self._recount = False  # a step failed: the next training forward starts a new batch
         self._token_mask: Optional[torch.Tensor] = None
         self._root = None  # (shape, ids?) of the running forward's first tensor argument
-        self.lr = None if lr is None else check_lr(lr)
+        self._lr_source = None  # a callable lr: read at each step (a scheduler's lr, no set_lr needed)
+        self.lr = None
+        if lr is not None:
+            self.set_lr(lr)
         self._layers, self.skipped = find_layers(model, skip)  # skipped: {name: why never hooked}
         self._by_name: Dict[str, _Layer] = {layer.name: layer for layer in self._layers}
         self._handles = []
@@ -192,10 +197,16 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, LocalStep, DataP
         """Set λ; snapshots are kept and re-factorized at their next use."""
         self._pre.damping = damping
 
-    def set_lr(self, lr: float) -> None:
-        """The learning rate KL clipping assumes (call when a scheduler changes it). Finite and
-        >= 0; at 0 (the end of a cosine schedule) the step is not clipped (ν = 1)."""
-        self.lr = check_lr(lr)
+    def set_lr(self, lr: Union[float, Callable[[], float]]) -> None:
+        """The learning rate KL clipping assumes: a number (call again when a scheduler changes
+        it) or a callable returning it, read at the start of every ``step()`` — e.g.
+        ``lambda: opt.param_groups[0]["lr"]``, which follows any scheduler. Finite and >= 0; at 0
+        (the end of a cosine schedule) the step is not clipped (ν = 1). A callable that raises or
+        returns a bad value makes ``step()`` raise with nothing changed."""
+        if callable(lr):
+            self._lr_source = lr
+        else:
+            self.lr, self._lr_source = check_lr(lr), None
 
     def parameters(self) -> List[nn.Parameter]:
         """The parameters whose gradients ``step()`` preconditions (weights and trainable biases of
@@ -247,6 +258,8 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, LocalStep, DataP
         self._check_alive()
         self._failed_step = True  # until this step succeeds: a new backward then drops its captures
         self._recount = True  # ... and a new forward restarts the per-step counts
+        if self._lr_source is not None:
+            self.lr = check_lr(self._lr_source())
         refresh = self._refresh_step()
         if self._data_parallel():
             return self._distributed_step(refresh)

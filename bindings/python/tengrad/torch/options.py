@@ -51,5 +51,5 @@ def check_options(*, fisher, update_freq, kl_clip, lr, loss_reduction, blas_thre
         raise ValueError(f"window must be an int in 1..64, got {window!r}")
     if process_group is not None and token_mode == "per-token":
         raise ValueError("TENGraD: token_mode='per-token' with a process_group is not supported yet")
-    if lr is not None:
+    if lr is not None and not callable(lr):
         check_lr(lr)

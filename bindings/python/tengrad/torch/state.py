@@ -64,7 +64,8 @@ class Checkpoints:
         self.fisher = state["fisher"]
         self.update_freq = int(state["update_freq"])
         self.kl_clip = state["kl_clip"]
-        self.lr = state["lr"]
+        if self._lr_source is None:  # a callable lr stays: the next step reads it
+            self.lr = state["lr"]
         self._load_graft_state(state.get("graft", {}))
         self._load_base_state(state.get("base", {}))
         self._load_window_state(state.get("window", {}))
