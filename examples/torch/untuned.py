@@ -11,7 +11,8 @@ learning rate, for KL clipping). The tasks cover other
 models and losses than the race's: an MLP and the demo's ConvNet (Fashion-MNIST, cross-entropy),
 a deep autoencoder (Fashion-MNIST pixels, mean squared error over pixels: a loss whose scale is
 not the per-sample mean TENGraD assumes) and a character-level causal transformer language model
-(a license text of the system, cross-entropy over every token). Printed per task and lr: the
+(a license text of the system, cross-entropy over every token); ``fisher=sampled`` rows call
+``sample_fisher`` on the outputs (not for the autoencoder). Printed per task and lr: the
 training loss over the last 20 steps, the test metric, seconds, and "diverged" when the loss
 became NaN/Inf or TENGraD refused an overflowing update.
 """
@@ -63,7 +64,7 @@ def fashion(args):
 
 
 def tasks(args):
-    """name → (make model, training batches [(x, y)], loss(model, x, y), test metric(model) and its name)."""
+    """name → (make model, training batches [(x, y)], loss(output, x, y), test metric(model) and its name)."""
     out = {}
     x, y, xt, yt = fashion(args)
     g = torch.Generator().manual_seed(0)
@@ -73,7 +74,7 @@ def tasks(args):
     def accuracy(model, inputs=xt):
         with torch.no_grad():
             return float((model(inputs).argmax(1) == yt).float().mean())
-    ce = lambda model, a, b: F.cross_entropy(model(a), b)  # noqa: E731
+    ce = lambda out, a, b: F.cross_entropy(out, b)  # noqa: E731
     out["mlp"] = (lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10)),
                   images, ce, accuracy, "test acc")
     out["convnet"] = (lambda: fm.ConvNet(16), images, ce, accuracy, "test acc")
@@ -84,11 +85,13 @@ def tasks(args):
         for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
             layers += [nn.Linear(a, b)] + ([nn.Tanh()] if i < len(sizes) - 2 else [])
         return nn.Sequential(*layers)
-    mse = lambda model, a, _: F.mse_loss(model(a), a.flatten(1))  # noqa: E731
+
+    def mse(out, a, _):  # named: sampled labels do not apply to it (run())
+        return F.mse_loss(out, a.flatten(1))
 
     def reconstruction(model):
         with torch.no_grad():
-            return float(F.mse_loss(model(xt), xt.flatten(1)))
+            return float(mse(model(xt), xt, None))
     out["autoencoder"] = (autoencoder, images, mse, reconstruction, "test mse")
 
     text = torch.tensor(list(open(TEXT, "rb").read()), dtype=torch.long)
@@ -99,11 +102,11 @@ def tasks(args):
     held = torch.arange(split, len(text) - 65, 64)[:64]
     test_ids = torch.stack([text[s:s + 64] for s in held])
     test_next = torch.stack([text[s + 1:s + 65] for s in held])
-    lm_loss = lambda model, a, b: F.cross_entropy(model(a).flatten(0, 1), b.flatten())  # noqa: E731
+    lm_loss = lambda out, a, b: F.cross_entropy(out.flatten(0, 1), b.flatten())  # noqa: E731
 
     def held_out(model):
         with torch.no_grad():
-            return float(lm_loss(model, test_ids, test_next))
+            return float(lm_loss(model(test_ids), test_ids, test_next))
     out["lm"] = (CharLM, windows, lm_loss, held_out, "test loss")
     return out
 
@@ -111,6 +114,8 @@ def tasks(args):
 def run(task, lr, options):
     """One training run; options None: SGD alone. Returns (final loss, metric, seconds, note)."""
     make, batches, loss_fn, metric, _ = task
+    if options is not None and options.get("fisher") == "sampled" and loss_fn.__name__ == "mse":
+        return float("nan"), float("nan"), 0.0, "n/a (sampled labels need a softmax output)"
     torch.manual_seed(0)
     model = make()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -121,7 +126,10 @@ def run(task, lr, options):
     try:
         for a, b in batches:
             opt.zero_grad()
-            loss = loss_fn(model, a, b)
+            out = model(a)
+            if pre is not None and pre.fisher == "sampled":
+                pre.sample_fisher(out)  # labels drawn from the model's softmax (classes or tokens)
+            loss = loss_fn(out, a, b)
             if not math.isfinite(loss.item()):
                 return float("nan"), float("nan"), time.perf_counter() - start, "diverged"
             loss.backward()

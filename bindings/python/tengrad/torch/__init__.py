@@ -68,8 +68,9 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, LocalStep, DataP
         fisher: ``"empirical"`` or ``"sampled"`` (see the module docstring).
         update_freq: refresh the curvature every this many steps (reuse path in between). A
             reuse step's gradient has directions the snapshot does not span, scaled by 1/λ:
-            with update_freq > 1 set ``kl_clip`` and ``lr`` (untuned, without them 3 of 4 models
-            diverged at SGD lr 0.1; with them none — README "Untuned").
+            with update_freq > 1 (and with ``fisher="sampled"``) set ``kl_clip`` and ``lr``
+            (untuned, without them 3 of 4 models diverged at SGD lr 0.1, 2 of 3 with sampled
+            labels; with them none — README "Untuned").
         kl_clip: KL clipping constant κ, or None for no clipping; needs ``lr``.
         lr: the learning rate KL clipping assumes: a number (update it with ``set_lr`` when it
             changes) or a callable returning it, read at each ``step()`` (``lambda:
