@@ -167,7 +167,8 @@ def main():
     ap.add_argument("--options", action="append", default=None,
                     help="TENGraD options of one row, e.g. 'damping=1,update_freq=10' (default: one row, the defaults)")
     args = ap.parse_args()
-    rows = [("SGD", None)] + [(f"TENGraD({text or 'defaults'})", parse_options(text)) for text in (args.options or [""])]
+    rows = [("SGD", None)] + [(f"TENGraD({text or 'defaults'})", parse_options(text))
+                              for text in (args.options or [""])]
     every = tasks(args)
     print(f"{args.steps} steps, batch 128 (lm: 32 × 64 tokens), SGD momentum 0.9; CPU and TENGraD's BLAS: "
           f"{tengrad.blas_summary()}")

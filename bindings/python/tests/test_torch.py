@@ -198,6 +198,15 @@ def test_a_callable_lr_follows_the_optimizers_scheduler():
     follows.set_lr(lambda: 0.1)
     follows.step()
     assert follows.lr == 0.1 and not all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+    # state_dict keeps the lr last read; a callable never read saves none, and a numeric lr stays
+    fresh = tt.TENGraD(mlp(), damping=0.1, kl_clip=1e-5, lr=lambda: 0.2)
+    fresh.model(batch(model, 4, 31)[0])
+    saved = fresh.state_dict()
+    assert saved["lr"] is None
+    fresh.remove()
+    numeric = tt.TENGraD(fresh.model, damping=0.1, kl_clip=1e-5, lr=0.3)
+    numeric.load_state_dict(saved)
+    assert numeric.lr == 0.3
 
 
 def test_short_training_run_reduces_the_loss():

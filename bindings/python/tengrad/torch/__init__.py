@@ -24,8 +24,9 @@ rooms mixed into it: ``options`` (the constructor's checks), ``modules`` (the su
 types), ``attention`` (MHA's projections made visible), ``attach`` (which modules are hooked, Muon's
 split ``edges``; one TENGraD per module), ``capture`` (hooks, masks, registration), ``fisher``
 (sampled labels), ``batch`` (a step's arrays, accumulation, padding), ``local`` (one process's
-step), ``distributed`` and ``comm_hook`` (data parallel, DDP's hook), ``graft`` and ``base`` (step-size grafting, a diagonal
-base), ``window`` (curvature over the last k batches), ``state`` (checkpoints).
+step), ``distributed`` and ``comm_hook`` (data parallel, DDP's hook), ``graft`` and ``base``
+(step-size grafting, a diagonal base), ``window`` (curvature over the last k batches), ``state``
+(checkpoints).
 """
 from __future__ import annotations
 

@@ -78,9 +78,10 @@ class DataParallel:
                                "step() once per training step; no .grad was changed")
         if differ(3):
             raise RuntimeError("TENGraD: the ranks have different layers or settings (layer shapes, fisher, "
-                               "update_freq, damping, lr, kl_clip, loss_reduction, token_mode, damping_mode, graft, base, "
-                               "window, an embedding's sequence length): change them alike on every rank (set_damping, set_lr; pad the embeddings' "
-                               "token ids to one length); no .grad was changed")
+                               "update_freq, damping, lr, kl_clip, loss_reduction, token_mode, damping_mode, "
+                               "graft, base, window, an embedding's sequence length): change them alike on every "
+                               "rank (set_damping, set_lr; pad the embeddings' token ids to one length); no .grad "
+                               "was changed")
         if differ(4):
             raise RuntimeError("TENGraD: the ranks differ in which layers have a gradient this step (a layer frozen or "
                                "unused on some ranks only); no .grad was changed")

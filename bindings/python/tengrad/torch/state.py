@@ -64,8 +64,8 @@ class Checkpoints:
         self.fisher = state["fisher"]
         self.update_freq = int(state["update_freq"])
         self.kl_clip = state["kl_clip"]
-        if self._lr_source is None:  # a callable lr stays: the next step reads it
-            self.lr = state["lr"]
+        if self._lr_source is None and state["lr"] is not None:  # a callable lr stays: the next step reads
+            self.lr = state["lr"]  # it; a state saved with a callable never read has no lr to restore
         self._load_graft_state(state.get("graft", {}))
         self._load_base_state(state.get("base", {}))
         self._load_window_state(state.get("window", {}))

@@ -65,7 +65,8 @@ class Windows:
         if not past:
             return own
         if len(own) == 2:
-            return padded_join([x for x, _, _, _ in past] + [own[0]]), padded_join([g for _, g, _, _ in past] + [own[1]])
+            return (padded_join([x for x, _, _, _ in past] + [own[0]]),
+                    padded_join([g for _, g, _, _ in past] + [own[1]]))
         return (np.concatenate([g for _, g, _, _ in past] + [own[0]]),)
 
     def _commit_window(self) -> None:
@@ -86,5 +87,6 @@ class Windows:
         self._window_batches = {
             name: [(as_array(x), as_array(g), as_array(k), float(s)) for x, g, k, s in entries][-keep:]
             for name, entries in saved.items()
-            if keep > 0 and name in self._by_name and all(x is not None for x, *_ in entries)}  # not an owner's gradient rows
+            # an owner's gradient rows (no inputs) do not join a single process's window
+            if keep > 0 and name in self._by_name and all(x is not None for x, *_ in entries)}
         self._window_pending = {}
