@@ -18,6 +18,8 @@ import sys
 import numpy as np
 import pytest
 
+from dist_worker import OPTIONS
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "dist_worker.py")
 
@@ -172,7 +174,7 @@ def test_graft_base_and_window(variant, make, fisher, tmp_path):
 
 
 def check(make, fisher, tmp_path, variant, m, sizes):
-    own = ("ddp", "mask", "partial", "graft-sgd", "graft-adam", "base", "window", "window-base")
+    own = ("ddp", "mask", "partial") + tuple(OPTIONS)      # variants the single process runs too
     reference = run(make, fisher, 1, str(tmp_path), False, variant if variant in own else "plain", m)[0]
     for size in sizes:
         ranks = run(make, fisher, size, str(tmp_path), True, variant, m)

@@ -36,13 +36,19 @@ def padded_join(arrays: List[np.ndarray]) -> np.ndarray:
 class Windows:
     """Mixed into TENGraD."""
 
+    def _pend(self, layer, entry) -> list:
+        """The layer's window so far; ``entry`` (this refresh's batch) joins its last k − 2 as the
+        pending window, installed when the step succeeds."""
+        past = self._window_batches.get(layer.name, [])
+        self._window_pending[layer.name] = past[-(self.window - 2):] + [entry] if self.window > 2 else [entry]
+        return past
+
     def _windowed(self, layer, inputs: List[np.ndarray], grads: List[np.ndarray], masks: Optional[List[np.ndarray]],
                   scale: float):
         """This refresh's arrays (one scale, ``scale``) with the window's earlier batches put
         first; the refresh's own batch is kept pending until the step succeeds."""
         own = (joined(inputs), joined(grads), None if masks is None else joined(masks), scale)
-        past = self._window_batches.get(layer.name, [])
-        self._window_pending[layer.name] = past[-(self.window - 2):] + [own] if self.window > 2 else [own]
+        past = self._pend(layer, own)
         if not past:
             return inputs, grads, masks
         grads = [g if s == scale else g * np.float32(s / scale) for _, g, _, s in past] + grads
@@ -60,8 +66,7 @@ class Windows:
         succeeds. An embedding's ids of another length are padded with id 0 and a zero gradient,
         which add nothing to a per-sample gradient."""
         entry = (own[0], own[1], None, 1.0) if len(own) == 2 else (None, own[0], None, 1.0)
-        past = self._window_batches.get(layer.name, [])
-        self._window_pending[layer.name] = past[-(self.window - 2):] + [entry] if self.window > 2 else [entry]
+        past = self._pend(layer, entry)
         if not past:
             return own
         if len(own) == 2:
