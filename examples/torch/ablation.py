@@ -10,7 +10,9 @@ like Adam's); ``hidden+adamw`` (exact blocks on the hidden layers only, AdamW at
 the first and last layers, norms and embeddings); ``all-layers`` (every parameter on its exact
 block, the rest of the tuned settings: the ViT's tuned TENGraD runs on the hidden layers only);
 ``base-adam`` (the block F + λE, E from Adam's
-second moment, TENGraD's tuned lr and λ); ``relative-1`` (each block's λ equal to its average
+second moment, TENGraD's tuned lr and λ); ``base+graft-adam`` (that base and Adam's per-layer step
+norm, AdamW's tuned lr: an Adam-shaped direction corrected by the batch's exact block);
+``empirical`` (the empirical Fisher instead of the sampled one: no sampled backward); ``relative-1`` (each block's λ equal to its average
 nonzero eigenvalue — relative damping at its natural, untuned point — TENGraD's tuned lr);
 ``kl-peak`` (KL clipping at the peak lr, so that the schedule scales the clipped step: with the
 scheduled lr, lr · ν is constant while the clip binds and the cosine decay does nothing);
@@ -38,6 +40,8 @@ def variants(args):
         "hidden+adamw": {"tengrad_hidden": True, "lr_tengrad_adamw": args.lr_adamw},
         "all-layers": {"tengrad_hidden": False},
         "base-adam": {"tengrad_base": "adam"},
+        "base+graft-adam": {"tengrad_base": "adam", "graft": "adam", "lr_tengrad": args.lr_adamw},
+        "empirical": {"fisher": "empirical"},
         "relative-1": {"damping_mode": "relative", "damping": 1.0},
         "kl-peak": {"kl_lr": "peak"},
         "window-2": {"window": 2},
