@@ -12,7 +12,10 @@ block, the rest of the tuned settings: the ViT's tuned TENGraD runs on the hidde
 ``base-adam`` (the block F + λE, E from Adam's
 second moment, TENGraD's tuned lr and λ); ``base+graft-adam`` (that base and Adam's per-layer step
 norm, AdamW's tuned lr: an Adam-shaped direction corrected by the batch's exact block);
-``empirical`` (the empirical Fisher instead of the sampled one: no sampled backward); ``relative-1`` (each block's λ equal to its average
+``empirical`` (the empirical Fisher instead of the sampled one: no sampled backward);
+``adamw-on-top-<λ>`` (AdamW at its tuned lr and decay stepping TENGraD's natural gradient, no KL
+clipping, λ 10, 1, 0.1 or 0.01: the smaller λ, the more the batch's exact block reshapes what
+Adam sees); ``relative-1`` (each block's λ equal to its average
 nonzero eigenvalue — relative damping at its natural, untuned point — TENGraD's tuned lr);
 ``kl-peak`` (KL clipping at the peak lr, so that the schedule scales the clipped step: with the
 scheduled lr, lr · ν is constant while the clip binds and the cosine decay does nothing);
@@ -42,6 +45,8 @@ def variants(args):
         "base-adam": {"tengrad_base": "adam"},
         "base+graft-adam": {"tengrad_base": "adam", "graft": "adam", "lr_tengrad": args.lr_adamw},
         "empirical": {"fisher": "empirical"},
+        **{f"adamw-on-top-{lam:g}": {"tengrad_adamw": True, "kl_clip": 0.0, "damping": lam}
+           for lam in (10.0, 1.0, 0.1, 0.01)},
         "relative-1": {"damping_mode": "relative", "damping": 1.0},
         "kl-peak": {"kl_lr": "peak"},
         "window-2": {"window": 2},

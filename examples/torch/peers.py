@@ -103,6 +103,9 @@ def make(name: str, model: nn.Module, args) -> Setup:
                          base=None if args.tengrad_base == "none" else args.tengrad_base,
                          damping_mode=args.damping_mode, window=args.window)
         mine, rest = pre.parameters(), pre.other_parameters()
+        if args.tengrad_adamw:  # the ablation's "AdamW on top": Adam's moments of the natural gradient
+            opt = torch.optim.AdamW(pre.parameters() + pre.other_parameters(), lr=args.lr_adamw, weight_decay=args.adamw_decay)
+            return Setup([opt], precond=pre, kl_lr=args.kl_lr)
         # Grafted onto Adam's step, momentum averages like Adam's β₁ (dampening 0.9) instead of summing.
         opt = torch.optim.SGD(mine, lr=args.lr_tengrad, momentum=0.9, dampening=0.9 if graft == "adam" else 0.0,
                               weight_decay=args.tengrad_decay)
@@ -173,6 +176,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--tengrad-hidden", action=argparse.BooleanOptionalAction, default=False,
                     help="TENGraD on hidden layers only; AdamW (--lr-tengrad-adamw) for the edges, norms, embeddings")
     ap.add_argument("--lr-tengrad-adamw", type=float, default=1e-3)
+    ap.add_argument("--tengrad-adamw", action="store_true",
+                    help="step TENGraD's preconditioned gradient with AdamW (--lr-adamw, --adamw-decay) instead of SGD")
     ap.add_argument("--lr-sgd", type=float, default=0.1)
     ap.add_argument("--sgd-decay", type=float, default=5e-4, help="SGD's weight decay")
     ap.add_argument("--tengrad-decay", type=float, default=5e-4, help="weight decay of TENGraD's SGD")
