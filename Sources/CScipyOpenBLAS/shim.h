@@ -46,6 +46,10 @@ static inline void cblas_sgemv(enum CBLAS_ORDER order, enum CBLAS_TRANSPOSE t, b
                                float beta, float *y, blasint incy) {
     scipy_cblas_sgemv(order, t, m, n, alpha, a, lda, x, incx, beta, y, incy);
 }
+static inline void cblas_somatcopy(enum CBLAS_ORDER order, enum CBLAS_TRANSPOSE t, blasint rows, blasint cols,
+                                   float alpha, const float *a, blasint lda, float *b, blasint ldb) {
+    scipy_cblas_somatcopy(order, t, rows, cols, alpha, a, lda, b, ldb);
+}
 static inline double cblas_dsdot(blasint n, const float *x, blasint incx, const float *y, blasint incy) {
     return scipy_cblas_dsdot(n, x, incx, y, incy);
 }

@@ -66,6 +66,59 @@ let convCases: [ConvCase] = [
         #expect(try Conv2dGeometry(strided).shifted == nil)
     }
 
+    /// A per-sample snapshot formed on two threads (a half of the samples each, BLAS on one
+    /// thread per call: BLAS threads 2 and at least two chunks), for the shifted products and for
+    /// unfolding: the oracle's block, as on one thread; a NaN or Inf in either half is refused
+    /// with that input named and nothing changed — the first half's when both halves hold one.
+    @Test func perSampleFormedOnTwoThreads() throws {
+        let shapes = [
+            Conv2dShape(inChannels: 8, outChannels: 4, inHeight: 28, inWidth: 28, kernelHeight: 3, kernelWidth: 3, paddingHeight: 1, paddingWidth: 1),
+            Conv2dShape(inChannels: 3, outChannels: 5, inHeight: 40, inWidth: 40, kernelHeight: 3, kernelWidth: 3, strideHeight: 2, strideWidth: 2, paddingHeight: 1, paddingWidth: 1),
+        ]
+        for (n, s) in shapes.enumerated() {
+            let k = BlockKernel(try Conv2dGeometry(s))
+            let m = 40
+            let chunk = k.formChunk(m: m, available: 1 << 24)
+            #expect(m >= 2 * chunk, "shape \(n): one chunk of \(chunk) holds every sample")
+            #expect((try Conv2dGeometry(s).shifted != nil) == (n == 0))
+            var rng = SeededRandom(UInt64(40 + n))
+            let x = rng.array(m * k.dims.inputSize), g = rng.array(m * k.dims.outputSize)
+            let oracle = DenseOracle(conv: s, activations: x, outputGrads: g, batch: m, scale: 1)
+            let perRow = s.inChannels * s.kernelHeight * s.kernelWidth
+            let vw = rng.array(k.dims.weightCount), vb = rng.array(s.outChannels)
+            let want = oracle.solve(damping: 0.1, joined(vw, vb, out: s.outChannels, in: perRow))
+            var results: [[Float]] = []
+            for threads in [2, 1] {
+                let p = Preconditioner()
+                try p.setDamping(0.1)
+                try p.setBLASThreads(threads)
+                let layer = try p.addConv2d(s)
+                try p.setConvStrategy(layer: layer, .explicit)
+                try p.setSnapshotRepresentation(layer: layer, .perSample)
+                try p.updateCurvature(layer: layer, batch: m, activations: x, outputGrads: g, gradScale: 1)
+                let (w, b) = try p.precondition(layer: layer, weightGrad: vw, biasGrad: vb)
+                #expect(relativeError(joined(w, b, out: s.outChannels, in: perRow), want) <= tolerance)
+                results.append(w + (b ?? []))
+                guard threads == 2 else { continue }
+                for (badA, badG) in [(m - 3, -1), (-1, m - 1), (m - 2, 1), (2, -1)] {
+                    var x2 = x, g2 = g
+                    if badA >= 0 { x2[badA * k.dims.inputSize + 5] = .nan }
+                    if badG >= 0 { g2[badG * k.dims.outputSize + 7] = .infinity }
+                    do {
+                        try p.updateCurvature(layer: layer, batch: m, activations: x2, outputGrads: g2, gradScale: 1)
+                        Issue.record("shape \(n): a NaN or Inf in samples \(badA), \(badG) was accepted")
+                    } catch {
+                        #expect(error.code == .notFinite)
+                        let first = badG >= 0 && (badA < 0 || badG < badA) ? "output_grads" : "activations"
+                        #expect(error.message.hasPrefix(first), "\(error)")
+                    }
+                    let (w2, b2) = try p.precondition(layer: layer, weightGrad: vw, biasGrad: vb)
+                    #expect(w2 + (b2 ?? []) == results[0])
+                }
+            }
+        }
+    }
+
     /// The explicit Gram in blocks of output channels (U does not fit the workspace) and whole,
     /// both with the shifted products: the oracle's Gram.
     @Test func shiftedProductsInChannelBlocks() throws {

@@ -70,6 +70,7 @@ struct Conv2dShifted: Sendable {
     /// products of every kernel position.
     func scratch(samples count: Int) -> Int {
         count * (inChannels * plane + outChannels * length + offsets.count * outChannels * inChannels)
+            + inChannels * plane  // one sample's transposed input (h·w < plane positions)
     }
 
     /// Writes the weight part (n × P, rows (o, c, ki, kj) as the weight) of the per-sample
@@ -85,21 +86,22 @@ struct Conv2dShifted: Sendable {
         let wp = paddedWidth, ci = inChannels, kk = offsets.count
         let hOut = geometry.outHeight, wOut = geometry.outWidth, L = geometry.positions
         let xs = scratch, gs = xs + count * ci * plane, ts = gs + count * n * length
+        let hs = ts + kk * count * n * ci
         for li in 0..<count {
+            // Channels last: position q's ci inputs at p + q·ci, so every shifted view is a plain
+            // row-major Q × ci matrix (ldb = ci) and the products run OpenBLAS's faster NN kernel
+            // (measured 95–109 against 78 GFLOP/s on one core for 32×32×812, Xeon, 0.3.34).
             let x = a + (start + li) * geometry.inputSize + group * ci * h * w
-            for c in 0..<ci {
-                let p = xs + (li * ci + c) * plane, src = x + c * h * w
-                // Top rows and the first row's left padding; then each row, its right padding and
-                // the next row's left padding; then the bottom rows and the trailing zeros.
-                p.update(repeating: 0, count: ph * wp + pw)
-                for r in 0..<h {
-                    let row = p + (r + ph) * wp + pw
-                    row.update(from: src + r * w, count: w)
-                    if r < h - 1 { (row + w).update(repeating: 0, count: 2 * pw) }
-                }
-                let end = (h - 1 + ph) * wp + pw + w
-                (p + end).update(repeating: 0, count: plane - end)
-            }
+            let p = xs + li * ci * plane
+            // Zeros: the top rows and the first row's left padding; each row's right padding and
+            // the next row's left; the bottom rows and the trailing positions.
+            p.update(repeating: 0, count: (ph * wp + pw) * ci)
+            for r in 0..<(h - 1) { (p + ((r + ph) * wp + pw + w) * ci).update(repeating: 0, count: 2 * pw * ci) }
+            let end = (h - 1 + ph) * wp + pw + w
+            (p + end * ci).update(repeating: 0, count: (plane - end) * ci)
+            // The sample's ci × (h·w) input transposed whole, then its rows into the padded plane.
+            BLAS.transpose(rows: ci, cols: h * w, a: x, lda: h * w, into: hs, ldb: ci)
+            for r in 0..<h { (p + ((r + ph) * wp + pw) * ci).update(from: hs + r * w * ci, count: w * ci) }
             let gi = g + (start + li) * geometry.outputSize + (group * outChannels + o0) * L
             for o in 0..<n {
                 let d = gs + (li * n + o) * length, src = gi + o * L
@@ -111,8 +113,8 @@ struct Conv2dShifted: Sendable {
         }
         for (k, offset) in offsets.enumerated() {
             BLAS.sgemmBatch(
-                transA: false, transB: true, m: n, n: ci, k: length,
-                a: gs, lda: length, strideA: n * length, b: xs + offset, ldb: plane, strideB: ci * plane,
+                transA: false, transB: false, m: n, n: ci, k: length,
+                a: gs, lda: length, strideA: n * length, b: xs + offset * ci, ldb: ci, strideB: ci * plane,
                 c: ts + k * count * n * ci, ldc: ci, strideC: n * ci, count: count)
         }
         for li in 0..<count {

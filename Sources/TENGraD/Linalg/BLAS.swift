@@ -76,6 +76,14 @@ enum BLAS {
         }
     }
 
+    /// B[cols×rows] = Aᵀ for row-major A[rows×cols] (row strides lda and ldb): OpenBLAS's
+    /// out-of-place transposed copy (one thread).
+    static func transpose(
+        rows: Int, cols: Int, a: UnsafePointer<Float>, lda: Int, into b: UnsafeMutablePointer<Float>, ldb: Int
+    ) {
+        cblas_somatcopy(CblasRowMajor, CblasTrans, i(rows), i(cols), 1, a, i(lda), b, i(ldb))
+    }
+
     /// Lower triangle of C[n×n] = A · Aᵀ for row-major A[n×k] (`trans`: Aᵀ · A for A[k×n]).
     static func syrkLower(
         trans: Bool, n: Int, k: Int, a: UnsafePointer<Float>, lda: Int, c: UnsafeMutablePointer<Float>, ldc: Int
