@@ -66,9 +66,10 @@ let convCases: [ConvCase] = [
         #expect(try Conv2dGeometry(strided).shifted == nil)
     }
 
-    /// A per-sample snapshot formed on two threads (a half of the samples each, BLAS on one
-    /// thread per call: BLAS threads 2 and at least two chunks), for the shifted products and for
-    /// unfolding: the oracle's block, as on one thread; a NaN or Inf in either half is refused
+    /// A per-sample snapshot and the data-parallel rows formed on two threads (a half of the
+    /// samples each, BLAS on one thread per call: BLAS threads 2 and at least two chunks), for the
+    /// shifted products and for unfolding: the oracle's U (the same bits as on one thread) and
+    /// block; a NaN or Inf in either half is refused
     /// with that input named and nothing changed — the first half's when both halves hold one.
     @Test func perSampleFormedOnTwoThreads() throws {
         let shapes = [
@@ -87,6 +88,22 @@ let convCases: [ConvCase] = [
             let perRow = s.inChannels * s.kernelHeight * s.kernelWidth
             let vw = rng.array(k.dims.weightCount), vb = rng.array(s.outChannels)
             let want = oracle.solve(damping: 0.1, joined(vw, vb, out: s.outChannels, in: perRow))
+            // The rows for data-parallel training: the oracle's U, the same bits on either count.
+            var rows: [[Float]] = []
+            for threads in [2, 1] {
+                let p = Preconditioner()
+                try p.setBLASThreads(threads)
+                let layer = try p.addConv2d(s)
+                rows.append(try p.perSampleGradients(layer: layer, batch: m, activations: x, outputGrads: g, gradScale: 1))
+            }
+            #expect(rows[0] == rows[1])
+            let d = k.dims.parameters, wc = k.dims.weightCount
+            var got: [Double] = []
+            for i in 0..<m {
+                let row = Array(rows[0][(i * d)..<((i + 1) * d)])
+                got += joined(Array(row[0..<wc]), Array(row[wc...]), out: s.outChannels, in: perRow)
+            }
+            #expect(relativeError(got, oracle.u.flatMap { $0 }) <= tolerance)
             var results: [[Float]] = []
             for threads in [2, 1] {
                 let p = Preconditioner()

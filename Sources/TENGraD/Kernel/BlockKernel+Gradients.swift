@@ -70,19 +70,56 @@ extension BlockKernel {
         return flops
     }
 
-    /// All of U (m × d) into `u`, `chunk` samples at a time. Returns the flops.
-    func formAllGradients(
+    /// Whether `formAllGradients` should run on two threads of our own: BLAS may use two, there
+    /// are at least two chunks, and `available` floats hold two scratches (docs/DESIGN.md §8).
+    func formsOnTwoThreads(m: Int, chunk: Int, available: Int) -> Bool {
+        BLAS.threads >= 2 && m >= 2 * chunk && 2 * geometry.formScratch(samples: chunk) <= available
+    }
+
+    /// All of U (m × d) into `u`, `chunk` samples at a time, each chunk after `check(start, count)`
+    /// (an input scan, so the products read the inputs while in cache), `work` holding one scratch
+    /// of `formScratch(chunk)` floats per thread. Returns the flops.
+    ///
+    /// `twoThreads`: two threads of our own each form a half of the samples (whole chunks, so
+    /// every sample is formed by the same calls as on one thread: the same bits) with OpenBLAS on
+    /// one thread per call — the scans and copies around the products then run on both cores,
+    /// not on one while OpenBLAS's other worker waits. A failure in either half is thrown after
+    /// both finished: the first half's when both failed, as the one-thread loop would.
+    func formAllGradients<E: Error>(
         m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, into u: UnsafeMutablePointer<Float>,
-        chunk c: Int, work: UnsafeMutablePointer<Float>
-    ) -> Double {
-        var flops = 0.0
-        var i0 = 0
-        while i0 < m {
-            let cc = min(c, m - i0)
-            flops += formGradients(m: m, a: a, g: g, start: i0, count: cc, into: u, work: work)
-            i0 += cc
+        chunk c: Int, work: UnsafeMutablePointer<Float>, twoThreads: Bool = false,
+        check: (Int, Int) throws(E) -> Void
+    ) throws(E) -> Double {
+        func form(_ samples: Range<Int>, _ work: UnsafeMutablePointer<Float>) throws(E) -> Double {
+            var flops = 0.0
+            var i0 = samples.lowerBound
+            while i0 < samples.upperBound {
+                let cc = min(c, samples.upperBound - i0)
+                try check(i0, cc)
+                flops += formGradients(m: m, a: a, g: g, start: i0, count: cc, into: u, work: work)
+                i0 += cc
+            }
+            return flops
         }
-        return flops
+        guard twoThreads else { return try form(0..<m, work) }
+        let half = (m / c + 1) / 2 * c, scratch = geometry.formScratch(samples: c)
+        var flops = [0.0, 0.0]
+        var errors: [E?] = [nil, nil]
+        flops.withUnsafeMutableBufferPointer { flops in
+            errors.withUnsafeMutableBufferPointer { errors in
+                BLAS.withThreads(1) {
+                    onTwoThreads { part in
+                        do throws(E) {
+                            flops[part] = try form(part == 0 ? 0..<half : half..<m, work + part * scratch)
+                        } catch {
+                            errors[part] = error
+                        }
+                    }
+                }
+            }
+        }
+        if let error = errors[0] ?? errors[1] { throw error }
+        return flops[0] + flops[1]
     }
 
     /// K += lower-and-upper of Σ rows: K_ij += u_i·u_j for U (m × width, row stride ldu), via one
@@ -169,7 +206,7 @@ extension BlockKernel {
         let kf = work, u = work + mm
         if plan.whole {
             let patchBuf = u + m * dims.parameters
-            var flops = formAllGradients(m: m, a: a, g: g, into: u, chunk: plan.chunk, work: patchBuf)
+            var flops = formAllGradients(m: m, a: a, g: g, into: u, chunk: plan.chunk, work: patchBuf) { _, _ in }
             base?.scaleRows(u, rows: m, width: dims.parameters, ldu: dims.parameters, column: 0)
             flops += accumulateGram(m: m, u: u, width: dims.parameters, ldu: dims.parameters, into: k, scratch: kf)
             return (flops, base == nil ? UnsafePointer(u) : nil)

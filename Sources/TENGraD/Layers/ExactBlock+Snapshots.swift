@@ -147,12 +147,8 @@ extension ExactBlock {
         let base = baseSetting
         let available = workspaceFloats(context, reserve: (m * m + 2 * m) * MemoryLayout<Double>.stride)
         let formChunk = k.formChunk(m: m, available: available)
-        let formScratch = k.geometry.formScratch(samples: formChunk)
-        // Two threads, each forming its own half of the samples with one-thread BLAS calls, when
-        // BLAS may use two and both halves have work: the scans and copies around the products
-        // then run on both cores instead of one while the other's BLAS worker waits (docs/DESIGN.md §8).
-        let split = BLAS.threads >= 2 && m >= 2 * formChunk && 2 * formScratch <= available
-        var need = split ? 2 * formScratch : formScratch
+        let split = k.formsOnTwoThreads(m: m, chunk: formChunk, available: available)
+        var need = (split ? 2 : 1) * k.geometry.formScratch(samples: formChunk)
         var factoredChunk = 0
         if strategy == .factored {
             factoredChunk = k.factoredChunk(m: m, available: available)
@@ -163,13 +159,9 @@ extension ExactBlock {
             need = max(need, m * m)  // the float32 syrk's output
         }
         let work = try context.workspace.floats(need)
-        var flops: Double
-        if split {
-            flops = try formOnTwoThreads(
-                k, m: m, a: a, g: g, chunk: formChunk, into: u.base, work: work, scratch: formScratch)
-        } else {
-            flops = try form(k, m: m, a: a, g: g, samples: 0..<m, chunk: formChunk, into: u.base, work: work)
-        }
+        var flops = try k.formAllGradients(
+            m: m, a: a, g: g, into: u.base, chunk: formChunk, work: work, twoThreads: split
+        ) { (start, count) throws(TENGraDError) in _ = try scanInputs(k, a, g, start: start, count: count) }
         // The bound on |U| entries (and their finiteness): with the Gram taken from U itself, its
         // diagonal K_ii = s²‖u_i‖² ≥ s² max_j u_ij² is finite exactly when row i is finite (NaN and
         // Inf propagate through the syrk; entries above √FLT_MAX overflow it), and finishSystem
@@ -197,53 +189,6 @@ extension ExactBlock {
         return Prepared(
             snapshot: snap, flops: flops, strategy: strategy, factoredEstimate: estimates.factored,
             explicitEstimate: estimates.explicit, workspaceU: nil)
-    }
-
-    /// Rows `samples` of U, `chunk` samples at a time, each chunk's inputs scanned for NaN and
-    /// Inf just before its products read them (still in cache). Returns the flops.
-    private func form(
-        _ k: BlockKernel, m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, samples: Range<Int>, chunk: Int,
-        into u: UnsafeMutablePointer<Float>, work: UnsafeMutablePointer<Float>
-    ) throws(TENGraDError) -> Double {
-        var flops = 0.0
-        var i0 = samples.lowerBound
-        while i0 < samples.upperBound {
-            let c = min(chunk, samples.upperBound - i0)
-            _ = try scanInputs(k, a, g, start: i0, count: c)
-            flops += k.formGradients(m: m, a: a, g: g, start: i0, count: c, into: u, work: work)
-            i0 += c
-        }
-        return flops
-    }
-
-    /// `form` over all m samples on two threads, a half each (whole chunks, so every sample is
-    /// formed by the same calls as on one thread: the same bits), BLAS on one thread per call;
-    /// `work` holds two scratches of `scratch` floats. A failure in either half is thrown after
-    /// both finished — the first half's when both failed, as the one-thread loop would.
-    private func formOnTwoThreads(
-        _ k: BlockKernel, m: Int, a: UnsafePointer<Float>, g: UnsafePointer<Float>, chunk: Int,
-        into u: UnsafeMutablePointer<Float>, work: UnsafeMutablePointer<Float>, scratch: Int
-    ) throws(TENGraDError) -> Double {
-        let half = (m / chunk + 1) / 2 * chunk
-        var flops = [0.0, 0.0]
-        var errors: [TENGraDError?] = [nil, nil]
-        flops.withUnsafeMutableBufferPointer { flops in
-            errors.withUnsafeMutableBufferPointer { errors in
-                BLAS.withThreads(1) {
-                    onTwoThreads { part in
-                        do throws(TENGraDError) {
-                            flops[part] = try form(
-                                k, m: m, a: a, g: g, samples: part == 0 ? 0..<half : half..<m, chunk: chunk, into: u,
-                                work: work + part * scratch)
-                        } catch {
-                            errors[part] = error
-                        }
-                    }
-                }
-            }
-        }
-        if let error = errors[0] ?? errors[1] { throw error }
-        return flops[0] + flops[1]
     }
 
     /// max_ij |s·u_ij| ≤ max_i √K_ii for a Gram taken from U's own float32 syrk, whose sum of d
