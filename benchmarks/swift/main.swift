@@ -91,7 +91,7 @@ print("TENGraD linear-layer benchmark (OPENBLAS_NUM_THREADS=\(threads)); bias on
 print("GFLOP/s count the docs/DESIGN.md §2 algorithm: Grams m(m+1)(in+out), Cholesky m³/3, GEMMs 2·m·in·out each")
 print("floor = GFLOP/s of the precondition's two GEMMs alone (V·A and C += Gᵀ·A, OpenBLAS, timed in alternating")
 print("rounds with the in-place precondition); ratio = ours ÷ floor; in place = the precondition's ratio with the")
-print("update written over the gradient (as tengrad.torch does: no copy)\n")
+print("update written over the gradient (the in-place call: no copy)\n")
 let header = ["m", "in=out", "natgrad s", "GFLOP/s", "ratio", "curv s", "GFLOP/s", "precond s", "GFLOP/s", "ratio", "in place", "floor GF/s"]
 print(header.map { $0.padding(11) }.joined())
 

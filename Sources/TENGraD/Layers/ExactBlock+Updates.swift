@@ -144,7 +144,7 @@ extension ExactBlock {
             throw TENGraDError(.numerical, "the preconditioned update would overflow float32 (bound \(bound))")
         }
         // update = (1/λ) v − (1/λ) U x, as one product accumulated onto the update with β = 1/λ.
-        // In place (the update written over v, as tengrad.torch does) no pass is spent on (1/λ)v
+        // In place (the update written over v) no pass is spent on (1/λ)v
         // and BLAS scales with its threads; out of place v is copied first and the same call runs
         // on the same numbers, so both give the same bits.
         let (alpha, inverse) = base == nil ? (-1 / λ, Float(1 / λ)) : (-1, 1)
