@@ -66,10 +66,10 @@ let convCases: [ConvCase] = [
         #expect(try Conv2dGeometry(strided).shifted == nil)
     }
 
-    /// A per-sample snapshot and the data-parallel rows formed on two threads (a half of the
-    /// samples each, BLAS on one thread per call: BLAS threads 2 and at least two chunks), for the
-    /// shifted products and for unfolding: the oracle's U (the same bits as on one thread) and
-    /// block; a NaN or Inf in either half is refused
+    /// A per-sample snapshot, the explicit Gram of a raw one and the data-parallel rows formed on
+    /// two threads (a half of the samples each, BLAS on one thread per call: BLAS threads 2 and at
+    /// least two chunks), for the shifted products and for unfolding: the oracle's U (the same
+    /// bits as on one thread) and block; a NaN or Inf in either half is refused
     /// with that input named and nothing changed — the first half's when both halves hold one.
     @Test func perSampleFormedOnTwoThreads() throws {
         let shapes = [
@@ -104,6 +104,7 @@ let convCases: [ConvCase] = [
                 got += joined(Array(row[0..<wc]), Array(row[wc...]), out: s.outChannels, in: perRow)
             }
             #expect(relativeError(got, oracle.u.flatMap { $0 }) <= tolerance)
+            for representation in [SnapshotRepresentation.perSample, .raw] {  // raw: the explicit Gram's whole U
             var results: [[Float]] = []
             for threads in [2, 1] {
                 let p = Preconditioner()
@@ -111,7 +112,7 @@ let convCases: [ConvCase] = [
                 try p.setBLASThreads(threads)
                 let layer = try p.addConv2d(s)
                 try p.setConvStrategy(layer: layer, .explicit)
-                try p.setSnapshotRepresentation(layer: layer, .perSample)
+                try p.setSnapshotRepresentation(layer: layer, representation)
                 try p.updateCurvature(layer: layer, batch: m, activations: x, outputGrads: g, gradScale: 1)
                 let (w, b) = try p.precondition(layer: layer, weightGrad: vw, biasGrad: vb)
                 #expect(relativeError(joined(w, b, out: s.outChannels, in: perRow), want) <= tolerance)
@@ -126,12 +127,16 @@ let convCases: [ConvCase] = [
                         Issue.record("shape \(n): a NaN or Inf in samples \(badA), \(badG) was accepted")
                     } catch {
                         #expect(error.code == .notFinite)
-                        let first = badG >= 0 && (badA < 0 || badG < badA) ? "output_grads" : "activations"
+                        // A raw snapshot scans the whole batch's activations first, a per-sample
+                        // one each chunk's activations and output gradients in sample order.
+                        let first = representation == .raw ? (badA >= 0 ? "activations" : "output_grads")
+                            : badG >= 0 && (badA < 0 || badG < badA) ? "output_grads" : "activations"
                         #expect(error.message.hasPrefix(first), "\(error)")
                     }
                     let (w2, b2) = try p.precondition(layer: layer, weightGrad: vw, biasGrad: vb)
                     #expect(w2 + (b2 ?? []) == results[0])
                 }
+            }
             }
         }
     }

@@ -179,6 +179,8 @@ extension BlockKernel {
         /// Samples unfolded at a time.
         let chunk: Int
         let whole: Bool
+        /// U formed whole on two threads of our own (`formAllGradients`): `floats` holds two scratches.
+        let twoThreads: Bool
         let floats: Int
     }
 
@@ -191,8 +193,12 @@ extension BlockKernel {
         let whole = (room - mm - patchOne) / m >= d  // all of U fits (m·d cannot overflow then)
         let cb = whole ? dims.groupOut : max(1, min(dims.groupOut, (room - mm - patchOne) / max(1, m * pT)))
         let width = whole ? d : cb * pT
-        let mc = chunk(m, fixed: mm + m * width, perSample: patchOne, available: room)
-        return ExplicitPlan(channels: cb, chunk: mc, whole: whole, floats: mm + m * width + geometry.formScratch(samples: mc))
+        // The per-sample snapshot's chunks (within about 1 MiB, in cache after the copies).
+        let mc = formChunk(m: m, available: room - mm - m * width)
+        let two = whole && formsOnTwoThreads(m: m, chunk: mc, available: room - mm - m * width)
+        return ExplicitPlan(
+            channels: cb, chunk: mc, whole: whole, twoThreads: two,
+            floats: mm + m * width + (two ? 2 : 1) * geometry.formScratch(samples: mc))
     }
 
     /// Runs an `ExplicitPlan`: adds the Gram to `k` (unscaled; with a base, of U E^{-1/2}).
@@ -206,7 +212,8 @@ extension BlockKernel {
         let kf = work, u = work + mm
         if plan.whole {
             let patchBuf = u + m * dims.parameters
-            var flops = formAllGradients(m: m, a: a, g: g, into: u, chunk: plan.chunk, work: patchBuf) { _, _ in }
+            var flops = formAllGradients(
+                m: m, a: a, g: g, into: u, chunk: plan.chunk, work: patchBuf, twoThreads: plan.twoThreads) { _, _ in }
             base?.scaleRows(u, rows: m, width: dims.parameters, ldu: dims.parameters, column: 0)
             flops += accumulateGram(m: m, u: u, width: dims.parameters, ldu: dims.parameters, into: k, scratch: kf)
             return (flops, base == nil ? UnsafePointer(u) : nil)
