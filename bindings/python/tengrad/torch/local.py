@@ -50,7 +50,10 @@ class LocalStep:
             for param, update in ((layer.module.weight, w_up), (bias_of(layer.module), b_up)):
                 if update is not None:
                     new = torch.from_numpy(update).view(param.shape)
-                    param.grad.copy_(new if nu == 1 else new * nu)
+                    if nu == 1:
+                        param.grad.copy_(new)
+                    else:  # scaled straight into .grad: one pass, no temporary
+                        torch.mul(new, nu, out=param.grad)
         self._moments.update(moments)
         self._base_moments.update(bases)
         self._commit_window()
