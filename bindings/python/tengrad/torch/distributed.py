@@ -231,11 +231,12 @@ class DataParallel:
         nu = self._nu_from_sum(float(summary[size].item()))  # 1 without KL clipping or at lr 0
         for layer, out in updates:
             n = layer.module.weight.numel()
-            if nu != 1:
-                out = out * nu
-            layer.module.weight.grad.copy_(out[:n].view_as(layer.module.weight))
-            if layer.spec.bias:
-                layer.module.bias.grad.copy_(out[n:].view_as(layer.module.bias))
+            parts = [(layer.module.weight, out[:n])] + ([(layer.module.bias, out[n:])] if layer.spec.bias else [])
+            for param, part in parts:
+                if nu == 1:
+                    param.grad.copy_(part.view_as(param))
+                else:  # scaled straight into .grad: one pass, no temporary
+                    torch.mul(part.view_as(param), nu, out=param.grad)
         self._moments.update(moments)
         self._base_moments.update(bases)
         self._commit_window()
