@@ -104,7 +104,7 @@ def make(name: str, model: nn.Module, args) -> Setup:
                          damping_mode=args.damping_mode, window=args.window)
         mine, rest = pre.parameters(), pre.other_parameters()
         if args.tengrad_adamw:  # the ablation's "AdamW on top": Adam's moments of the natural gradient
-            opt = torch.optim.AdamW(pre.parameters() + pre.other_parameters(), lr=args.lr_adamw, weight_decay=args.adamw_decay)
+            opt = torch.optim.AdamW(mine + rest, lr=args.lr_adamw, weight_decay=args.adamw_decay)
             return Setup([opt], precond=pre, kl_lr=args.kl_lr)
         # Grafted onto Adam's step, momentum averages like Adam's β₁ (dampening 0.9) instead of summing.
         opt = torch.optim.SGD(mine, lr=args.lr_tengrad, momentum=0.9, dampening=0.9 if graft == "adam" else 0.0,

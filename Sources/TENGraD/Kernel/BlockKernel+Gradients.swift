@@ -70,10 +70,13 @@ extension BlockKernel {
         return flops
     }
 
-    /// Whether `formAllGradients` should run on two threads of our own: BLAS may use two, there
-    /// are at least two chunks, and `available` floats hold two scratches (docs/DESIGN.md §8).
-    func formsOnTwoThreads(m: Int, chunk: Int, available: Int) -> Bool {
-        BLAS.threads >= 2 && m >= 2 * chunk && 2 * geometry.formScratch(samples: chunk) <= available
+    /// How `formAllGradients` runs within `available` floats of scratch: its chunk (`formChunk`),
+    /// whether on two threads of our own (BLAS may use two, there are at least two chunks, and
+    /// two scratches fit: docs/DESIGN.md §8), and the scratch floats that takes.
+    func formPlan(m: Int, available: Int) -> (chunk: Int, twoThreads: Bool, floats: Int) {
+        let chunk = formChunk(m: m, available: available), one = geometry.formScratch(samples: chunk)
+        let two = BLAS.threads >= 2 && m >= 2 * chunk && 2 * one <= available
+        return (chunk, two, two ? 2 * one : one)
     }
 
     /// All of U (m × d) into `u`, `chunk` samples at a time, each chunk after `check(start, count)`
@@ -193,12 +196,13 @@ extension BlockKernel {
         let whole = (room - mm - patchOne) / m >= d  // all of U fits (m·d cannot overflow then)
         let cb = whole ? dims.groupOut : max(1, min(dims.groupOut, (room - mm - patchOne) / max(1, m * pT)))
         let width = whole ? d : cb * pT
-        // The per-sample snapshot's chunks (within about 1 MiB, in cache after the copies).
-        let mc = formChunk(m: m, available: room - mm - m * width)
-        let two = whole && formsOnTwoThreads(m: m, chunk: mc, available: room - mm - m * width)
+        // The per-sample snapshot's chunks (within about 1 MiB, in cache after the copies); two
+        // threads only for a whole U (the blocks' loop forms a block of channels at a time).
+        let form = formPlan(m: m, available: room - mm - m * width)
+        let two = whole && form.twoThreads
         return ExplicitPlan(
-            channels: cb, chunk: mc, whole: whole, twoThreads: two,
-            floats: mm + m * width + (two ? 2 : 1) * geometry.formScratch(samples: mc))
+            channels: cb, chunk: form.chunk, whole: whole, twoThreads: two,
+            floats: mm + m * width + (two ? form.floats : geometry.formScratch(samples: form.chunk)))
     }
 
     /// Runs an `ExplicitPlan`: adds the Gram to `k` (unscaled; with a base, of U E^{-1/2}).

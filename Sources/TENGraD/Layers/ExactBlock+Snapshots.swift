@@ -146,9 +146,8 @@ extension ExactBlock {
         let strategy = pickStrategy(estimates, k)
         let base = baseSetting
         let available = workspaceFloats(context, reserve: (m * m + 2 * m) * MemoryLayout<Double>.stride)
-        let formChunk = k.formChunk(m: m, available: available)
-        let split = k.formsOnTwoThreads(m: m, chunk: formChunk, available: available)
-        var need = (split ? 2 : 1) * k.geometry.formScratch(samples: formChunk)
+        let form = k.formPlan(m: m, available: available)
+        var need = form.floats
         var factoredChunk = 0
         if strategy == .factored {
             factoredChunk = k.factoredChunk(m: m, available: available)
@@ -160,7 +159,7 @@ extension ExactBlock {
         }
         let work = try context.workspace.floats(need)
         var flops = try k.formAllGradients(
-            m: m, a: a, g: g, into: u.base, chunk: formChunk, work: work, twoThreads: split
+            m: m, a: a, g: g, into: u.base, chunk: form.chunk, work: work, twoThreads: form.twoThreads
         ) { (start, count) throws(TENGraDError) in _ = try scanInputs(k, a, g, start: start, count: count) }
         // The bound on |U| entries (and their finiteness): with the Gram taken from U itself, its
         // diagonal K_ii = s²‖u_i‖² ≥ s² max_j u_ij² is finite exactly when row i is finite (NaN and

@@ -102,11 +102,10 @@ final class ExactBlock {
         let k = try kernel(tokens: tokens)
         let count = try checkedProduct(m, dims.parameters, what: "batch × parameters (per-sample gradients)")
         _ = try scanInputs(k, a, g, start: 0, count: m)
-        let available = workspaceFloats(context, reserve: 0)
-        let chunk = k.formChunk(m: m, available: available)
-        let split = k.formsOnTwoThreads(m: m, chunk: chunk, available: available)
-        let work = try context.workspace.floats((split ? 2 : 1) * k.geometry.formScratch(samples: chunk))
-        _ = k.formAllGradients(m: m, a: a, g: g, into: out, chunk: chunk, work: work, twoThreads: split) { _, _ in }
+        let form = k.formPlan(m: m, available: workspaceFloats(context, reserve: 0))
+        let work = try context.workspace.floats(form.floats)
+        _ = k.formAllGradients(
+            m: m, a: a, g: g, into: out, chunk: form.chunk, work: work, twoThreads: form.twoThreads) { _, _ in }
         if s != 1 {
             for i in 0..<count { out[i] *= s }
         }

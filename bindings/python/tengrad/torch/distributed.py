@@ -12,7 +12,7 @@ import torch
 
 from ..parallel import assign_owners
 from ..specs import EmbeddingSpec
-from .modules import grad_parts
+from .modules import grad_parts, write_grad
 
 
 class DataParallel:
@@ -231,12 +231,9 @@ class DataParallel:
         nu = self._nu_from_sum(float(summary[size].item()))  # 1 without KL clipping or at lr 0
         for layer, out in updates:
             n = layer.module.weight.numel()
-            parts = [(layer.module.weight, out[:n])] + ([(layer.module.bias, out[n:])] if layer.spec.bias else [])
-            for param, part in parts:
-                if nu == 1:
-                    param.grad.copy_(part.view_as(param))
-                else:  # scaled straight into .grad: one pass, no temporary
-                    torch.mul(part.view_as(param), nu, out=param.grad)
+            write_grad(layer.module.weight, out[:n], nu)
+            if layer.spec.bias:
+                write_grad(layer.module.bias, out[n:], nu)
         self._moments.update(moments)
         self._base_moments.update(bases)
         self._commit_window()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .modules import bias_of, grad_parts
+from .modules import bias_of, grad_parts, write_grad
 
 
 class LocalStep:
@@ -49,11 +49,7 @@ class LocalStep:
         for layer, w_up, b_up in updates:
             for param, update in ((layer.module.weight, w_up), (bias_of(layer.module), b_up)):
                 if update is not None:
-                    new = torch.from_numpy(update).view(param.shape)
-                    if nu == 1:
-                        param.grad.copy_(new)
-                    else:  # scaled straight into .grad: one pass, no temporary
-                        torch.mul(new, nu, out=param.grad)
+                    write_grad(param, torch.from_numpy(update), nu)
         self._moments.update(moments)
         self._base_moments.update(bases)
         self._commit_window()

@@ -32,6 +32,16 @@ def bias_of(module: nn.Module) -> Optional[nn.Parameter]:
     return getattr(module, "bias", None)
 
 
+def write_grad(param: torch.Tensor, update: torch.Tensor, nu: float) -> None:
+    """``param.grad`` ← ν · update (``update`` any tensor of the parameter's size): scaled straight
+    into ``.grad``, one pass and no temporary."""
+    update = update.view_as(param)
+    if nu == 1:
+        param.grad.copy_(update)
+    else:
+        torch.mul(update, nu, out=param.grad)
+
+
 def grad_parts(layer, w=None, b=None) -> List[Tuple[str, torch.Tensor]]:
     """A hooked layer's gradient as [(parameter key "<layer>.weight"/".bias", float64 tensor in
     the parameter's shape)]: its ``.grad`` or, in a data-parallel step, the reduced global
