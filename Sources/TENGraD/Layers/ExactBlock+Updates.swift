@@ -143,23 +143,20 @@ extension ExactBlock {
         guard sumAbsX.isFinite, bound <= safeMagnitude else {
             throw TENGraDError(.numerical, "the preconditioned update would overflow float32 (bound \(bound))")
         }
-        // update = (1/λ) v − (1/λ) U x, as one product accumulated onto the update with β = 1/λ.
-        // In place (the update written over v) no pass is spent on (1/λ)v
-        // and BLAS scales with its threads; out of place v is copied first and the same call runs
-        // on the same numbers, so both give the same bits.
+        // update = (1/λ) v − (1/λ) U x: (1/λ) v written in one pass (a scaled copy, or in place),
+        // then U x accumulated onto it with β = 1 — the bits of one BLAS call with β = 1/λ, without
+        // BLAS's slow threaded β pass (`Reduce.scale`); in place and out of place give the same bits.
         let (alpha, inverse) = base == nil ? (-1 / λ, Float(1 / λ)) : (-1, 1)
-        if UnsafePointer(weightUpdate) != weightGrad { weightUpdate.update(from: weightGrad, count: dims.weightCount) }
-        if let biasUpdate, let biasGrad, UnsafePointer(biasUpdate) != biasGrad {
-            biasUpdate.update(from: biasGrad, count: dims.biasCount)
-        }
+        Reduce.scale(weightGrad, by: inverse, into: weightUpdate, dims.weightCount)
+        if let biasUpdate, let biasGrad { Reduce.scale(biasGrad, by: inverse, into: biasUpdate, dims.biasCount) }
         switch source {
         case let .kept(u, scratch):
             flops += k.applyKept(
-                m: m, u: u, scale: s, x: x, alpha: alpha, beta: inverse, weight: weightUpdate, bias: biasUpdate,
+                m: m, u: u, scale: s, x: x, alpha: alpha, beta: 1, weight: weightUpdate, bias: biasUpdate,
                 xf: scratch + m)
         case let .raw(a, g, chunk, work):
             flops += k.apply(
-                m: m, a: a, g: g, scale: s, x: x, alpha: alpha, beta: inverse, weight: weightUpdate, bias: biasUpdate,
+                m: m, a: a, g: g, scale: s, x: x, alpha: alpha, beta: 1, weight: weightUpdate, bias: biasUpdate,
                 chunk: chunk, work: work, kept: keptPatches)
         }
         if let base {
