@@ -65,21 +65,12 @@ enum Reduce {
 
     /// y_i = β x_i (x may be y): BLAS's β pass of a GEMM or GEMV (each entry rounded once, so a
     /// product accumulated afterwards with β = 1 gives the bits of the same call with β), run here
-    /// because OpenBLAS runs it on its threads at a fraction of one core's bandwidth (measured on
-    /// 2 threads, 1M floats: 0.66 ms against 0.12 ms on one core). On two threads of the library's
-    /// own from `GradientScan.twoThreadCount` floats when BLAS may use two.
+    /// on the calling thread because OpenBLAS runs it on its threads at a fraction of one core's
+    /// bandwidth (measured on 2 threads, 1M floats: 0.66 ms against 0.12 ms on one core; inside
+    /// sgemm with K = 32 at 4096²: 6.3 ms). Two threads of the library's own lost here too: a
+    /// thread's start, and OpenBLAS's worker still spinning from the call before, cost more than
+    /// the second core gives (AMD EPYC VM, 16M floats: 10.6 against 9.9 ms).
     static func scale(_ x: UnsafePointer<Float>, by beta: Float, into y: UnsafeMutablePointer<Float>, _ n: Int) {
-        if n >= GradientScan.twoThreadCount && BLAS.threads >= 2 {
-            let half = n / 2
-            onTwoThreads { part in
-                if part == 0 { scaleRun(x, by: beta, into: y, half) } else { scaleRun(x + half, by: beta, into: y + half, n - half) }
-            }
-        } else {
-            scaleRun(x, by: beta, into: y, n)
-        }
-    }
-
-    private static func scaleRun(_ x: UnsafePointer<Float>, by beta: Float, into y: UnsafeMutablePointer<Float>, _ n: Int) {
         if beta == 1 {
             if UnsafePointer(y) != x { y.update(from: x, count: n) }
             return
