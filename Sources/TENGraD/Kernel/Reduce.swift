@@ -63,13 +63,12 @@ enum Reduce {
         for i in 0..<n { y[i] += x[i] }
     }
 
-    /// y_i = β x_i (x may be y): BLAS's β pass of a GEMM or GEMV (each entry rounded once, so a
-    /// product accumulated afterwards with β = 1 gives the bits of the same call with β), run here
-    /// on the calling thread because OpenBLAS runs it on its threads at a fraction of one core's
-    /// bandwidth (measured on 2 threads, 1M floats: 0.66 ms against 0.12 ms on one core; inside
-    /// sgemm with K = 32 at 4096²: 6.3 ms). Two threads of the library's own lost here too: a
-    /// thread's start, and OpenBLAS's worker still spinning from the call before, cost more than
-    /// the second core gives (AMD EPYC VM, 16M floats: 10.6 against 9.9 ms).
+    /// y_i = β x_i (x may be y; β = 1 copies): the (1/λ) v an update starts from, one pass
+    /// instead of a copy and BLAS's β pass. Measured with `tengrad-bench --linear-only` (AMD
+    /// EPYC, 2 threads, 3 alternating runs): the out-of-place precondition at m = 32, 1024² went
+    /// from 0.69 to 0.84 of its two-GEMM floor; in place within the runs' spread. On the calling
+    /// thread: two threads of the library's own lost to a thread's start and OpenBLAS's worker
+    /// still spinning from the call before (16M floats: 10.6 against 9.9 ms).
     static func scale(_ x: UnsafePointer<Float>, by beta: Float, into y: UnsafeMutablePointer<Float>, _ n: Int) {
         if beta == 1 {
             if UnsafePointer(y) != x { y.update(from: x, count: n) }

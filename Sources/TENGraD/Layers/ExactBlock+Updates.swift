@@ -143,9 +143,11 @@ extension ExactBlock {
         guard sumAbsX.isFinite, bound <= safeMagnitude else {
             throw TENGraDError(.numerical, "the preconditioned update would overflow float32 (bound \(bound))")
         }
-        // update = (1/λ) v − (1/λ) U x: (1/λ) v written in one pass (a scaled copy, or in place),
-        // then U x accumulated onto it with β = 1 — the bits of one BLAS call with β = 1/λ, without
-        // BLAS's slow threaded β pass (`Reduce.scale`); in place and out of place give the same bits.
+        // update = (1/λ) v − (1/λ) U x: (1/λ) v written by one pass of ours (a scaled copy, or in
+        // place), then U x accumulated onto it with β = 1. Out of place this replaces a copy and
+        // BLAS's β pass; in place it costs what BLAS's β pass did. The same calls on the same
+        // numbers either way, so in place and out of place give the same bits on every kernel set
+        // (BLAS kernels that fold β into their epilogue round β v differently from a β pass).
         let (alpha, inverse) = base == nil ? (-1 / λ, Float(1 / λ)) : (-1, 1)
         Reduce.scale(weightGrad, by: inverse, into: weightUpdate, dims.weightCount)
         if let biasUpdate, let biasGrad { Reduce.scale(biasGrad, by: inverse, into: biasUpdate, dims.biasCount) }
