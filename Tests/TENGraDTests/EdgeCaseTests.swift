@@ -24,6 +24,38 @@ import Testing
         }
     }
 
+    /// The (1/λ) v pass of a precondition: every entry β·x rounded once (the bits of a scalar
+    /// loop), on one thread and in two halves on two, out of place and in place; β = 1 copies.
+    @Test func scaledCopyOnOneAndTwoThreads() throws {
+        for n in [37, GradientScan.twoThreadCount + 7] {
+            var rng = SeededRandom(9)
+            let v = rng.array(n)
+            let beta: Float = 1 / 0.3
+            let want = v.map { beta * $0 }
+            for threads in [1, 2] {
+                var out = [Float](repeating: .nan, count: n)
+                BLAS.withThreads(threads) {
+                    v.withUnsafeBufferPointer { x in
+                        out.withUnsafeMutableBufferPointer { Reduce.scale(x.baseAddress!, by: beta, into: $0.baseAddress!, n) }
+                    }
+                }
+                #expect(out == want)
+                var inPlace = v
+                BLAS.withThreads(threads) {
+                    inPlace.withUnsafeMutableBufferPointer { Reduce.scale(UnsafePointer($0.baseAddress!), by: beta, into: $0.baseAddress!, n) }
+                }
+                #expect(inPlace == want)
+                var copy = [Float](repeating: 0, count: n)
+                BLAS.withThreads(threads) {
+                    v.withUnsafeBufferPointer { x in
+                        copy.withUnsafeMutableBufferPointer { Reduce.scale(x.baseAddress!, by: 1, into: $0.baseAddress!, n) }
+                    }
+                }
+                #expect(copy == v)
+            }
+        }
+    }
+
     @Test func zeroOutputGradientsGiveZeroUpdateAndPureDampingPreconditioner() throws {
         // U = 0: F = 0, so (F + λI)⁻¹ v = v/λ and the mean gradient's update is exactly 0.
         var rng = SeededRandom(1)
