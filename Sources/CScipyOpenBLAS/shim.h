@@ -50,9 +50,6 @@ static inline void cblas_somatcopy(enum CBLAS_ORDER order, enum CBLAS_TRANSPOSE 
                                    float alpha, const float *a, blasint lda, float *b, blasint ldb) {
     scipy_cblas_somatcopy(order, t, rows, cols, alpha, a, lda, b, ldb);
 }
-static inline double cblas_dsdot(blasint n, const float *x, blasint incx, const float *y, blasint incy) {
-    return scipy_cblas_dsdot(n, x, incx, y, incy);
-}
 static inline void cblas_dtrsv(enum CBLAS_ORDER order, enum CBLAS_UPLO uplo, enum CBLAS_TRANSPOSE t,
                                enum CBLAS_DIAG diag, blasint n, const double *a, blasint lda, double *x,
                                blasint incx) {

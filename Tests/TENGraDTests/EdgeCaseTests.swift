@@ -24,6 +24,29 @@ import Testing
         }
     }
 
+    /// The validation's float64 sum of exact squares: finite for the largest finite floats (their
+    /// squares overflow float32, not a double), not finite for a NaN or ±Inf anywhere, including
+    /// the tail after the last 16-float block; the sum is the float64 loop's.
+    @Test func gradientScanOfHugeAndNonFiniteValues() throws {
+        for n in [5, 16, 37] {
+            var v = [Float](repeating: 0, count: n)
+            for i in 0..<n { v[i] = (i % 2 == 0 ? 1 : -1) * Float.greatestFiniteMagnitude / Float(i + 1) }
+            var want = 0.0
+            for x in v { want += Double(x) * Double(x) }
+            let scan = v.withUnsafeBufferPointer { GradientScan($0.baseAddress!, count: n) }
+            #expect(scan.finite && abs(scan.sumSquares - want) <= 1e-12 * want)
+            #expect(scan.maxAbs >= Double(Float.greatestFiniteMagnitude))
+            for index in [0, n / 2, n - 1] {
+                for bad in [Float.nan, .infinity, -.infinity] {
+                    var w = v
+                    w[index] = bad
+                    let s = w.withUnsafeBufferPointer { GradientScan($0.baseAddress!, count: n) }
+                    #expect(!s.finite)
+                }
+            }
+        }
+    }
+
     /// The (1/λ) v pass of a precondition: every entry β·x rounded once (the bits of a scalar
     /// loop), on one thread and in two halves on two, out of place and in place; β = 1 copies.
     @Test func scaledCopyOnOneAndTwoThreads() throws {

@@ -110,10 +110,9 @@ struct ArrayScan {
     }
 }
 
-/// A gradient's finiteness, a bound on its largest magnitude, and its squared norm, in one BLAS
-/// pass when possible: OpenBLAS's dsdot (float32 products, float64 sums) is finite exactly when
-/// every entry is finite and below √FLT_MAX, and then max|v| ≤ ‖v‖. Only when it is not finite
-/// does a second pass tell NaN/Inf input from merely huge values.
+/// A gradient's finiteness, a bound on its largest magnitude, and its squared norm, in one pass:
+/// the float64 sum of exact squares (`Reduce.sumOfSquares`) is finite exactly when every entry
+/// is, and then max|v| ≤ ‖v‖.
 struct GradientScan {
     let finite: Bool
     let maxAbs: Double
@@ -124,36 +123,23 @@ struct GradientScan {
     static let twoThreadCount = 1 << 22
 
     init(_ p: UnsafePointer<Float>, count: Int) {
-        var fast: Double
+        var sum: Double
         if count >= Self.twoThreadCount && BLAS.threads >= 2 {
             let half = count / 2
             var sums = [0.0, 0.0]
             sums.withUnsafeMutableBufferPointer { out in
                 let out = out.baseAddress!
                 onTwoThreads { part in
-                    out[part] = part == 0 ? BLAS.sumOfSquares(n: half, x: p) : BLAS.sumOfSquares(n: count - half, x: p + half)
+                    out[part] = part == 0 ? Reduce.sumOfSquares(p, half) : Reduce.sumOfSquares(p + half, count - half)
                 }
             }
-            fast = sums[0] + sums[1]
+            sum = sums[0] + sums[1]
         } else {
-            fast = BLAS.sumOfSquares(n: count, x: p)
+            sum = Reduce.sumOfSquares(p, count)
         }
-        if fast.isFinite {
-            finite = true
-            maxAbs = fast.squareRoot()
-            sumSquares = fast
-            return
-        }
-        let scan = ArrayScan(p, count: count)
-        finite = scan.finite
-        maxAbs = Double(scan.maxAbs)
-        var sum = 0.0
-        if scan.finite {
-            let unit = maxAbs > 0 ? 1 / maxAbs : 1
-            for i in 0..<count { let x = Double(p[i]) * unit; sum += x * x }
-            sum = sum * maxAbs * maxAbs
-        }
-        sumSquares = sum
+        finite = sum.isFinite
+        maxAbs = finite ? sum.squareRoot() : .infinity
+        sumSquares = finite ? sum : 0
     }
 
     static let empty = GradientScan()

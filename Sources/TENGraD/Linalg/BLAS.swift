@@ -101,11 +101,6 @@ enum BLAS {
         cblas_sgemv(CblasRowMajor, trans ? CblasTrans : CblasNoTrans, i(m), i(n), alpha, a, i(lda), x, 1, beta, y, 1)
     }
 
-    /// Σ x_i² of float32 data, accumulated in float64.
-    static func sumOfSquares(n: Int, x: UnsafePointer<Float>) -> Double {
-        cblas_dsdot(i(n), x, 1, x, 1)
-    }
-
     // LAPACK is called directly (not through LAPACKE, whose NaN scan of every input matrix costs
     // as much as a small factorization): our inputs are checked finite before they get here.
 
