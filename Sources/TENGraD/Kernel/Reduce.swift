@@ -1,7 +1,8 @@
-/// Float32 reductions of the kernel's inner loops, eight lanes at a time with two accumulators.
-/// A plain `for` loop over floats is not vectorized (the compiler keeps IEEE summation order) and
-/// runs at one add per FP-add latency; these reassociate, which float32 rounding of the GEMMs
-/// around them already makes immaterial. Callers accumulate the results in float64.
+/// The kernel's inner loops outside BLAS: float32 reductions, eight lanes at a time with two
+/// accumulators, the gradient's float64 sum of squares, and elementwise passes. A plain `for`
+/// loop over floats is not vectorized (the compiler keeps IEEE summation order) and runs at one
+/// add per FP-add latency; these reassociate, which float32 rounding of the GEMMs around them
+/// already makes immaterial. Callers accumulate float32 results in float64.
 enum Reduce {
     /// Σ x_i.
     @inline(__always)
