@@ -6,7 +6,7 @@ import Testing
     /// The gradient's validation over a large array, in two halves on two threads: the same sum of
     /// squares and bound as a float64 loop, and a NaN or Inf in either half found.
     @Test func largeGradientScanOnTwoThreads() throws {
-        let n = GradientScan.twoThreadCount + 7
+        let n = twoThreadArrayCount + 7
         var rng = SeededRandom(5)
         var v = rng.array(n)
         var want = 0.0
@@ -50,7 +50,7 @@ import Testing
     /// The (1/λ) v pass of a precondition: every entry β·x rounded once (the bits of a scalar
     /// loop), on one thread and in two halves on two, out of place and in place; β = 1 copies.
     @Test func scaledCopyOnOneAndTwoThreads() throws {
-        for n in [37, GradientScan.twoThreadCount + 7] {
+        for n in [37, twoThreadArrayCount + 7] {
             var rng = SeededRandom(9)
             let v = rng.array(n)
             let beta: Float = 1 / 0.3

@@ -96,20 +96,12 @@ enum Reduce {
     /// y_i = β x_i (x may be y; β = 1 copies): the (1/λ) v an update starts from, one pass
     /// instead of a copy and BLAS's β pass. Measured with `tengrad-bench --linear-only` (AMD
     /// EPYC, 2 threads, 3 alternating runs): the out-of-place precondition at m = 32, 1024² went
-    /// from 0.69 to 0.84 of its two-GEMM floor; in place within the runs' spread. From
-    /// `GradientScan.twoThreadCount` floats, when BLAS may use two threads, two threads of the
-    /// library's own each scale a half: 16M floats in 6.2 against 9.6 ms when OpenBLAS's idle
+    /// from 0.69 to 0.84 of its two-GEMM floor; in place within the runs' spread. In two halves
+    /// on two threads of the library's own for large arrays (`inHalves`): 16M floats in 6.2 against 9.6 ms when OpenBLAS's idle
     /// worker sleeps soon (the Python binding's OPENBLAS_THREAD_TIMEOUT=20), 10.9 against 10.1 ms
     /// while it still spins for OpenBLAS's default 2^28 cycles after the call before.
     static func scale(_ x: UnsafePointer<Float>, by beta: Float, into y: UnsafeMutablePointer<Float>, _ n: Int) {
-        if n >= GradientScan.twoThreadCount && BLAS.threads >= 2 {
-            let half = n / 2
-            onTwoThreads { part in
-                if part == 0 { scaleRun(x, by: beta, into: y, half) } else { scaleRun(x + half, by: beta, into: y + half, n - half) }
-            }
-        } else {
-            scaleRun(x, by: beta, into: y, n)
-        }
+        inHalves(n) { _, range in scaleRun(x + range.lowerBound, by: beta, into: y + range.lowerBound, range.count) }
     }
 
     private static func scaleRun(_ x: UnsafePointer<Float>, by beta: Float, into y: UnsafeMutablePointer<Float>, _ n: Int) {

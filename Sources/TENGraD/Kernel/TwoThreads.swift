@@ -2,6 +2,19 @@
 import Glibc
 #endif
 
+/// Arrays from this many elements (16 MiB of floats) are passed over in two halves on two threads
+/// when BLAS may use two (`inHalves`): below it a thread's start costs more than it saves.
+let twoThreadArrayCount = 1 << 22
+
+/// `body(part, range)` over 0..<n: in two halves on two threads (parts 0 and 1) from
+/// `twoThreadArrayCount` elements when BLAS may use two threads, else once on the calling thread
+/// (part 0, the whole range). For the passes over a large gradient (docs/DESIGN.md §8).
+func inHalves(_ n: Int, _ body: (Int, Range<Int>) -> Void) {
+    guard n >= twoThreadArrayCount && BLAS.threads >= 2 else { return body(0, 0..<n) }
+    let half = n / 2
+    onTwoThreads { part in body(part, part == 0 ? 0..<half : half..<n) }
+}
+
 /// Runs `body(0)` on a second thread and `body(1)` on the calling one, and returns when both are
 /// done; runs both on the calling thread if no thread can be started. For passes over large
 /// arrays that no BLAS call covers (the gradient's validation before a precondition reads 4 bytes

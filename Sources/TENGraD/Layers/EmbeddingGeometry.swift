@@ -215,8 +215,8 @@ struct EmbeddingGeometry: SparseRowGeometry {
         let D = features, count = dims.weightCount
         if beta == 0 {
             weight.update(repeating: 0, count: count)
-        } else if beta != 1 {
-            for q in 0..<count { weight[q] *= beta }
+        } else {
+            Reduce.scale(weight, by: beta, into: weight, count)  // β = 1 in place: nothing
         }
         for i in 0..<m {
             let w = Float(alpha * s * x[i])

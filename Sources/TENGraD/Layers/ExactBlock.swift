@@ -106,9 +106,7 @@ final class ExactBlock {
         let work = try context.workspace.floats(form.floats)
         _ = k.formAllGradients(
             m: m, a: a, g: g, into: out, chunk: form.chunk, work: work, twoThreads: form.twoThreads) { _, _ in }
-        if s != 1 {
-            for i in 0..<count { out[i] *= s }
-        }
+        if s != 1 { Reduce.scale(out, by: s, into: out, count) }
         guard ArrayScan(out, count: count).finite else {
             throw TENGraDError(.numerical, "the per-sample gradients overflow float32 (inputs too large)")
         }

@@ -118,25 +118,13 @@ struct GradientScan {
     let maxAbs: Double
     let sumSquares: Double
 
-    /// Arrays from this many floats (16 MiB) are summed in two halves on two threads when BLAS
-    /// may use two: below it the thread's start costs more than it saves.
-    static let twoThreadCount = 1 << 22
-
     init(_ p: UnsafePointer<Float>, count: Int) {
-        var sum: Double
-        if count >= Self.twoThreadCount && BLAS.threads >= 2 {
-            let half = count / 2
-            var sums = [0.0, 0.0]
-            sums.withUnsafeMutableBufferPointer { out in
-                let out = out.baseAddress!
-                onTwoThreads { part in
-                    out[part] = part == 0 ? Reduce.sumOfSquares(p, half) : Reduce.sumOfSquares(p + half, count - half)
-                }
-            }
-            sum = sums[0] + sums[1]
-        } else {
-            sum = Reduce.sumOfSquares(p, count)
+        var sums = [0.0, 0.0]  // per half (`inHalves`); one part on one thread
+        sums.withUnsafeMutableBufferPointer { out in
+            let out = out.baseAddress!
+            inHalves(count) { part, range in out[part] = Reduce.sumOfSquares(p + range.lowerBound, range.count) }
         }
+        let sum = sums[0] + sums[1]
         finite = sum.isFinite
         maxAbs = finite ? sum.squareRoot() : .infinity
         sumSquares = finite ? sum : 0
