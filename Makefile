@@ -141,8 +141,10 @@ test-blas-system: ## The Swift, C ABI and numpy oracle suites against the system
 	cd bindings/python && TENGRAD_LIBRARY='$(CURDIR)/.build-system/release/libtengrad.so' \
 	  $(PYTHON) -m pytest -q $(NUMPY_TESTS)
 
+# One test at a time: OpenBLAS's thread count is process-wide, and tests that set it (handles with
+# their own count) would change the kernels, and so the last bits, of tests running beside them.
 test-swift: setup ## Swift tests of the core against the dense float64 oracle
-	swift test $(SWIFT_FLAGS)
+	swift test --no-parallel $(SWIFT_FLAGS)
 
 test-c: build ## C ABI tests, compiled as C11 and C++17 with warnings as errors
 	mkdir -p $(BUILD)

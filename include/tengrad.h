@@ -27,7 +27,8 @@
  *    and tengrad_last_error() then says why.
  *  - Threading: a handle is used by one thread at a time (calls on one handle must not overlap);
  *    distinct handles are fully independent and may be used from different threads at once.
- *    The library keeps no global mutable state and no thread-local state. A call that overlaps
+ *    The library keeps no thread-local state and no global state but a lock over changes to
+ *    OpenBLAS's process-wide thread count (see tengrad_set_blas_threads). A call that overlaps
  *    another call on the same handle is detected (one atomic flag per handle) and refused with
  *    TENGRAD_ERROR_STATE, changing nothing and not touching the handle's message; while the other
  *    call runs, tengrad_last_error returns the static text "handle busy (concurrent call)"
@@ -158,7 +159,8 @@ TENGRAD_NODISCARD tengrad_status tengrad_get_memory_usage(const tengrad_precondi
 /* OpenBLAS threads for this handle's calls. 0 (default) leaves OpenBLAS's own setting
    (OPENBLAS_NUM_THREADS) alone; n in 1..1024 makes every call on this handle set OpenBLAS's
    process-wide thread count to n and restore the previous count on return (so concurrent calls
-   on other handles may briefly see n). Not part of saved state (it belongs to the machine).
+   on other handles may briefly see n, and their results may differ in the last bits; when the
+   last of overlapping calls returns, the count is the one the first of them found). Not part of saved state (it belongs to the machine).
    Why: a host framework's own thread pool (PyTorch's OpenMP workers, for ~5 ms after each op)
    competes with OpenBLAS's pool for the cores; short calls made right after the host's parallel
    work (the reuse step) then run several times faster on one thread. See the README's "Threads". */

@@ -3,6 +3,7 @@ import CScipyOpenBLAS
 #else
 import COpenBLAS
 #endif
+import Synchronization
 
 // The one seam to BLAS/LAPACK. Every call into OpenBLAS or LAPACKE goes through this file.
 // Two builds, chosen by the package trait (docs/DESIGN.md §14): the system's OpenBLAS +
@@ -11,6 +12,14 @@ import COpenBLAS
 // which is the same in either layout, and is called column-major (its native, faster layout).
 // Callers validate that every dimension fits a 32-bit BLAS index (`BLAS.maxDimension`).
 
+/// The calls inside `BLAS.withThreads` now, and OpenBLAS's thread count before the first of them:
+/// the library's one piece of process-wide state, guarding OpenBLAS's own.
+struct ThreadCountHolders {
+    var count = 0
+    var baseline: Int32 = 0
+}
+private let threadCountHolders = Mutex(ThreadCountHolders())
+
 enum BLAS {
     /// The largest dimension OpenBLAS's 32-bit `blasint` accepts.
     static let maxDimension = Int(Int32.max)
@@ -18,10 +27,7 @@ enum BLAS {
     @inline(__always) static func i(_ n: Int) -> Int32 { Int32(truncatingIfNeeded: n) }
 
     /// OpenBLAS's process-wide thread count (its own pool; OPENBLAS_NUM_THREADS at start-up).
-    static var threads: Int {
-        get { Int(openblas_get_num_threads()) }
-        set { openblas_set_num_threads(Int32(clamping: newValue)) }
-    }
+    static var threads: Int { Int(openblas_get_num_threads()) }
 
     /// Which OpenBLAS build is linked: "system" or "scipy-openblas32".
     static var build: String { TENGRAD_BLAS_BUILD }
@@ -32,12 +38,27 @@ enum BLAS {
     /// The kernel set OpenBLAS chose for this CPU at load time (or OPENBLAS_CORETYPE's), e.g. "SkylakeX".
     static var coreName: String { openblas_get_corename().map { String(cString: $0) } ?? "" }
 
-    /// Runs `body` with OpenBLAS using `count` threads (0: as configured), then restores the count.
+    /// Runs `body` with OpenBLAS using `count` threads (0: as configured), then restores the count
+    /// it found. OpenBLAS's count is process-wide: calls on other handles that overlap this one may
+    /// see `count` while it runs (documented in tengrad.h), but when the last overlapping call
+    /// returns, the count is the one the first of them found — never left changed by an
+    /// interleaving of restores (`ThreadCountHolders`).
     static func withThreads<R, E: Error>(_ count: Int, _ body: () throws(E) -> R) throws(E) -> R {
         guard count > 0 else { return try body() }
-        let previous = threads
-        if previous != count { threads = count }
-        defer { if previous != count { threads = previous } }
+        let previous = threadCountHolders.withLock { holders in
+            let previous = openblas_get_num_threads()
+            if holders.count == 0 { holders.baseline = previous }
+            holders.count += 1
+            if Int(previous) != count { openblas_set_num_threads(Int32(clamping: count)) }
+            return previous
+        }
+        defer {
+            threadCountHolders.withLock { holders in
+                holders.count -= 1
+                let restore = holders.count == 0 ? holders.baseline : previous
+                if openblas_get_num_threads() != restore { openblas_set_num_threads(restore) }
+            }
+        }
         return try body()
     }
 
