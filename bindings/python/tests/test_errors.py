@@ -208,6 +208,38 @@ def test_blas_threads_setting():
         np.testing.assert_allclose(b1, b0, rtol=1e-5, atol=1e-6)
 
 
+def test_handles_with_their_own_blas_threads_in_two_threads_leave_the_count_as_found():
+    """OpenBLAS's thread count is process-wide: two handles with counts 1 and found + 1, called
+    from two Python threads at once (ctypes releases the GIL), may see each other's count while
+    their calls overlap, but must not leave it changed (each call used to restore the count it
+    found, so the later of two overlapping calls could restore the other's)."""
+    import threading
+    found = tengrad.blas_info()["threads"]
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((6, 16), dtype=np.float32)
+    g = rng.standard_normal((6, 8), dtype=np.float32)
+    v = rng.standard_normal((8, 16), dtype=np.float32)
+    errors = []
+
+    def run(count):
+        try:
+            with tengrad.Preconditioner(damping=0.1, blas_threads=count) as p:
+                layer = p.add_linear(16, 8, bias=False)
+                for _ in range(3000):
+                    p.update_curvature(layer, a, g, 6.0)
+                    p.precondition(layer, v)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(count,)) for count in (1, found + 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads) and errors == []
+    assert tengrad.blas_info()["threads"] == found
+
+
 def test_python_integers_are_checked_before_ctypes_cuts_them():
     with tengrad.Preconditioner() as p:
         p.add_linear(3, 2)
