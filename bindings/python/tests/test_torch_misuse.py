@@ -220,6 +220,28 @@ def test_torch_compile_default_settings():
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_training_without_torch_compile_never_imports_dynamo():
+    """Dynamo costs 2 s to import (most of a data-parallel worker's start-up); the hooks are kept
+    out of torch.compile's tracing without loading it in a process that never compiles."""
+    import os
+    import subprocess
+    import sys
+    code = ("import sys, torch, torch.nn.functional as F\n"
+            "import tengrad.torch as tt\n"
+            "model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))\n"
+            "pre = tt.TENGraD(model, fisher='sampled')\n"
+            "for s in range(2):\n"
+            "    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))\n"
+            "    model.zero_grad(); logits = model(x); pre.sample_fisher(logits)\n"
+            "    F.cross_entropy(logits, y).backward(); pre.step()\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(tt.__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package, os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_random_sequences_of_integration_calls(seed):
     """Random sequences of forward/backward (micro-batches), forwards without backward, eval

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import sys
 import warnings
 from typing import List, Optional
 
@@ -63,8 +65,23 @@ class _Layer:
         bias = modules.bias_of(self.module)
         return bias is not None and bias.requires_grad
 
-# Hooks run eagerly under torch.compile (Dynamo cannot trace their side effects).
-_eager = getattr(getattr(torch, "compiler", None), "disable", lambda fn: fn)
+def _eager(fn):
+    """Hooks run eagerly under torch.compile (Dynamo cannot trace their side effects). Without
+    importing Dynamo: ``torch.compiler.disable`` imports it (2 s, most of ``import tengrad.torch``
+    and of every data-parallel worker's start), and a process that never compiles never loads it,
+    so nothing can be tracing the hook; once it is loaded the hook goes through torch's own lazy
+    disable (``torch._disable_dynamo``, which imports Dynamo at its first call)."""
+    lazy = getattr(torch, "_disable_dynamo", None)
+    if lazy is None:  # an older torch: the eager disable
+        return getattr(getattr(torch, "compiler", None), "disable", lambda f: f)(fn)
+    disabled = lazy(fn)
+
+    @functools.wraps(fn)
+    def hook(*args, **kwargs):
+        if "torch._dynamo" in sys.modules:
+            return disabled(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return hook
 
 
 def _detached(*args):
