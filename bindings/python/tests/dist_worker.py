@@ -378,5 +378,18 @@ def main():
         os._exit(0)
 
 
+def forked(env, argv, log):
+    """A worker forked from test_distributed's fork server (torch and tengrad already imported,
+    with one BLAS and OpenMP thread): the environment and arguments of a fresh process, its stdout
+    and stderr into the file `log`."""
+    os.environ.update(env)
+    sys.argv = [__file__] + list(argv)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    torch.set_num_threads(1)
+    main()
+
+
 if __name__ == "__main__":
     main()

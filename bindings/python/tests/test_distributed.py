@@ -11,17 +11,18 @@ process's raw mean) and the rest equals the single process too. A rank that fail
 activation seen by another rank's owner, a missing gradient) makes every rank raise with .grad
 unchanged, and the retry equals a clean run. Each multi-process run has a timeout."""
 import os
+import multiprocessing
 import socket
-import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
+import dist_worker
 from dist_worker import OPTIONS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-WORKER = os.path.join(HERE, "dist_worker.py")
 
 
 def free_port():
@@ -30,27 +31,80 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(make, fisher, size, out, distributed, variant, m, timeout=120):
-    """Runs the worker on `size` ranks (gloo on 127.0.0.1); every rank must exit 0 in time."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(size),
-               OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", SWIFT_BACKTRACE="enable=no")
-    procs = [subprocess.Popen([sys.executable, WORKER, make, fisher, str(m), out, "1" if distributed else "0", variant],
-                              env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for r in range(size)]
-    for p in procs:
+# Workers are forked from one fork server per test session that has imported torch, tengrad and
+# the worker (a fresh interpreter per rank spent most of this file's time importing torch).
+_WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "SWIFT_BACKTRACE": "enable=no"}
+_context = None
+
+
+def context():
+    """The fork server's context, started on first use with the workers' thread settings (read
+    when OpenBLAS and OpenMP load); this process's environment is restored afterwards."""
+    global _context
+    if _context is None:
+        from multiprocessing import forkserver
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["dist_worker"])
+        saved = {k: os.environ.get(k) for k in _WORKER_ENV}
+        os.environ.update(_WORKER_ENV)
         try:
-            _, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        assert p.returncode == 0, err.decode()[-2000:]
+            forkserver.ensure_running()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        _context = ctx
+    return _context
+
+
+def start(make, fisher, size, out, distributed, variant, m):
+    """Starts the worker on `size` ranks (gloo on 127.0.0.1, a port of its own); rank r's output
+    goes to `out`.r.log."""
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(size))
+    argv = [make, fisher, str(m), out, "1" if distributed else "0", variant]
+    procs = []
+    for r in range(size):
+        p = context().Process(target=dist_worker.forked, args=(dict(env, RANK=str(r)), argv, f"{out}.{r}.log"))
+        p.start()
+        procs.append((p, f"{out}.{r}.log"))
+    return procs
+
+
+def wait(procs, timeout=120):
+    """Every process must exit 0 within `timeout` seconds of this call; all are killed otherwise."""
+    deadline = time.monotonic() + timeout
+    try:
+        for p, log in procs:
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+            if p.exitcode is None:
+                raise TimeoutError(f"a worker did not finish within {timeout} s")
+            assert p.exitcode == 0, open(log).read()[-2000:]
+    finally:
+        for p, _ in procs:
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+
+
+def launch(make, fisher, size, out, distributed, variant, m, timeout=120):
+    """Runs the worker on `size` ranks; every rank must exit 0 in time."""
+    wait(start(make, fisher, size, out, distributed, variant, m), timeout)
+
+
+def name(tmp, make, fisher, size, distributed, variant):
+    return os.path.join(tmp, f"{make}-{fisher}-{size}-{int(distributed)}-{variant}")
+
+
+def results(out, size):
+    return [dict(np.load(f"{out}.{r}.npz")) for r in range(size)]
 
 
 def run(make, fisher, size, tmp, distributed, variant="plain", m=10):
-    out = os.path.join(tmp, f"{make}-{fisher}-{size}-{int(distributed)}-{variant}")
+    out = name(tmp, make, fisher, size, distributed, variant)
     launch(make, fisher, size, out, distributed, variant, m)
-    return [dict(np.load(f"{out}.{r}.npz")) for r in range(size)]
+    return results(out, size)
 
 
 @pytest.mark.parametrize("make,fisher", [("mlp", "empirical"), ("cnn", "empirical"), ("mlp", "sampled"), ("cnn", "sampled"),
@@ -175,9 +229,19 @@ def test_graft_base_and_window(variant, make, fisher, tmp_path):
 
 def check(make, fisher, tmp_path, variant, m, sizes):
     own = ("ddp", "mask", "partial") + tuple(OPTIONS)      # variants the single process runs too
-    reference = run(make, fisher, 1, str(tmp_path), False, variant if variant in own else "plain", m)[0]
+    # The reference and every group at once (each group on its own port): the workers' start-up
+    # (importing torch) is most of their time, and the groups do not depend on each other.
+    single = variant if variant in own else "plain"
+    runs = [(1, False, single)] + [(size, True, variant) for size in sizes]
+    procs = []
+    try:
+        for size, distributed, v in runs:
+            procs += start(make, fisher, size, name(str(tmp_path), make, fisher, size, distributed, v), distributed, v, m)
+    finally:
+        wait(procs, timeout=240)
+    reference = results(name(str(tmp_path), make, fisher, 1, False, single), 1)[0]
     for size in sizes:
-        ranks = run(make, fisher, size, str(tmp_path), True, variant, m)
+        ranks = results(name(str(tmp_path), make, fisher, size, True, variant), size)
         worst = 0.0
         for r in ranks[1:]:
             np.testing.assert_array_equal(r["owners"], ranks[0]["owners"])
