@@ -65,6 +65,7 @@ class _Layer:
         bias = modules.bias_of(self.module)
         return bias is not None and bias.requires_grad
 
+
 def _eager(fn):
     """Hooks run eagerly under torch.compile (Dynamo cannot trace their side effects). Without
     importing Dynamo: ``torch.compiler.disable`` imports it (2 s, most of ``import tengrad.torch``
