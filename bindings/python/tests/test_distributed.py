@@ -25,10 +25,16 @@ from dist_worker import OPTIONS
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n):
+    """n distinct free ports (all bound at once, so groups started together never share one)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 # Workers are forked from one fork server per test session that has imported torch, tengrad and
@@ -59,10 +65,11 @@ def context():
     return _context
 
 
-def start(make, fisher, size, out, distributed, variant, m):
+def start(make, fisher, size, out, distributed, variant, m, port=None):
     """Starts the worker on `size` ranks (gloo on 127.0.0.1, a port of its own); rank r's output
     goes to `out`.r.log."""
-    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(size))
+    port = port or free_ports(1)[0]
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(size))
     argv = [make, fisher, str(m), out, "1" if distributed else "0", variant]
     procs = []
     for r in range(size):
@@ -235,8 +242,9 @@ def check(make, fisher, tmp_path, variant, m, sizes):
     runs = [(1, False, single)] + [(size, True, variant) for size in sizes]
     procs = []
     try:
-        for size, distributed, v in runs:
-            procs += start(make, fisher, size, name(str(tmp_path), make, fisher, size, distributed, v), distributed, v, m)
+        for (size, distributed, v), port in zip(runs, free_ports(len(runs))):
+            procs += start(make, fisher, size, name(str(tmp_path), make, fisher, size, distributed, v), distributed, v, m,
+                           port)
     finally:
         wait(procs, timeout=240)
     reference = results(name(str(tmp_path), make, fisher, 1, False, single), 1)[0]
