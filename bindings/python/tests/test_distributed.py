@@ -22,9 +22,6 @@ import pytest
 import dist_worker
 from dist_worker import OPTIONS
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
 def free_ports(n):
     """n distinct free ports (all bound at once, so groups started together never share one)."""
     sockets = [socket.socket() for _ in range(n)]
