@@ -22,6 +22,7 @@ import pytest
 import dist_worker
 from dist_worker import OPTIONS
 
+
 def free_ports(n):
     """n distinct free ports (all bound at once, so groups started together never share one)."""
     sockets = [socket.socket() for _ in range(n)]
