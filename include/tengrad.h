@@ -160,7 +160,8 @@ TENGRAD_NODISCARD tengrad_status tengrad_get_memory_usage(const tengrad_precondi
    (OPENBLAS_NUM_THREADS) alone; n in 1..1024 makes every call on this handle set OpenBLAS's
    process-wide thread count to n and restore the previous count on return (so concurrent calls
    on other handles may briefly see n, and their results may differ in the last bits; when the
-   last of overlapping calls returns, the count is the one the first of them found). Not part of saved state (it belongs to the machine).
+   last of overlapping calls returns, the count is the one the first of them found). Not part of
+   saved state (it belongs to the machine).
    Why: a host framework's own thread pool (PyTorch's OpenMP workers, for ~5 ms after each op)
    competes with OpenBLAS's pool for the cores; short calls made right after the host's parallel
    work (the reuse step) then run several times faster on one thread. See the README's "Threads". */

@@ -101,14 +101,12 @@ enum Reduce {
     /// worker sleeps soon (the Python binding's OPENBLAS_THREAD_TIMEOUT=20), 10.9 against 10.1 ms
     /// while it still spins for OpenBLAS's default 2^28 cycles after the call before.
     static func scale(_ x: UnsafePointer<Float>, by beta: Float, into y: UnsafeMutablePointer<Float>, _ n: Int) {
+        if beta == 1 && UnsafePointer(y) == x { return }  // nothing to do: no pass, no thread
         inHalves(n) { _, range in scaleRun(x + range.lowerBound, by: beta, into: y + range.lowerBound, range.count) }
     }
 
     private static func scaleRun(_ x: UnsafePointer<Float>, by beta: Float, into y: UnsafeMutablePointer<Float>, _ n: Int) {
-        if beta == 1 {
-            if UnsafePointer(y) != x { y.update(from: x, count: n) }
-            return
-        }
+        if beta == 1 { return y.update(from: x, count: n) }
         let rx = UnsafeRawPointer(x), ry = UnsafeMutableRawPointer(y), b = SIMD8<Float>(repeating: beta)
         var i = 0
         while i + 16 <= n {

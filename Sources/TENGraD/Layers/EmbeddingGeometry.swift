@@ -216,7 +216,7 @@ struct EmbeddingGeometry: SparseRowGeometry {
         if beta == 0 {
             weight.update(repeating: 0, count: count)
         } else {
-            Reduce.scale(weight, by: beta, into: weight, count)  // β = 1 in place: nothing
+            Reduce.scale(weight, by: beta, into: weight, count)  // β = 1: returns at once
         }
         for i in 0..<m {
             let w = Float(alpha * s * x[i])

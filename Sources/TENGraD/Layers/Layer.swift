@@ -119,12 +119,13 @@ struct GradientScan {
     let sumSquares: Double
 
     init(_ p: UnsafePointer<Float>, count: Int) {
-        var sums = [0.0, 0.0]  // per half (`inHalves`); one part on one thread
-        sums.withUnsafeMutableBufferPointer { out in
-            let out = out.baseAddress!
+        // Per half (`inHalves`; one part on one thread), on the stack: no allocation per call.
+        let sum = withUnsafeTemporaryAllocation(of: Double.self, capacity: 2) { sums in
+            let out = sums.baseAddress!
+            out.initialize(repeating: 0, count: 2)
             inHalves(count) { part, range in out[part] = Reduce.sumOfSquares(p + range.lowerBound, range.count) }
+            return out[0] + out[1]
         }
-        let sum = sums[0] + sums[1]
         finite = sum.isFinite
         maxAbs = finite ? sum.squareRoot() : .infinity
         sumSquares = finite ? sum : 0

@@ -13,7 +13,6 @@ unchanged, and the retry equals a clean run. Each multi-process run has a timeou
 import os
 import multiprocessing
 import socket
-import sys
 import time
 
 import numpy as np
@@ -234,8 +233,8 @@ def test_graft_base_and_window(variant, make, fisher, tmp_path):
 
 def check(make, fisher, tmp_path, variant, m, sizes):
     own = ("ddp", "mask", "partial") + tuple(OPTIONS)      # variants the single process runs too
-    # The reference and every group at once (each group on its own port): the workers' start-up
-    # (importing torch) is most of their time, and the groups do not depend on each other.
+    # The reference and every group at once (each group on its own port): they do not depend on
+    # each other, and single-process runs would leave a core idle.
     single = variant if variant in own else "plain"
     runs = [(1, False, single)] + [(size, True, variant) for size in sizes]
     procs = []
