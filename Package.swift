@@ -42,6 +42,9 @@ let package = Package(
         .systemLibrary(name: "CScipyOpenBLAS", path: "Sources/CScipyOpenBLAS"),
         // CPU facts (vector ISA, model) for tengrad_get_blas_info: header-only, no library.
         .systemLibrary(name: "CCPU", path: "Sources/CCPU"),
+        // Kernels of our own for the linear precondition (AVX2 + FMA by function attribute; the
+        // core checks the CPU before calling them) and the second thread's CPU affinity.
+        .target(name: "CKernels", path: "Sources/CKernels"),
         // The hand-written header, so the @_cdecl thunks use its own C types.
         .systemLibrary(name: "CTENGraDHeader", path: "include"),
         // The core: all the mathematics, a Swift-native throwing API, no C-ABI concerns.
@@ -51,6 +54,7 @@ let package = Package(
                 .target(name: "COpenBLAS", condition: .when(traits: ["SystemOpenBLAS"])),
                 .target(name: "CScipyOpenBLAS", condition: .when(traits: ["ScipyOpenBLAS"])),
                 "CCPU",
+                "CKernels",
             ]
         ),
         // The C ABI: @_cdecl thunks, the handle box and status mapping; no math.

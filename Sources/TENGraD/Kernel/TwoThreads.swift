@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CKernels
 
 /// Arrays from this many elements (16 MiB of floats) are passed over in two halves on two threads
 /// when BLAS may use two (`inHalves`): below it a thread's start costs more than it saves.
@@ -20,7 +21,11 @@ func inHalves(_ n: Int, _ body: (Int, Range<Int>) -> Void) {
 /// arrays that no BLAS call covers (the gradient's validation before a precondition reads 4 bytes
 /// per parameter at one core's memory bandwidth, as much time as a GEMM of m = 16): the library
 /// has no threads of its own otherwise, and uses this only where the handle's BLAS thread count
-/// (the cores the caller gave us) is at least 2.
+/// (the cores the caller gave us) is at least 2. The second thread may run on any CPU the
+/// process may use but the caller's current one: left to itself the scheduler starts it beside
+/// the caller when another core looks busy, and on two cores OpenBLAS's worker, spinning after
+/// its last call, keeps the other core looking busy (a two-thread job then ran at one thread's
+/// speed; pinned away it runs at two, the spinning worker yielding to it).
 func onTwoThreads(_ body: (Int) -> Void) {
     final class Job {
         let body: (Int) -> Void
@@ -29,7 +34,11 @@ func onTwoThreads(_ body: (Int) -> Void) {
     withoutActuallyEscaping(body) { escaping in
         let job = Unmanaged.passRetained(Job(escaping))
         var thread = pthread_t()
-        let started = pthread_create(&thread, nil, { raw in
+        var attributes = pthread_attr_t()
+        pthread_attr_init(&attributes)
+        defer { pthread_attr_destroy(&attributes) }
+        _ = tengrad_k_other_cpus(&attributes)
+        let started = pthread_create(&thread, &attributes, { raw in
             let job = Unmanaged<Job>.fromOpaque(raw!).takeRetainedValue()
             job.body(0)
             return nil

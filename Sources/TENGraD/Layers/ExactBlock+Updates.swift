@@ -64,7 +64,12 @@ extension ExactBlock {
             throw TENGraDError(.state, "precondition before any curvature update on this layer")
         }
         let start = monotonicSeconds()
-        let scanW = GradientScan(weightGrad, count: dims.weightCount)
+        let k = try kernel(tokens: snap.tokens)
+        let base = snap.base
+        // Linear layers on AVX2 CPUs: kernels of our own validate the gradient in the first product.
+        var fused: FusedLinear?
+        if base == nil, case .raw = snap.data { fused = FusedLinear(kernel: k, m: snap.m) }
+        var scanW = fused == nil ? GradientScan(weightGrad, count: dims.weightCount) : .empty
         guard scanW.finite else { throw TENGraDError(.notFinite, "weight_grad contains NaN or Inf") }
         var scanB = GradientScan.empty
         if let biasGrad {
@@ -73,11 +78,9 @@ extension ExactBlock {
         }
         // A new damping factorizes a new system from the kept Gram; installed only at the end.
         let system = try snap.system.refactored(damping: context.damping * snap.dampingScale, budget: context.budget)
-        let k = try kernel(tokens: snap.tokens)
         let m = snap.m, s = Double(snap.scale)
-        let t = try context.workspace.doubles(try checkedProduct(2, m, what: "2·batch"))
+        let t = try context.workspace.doubles(try checkedSum(try checkedProduct(2, m, what: "2·batch"), fused?.doubles ?? 0, what: "workspace"))
         let tCopy = t + m
-        let base = snap.base
         // With a base, Uᵀ reads E⁻¹v (d floats after the products' workspace) and E⁻¹ scales v − U x.
         let extra = base == nil ? 0 : dims.parameters
         if let base {
@@ -91,6 +94,7 @@ extension ExactBlock {
         enum Source {
             case kept(u: UnsafePointer<Float>, scratch: UnsafeMutablePointer<Float>)
             case raw(a: UnsafePointer<Float>, g: UnsafePointer<Float>, chunk: Int, work: UnsafeMutablePointer<Float>)
+            case fused(FusedLinear, a: UnsafePointer<Float>, g: UnsafePointer<Float>, work: UnsafeMutablePointer<Float>)
         }
         let source: Source
         let w: UnsafeMutablePointer<Float>  // after the products' workspace: E⁻¹v when there is a base
@@ -101,6 +105,12 @@ extension ExactBlock {
             source = .kept(u: UnsafePointer(u.base), scratch: scratch)
             w = scratch + 2 * m
         case let .raw(a, g):
+            if let fused {
+                let work = try context.workspace.floats(fused.floats)
+                source = .fused(fused, a: UnsafePointer(a.base), g: UnsafePointer(g.base), work: work)
+                w = work  // unused: no base on this path
+                break
+            }
             let plan = try k.updatePlan(m: m, available: workspaceFloats(context, reserve: extra * 4))
             let work = try context.workspace.floats(try checkedSum(plan.floats, extra, what: "workspace"))
             source = .raw(a: UnsafePointer(a.base), g: UnsafePointer(g.base), chunk: plan.chunk, work: work)
@@ -123,6 +133,13 @@ extension ExactBlock {
         case let .raw(a, g, chunk, work):
             (flops, keptPatches) = k.project(
                 m: m, a: a, g: g, scale: s, weightGrad: vw, biasGrad: vb, into: t, chunk: chunk, work: work)
+        case let .fused(f, a, g, work):
+            let sum = f.project(
+                v: vw, bias: vb, a: a, g: g, scale: s, positions: k.dims.positions, into: t, work: work, sums: t + 2 * m)
+            scanW = GradientScan(sumOfSquares: sum)
+            guard scanW.finite else { throw TENGraDError(.notFinite, "weight_grad contains NaN or Inf") }
+            vNorm = scanW.sumSquares + scanB.sumSquares
+            flops = 2 * Double(f.n) * Double(f.out) * Double(f.inFeatures + 1)
         }
         var finite = true
         for i in 0..<m { finite = finite && t[i].isFinite }
@@ -149,8 +166,10 @@ extension ExactBlock {
         // numbers either way, so in place and out of place give the same bits on every kernel set
         // (BLAS kernels that fold β into their epilogue round β v differently from a β pass).
         let (alpha, inverse) = base == nil ? (-1 / λ, Float(1 / λ)) : (-1, 1)
-        Reduce.scale(weightGrad, by: inverse, into: weightUpdate, dims.weightCount)
-        if let biasUpdate, let biasGrad { Reduce.scale(biasGrad, by: inverse, into: biasUpdate, dims.biasCount) }
+        if case .fused = source {} else {
+            Reduce.scale(weightGrad, by: inverse, into: weightUpdate, dims.weightCount)
+            if let biasUpdate, let biasGrad { Reduce.scale(biasGrad, by: inverse, into: biasUpdate, dims.biasCount) }
+        }
         switch source {
         case let .kept(u, scratch):
             flops += k.applyKept(
@@ -160,6 +179,11 @@ extension ExactBlock {
             flops += k.apply(
                 m: m, a: a, g: g, scale: s, x: x, alpha: alpha, beta: 1, weight: weightUpdate, bias: biasUpdate,
                 chunk: chunk, work: work, kept: keptPatches)
+        case let .fused(f, a, g, work):
+            // (1/λ) v in the product's epilogue: W = (1/λ) V − (1/λ) Gsᵀ A.
+            flops += f.apply(
+                v: weightGrad, biasGrad: biasGrad, beta: inverse, a: a, g: g, scale: s, x: x, alpha: alpha,
+                positions: k.dims.positions, weight: weightUpdate, bias: biasUpdate, work: work)
         }
         if let base {
             base.divide(weightUpdate, count: dims.weightCount, column: 0, times: Float(1 / λ))

@@ -126,6 +126,11 @@ struct GradientScan {
             inHalves(count) { part, range in out[part] = Reduce.sumOfSquares(p + range.lowerBound, range.count) }
             return out[0] + out[1]
         }
+        self.init(sumOfSquares: sum)
+    }
+
+    /// From a sum of squares computed elsewhere (the fused linear kernels' first product).
+    init(sumOfSquares sum: Double) {
         finite = sum.isFinite
         maxAbs = finite ? sum.squareRoot() : .infinity
         sumSquares = finite ? sum : 0

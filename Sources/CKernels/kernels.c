@@ -1,0 +1,223 @@
+/* The linear precondition's kernels (tengrad_kernels.h). Register tiles: 6 rows × 16 columns,
+   twelve 8-lane accumulators, as OpenBLAS's Haswell sgemm; the first product runs in blocks of
+   256 features so its packed panel stays in L1/L2 while the rows of V stream through. */
+#define _GNU_SOURCE
+#include "tengrad_kernels.h"
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <string.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define AVX2 __attribute__((target("avx2,fma")))
+enum { KBLOCK = 256, CBLOCK = 256 };
+
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+void tengrad_k_pack_positions(int64_t n, int64_t in, const float *a, int64_t lda, float *ap) {
+    for (int64_t p = 0; p < n; p += 16) {
+        float *panel = ap + p * in;
+        int64_t width = min64(16, n - p);
+        for (int64_t i = 0; i < in; i++) {
+            float *row = panel + i * 16;
+            for (int64_t j = 0; j < width; j++) row[j] = a[(p + j) * lda + i];
+            for (int64_t j = width; j < 16; j++) row[j] = 0;
+        }
+    }
+}
+
+void tengrad_k_pack_features(int64_t n, int64_t in, const float *a, int64_t lda, float *ap) {
+    for (int64_t c = 0; c < in; c += 16) {
+        float *panel = ap + c * n;
+        int64_t width = min64(16, in - c);
+        for (int64_t q = 0; q < n; q++) {
+            memcpy(panel + q * 16, a + q * lda + c, (size_t)width * sizeof(float));
+            for (int64_t j = width; j < 16; j++) panel[q * 16 + j] = 0;
+        }
+    }
+}
+
+void tengrad_k_pack_gradients(int64_t n, int64_t out, const float *g, int64_t ldg, const float *w, float *gp) {
+    for (int64_t o = 0; o < out; o += 6) {
+        float *tile = gp + o * n;
+        int64_t rows = min64(6, out - o);
+        for (int64_t q = 0; q < n; q++) {
+            for (int64_t k = 0; k < rows; k++) tile[q * 6 + k] = w[q] * g[q * ldg + o + k];
+            for (int64_t k = rows; k < 6; k++) tile[q * 6 + k] = 0;
+        }
+    }
+}
+
+static int64_t take(int64_t *next) { return __atomic_fetch_add(next, 1, __ATOMIC_RELAXED); }
+
+/* ---- T = V Aᵀ with the rows' sums of squares ---- */
+
+AVX2 static inline __m256d squares8(const float *x, __m256d s) {
+    __m256 v = _mm256_loadu_ps(x);
+    __m256d d = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+    s = _mm256_fmadd_pd(d, d, s);
+    d = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    return _mm256_fmadd_pd(d, d, s);
+}
+
+/* Σ x[i]² for i in [k0, k1), into s (vector part) and *tail (scalar part). */
+AVX2 static __m256d squares(const float *x, int64_t k0, int64_t k1, __m256d s, double *tail) {
+    int64_t i = k0;
+    for (; i + 8 <= k1; i += 8) s = squares8(x + i, s);
+    for (; i < k1; i++) *tail += (double)x[i] * (double)x[i];
+    return s;
+}
+
+/* Rows r..r+rows (rows ≤ 6) of T, positions p..p+16, features k0..k1, onto T's partial sums. */
+AVX2 static void project_block(const tengrad_k_project_job *j, int64_t r, int64_t rows, int64_t p, int64_t k0, int64_t k1) {
+    const int64_t in = j->in, n = j->n;
+    const int64_t width = min64(16, n - p);
+    float part[6][16];
+    __m256 c[6][2];
+    for (int k = 0; k < 6; k++) {
+        if (k0 == 0 || k >= rows) {
+            c[k][0] = _mm256_setzero_ps();
+            c[k][1] = _mm256_setzero_ps();
+        } else if (width == 16) {
+            c[k][0] = _mm256_loadu_ps(j->t + (r + k) * n + p);
+            c[k][1] = _mm256_loadu_ps(j->t + (r + k) * n + p + 8);
+        } else {
+            memset(part[k], 0, sizeof part[k]);
+            memcpy(part[k], j->t + (r + k) * n + p, (size_t)width * sizeof(float));
+            c[k][0] = _mm256_loadu_ps(part[k]);
+            c[k][1] = _mm256_loadu_ps(part[k] + 8);
+        }
+    }
+    const float *ap = j->ap + p * in + k0 * 16;
+    const float *x = j->v + r * in + k0;
+    if (rows == 6) {
+        __m256 c00 = c[0][0], c01 = c[0][1], c10 = c[1][0], c11 = c[1][1], c20 = c[2][0], c21 = c[2][1];
+        __m256 c30 = c[3][0], c31 = c[3][1], c40 = c[4][0], c41 = c[4][1], c50 = c[5][0], c51 = c[5][1];
+        for (int64_t i = k0; i < k1; i++, x++, ap += 16) {
+            __m256 a0 = _mm256_loadu_ps(ap), a1 = _mm256_loadu_ps(ap + 8), b;
+            b = _mm256_broadcast_ss(x);          c00 = _mm256_fmadd_ps(b, a0, c00); c01 = _mm256_fmadd_ps(b, a1, c01);
+            b = _mm256_broadcast_ss(x + in);     c10 = _mm256_fmadd_ps(b, a0, c10); c11 = _mm256_fmadd_ps(b, a1, c11);
+            b = _mm256_broadcast_ss(x + 2 * in); c20 = _mm256_fmadd_ps(b, a0, c20); c21 = _mm256_fmadd_ps(b, a1, c21);
+            b = _mm256_broadcast_ss(x + 3 * in); c30 = _mm256_fmadd_ps(b, a0, c30); c31 = _mm256_fmadd_ps(b, a1, c31);
+            b = _mm256_broadcast_ss(x + 4 * in); c40 = _mm256_fmadd_ps(b, a0, c40); c41 = _mm256_fmadd_ps(b, a1, c41);
+            b = _mm256_broadcast_ss(x + 5 * in); c50 = _mm256_fmadd_ps(b, a0, c50); c51 = _mm256_fmadd_ps(b, a1, c51);
+        }
+        c[0][0] = c00; c[0][1] = c01; c[1][0] = c10; c[1][1] = c11; c[2][0] = c20; c[2][1] = c21;
+        c[3][0] = c30; c[3][1] = c31; c[4][0] = c40; c[4][1] = c41; c[5][0] = c50; c[5][1] = c51;
+    } else {
+        for (int64_t k = 0; k < rows; k++) {
+            __m256 c0 = c[k][0], c1 = c[k][1];
+            const float *xk = x + k * in, *a = ap;
+            for (int64_t i = k0; i < k1; i++, xk++, a += 16) {
+                __m256 b = _mm256_broadcast_ss(xk);
+                c0 = _mm256_fmadd_ps(b, _mm256_loadu_ps(a), c0);
+                c1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(a + 8), c1);
+            }
+            c[k][0] = c0;
+            c[k][1] = c1;
+        }
+    }
+    for (int64_t k = 0; k < rows; k++) {
+        float *t = j->t + (r + k) * n + p;
+        if (width == 16) {
+            _mm256_storeu_ps(t, c[k][0]);
+            _mm256_storeu_ps(t + 8, c[k][1]);
+        } else {
+            _mm256_storeu_ps(part[k], c[k][0]);
+            _mm256_storeu_ps(part[k] + 8, c[k][1]);
+            memcpy(t, part[k], (size_t)width * sizeof(float));
+        }
+    }
+}
+
+AVX2 void tengrad_k_project_work(tengrad_k_project_job *j) {
+    const int64_t tiles = (j->out + TENGRAD_K_TILE_ROWS - 1) / TENGRAD_K_TILE_ROWS;
+    for (int64_t tile; (tile = take(&j->next)) < tiles;) {
+        const int64_t r0 = tile * TENGRAD_K_TILE_ROWS, r1 = min64(r0 + TENGRAD_K_TILE_ROWS, j->out);
+        __m256d s = _mm256_setzero_pd();
+        double tail = 0;
+        for (int64_t k0 = 0; k0 < j->in; k0 += KBLOCK) {
+            const int64_t k1 = min64(k0 + KBLOCK, j->in);
+            for (int64_t r = r0; r < r1; r += 6) {
+                const int64_t rows = min64(6, r1 - r);
+                for (int64_t k = 0; k < rows; k++) s = squares(j->v + (r + k) * j->in, k0, k1, s, &tail);
+                for (int64_t p = 0; p < j->n; p += 16) project_block(j, r, rows, p, k0, k1);
+            }
+        }
+        double lanes[4];
+        _mm256_storeu_pd(lanes, s);
+        j->tile_sums[tile] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + tail;
+    }
+}
+
+/* ---- W = β V + Gsᵀ A ---- */
+
+/* Rows r..r+rows (rows ≤ 6) of W, features c..c+16. */
+AVX2 static void apply_block(const tengrad_k_apply_job *j, int64_t r, int64_t rows, int64_t c) {
+    const int64_t n = j->n, in = j->in;
+    const float *g = j->gp + r * n;  /* the tile of rows r..r+6: [q][6] */
+    const float *ap = j->ap + c * n;
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    for (int64_t q = 0; q < n; q++, g += 6, ap += 16) {
+        __m256 a0 = _mm256_loadu_ps(ap), a1 = _mm256_loadu_ps(ap + 8), b;
+        b = _mm256_broadcast_ss(g);     c00 = _mm256_fmadd_ps(b, a0, c00); c01 = _mm256_fmadd_ps(b, a1, c01);
+        b = _mm256_broadcast_ss(g + 1); c10 = _mm256_fmadd_ps(b, a0, c10); c11 = _mm256_fmadd_ps(b, a1, c11);
+        b = _mm256_broadcast_ss(g + 2); c20 = _mm256_fmadd_ps(b, a0, c20); c21 = _mm256_fmadd_ps(b, a1, c21);
+        b = _mm256_broadcast_ss(g + 3); c30 = _mm256_fmadd_ps(b, a0, c30); c31 = _mm256_fmadd_ps(b, a1, c31);
+        b = _mm256_broadcast_ss(g + 4); c40 = _mm256_fmadd_ps(b, a0, c40); c41 = _mm256_fmadd_ps(b, a1, c41);
+        b = _mm256_broadcast_ss(g + 5); c50 = _mm256_fmadd_ps(b, a0, c50); c51 = _mm256_fmadd_ps(b, a1, c51);
+    }
+    __m256 acc[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    const __m256 beta = _mm256_set1_ps(j->beta);
+    const int64_t width = min64(16, in - c);
+    for (int64_t k = 0; k < rows; k++) {
+        const float *v = j->v + (r + k) * in + c;
+        float *w = j->w + (r + k) * in + c;
+        if (width == 16) {
+            __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+            _mm256_storeu_ps(w, _mm256_fmadd_ps(beta, v0, acc[k][0]));
+            _mm256_storeu_ps(w + 8, _mm256_fmadd_ps(beta, v1, acc[k][1]));
+        } else {
+            float part[16];
+            _mm256_storeu_ps(part, acc[k][0]);
+            _mm256_storeu_ps(part + 8, acc[k][1]);
+            for (int64_t i = 0; i < width; i++) w[i] = fmaf(j->beta, v[i], part[i]);
+        }
+    }
+}
+
+AVX2 void tengrad_k_apply_work(tengrad_k_apply_job *j) {
+    const int64_t tiles = (j->out + TENGRAD_K_TILE_ROWS - 1) / TENGRAD_K_TILE_ROWS;
+    for (int64_t tile; (tile = take(&j->next)) < tiles;) {
+        const int64_t r0 = tile * TENGRAD_K_TILE_ROWS, r1 = min64(r0 + TENGRAD_K_TILE_ROWS, j->out);
+        /* Column blocks whose packed panels (CBLOCK·n floats) stay in L2 across the tile's rows. */
+        for (int64_t c0 = 0; c0 < j->in; c0 += CBLOCK)
+            for (int64_t r = r0; r < r1; r += 6)
+                for (int64_t c = c0; c < min64(c0 + CBLOCK, j->in); c += 16) apply_block(j, r, min64(6, r1 - r), c);
+    }
+}
+
+#else
+/* Not x86-64: the core never calls the kernels (its CPU check fails). */
+void tengrad_k_project_work(tengrad_k_project_job *j) { (void)j; }
+void tengrad_k_apply_work(tengrad_k_apply_job *j) { (void)j; }
+#endif
+
+#if defined(__linux__)
+int tengrad_k_other_cpus(void *attr) {
+    cpu_set_t allowed;
+    int here = sched_getcpu();
+    if (here < 0 || here >= CPU_SETSIZE) return 1;
+    if (sched_getaffinity(0, sizeof allowed, &allowed) != 0) return 1;
+    CPU_CLR(here, &allowed);
+    if (CPU_COUNT(&allowed) == 0) return 1;
+    return pthread_attr_setaffinity_np((pthread_attr_t *)attr, sizeof allowed, &allowed);
+}
+#else
+int tengrad_k_other_cpus(void *attr) {
+    (void)attr;
+    return 1;
+}
+#endif

@@ -1,0 +1,113 @@
+import CCPU
+import CKernels
+
+/// The linear precondition's two products in kernels of our own (Sources/CKernels, AVX2 + FMA;
+/// docs/DESIGN.md §10): `T = V Aᵀ` with the gradient's validation (its float64 sum of squares) in
+/// the same pass over V, and `W = (1/λ) V − Gsᵀ A` with the (1/λ) V term in the epilogue. With
+/// OpenBLAS the call read V four times (validation, T, the (1/λ) pass, the accumulation) and
+/// wrote it twice; here twice and once. For linear layers (one group, positions as rows, the
+/// activations a view) over at most `maxPositions` positions, on CPUs with AVX2 and FMA.
+struct FusedLinear {
+    /// The kernels run on this CPU.
+    static let available = tengrad_cpu_vector_isa() >= Int32(TENGRAD_CPU_ISA_AVX2)
+    /// Batch positions (samples × tokens) up to which the kernels replace OpenBLAS's GEMMs:
+    /// beyond, OpenBLAS's blocking for a large inner dimension is ahead (docs/DESIGN.md §10).
+    static let maxPositions = 128
+    /// Weight gradients from this many floats (16 MiB, beyond this host's caches) take the fused
+    /// path: there the passes' memory traffic dominates and reading V twice instead of four times
+    /// wins (in-process A/B, AMD EPYC Zen 3, 2 threads, m = 32: 4096² in place 28.6 → 20.1 ms,
+    /// 2048² 7.9 → 6.3); below it OpenBLAS's GEMMs and our passes from cache are as fast or faster
+    /// (1024²: 2.18 against 2.30 ms on one thread). Tests lower it to reach the kernels with small
+    /// layers; nothing else changes it.
+    nonisolated(unsafe) static var minWeights = 1 << 22
+
+    let out: Int
+    let inFeatures: Int
+    /// Positions: samples × tokens.
+    let n: Int
+
+    /// The fused path for this kernel and batch, or nil when OpenBLAS's path runs.
+    init?(kernel k: BlockKernel, m: Int) {
+        let d = k.dims
+        guard FusedLinear.available, k.sparse == nil, k.geometry is LinearGeometry, d.groups == 1, d.positionMajor
+        else { return nil }
+        let n = m * d.positions
+        guard n <= FusedLinear.maxPositions, d.weightCount >= FusedLinear.minWeights else { return nil }
+        (out, inFeatures, self.n) = (d.groupOut, d.patch, n)
+    }
+
+    private static func roundUp(_ x: Int, _ k: Int) -> Int { (x + k - 1) / k * k }
+    var tiles: Int { (out + Int(TENGRAD_K_TILE_ROWS) - 1) / Int(TENGRAD_K_TILE_ROWS) }
+
+    /// Floats of workspace: T (out × n), the packed activations for either product, the scaled
+    /// gradients, the per-position weights (first the per-position sums of Uᵀv).
+    var floats: Int {
+        out * n + FusedLinear.roundUp(n, 16) * inFeatures + FusedLinear.roundUp(inFeatures, 16) * n
+            + FusedLinear.roundUp(out, 6) * n + n
+    }
+    /// Doubles of workspace: the per-tile sums of squares.
+    var doubles: Int { tiles }
+
+    /// Where each part lives in `floats` floats of workspace.
+    private func layout(_ work: UnsafeMutablePointer<Float>) -> (t: UnsafeMutablePointer<Float>, ap: UnsafeMutablePointer<Float>, af: UnsafeMutablePointer<Float>, gp: UnsafeMutablePointer<Float>, w: UnsafeMutablePointer<Float>) {
+        let t = work, ap = t + out * n
+        let af = ap + FusedLinear.roundUp(n, 16) * inFeatures
+        let gp = af + FusedLinear.roundUp(inFeatures, 16) * n
+        return (t, ap, af, gp, gp + FusedLinear.roundUp(out, 6) * n)
+    }
+
+    /// t_i = s Σ_l ⟨G_il, V a_il + b⟩ (Uᵀv per sample, `positions` positions each) through T = V Aᵀ,
+    /// and returns Σ v² over the weight gradient in float64, summed over row tiles in order (the
+    /// same bits on one thread or two). `work` holds `floats`, `sums` `doubles`.
+    func project(
+        v: UnsafePointer<Float>, bias: UnsafePointer<Float>?, a: UnsafePointer<Float>, g: UnsafePointer<Float>,
+        scale s: Double, positions L: Int, into t: UnsafeMutablePointer<Double>,
+        work: UnsafeMutablePointer<Float>, sums: UnsafeMutablePointer<Double>
+    ) -> Double {
+        let (tw, ap, _, _, acc) = layout(work)
+        tengrad_k_pack_positions(Int64(n), Int64(inFeatures), a, Int64(inFeatures), ap)
+        var job = tengrad_k_project_job(
+            out: Int64(out), in: Int64(inFeatures), n: Int64(n), v: v, ap: ap, t: tw, tile_sums: sums, next: 0)
+        withUnsafeMutablePointer(to: &job) { p in run { tengrad_k_project_work(p) } }
+        var sum = 0.0
+        for i in 0..<tiles { sum += sums[i] }
+        // Per position q: Σ_o T[o, q] G[q, o] (+ the bias part), as BlockKernel.project does.
+        for q in 0..<n { acc[q] = bias.map { Reduce.dot($0, g + q * out, out) } ?? 0 }
+        Reduce.diagonalProduct(t: tw, n: n, g: g, ld: out, cols: out, into: acc)
+        for i in 0..<n / L { t[i] = s * Double(Reduce.sum(acc + i * L, L)) }
+        return sum
+    }
+
+    /// W = β V + Σ_q w_q G_q a_qᵀ and, with a bias, b = β b_v + Σ_q w_q G_q, where w_q = α s x_i for
+    /// the positions q of sample i. W may be V, b may be b_v. Returns the flops.
+    func apply(
+        v: UnsafePointer<Float>, biasGrad: UnsafePointer<Float>?, beta: Float, a: UnsafePointer<Float>,
+        g: UnsafePointer<Float>, scale s: Double, x: UnsafePointer<Double>, alpha: Double, positions L: Int,
+        weight: UnsafeMutablePointer<Float>, bias: UnsafeMutablePointer<Float>?, work: UnsafeMutablePointer<Float>
+    ) -> Double {
+        let (sumsB, _, af, gp, wq) = layout(work)  // T's space holds the bias sums now
+        for q in 0..<n { wq[q] = Float(alpha * s * x[q / L]) }
+        tengrad_k_pack_features(Int64(n), Int64(inFeatures), a, Int64(inFeatures), af)
+        tengrad_k_pack_gradients(Int64(n), Int64(out), g, Int64(out), wq, gp)
+        var job = tengrad_k_apply_job(
+            out: Int64(out), in: Int64(inFeatures), n: Int64(n), gp: gp, ap: af, v: v, beta: beta, w: weight, next: 0)
+        withUnsafeMutablePointer(to: &job) { p in run { tengrad_k_apply_work(p) } }
+        if let bias, let biasGrad {
+            for o in 0..<out { sumsB[o] = 0 }
+            for q in 0..<n {
+                let row = g + q * out, w = wq[q]
+                for o in 0..<out { sumsB[o] += w * row[o] }
+            }
+            for o in 0..<out { bias[o] = beta * biasGrad[o] + sumsB[o] }
+        }
+        return 2 * Double(n) * Double(out) * Double(inFeatures + 1)
+    }
+
+    /// A job's tiles on the calling thread, and on a second one when BLAS may use two threads
+    /// (`minWeights` repays a thread's start); each thread takes tiles until none is left, so a
+    /// second thread that gets no core costs nothing but its start.
+    private func run(_ work: () -> Void) {
+        guard BLAS.threads >= 2, out > Int(TENGRAD_K_TILE_ROWS) else { return work() }
+        onTwoThreads { _ in work() }
+    }
+}
