@@ -10,8 +10,8 @@ import CKernels
 struct FusedLinear {
     /// The kernels run on this CPU.
     static let available = tengrad_cpu_vector_isa() >= Int32(TENGRAD_CPU_ISA_AVX2)
-    /// Batch positions (samples × tokens) up to which the kernels replace OpenBLAS's GEMMs:
-    /// beyond, OpenBLAS's blocking for a large inner dimension is ahead (docs/DESIGN.md §10).
+    /// Batch positions (samples × tokens) up to which the kernels replace OpenBLAS's GEMMs, as far
+    /// as measured (2048², 128 positions: 15.9 → 15.5 ms in place); beyond, OpenBLAS's path.
     static let maxPositions = 128
     /// Weight gradients from this many floats (16 MiB, beyond this host's caches) take the fused
     /// path: there the passes' memory traffic dominates and reading V twice instead of four times

@@ -66,9 +66,11 @@ extension ExactBlock {
         let start = monotonicSeconds()
         let k = try kernel(tokens: snap.tokens)
         let base = snap.base
-        // Linear layers on AVX2 CPUs: kernels of our own validate the gradient in the first product.
+        // Linear layers on AVX2 CPUs: kernels of our own validate the gradient in the first product
+        // (when their workspace fits; else the OpenBLAS path, which works in chunks).
         var fused: FusedLinear?
-        if base == nil, case .raw = snap.data { fused = FusedLinear(kernel: k, m: snap.m) }
+        if base == nil, case .raw = snap.data, let f = FusedLinear(kernel: k, m: snap.m),
+           f.floats <= workspaceFloats(context, reserve: 0) { fused = f }
         var scanW = fused == nil ? GradientScan(weightGrad, count: dims.weightCount) : .empty
         guard scanW.finite else { throw TENGraDError(.notFinite, "weight_grad contains NaN or Inf") }
         var scanB = GradientScan.empty
@@ -108,7 +110,7 @@ extension ExactBlock {
             if let fused {
                 let work = try context.workspace.floats(fused.floats)
                 source = .fused(fused, a: UnsafePointer(a.base), g: UnsafePointer(g.base), work: work)
-                w = work  // unused: no base on this path
+                w = work  // not read: no base on this path
                 break
             }
             let plan = try k.updatePlan(m: m, available: workspaceFloats(context, reserve: extra * 4))

@@ -138,3 +138,49 @@ def test_large_batch_and_wide_layer():
             layer = p.add_linear(n_in, n_out, bias=True)
             w, b = p.natural_gradient(layer, a, g, 1.0)
             assert relative_error(join(w, b), damped_solve(U, 0.01, U.mean(axis=1))) <= TOL
+
+
+def woodbury_float64(a, g, scale, damping, vw, vb):
+    """(F + λI)⁻¹ v for a linear layer in float64 without forming F: with ã = [a | 1],
+    Uᵀv = s (g_i · (V a_i + b)), K = s² (ÃÃᵀ) ∘ (GGᵀ), U x = s Σ x_i g_i ã_iᵀ, and
+    (F + λI)⁻¹ v = (1/λ)(v − U (K + mλI)⁻¹ Uᵀv) (the identity; every term evaluated in float64)."""
+    a64, g64 = a.astype(np.float64), g.astype(np.float64)
+    v64, b64 = vw.astype(np.float64), vb.astype(np.float64)
+    m = a.shape[0]
+    utv = scale * np.einsum("io,io->i", g64, a64 @ v64.T + b64)
+    gram = scale * scale * (a64 @ a64.T + 1) * (g64 @ g64.T)
+    x = np.linalg.solve(gram + m * damping * np.eye(m), utv)
+    weight = (v64 - scale * (g64 * x[:, None]).T @ a64) / damping
+    bias = (b64 - scale * g64.T @ x) / damping
+    return weight, bias
+
+
+@pytest.mark.parametrize("blas_threads", [1, 2])
+def test_layer_past_the_fused_kernels_threshold_matches_float64(blas_threads):
+    # 2048 × 2049 weights: past the 4M-weight threshold of the kernels of our own on AVX2 CPUs
+    # (docs/DESIGN.md §10), where the validation is folded into the first product and (1/λ)v into
+    # the second; elsewhere the OpenBLAS path, checked the same way. Rows and features past the
+    # kernels' tiles (2050 rows: 42 tiles of 48 and 4; 2049 features: 128 panels of 16 and 1).
+    rng = np.random.default_rng(21)
+    m, n_in, n_out, damping = 24, 2049, 2050, 0.1
+    a, g = make_batch(rng, m, n_in, n_out)
+    vw = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    vb = rng.standard_normal(n_out).astype(np.float32)
+    want_w, want_b = woodbury_float64(a, g, 0.5, damping, vw, vb)
+    with tengrad.Preconditioner(damping=damping, blas_threads=blas_threads) as p:
+        layer = p.add_linear(n_in, n_out, bias=True)
+        p.update_curvature(layer, a, g, 0.5)
+        w, b = p.precondition(layer, vw, vb)
+        assert relative_error(join(w, b), join(want_w, want_b)) <= TOL
+        # In place: the same bits.
+        iw, ib = vw.copy(), vb.copy()
+        p.precondition(layer, iw, ib, out=(iw, ib))
+        assert np.array_equal(iw, w) and np.array_equal(ib, b)
+        # A NaN anywhere is refused before anything is written, in place too.
+        for index in [(0, 0), (n_out - 1, n_in - 1), (1234, 777)]:
+            bad = vw.copy()
+            bad[index] = np.nan
+            kept = bad.copy()
+            with pytest.raises(tengrad.TengradError):
+                p.precondition(layer, bad, vb.copy(), out=(bad, ib))
+            assert np.array_equal(bad, kept, equal_nan=True)
