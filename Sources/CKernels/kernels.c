@@ -1,17 +1,13 @@
 /* The linear precondition's kernels (tengrad_kernels.h). Register tiles: 6 rows × 16 columns,
-   twelve 8-lane accumulators, as OpenBLAS's Haswell sgemm; the first product runs in blocks of
-   256 features so its packed panel stays in L1/L2 while the rows of V stream through. */
+   twelve 8-lane accumulators (of the 16 AVX2 registers); the first product runs in blocks of 256
+   features so its packed panel stays in L1/L2 while the rows of V stream through, the second in
+   blocks of 256 columns so its packed panels stay in L2 across a tile's rows. */
 #define _GNU_SOURCE
 #include "tengrad_kernels.h"
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <string.h>
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define AVX2 __attribute__((target("avx2,fma")))
-enum { KBLOCK = 256, CBLOCK = 256 };
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -48,6 +44,11 @@ void tengrad_k_pack_gradients(int64_t n, int64_t out, const float *g, int64_t ld
         }
     }
 }
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define AVX2 __attribute__((target("avx2,fma")))
+enum { KBLOCK = 256, CBLOCK = 256 };
 
 static int64_t take(int64_t *next) { return __atomic_fetch_add(next, 1, __ATOMIC_RELAXED); }
 

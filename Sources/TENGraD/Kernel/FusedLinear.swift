@@ -10,13 +10,16 @@ import CKernels
 struct FusedLinear {
     /// The kernels run on this CPU.
     static let available = tengrad_cpu_vector_isa() >= Int32(TENGRAD_CPU_ISA_AVX2)
-    /// Batch positions (samples × tokens) up to which the kernels replace OpenBLAS's GEMMs, as far
-    /// as measured (2048², 128 positions: 15.9 → 15.5 ms in place); beyond, OpenBLAS's path.
-    static let maxPositions = 128
+    /// Batch positions (samples × tokens) up to which the kernels replace OpenBLAS's GEMMs. The
+    /// products grow with the positions, the passes saved do not: at 4096² with OpenBLAS's worker
+    /// still spinning from a call just before (its default timeout; our second thread then shares
+    /// that core), in place 32 positions 36.6 → 31.1 ms, 64: 46.7 → 48.9, 128: 71.5 → 81.6 (with
+    /// the Python binding's short timeout 128 gained, 65.1 → 60.5). Beyond 64, OpenBLAS's path.
+    static let maxPositions = 64
     /// Weight gradients from this many floats (16 MiB, beyond this host's caches) take the fused
     /// path: there the passes' memory traffic dominates and reading V twice instead of four times
-    /// wins (in-process A/B, AMD EPYC Zen 3, 2 threads, m = 32: 4096² in place 28.6 → 20.1 ms,
-    /// 2048² 7.9 → 6.3); below it OpenBLAS's GEMMs and our passes from cache are as fast or faster
+    /// wins (in-process A/B, AMD EPYC Zen 3, 2 threads, m = 32: 4096² in place 29.1 → 19.9 ms,
+    /// 2048² 7.8 → 6.1); below it OpenBLAS's GEMMs and our passes from cache are as fast or faster
     /// (1024²: 2.18 against 2.30 ms on one thread). Tests lower it to reach the kernels with small
     /// layers; nothing else changes it.
     nonisolated(unsafe) static var minWeights = 1 << 22
@@ -49,7 +52,8 @@ struct FusedLinear {
     var doubles: Int { tiles }
 
     /// Where each part lives in `floats` floats of workspace.
-    private func layout(_ work: UnsafeMutablePointer<Float>) -> (t: UnsafeMutablePointer<Float>, ap: UnsafeMutablePointer<Float>, af: UnsafeMutablePointer<Float>, gp: UnsafeMutablePointer<Float>, w: UnsafeMutablePointer<Float>) {
+    private typealias Floats = UnsafeMutablePointer<Float>
+    private func layout(_ work: Floats) -> (t: Floats, ap: Floats, af: Floats, gp: Floats, w: Floats) {
         let t = work, ap = t + out * n
         let af = ap + FusedLinear.roundUp(n, 16) * inFeatures
         let gp = af + FusedLinear.roundUp(inFeatures, 16) * n
