@@ -41,14 +41,10 @@ extension BlockKernel {
                            b: patches.base, ldb: patches.ld, beta: 0, c: tBuf, ldc: n)
                 let bias = biasGrad.map { $0 + group * Cg }
                 if grads.positionMajor {
-                    // Per position q: Σ_o T[o, q] G[q, o] (+ the bias part), into `gBuf` (idle:
-                    // position-major gradients are a view).
-                    let acc = gBuf
-                    for q in 0..<n { acc[q] = bias.map { Reduce.dot($0, grads.base + q * grads.ld, Cg) } ?? 0 }
-                    Reduce.diagonalProduct(t: tBuf, n: n, g: grads.base, ld: grads.ld, cols: Cg, into: acc)
-                    for li in 0..<cc {
-                        t[i0 + li] += s * Double(Reduce.sum(acc + li * L, L))
-                    }
+                    // `gBuf` is idle: position-major gradients are a view.
+                    BlockKernel.addPositionProducts(
+                        t: tBuf, g: grads.base, ld: grads.ld, cols: Cg, bias: bias, samples: cc, positions: L, scale: s,
+                        into: t + i0, scratch: gBuf)
                 } else {
                     for li in 0..<cc {
                         var dot = 0.0
@@ -64,6 +60,20 @@ extension BlockKernel {
         }
         let flops = 2 * Double(m) * Double(L) * Double(dims.outChannels) * Double(P + 1)
         return (flops, dims.groups == 1 && c >= m ? last : nil)
+    }
+
+    /// t_i += s Σ_l Σ_o T[o, (i, l)] G[(i, l), o] (+ the bias part b·G) for `samples` samples of
+    /// `positions` positions each: T (cols × n, row stride n) against position-major gradients.
+    /// `scratch` holds n floats (the per-position sums).
+    static func addPositionProducts(
+        t tBuf: UnsafePointer<Float>, g: UnsafePointer<Float>, ld: Int, cols: Int, bias: UnsafePointer<Float>?,
+        samples: Int, positions L: Int, scale s: Double, into t: UnsafeMutablePointer<Double>,
+        scratch acc: UnsafeMutablePointer<Float>
+    ) {
+        let n = samples * L
+        for q in 0..<n { acc[q] = bias.map { Reduce.dot($0, g + q * ld, cols) } ?? 0 }
+        Reduce.diagonalProduct(t: tBuf, n: n, g: g, ld: ld, cols: cols, into: acc)
+        for i in 0..<samples { t[i] += s * Double(Reduce.sum(acc + i * L, L)) }
     }
 
     /// weight_γ ← β weight_γ + Σ_i w_i G_iγ Ĩ_iγᵀ and bias_γ ← β bias_γ + Σ_i w_i G_iγ 1, with

@@ -75,10 +75,9 @@ struct FusedLinear {
         withUnsafeMutablePointer(to: &job) { p in run { tengrad_k_project_work(p) } }
         var sum = 0.0
         for i in 0..<tiles { sum += sums[i] }
-        // Per position q: Σ_o T[o, q] G[q, o] (+ the bias part), as BlockKernel.project does.
-        for q in 0..<n { acc[q] = bias.map { Reduce.dot($0, g + q * out, out) } ?? 0 }
-        Reduce.diagonalProduct(t: tw, n: n, g: g, ld: out, cols: out, into: acc)
-        for i in 0..<n / L { t[i] = s * Double(Reduce.sum(acc + i * L, L)) }
+        for i in 0..<n / L { t[i] = 0 }
+        BlockKernel.addPositionProducts(
+            t: tw, g: g, ld: out, cols: out, bias: bias, samples: n / L, positions: L, scale: s, into: t, scratch: acc)
         return sum
     }
 
