@@ -16,13 +16,13 @@ struct FusedLinear {
     /// that core), in place 32 positions 36.6 → 31.1 ms, 64: 46.7 → 48.9, 128: 71.5 → 81.6 (with
     /// the Python binding's short timeout 128 gained, 65.1 → 60.5). Beyond 64, OpenBLAS's path.
     static let maxPositions = 64
-    /// Weight gradients from this many floats (16 MiB, beyond this host's caches) take the fused
-    /// path: there the passes' memory traffic dominates and reading V twice instead of four times
-    /// wins (in-process A/B, AMD EPYC Zen 3, 2 threads, m = 32: 4096² in place 29.1 → 19.9 ms,
-    /// 2048² 7.8 → 6.1); below it OpenBLAS's GEMMs and our passes from cache are as fast or faster
-    /// (1024²: 2.18 against 2.30 ms on one thread). Tests lower it to reach the kernels with small
-    /// layers; nothing else changes it.
-    nonisolated(unsafe) static var minWeights = 1 << 22
+    /// Weight gradients from this many floats (2 MiB) take the fused path. In-process A/B, AMD EPYC
+    /// Zen 3, 2 threads, m = 32, in place, OpenBLAS's path against fused: 4096² 19.5 → 16.6 ms,
+    /// 2048² 4.88 → 4.37, 1024² 1.39 → 1.26, 768² 0.74 → 0.68; 512² 0.37 → 0.40 (a lost: the
+    /// second thread's start, about 50 µs, is a tenth of the call), 256² 0.11 → 0.18. On one
+    /// thread fused was ahead from 256² at m = 32 but not at m = 8. Tests lower it to reach the
+    /// kernels with small layers; nothing else changes it.
+    nonisolated(unsafe) static var minWeights = 1 << 19
 
     let out: Int
     let inFeatures: Int
