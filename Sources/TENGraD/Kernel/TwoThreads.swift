@@ -17,15 +17,20 @@ func inHalves(_ n: Int, _ body: (Int, Range<Int>) -> Void) {
 }
 
 /// Runs `body(0)` on a second thread and `body(1)` on the calling one, and returns when both are
-/// done; runs both on the calling thread if no thread can be started. For passes over large
-/// arrays that no BLAS call covers (the gradient's validation before a precondition reads 4 bytes
-/// per parameter at one core's memory bandwidth, as much time as a GEMM of m = 16): the library
-/// has no threads of its own otherwise, and uses this only where the handle's BLAS thread count
-/// (the cores the caller gave us) is at least 2. The second thread may run on any CPU the
-/// process may use but the caller's current one: left to itself the scheduler starts it beside
-/// the caller when another core looks busy, and on two cores OpenBLAS's worker, spinning after
-/// its last call, keeps the other core looking busy (a two-thread job then ran at one thread's
-/// speed; pinned away it runs at two, the spinning worker yielding to it).
+/// done; runs both on the calling thread if no thread can be had. For work no BLAS call covers (the
+/// fused linear products, per-sample gradients, passes over a large gradient): used only where the
+/// handle's BLAS thread count (the cores the caller gave us) is at least 2.
+///
+/// The second thread is the library's helper (Sources/CKernels/helper.c): one per process,
+/// started on first use and parked between jobs, because starting and joining a thread per job
+/// cost 40–56 µs on a 2-vCPU VM against 9–17 µs to wake a parked one — a tenth of a 1024²
+/// precondition, done twice. When another caller holds the helper (two handles used from two
+/// threads at once, or a job inside a job) a thread is started for this job alone. Either thread
+/// runs on any CPU the process may use but the caller's current one: left to itself the
+/// scheduler wakes it beside the caller when another core looks busy, and on two cores
+/// OpenBLAS's worker, spinning after its last call, keeps the other core looking busy (a
+/// two-thread job then ran at one thread's speed; pinned away it runs at two, the spinning
+/// worker yielding to it). docs/DESIGN.md §8.
 func onTwoThreads(_ body: (Int) -> Void) {
     final class Job {
         let body: (Int) -> Void
@@ -33,6 +38,11 @@ func onTwoThreads(_ body: (Int) -> Void) {
     }
     withoutActuallyEscaping(body) { escaping in
         let job = Unmanaged.passRetained(Job(escaping))
+        if tengrad_k_helper_start({ raw in Unmanaged<Job>.fromOpaque(raw!).takeRetainedValue().body(0) }, job.toOpaque()) == 0 {
+            escaping(1)
+            tengrad_k_helper_join()
+            return
+        }
         var thread = pthread_t()
         var attributes = pthread_attr_t()
         pthread_attr_init(&attributes)

@@ -157,7 +157,7 @@ def woodbury_float64(a, g, scale, damping, vw, vb):
 
 @pytest.mark.parametrize("blas_threads", [1, 2])
 def test_layer_past_the_fused_kernels_threshold_matches_float64(blas_threads):
-    # 2048 × 2049 weights: past the 4M-weight threshold of the kernels of our own on AVX2 CPUs
+    # 2050 × 2049 weights: past the 512K-weight threshold of the kernels of our own on AVX2 CPUs
     # (docs/DESIGN.md §10), where the validation is folded into the first product and (1/λ)v into
     # the second; elsewhere the OpenBLAS path, checked the same way. Rows and features past the
     # kernels' tiles (2050 rows: 42 tiles of 48 and 4; 2049 features: 128 panels of 16 and 1).
@@ -184,3 +184,30 @@ def test_layer_past_the_fused_kernels_threshold_matches_float64(blas_threads):
             with pytest.raises(tengrad.TengradError):
                 p.precondition(layer, bad, vb.copy(), out=(bad, ib))
             assert np.array_equal(bad, kept, equal_nan=True)
+
+
+@pytest.mark.parametrize("n_in", [1024, 1000])
+def test_outputs_off_a_cache_line_get_the_same_bits(n_in):
+    # The fused kernels shift their column panels to the output's alignment (docs/DESIGN.md §10):
+    # an update written at every float offset within a 64-byte line must have the same bits, and
+    # so must the in-place call. 1024 × 520 weights: past the fused threshold.
+    rng = np.random.default_rng(33)
+    m, n_out = 32, 520
+    a, g = make_batch(rng, m, n_in, n_out)
+    vw = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    vb = rng.standard_normal(n_out).astype(np.float32)
+    with tengrad.Preconditioner(damping=0.1, blas_threads=2) as p:
+        layer = p.add_linear(n_in, n_out, bias=True)
+        p.update_curvature(layer, a, g, 1.0)
+        w, b = p.precondition(layer, vw, vb)
+        want_w, want_b = woodbury_float64(a, g, 1.0, 0.1, vw, vb)
+        assert relative_error(join(w, b), join(want_w, want_b)) <= TOL
+        buffer = np.empty(vw.size + 16, dtype=np.float32)
+        for offset in range(16):
+            out = buffer[offset:offset + vw.size].reshape(vw.shape)
+            p.precondition(layer, vw, vb, out=(out, np.empty_like(vb)))
+            assert np.array_equal(out, w), offset
+            inplace = out
+            inplace[...] = vw
+            p.precondition(layer, inplace, vb.copy(), out=(inplace, np.empty_like(vb)))
+            assert np.array_equal(inplace, w), offset
