@@ -16,6 +16,7 @@
 #define RELAX() ((void)0)
 #endif
 
+#if defined(__linux__)
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake = PTHREAD_COND_INITIALIZER, finished = PTHREAD_COND_INITIALIZER;
 static pthread_once_t fork_handler = PTHREAD_ONCE_INIT;
@@ -27,7 +28,6 @@ static void (*job)(void *);      /* under lock */
 static void *job_context;
 static int pending, done;        /* under lock; `done` also read atomically while spinning */
 
-#if defined(__linux__)
 /* The CPUs this thread may run on, except the one it runs on now; 0 when there is no other. */
 static int other_cpus(cpu_set_t *set, int *here) {
     *here = sched_getcpu();
@@ -43,12 +43,6 @@ int tengrad_k_other_cpus(void *attr) {
     if (!other_cpus(&set, &here)) return 1;
     return pthread_attr_setaffinity_np((pthread_attr_t *)attr, sizeof set, &set);
 }
-#else
-int tengrad_k_other_cpus(void *attr) {
-    (void)attr;
-    return 1;
-}
-#endif
 
 static void *helper_main(void *unused) {
     (void)unused;
@@ -85,7 +79,6 @@ static void after_fork_in_child(void) {
 static void install_fork_handler(void) { pthread_atfork(0, 0, after_fork_in_child); }
 
 int tengrad_k_helper_start(void (*run)(void *), void *context) {
-#if defined(__linux__)
     int expected = 0;
     if (!__atomic_compare_exchange_n(&claimed, &expected, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) return 1;
     cpu_set_t set;
@@ -118,11 +111,6 @@ int tengrad_k_helper_start(void (*run)(void *), void *context) {
 refuse:
     __atomic_store_n(&claimed, 0, __ATOMIC_RELEASE);
     return 1;
-#else
-    (void)run;
-    (void)context;
-    return 1;
-#endif
 }
 
 void tengrad_k_helper_join(void) {
@@ -141,3 +129,19 @@ void tengrad_k_helper_join(void) {
     pthread_mutex_unlock(&lock);
     __atomic_store_n(&claimed, 0, __ATOMIC_RELEASE);
 }
+
+#else
+/* Not Linux: no helper, and threads started per job are left where the scheduler puts them. */
+int tengrad_k_other_cpus(void *attr) {
+    (void)attr;
+    return 1;
+}
+
+int tengrad_k_helper_start(void (*run)(void *), void *context) {
+    (void)run;
+    (void)context;
+    return 1;
+}
+
+void tengrad_k_helper_join(void) {}
+#endif

@@ -1,9 +1,10 @@
 /* Kernels of our own for the linear precondition (docs/DESIGN.md §10): the two products of
    (1/λ)(v − U x) over a small batch, with the gradient's validation folded into the first and
    the (1/λ) v term into the second's epilogue, so the gradient is read twice instead of four
-   times. AVX2 + FMA: callers check the CPU first (the core's `FusedLinear.available`); so does
-   tengrad_k_pack_positions on x86-64, the other packing helpers are plain C. Row tiles are taken from a shared counter, so two threads can
-   run one job and each tile's numbers do not depend on which thread computed it. */
+   times. AVX2 + FMA: callers check the CPU first (the core's `FusedLinear.available`), also for
+   tengrad_k_pack_positions on x86-64; the other packing helpers are plain C. Row tiles are taken
+   from a shared counter, so two threads can run one job and each tile's numbers do not depend
+   on which thread computed it. */
 #ifndef TENGRAD_KERNELS_H
 #define TENGRAD_KERNELS_H
 #include <stdint.h>

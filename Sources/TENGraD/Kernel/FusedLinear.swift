@@ -18,7 +18,7 @@ struct FusedLinear {
     static let maxPositions = 64
     /// Weight gradients from this many floats (2 MiB) take the fused path. In-process A/B, AMD EPYC
     /// Zen 3, 2 threads, m = 32, in place, OpenBLAS's path against fused: 4096² 19.5 → 16.6 ms,
-    /// 2048² 4.88 → 4.37, 1024² 1.39 → 1.26, 768² 0.74 → 0.68; 512² 0.37 → 0.40 (a lost: the
+    /// 2048² 4.88 → 4.37, 1024² 1.39 → 1.26, 768² 0.74 → 0.68; 512² 0.37 → 0.40 (a loss: the
     /// second thread's start, about 50 µs, is a tenth of the call), 256² 0.11 → 0.18. On one
     /// thread fused was ahead from 256² at m = 32 but not at m = 8. Tests lower it to reach the
     /// kernels with small layers; nothing else changes it.
@@ -91,10 +91,10 @@ struct FusedLinear {
         let (sumsB, _, af, gp, wq) = layout(work)  // T's space holds the bias sums now
         for q in 0..<n { wq[q] = Float(alpha * s * x[q / L]) }
         // Out of place, panels shifted so that the weight's rows are written in whole 64-byte
-        // lines (when `inFeatures` is a multiple of 16, every row; else row 0). In place the lines
-        // are in cache from the load, and the extra partial panel lost (1024², m = 32, numpy's
-        // arrays 16 bytes past a line, 2 threads: out of place 1.11 → 1.08 ms, in place 1.00 →
-        // 1.04).
+        // lines (when `inFeatures` is a multiple of 16, every row; else row 0): the output's lines
+        // are not in cache (one thread, 1024², m = 32, numpy's arrays 16 bytes past a line: the
+        // kernel 1.13 → 0.96 ms). In place they come in with the load of V, and the kernel alone
+        // gained 1–2 %, not worth the extra partial panel.
         let shift = UnsafePointer(weight) == v ? 0 : Int64((Int(bitPattern: weight) >> 2) & 15)
         tengrad_k_pack_features(Int64(n), Int64(inFeatures), shift, a, Int64(inFeatures), af)
         tengrad_k_pack_gradients(Int64(n), Int64(out), g, Int64(out), wq, gp)
