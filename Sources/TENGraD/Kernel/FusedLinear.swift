@@ -42,11 +42,14 @@ struct FusedLinear {
     private static func roundUp(_ x: Int, _ k: Int) -> Int { (x + k - 1) / k * k }
     var tiles: Int { (out + Int(TENGRAD_K_TILE_ROWS) - 1) / Int(TENGRAD_K_TILE_ROWS) }
 
-    /// Floats of workspace: T (out × n), the packed activations for either product, the scaled
-    /// gradients, the per-position weights (first the per-position sums of Uᵀv).
-    var floats: Int {
-        out * n + FusedLinear.roundUp(n, 16) * inFeatures + (FusedLinear.roundUp(inFeatures, 16) + 16) * n
-            + FusedLinear.roundUp(out, 6) * n + n
+    /// Floats of workspace: T (out × n), the packed activations for either product (one region:
+    /// the first product's panels are dead when the second's are packed), the scaled gradients,
+    /// the per-position weights (first the per-position sums of Uᵀv).
+    var floats: Int { out * n + packedFloats + FusedLinear.roundUp(out, 6) * n + n }
+    /// The larger of the two packings: Aᵀ by 16 positions, A by 16 features (one panel more for the
+    /// output's shift).
+    private var packedFloats: Int {
+        max(FusedLinear.roundUp(n, 16) * inFeatures, (FusedLinear.roundUp(inFeatures, 16) + 16) * n)
     }
     /// Doubles of workspace: the per-tile sums of squares.
     var doubles: Int { tiles }
@@ -54,10 +57,8 @@ struct FusedLinear {
     /// Where each part lives in `floats` floats of workspace.
     private typealias Floats = UnsafeMutablePointer<Float>
     private func layout(_ work: Floats) -> (t: Floats, ap: Floats, af: Floats, gp: Floats, w: Floats) {
-        let t = work, ap = t + out * n
-        let gp = ap + FusedLinear.roundUp(n, 16) * inFeatures
-        let w = gp + FusedLinear.roundUp(out, 6) * n
-        return (t, ap, w + n, gp, w)
+        let t = work, packed = t + out * n, gp = packed + packedFloats
+        return (t, packed, packed, gp, gp + FusedLinear.roundUp(out, 6) * n)
     }
 
     /// t_i = s Σ_l ⟨G_il, V a_il + b⟩ (Uᵀv per sample, `positions` positions each) through T = V Aᵀ,
