@@ -337,6 +337,8 @@ bench: build ## Benchmark table (not a test): seconds, GFLOP/s, ratio to OpenBLA
 	OPENBLAS_NUM_THREADS=2 $(PYTHON) benchmarks/sequence_bench.py
 	@echo; echo "== standard transformer modules' exact blocks (LayerNorm, MHA projections, MLP) vs an AdamW step"
 	OPENBLAS_NUM_THREADS=2 $(PYTHON) benchmarks/transformer_blocks.py
+	@echo; echo "== tengrad.torch's step() against the library's calls alone (reuse steps, MLPs)"
+	$(PYTHON) benchmarks/step_overhead.py
 
 clean: ## Remove build outputs
 	rm -rf .build $(BUILD)

@@ -98,6 +98,16 @@ def parameter_pair(shapes: ArrayShapes, weight, bias, names: Tuple[str, str], ch
     return weight, bias
 
 
+def aligned_empty(shape: Tuple[int, ...], alignment: int = 64) -> np.ndarray:
+    """An uninitialized float32 array whose data starts on an ``alignment``-byte boundary (numpy's
+    start anywhere 16 bytes apart; a row of an output that starts on a cache line is written in
+    whole lines)."""
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = np.empty(count + alignment // 4, dtype=np.float32)
+    start = (-raw.ctypes.data % alignment) // 4
+    return raw[start:start + count].reshape(shape)
+
+
 def update_arrays(shapes: ArrayShapes, out):
     """The (weight, bias) update arrays: new ones, or the caller's ``out`` checked writeable."""
     if out is None:

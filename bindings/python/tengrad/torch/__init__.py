@@ -235,10 +235,12 @@ class TENGraD(Capturing, ModuleAdapter, SampledFisher, Batches, LocalStep, DataP
         return self._pre.layer_stats(layer.id)
 
     def remove(self) -> None:
-        """Remove the hooks and release the native handle (idempotent)."""
+        """Remove the hooks and release the native handle and the kept update arrays (idempotent)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        for layer in self._layers:
+            layer.updates = None
         self._pre.close()
         self._removed = True
         detach(self)

@@ -59,6 +59,9 @@ class _Layer:
         # Why the layer keeps its plain gradient (an embedding called with ids shared by the
         # batch), or None.
         self.plain: Optional[str] = None
+        # Where the library writes this layer's update, kept from step to step
+        # (Batches._update_arrays).
+        self.updates = None
 
     @property
     def has_bias(self) -> bool:

@@ -178,7 +178,11 @@ class DataParallel:
             if refresh:
                 gathered = [torch.zeros_like(pad) for _ in range(size)] if rank == owner else None
                 dist.gather(pad, gathered, dst=root, group=group)
-            out = torch.zeros(numel, dtype=torch.float32, device=device)
+            # The owner's update, written by the library straight into the array broadcast (gloo
+            # and MPI take it in place; NCCL a copy on the GPU); every other rank receives into it.
+            flat, uw_out, ub_out = self._update_arrays(layer)
+            out = torch.from_numpy(flat) if device.type == "cpu" else torch.empty(numel, dtype=torch.float32,
+                                                                                  device=device)
             try:
                 if replicate or rank == owner:
                     reduced = g_sum.cpu().numpy()
@@ -202,13 +206,13 @@ class DataParallel:
                             own = (np.ascontiguousarray(full),)
                             rows, = self._windowed_rows(layer, own) if self.window > 1 else own
                             self._pre.update_curvature_from_gradients(layer.id, rows)
-                    uw, ub = self._pre.precondition(layer.id, gw, gb)
+                    uw, ub = self._pre.precondition(layer.id, gw, gb, out=(uw_out, ub_out))
                     scale = 1.0
                     if self.graft is not None:
                         scale = self._graft_scale(self._reference_norm2(parts, moments), (uw, ub))
                     dots += scale * self._pre.layer_stats(layer.id)["update_dot_grad"]
-                    out = torch.from_numpy(np.concatenate([uw.ravel(), ub.ravel()]) if ub is not None
-                                           else uw.ravel().copy()).to(device)
+                    if device.type != "cpu":
+                        out = torch.from_numpy(flat).to(device)
                 elif self.graft == "adam":  # the owner grafts; every rank keeps the moments alike
                     self._reference_norm2(parts, moments)
             except Exception as e:  # noqa: BLE001 — every rank learns of it below

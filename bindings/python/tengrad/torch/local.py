@@ -35,10 +35,11 @@ class LocalStep:
                     # The one-call path does not read .grad: check it as precondition would.
                     if not (np.isfinite(w).all() and (b is None or np.isfinite(b).all())):
                         raise ValueError(f"TENGraD: layer {layer.name!r}: .grad contains NaN or Inf")
-                    updates.append((layer, *self._pre.natural_gradient(layer.id, a, g, layer.step_scale, mask=mask)))
+                    updates.append((layer, *self._pre.natural_gradient(layer.id, a, g, layer.step_scale, mask=mask,
+                                                                        out=self._update_arrays(layer)[1:])))
                     continue
                 self._pre.update_curvature(layer.id, a, g, layer.step_scale, mask=mask)
-            updates.append((layer, *self._pre.precondition(layer.id, w, b)))
+            updates.append((layer, *self._pre.precondition(layer.id, w, b, out=self._update_arrays(layer)[1:])))
         nu, moments = 1.0, {}
         if self.graft is not None and updates:
             updates, total, moments = self._grafted(updates)
