@@ -488,6 +488,30 @@ TENGRAD_NODISCARD tengrad_status tengrad_precondition(tengrad_preconditioner *p,
                                                       const float *bias_grad, float *weight_update,
                                                       float *bias_update);
 
+/* tengrad_precondition in two phases, for a step over many layers that must write nothing until
+   every layer succeeded and that scales all updates by one factor known only then (KL clipping's
+   ν from tengrad_kl_clip_factor): prepare every layer, compute the factor, finish every layer —
+   in place into the gradients, with no copy.
+   tengrad_precondition_prepare does all that can fail (the arguments, NaN/Inf in the gradient,
+   Uᵀ·grad, the solve, the float32 bound) and records the layer's ⟨update, grad⟩ for
+   tengrad_kl_clip_factor; it writes no output, and on failure nothing changes. It keeps m doubles
+   per layer until the finish. A second prepare of the layer replaces the first; a curvature
+   update or tengrad_load_state drops it.
+   tengrad_precondition_finish writes scale · (F + λI)^-1 grad (scale finite; 1 gives
+   tengrad_precondition's bits) from the same gradient arrays, unchanged since the prepare (other
+   layers' calls in between are fine). The outputs follow tengrad_precondition's rules (in place
+   or disjoint). It fails only with TENGRAD_ERROR_STATE (no prepare since the last finish or
+   since the snapshot changed), TENGRAD_ERROR_NUMERICAL (|scale| > 1 would overflow float32) or
+   on bad arguments; the prepare is then kept. The recorded ⟨update, grad⟩ stays the unscaled
+   update's (as tengrad_precondition records it), so tengrad_kl_clip_factor gives the same ν. */
+TENGRAD_NODISCARD tengrad_status tengrad_precondition_prepare(tengrad_preconditioner *p, int32_t layer,
+                                                              const float *weight_grad,
+                                                              const float *bias_grad);
+TENGRAD_NODISCARD tengrad_status tengrad_precondition_finish(tengrad_preconditioner *p, int32_t layer,
+                                                             const float *weight_grad,
+                                                             const float *bias_grad, double scale,
+                                                             float *weight_update, float *bias_update);
+
 /* Empirical Fisher in one call: snapshot from this batch, and update = (F + λI)^-1 of this
    batch's mean gradient (the mean of the per-sample gradients defined by the same inputs).
    The update buffers must not overlap activations, output_grads or each other

@@ -134,20 +134,57 @@ public func tengrad_update_curvature_from_gradients(
     }
 }
 
+/// A precondition call's gradients (`update` false) or gradients and updates, sized by the layer.
+private struct PreconditionBuffers {
+    let weightGrad: UnsafeBufferPointer<Float>
+    let biasGrad: UnsafeBufferPointer<Float>?
+    let weightUpdate: UnsafeMutableBufferPointer<Float>?
+    let biasUpdate: UnsafeMutableBufferPointer<Float>?
+
+    init(
+        _ h: Handle, _ layer: Int32, _ weightGrad: UnsafePointer<Float>?, _ biasGrad: UnsafePointer<Float>?,
+        _ weightUpdate: UnsafeMutablePointer<Float>? = nil, _ biasUpdate: UnsafeMutablePointer<Float>? = nil, update: Bool
+    ) throws(TENGraDError) {
+        let counts = try h.core.arrayCounts(layer: Int(layer), batch: 0)
+        self.weightGrad = UnsafeBufferPointer(start: try required(weightGrad, "weight_grad"), count: counts.weight)
+        self.biasGrad = biasGrad.map { UnsafeBufferPointer(start: $0, count: counts.bias) }
+        self.weightUpdate = update
+            ? UnsafeMutableBufferPointer(start: try required(weightUpdate, "weight_update"), count: counts.weight) : nil
+        self.biasUpdate = biasUpdate.map { UnsafeMutableBufferPointer(start: $0, count: counts.bias) }
+    }
+}
+
 @_cdecl("tengrad_precondition")
 public func tengrad_precondition(
     _ p: OpaquePointer?, _ layer: Int32, _ weightGrad: UnsafePointer<Float>?, _ biasGrad: UnsafePointer<Float>?,
     _ weightUpdate: UnsafeMutablePointer<Float>?, _ biasUpdate: UnsafeMutablePointer<Float>?
 ) -> Int32 {
     run(p) { (h) throws(TENGraDError) in
-        let counts = try h.core.arrayCounts(layer: Int(layer), batch: 0)
-        let w = try required(weightGrad, "weight_grad")
-        let wu = try required(weightUpdate, "weight_update")
-        try h.core.precondition(
-            layer: Int(layer), weightGrad: UnsafeBufferPointer(start: w, count: counts.weight),
-            biasGrad: biasGrad.map { UnsafeBufferPointer(start: $0, count: counts.bias) },
-            weightUpdate: UnsafeMutableBufferPointer(start: wu, count: counts.weight),
-            biasUpdate: biasUpdate.map { UnsafeMutableBufferPointer(start: $0, count: counts.bias) })
+        let b = try PreconditionBuffers(h, layer, weightGrad, biasGrad, weightUpdate, biasUpdate, update: true)
+        try h.core.precondition(layer: Int(layer), weightGrad: b.weightGrad, biasGrad: b.biasGrad,
+                                weightUpdate: b.weightUpdate!, biasUpdate: b.biasUpdate)
+    }
+}
+
+@_cdecl("tengrad_precondition_prepare")
+public func tengrad_precondition_prepare(
+    _ p: OpaquePointer?, _ layer: Int32, _ weightGrad: UnsafePointer<Float>?, _ biasGrad: UnsafePointer<Float>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let b = try PreconditionBuffers(h, layer, weightGrad, biasGrad, update: false)
+        try h.core.preconditionPrepare(layer: Int(layer), weightGrad: b.weightGrad, biasGrad: b.biasGrad)
+    }
+}
+
+@_cdecl("tengrad_precondition_finish")
+public func tengrad_precondition_finish(
+    _ p: OpaquePointer?, _ layer: Int32, _ weightGrad: UnsafePointer<Float>?, _ biasGrad: UnsafePointer<Float>?,
+    _ scale: Double, _ weightUpdate: UnsafeMutablePointer<Float>?, _ biasUpdate: UnsafeMutablePointer<Float>?
+) -> Int32 {
+    run(p) { (h) throws(TENGraDError) in
+        let b = try PreconditionBuffers(h, layer, weightGrad, biasGrad, weightUpdate, biasUpdate, update: true)
+        try h.core.preconditionFinish(layer: Int(layer), weightGrad: b.weightGrad, biasGrad: b.biasGrad, scale: scale,
+                                      weightUpdate: b.weightUpdate!, biasUpdate: b.biasUpdate)
     }
 }
 

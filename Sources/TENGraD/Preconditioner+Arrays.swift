@@ -48,15 +48,43 @@ extension Preconditioner {
 
     /// `precondition` with arrays; returns the weight update and the bias update (nil without bias).
     public func precondition(layer: Int, weightGrad: [Float], biasGrad: [Float]?) throws(TENGraDError) -> (weight: [Float], bias: [Float]?) {
+        try updates(layer: layer, weightGrad, biasGrad) { (w, b, wu, bu) throws(TENGraDError) in
+            try precondition(layer: layer, weightGrad: w, biasGrad: b, weightUpdate: wu, biasUpdate: bu)
+        }
+    }
+
+    /// `preconditionPrepare` with arrays.
+    public func preconditionPrepare(layer: Int, weightGrad: [Float], biasGrad: [Float]?) throws(TENGraDError) {
+        try weightGrad.withUnsafeBufferPointer { (w) throws(TENGraDError) in
+            try withOptionalBuffer(biasGrad) { (b) throws(TENGraDError) in
+                try preconditionPrepare(layer: layer, weightGrad: w, biasGrad: b)
+            }
+        }
+    }
+
+    /// `preconditionFinish` with arrays (the ones given to `preconditionPrepare`); returns the
+    /// weight update and the bias update (nil without bias), times `scale`.
+    public func preconditionFinish(
+        layer: Int, weightGrad: [Float], biasGrad: [Float]?, scale: Double = 1
+    ) throws(TENGraDError) -> (weight: [Float], bias: [Float]?) {
+        try updates(layer: layer, weightGrad, biasGrad) { (w, b, wu, bu) throws(TENGraDError) in
+            try preconditionFinish(layer: layer, weightGrad: w, biasGrad: b, scale: scale, weightUpdate: wu, biasUpdate: bu)
+        }
+    }
+
+    /// New update arrays of the layer's sizes, written by `body` from the gradient arrays.
+    private func updates(
+        layer: Int, _ weightGrad: [Float], _ biasGrad: [Float]?,
+        _ body: (UnsafeBufferPointer<Float>, UnsafeBufferPointer<Float>?, UnsafeMutableBufferPointer<Float>,
+                 UnsafeMutableBufferPointer<Float>?) throws(TENGraDError) -> Void
+    ) throws(TENGraDError) -> (weight: [Float], bias: [Float]?) {
         let counts = try arrayCounts(layer: layer, batch: 0)
         var weight = [Float](repeating: 0, count: counts.weight)
         var bias: [Float]? = counts.bias > 0 ? [Float](repeating: 0, count: counts.bias) : nil
         try weightGrad.withUnsafeBufferPointer { (w) throws(TENGraDError) in
             try withOptionalBuffer(biasGrad) { (b) throws(TENGraDError) in
                 try weight.withUnsafeMutableBufferPointer { (wu) throws(TENGraDError) in
-                    try withOptionalMutableBuffer(&bias) { (bu) throws(TENGraDError) in
-                        try precondition(layer: layer, weightGrad: w, biasGrad: b, weightUpdate: wu, biasUpdate: bu)
-                    }
+                    try withOptionalMutableBuffer(&bias) { (bu) throws(TENGraDError) in try body(w, b, wu, bu) }
                 }
             }
         }

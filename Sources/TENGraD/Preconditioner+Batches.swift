@@ -134,6 +134,46 @@ extension Preconditioner {
         }
     }
 
+    /// The first phase of a precondition in two (docs/DESIGN.md §6): everything that can fail
+    /// (the gradient's checks, Uᵀv, the solve, the float32 bounds), and ⟨update, grad⟩ recorded
+    /// for `klClipFactor`; no output is written. `preconditionFinish` then writes the update, times
+    /// a factor known only once every layer is prepared (KL clipping's ν), so a step over many
+    /// layers writes nothing until all succeeded — in place, without a copy. A new
+    /// `preconditionPrepare` of the layer replaces an unfinished one; a curvature update or a loaded
+    /// state drops it.
+    public func preconditionPrepare(
+        layer id: Int, weightGrad: UnsafeBufferPointer<Float>, biasGrad: UnsafeBufferPointer<Float>?
+    ) throws(TENGraDError) {
+        let l = try layer(id)
+        let w = try Arguments.base(weightGrad, count: l.dims.weightCount, "weight_grad")
+        let b = try Arguments.bias(biasGrad, count: l.dims.biasCount, "bias_grad")
+        try compute { () throws(TENGraDError) in
+            try l.preparePrecondition(weightGrad: w, biasGrad: b, context: context)
+        }
+    }
+
+    /// The second phase: `scale · (F + λI)⁻¹ grad` for the gradient the first phase read — the
+    /// caller passes the same arrays, unchanged — written to the update buffers (which may be the
+    /// gradient buffers: in place). `scale` = 1 gives `precondition`'s bits. Fails only when the
+    /// layer has no first phase since its last second one (or since its snapshot changed), or
+    /// when `scale` > 1 would overflow float32; the first phase is then kept. The recorded
+    /// ⟨update, grad⟩ stays the unscaled update's (`klClipFactor` gives the same ν again).
+    public func preconditionFinish(
+        layer id: Int, weightGrad: UnsafeBufferPointer<Float>, biasGrad: UnsafeBufferPointer<Float>?, scale: Double,
+        weightUpdate: UnsafeMutableBufferPointer<Float>, biasUpdate: UnsafeMutableBufferPointer<Float>?
+    ) throws(TENGraDError) {
+        let l = try layer(id)
+        guard scale.isFinite else { throw .invalid("scale must be finite, got \(scale)") }
+        let w = try Arguments.base(weightGrad, count: l.dims.weightCount, "weight_grad")
+        let b = try Arguments.bias(biasGrad, count: l.dims.biasCount, "bias_grad")
+        let (wu, bu) = try Arguments.updateOutputs(l, weightUpdate, biasUpdate)
+        try Arguments.checkInPlaceOrDisjoint(outputs: (wu, l.dims.weightCount), (bu, l.dims.biasCount), inputs: w, b)
+        try compute { () throws(TENGraDError) in
+            try l.finishPrecondition(weightGrad: w, biasGrad: b, scale: scale, weightUpdate: wu, biasUpdate: bu,
+                                     context: context)
+        }
+    }
+
     /// Empirical Fisher in one call: snapshot from this batch, and the update of this batch's mean
     /// gradient, `(F + λI)⁻¹ (1/m) Σ_i u_i = U (UᵀU + mλI)⁻¹ 1`, written to the update buffers.
     public func naturalGradient(

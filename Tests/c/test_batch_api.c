@@ -315,6 +315,66 @@ static void test_data_parallel_helpers(void) {
     CHECK(tengrad_kl_clip_from_sum(0.1, 1e-3, 4.0, NULL) == TENGRAD_ERROR_INVALID_ARGUMENT);
 }
 
+/* The two-phase precondition: prepare + finish at scale 1 gives tengrad_precondition's bits (out
+   of place and in place) and the same ν; a scale multiplies the update; the refusals (no prepare,
+   a finish already done, null or overlapping arrays, a scale that is not finite) leave the
+   outputs and the saved state as they were. */
+static void test_two_phase(void) {
+    tengrad_preconditioner *p = NULL;
+    int32_t l = -1;
+    float w1[OUT * IN], b1[OUT], w2[OUT * IN], b2[OUT], iw[OUT * IN], ib[OUT];
+    double nu1 = 0, nu2 = 0, dot1 = 0;
+    CHECK(tengrad_create(&p) == TENGRAD_OK && tengrad_add_linear(p, IN, OUT, 1, &l) == TENGRAD_OK);
+    CHECK(tengrad_update_curvature(p, l, M, act, grads, (float)M) == TENGRAD_OK);
+    CHECK(tengrad_precondition_finish(p, l, vw, vb, 1.0, w2, b2) == TENGRAD_ERROR_STATE);  /* nothing prepared */
+
+    CHECK(tengrad_precondition(p, l, vw, vb, w1, b1) == TENGRAD_OK);
+    CHECK(tengrad_kl_clip_factor(p, 0.5, 1e-6, &nu1) == TENGRAD_OK);
+    tengrad_layer_stats st;
+    memset(&st, 0, sizeof st);
+    st.size = sizeof st;
+    CHECK(tengrad_get_layer_stats(p, l, &st) == TENGRAD_OK);
+    dot1 = st.update_dot_grad;
+
+    CHECK(tengrad_precondition_prepare(p, l, vw, vb) == TENGRAD_OK);
+    CHECK(tengrad_kl_clip_factor(p, 0.5, 1e-6, &nu2) == TENGRAD_OK && nu2 == nu1 && nu1 < 1);
+    size_t n = save(p, before);
+    for (int i = 0; i < OUT * IN; i++) w2[i] = 7;
+    CHECK(tengrad_precondition_finish(p, l, NULL, vb, 1.0, w2, b2) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_precondition_finish(p, l, vw, vb, 1.0, NULL, b2) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_precondition_finish(p, l, vw, vb, NAN, w2, b2) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_precondition_finish(p, l, vw, vb, INFINITY, w2, b2) == TENGRAD_ERROR_INVALID_ARGUMENT);
+    CHECK(tengrad_precondition_finish(p, l, vw, vb, 1.0, w2, w2 + 1) == TENGRAD_ERROR_INVALID_ARGUMENT);  /* overlap */
+    CHECK(tengrad_precondition_finish(p, 99, vw, vb, 1.0, w2, b2) != TENGRAD_OK);
+    CHECK(w2[0] == 7 && w2[OUT * IN - 1] == 7);
+    CHECK(save(p, after) == n && memcmp(before, after, n) == 0);
+    CHECK(tengrad_precondition_finish(p, l, vw, vb, 1.0, w2, b2) == TENGRAD_OK);
+    CHECK(same(w1, w2, OUT * IN) && same(b1, b2, OUT));
+    CHECK(tengrad_precondition_finish(p, l, vw, vb, 1.0, w2, b2) == TENGRAD_ERROR_STATE);  /* spent */
+
+    /* In place, scaled by ν: the update times ν; ⟨update, grad⟩ stays the unscaled update's. */
+    memcpy(iw, vw, sizeof iw);
+    memcpy(ib, vb, sizeof ib);
+    CHECK(tengrad_precondition_prepare(p, l, iw, ib) == TENGRAD_OK);
+    CHECK(tengrad_precondition_finish(p, l, iw, ib, nu1, iw, ib) == TENGRAD_OK);
+    double err = 0, norm = 0;
+    for (int i = 0; i < OUT * IN; i++) {
+        err += ((double)iw[i] - nu1 * w1[i]) * ((double)iw[i] - nu1 * w1[i]);
+        norm += nu1 * w1[i] * nu1 * w1[i];
+    }
+    CHECK(sqrt(err / norm) < 1e-6);
+    CHECK(tengrad_get_layer_stats(p, l, &st) == TENGRAD_OK && st.update_dot_grad == dot1);  /* the unscaled update's */
+    /* A prepare with NaN is refused and changes nothing. */
+    float bad[OUT * IN];
+    memcpy(bad, vw, sizeof bad);
+    bad[2] = NAN;
+    n = save(p, before);
+    CHECK(tengrad_precondition_prepare(p, l, bad, vb) == TENGRAD_ERROR_NOT_FINITE);
+    CHECK(tengrad_precondition_prepare(p, l, vw, NULL) == TENGRAD_ERROR_INVALID_ARGUMENT);  /* the layer has a bias */
+    CHECK(save(p, after) == n && memcmp(before, after, n) == 0);
+    tengrad_destroy(p);
+}
+
 int main(void) {
     fill(act, M * IN, 11);
     fill(grads, M * OUT, 12);
@@ -325,5 +385,6 @@ int main(void) {
     test_layer_params();
     test_struct_sizes();
     test_data_parallel_helpers();
+    test_two_phase();
     return report();
 }

@@ -78,7 +78,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     tengrad_preconditioner *p = NULL;
     if (tengrad_create(&p) != TENGRAD_OK) abort();
     for (int step = 0; step < 24 && in.at < in.size; step++) {
-        uint8_t op = u8(&in) % 15;
+        uint8_t op = u8(&in) % 16;
         int32_t id = 0, layer = (int32_t)(u8(&in) % 5) - 1;
         int64_t batch = size_value(&in);
         size_t acts, grads, weight, bias;
@@ -232,6 +232,25 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             else (void)tengrad_set_layer_base(p, layer, pool, v & 4 ? NULL : pool + weight);
             int32_t has;
             (void)tengrad_get_layer_base(p, layer, &has);
+            break;
+        }
+        case 14: { /* the precondition in two phases: a prepare or not, a finish with a fuzzed scale */
+            uint8_t v = u8(&in);
+            layer_sizes(p, layer, 1, &acts, &grads, &weight, &bias);
+            if (weight == 0 || weight + bias > MAX_FLOATS || bias > 4096) {
+                (void)tengrad_precondition_finish(p, layer, NULL, NULL, 1.0, out_w, NULL);  /* refused unread */
+                break;
+            }
+            fill_pool(&in, weight + bias);
+            memcpy(out_w, pool, sizeof(float) * weight);
+            memcpy(out_b, pool + weight, sizeof(float) * bias);
+            if (v & 1) (void)tengrad_precondition_prepare(p, layer, out_w, bias ? out_b : NULL);
+            double scale = v & 2 ? f64(&in) : 1.0;
+            if (v & 4)  /* in place */
+                (void)tengrad_precondition_finish(p, layer, out_w, bias ? out_b : NULL, scale, out_w, bias ? out_b : NULL);
+            else
+                (void)tengrad_precondition_finish(p, layer, pool, bias ? pool + weight : NULL, scale, out_w,
+                                                  bias ? out_b : NULL);
             break;
         }
         default: (void)tengrad_last_error(p); break;

@@ -6,7 +6,7 @@
 ///
 /// The mathematics is `BlockKernel`'s, the same for every layer kind; making a snapshot is in
 /// ExactBlock+Snapshots.swift, the updates (natural gradient, precondition) in
-/// ExactBlock+Updates.swift. Every call is atomic (docs/DESIGN.md §6): a prepare phase does all that can fail (input scans, allocations, Gram,
+/// ExactBlock+Updates.swift and ExactBlock+Precondition.swift. Every call is atomic (docs/DESIGN.md §6): a prepare phase does all that can fail (input scans, allocations, Gram,
 /// factorization, the a-priori float32 bound) and yields new values; only then are outputs
 /// written and the new snapshot installed.
 final class ExactBlock {
@@ -26,6 +26,11 @@ final class ExactBlock {
     private(set) var snapshot: Snapshot?
     /// Statistics recorded by the calls; `stats` adds the lazily computed condition estimate.
     var record: LayerStats
+    /// A two-phase precondition's first phase, until its second (ExactBlock+Precondition.swift);
+    /// dropped when the snapshot changes.
+    var prepared: PreparedUpdate?
+    /// Its x: m doubles of the layer's own, kept while other layers' calls use the workspace.
+    var preparedX: Storage<Double>?
 
     /// Per-call workspace target: 64 MiB keeps a chunk of unfolded patches near the last-level
     /// caches while making the chunks' GEMMs large enough to run at full speed.
@@ -49,6 +54,7 @@ final class ExactBlock {
     /// consistent with it.
     func replaceSnapshot(_ snap: Snapshot?) {
         snapshot = snap
+        prepared = nil
         record.batch = snap?.m ?? 0
         record.snapshotBytes = snap?.bytes ?? 0
         record.representation = snap?.representation ?? .auto

@@ -337,6 +337,15 @@ tengrad_get_layer_base = _declare("tengrad_get_layer_base", c_int32, _handle, c_
 #                                     const float *bias_grad, float *weight_update, float *bias_update);
 tengrad_precondition = _declare(
     "tengrad_precondition", c_int32, _handle, c_int32, _f32p, _f32p, _f32p, _f32p)
+# tengrad_status tengrad_precondition_prepare(p, int32_t layer, const float *weight_grad,
+#                                             const float *bias_grad);
+tengrad_precondition_prepare = _declare(
+    "tengrad_precondition_prepare", c_int32, _handle, c_int32, _f32p, _f32p)
+# tengrad_status tengrad_precondition_finish(p, int32_t layer, const float *weight_grad,
+#                                            const float *bias_grad, double scale,
+#                                            float *weight_update, float *bias_update);
+tengrad_precondition_finish = _declare(
+    "tengrad_precondition_finish", c_int32, _handle, c_int32, _f32p, _f32p, c_double, _f32p, _f32p)
 # tengrad_status tengrad_kl_clip_factor(const tengrad_preconditioner *p, double learning_rate,
 #                                       double kl_clip, double *out_nu);
 tengrad_kl_clip_factor = _declare(

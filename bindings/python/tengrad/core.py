@@ -286,6 +286,28 @@ class Preconditioner(LayerSettings):
         _lib.tengrad_precondition(self._h, int(layer), ptr(weight_grad), ptr(bias_grad), ptr(weight), ptr(bias))
         return weight, bias
 
+    def precondition_prepare(self, layer: int, weight_grad: np.ndarray, bias_grad: Optional[np.ndarray] = None) -> None:
+        """``precondition`` in two phases, first: all that can fail (NaN/Inf, the solve, the float32
+        bound); ⟨update, grad⟩ recorded for ``kl_clip_factor``; nothing written. Then, once every
+        layer is prepared, ``precondition_finish`` writes each update times one factor (KL
+        clipping's ν) — e.g. in place into the gradients: a step writes nothing until every layer
+        succeeded, without a copy."""
+        parameter_pair(self.array_shapes(layer), weight_grad, bias_grad, ("weight_grad", "bias_grad"))
+        _lib.tengrad_precondition_prepare(self._h, int(layer), ptr(weight_grad), ptr(bias_grad))
+
+    def precondition_finish(self, layer: int, weight_grad: np.ndarray, bias_grad: Optional[np.ndarray] = None,
+                            scale: float = 1.0, out=None):
+        """The second phase: ``scale`` · (F + λI)^-1 grad for the gradient ``precondition_prepare``
+        read (the same arrays, unchanged; ``scale`` 1 gives ``precondition``'s bits). Returns
+        (weight_update, bias_update); ``out=(w, b)`` writes into given arrays, which may be the
+        gradients themselves."""
+        shapes = self.array_shapes(layer)
+        parameter_pair(shapes, weight_grad, bias_grad, ("weight_grad", "bias_grad"))
+        weight, bias = update_arrays(shapes, out)
+        _lib.tengrad_precondition_finish(self._h, int(layer), ptr(weight_grad), ptr(bias_grad), float(scale),
+                                         ptr(weight), ptr(bias))
+        return weight, bias
+
     def natural_gradient(self, layer: int, activations: np.ndarray, output_grads: np.ndarray,
                          grad_scale: float, out=None, mask: Optional[np.ndarray] = None):
         """Empirical Fisher in one call: snapshot from this batch and (F + λI)^-1 of the batch's

@@ -152,8 +152,12 @@ def test_kl_clip_scales_every_update_by_nu():
     expected = min(1.0, (kappa / (lr * lr * total)) ** 0.5)
     nu = clipped.last_nu
     assert nu < 1 and abs(nu - expected) <= 1e-4 * expected
+    # ν is folded into the library's products ((ν/λ) v − (ν/λ) U x, written over .grad) rather than
+    # multiplying the finished update: the same numbers to float32 rounding, element by element
+    # except where v and U x cancel, so compared in norm, per parameter.
     for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad * nu, rtol=1e-6, atol=0)
+        want = q.grad.double() * nu
+        assert ((p.grad.double() - want).norm() / want.norm()).item() <= 1e-6
 
 
 def test_a_callable_lr_follows_the_optimizers_scheduler():

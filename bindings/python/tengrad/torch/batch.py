@@ -36,12 +36,13 @@ class Batches:
         return [float(k * c.inputs.shape[0]) for c in done]
 
     def _update_arrays(self, layer: _Layer):
-        """(flat, weight, bias): where the library writes a layer's update before ``.grad`` (a step
-        writes no ``.grad`` until every layer succeeded) — one float32 array of the weight's and
+        """(flat, weight, bias): where the library writes a layer's whole update before ``.grad``
+        when it cannot write over ``.grad`` itself (grafting, the one-call path, a ``.grad`` not
+        contiguous on the CPU, the data-parallel owner) — one float32 array of the weight's and
         bias's numbers (a data-parallel step broadcasts it) and the two as views into it (bias None
         without one) — kept from step to step: new arrays every step cost fresh pages above glibc's
-        32 MiB mmap threshold (4096², m = 32: a reuse step of two layers 52 → 43 ms; RESULTS.md).
-        Their memory is the hooked parameters' size, now held between steps too."""
+        32 MiB mmap threshold (4096², m = 32: 14 ms of a 33 ms step of two layers; RESULTS.md).
+        Made at a layer's first such step; their memory is the layer's parameters' size."""
         shapes = self._pre.array_shapes(layer.id)
         if layer.updates is None or layer.updates[1].shape != shapes.weight:
             n = int(np.prod(shapes.weight, dtype=np.int64))
