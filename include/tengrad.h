@@ -500,10 +500,12 @@ TENGRAD_NODISCARD tengrad_status tengrad_precondition(tengrad_preconditioner *p,
    tengrad_precondition_finish writes scale · (F + λI)^-1 grad (scale finite; 1 gives
    tengrad_precondition's bits) from the same gradient arrays, unchanged since the prepare (other
    layers' calls in between are fine). The outputs follow tengrad_precondition's rules (in place
-   or disjoint). It fails only with TENGRAD_ERROR_STATE (no prepare since the last finish or
-   since the snapshot changed), TENGRAD_ERROR_NUMERICAL (|scale| > 1 would overflow float32) or
-   on bad arguments; the prepare is then kept. The recorded ⟨update, grad⟩ stays the unscaled
-   update's (as tengrad_precondition records it), so tengrad_kl_clip_factor gives the same ν. */
+   or disjoint); the damping is the prepare's (a new one applies from the next prepare). It fails
+   only with TENGRAD_ERROR_STATE (no prepare since the last finish or since the snapshot
+   changed), TENGRAD_ERROR_NUMERICAL (|scale| > 1 would overflow float32), on bad arguments, or
+   with TENGRAD_ERROR_OUT_OF_MEMORY when the memory limit was lowered between the phases; the
+   prepare is then kept. The recorded ⟨update, grad⟩ stays the unscaled update's (as
+   tengrad_precondition records it), so tengrad_kl_clip_factor gives the same ν. */
 TENGRAD_NODISCARD tengrad_status tengrad_precondition_prepare(tengrad_preconditioner *p, int32_t layer,
                                                               const float *weight_grad,
                                                               const float *bias_grad);
