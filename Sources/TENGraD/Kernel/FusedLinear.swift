@@ -15,6 +15,10 @@ struct FusedLinear {
     /// still spinning from a call just before (its default timeout; our second thread then shares
     /// that core), in place 32 positions 36.6 → 31.1 ms, 64: 46.7 → 48.9, 128: 71.5 → 81.6 (with
     /// the Python binding's short timeout 128 gained, 65.1 → 60.5). Beyond 64, OpenBLAS's path.
+    /// Re-measured with the faster kernels (`tengrad-bench --linear-only`, 2 runs each, m = 128,
+    /// this limit against 128): out of place 4096² gained (64 → 53 ms) but 1024² lost (3.5 → 4.3);
+    /// in place, what `tengrad.torch` now runs, 1024² was even and 4096² lost (0.83–0.86 → 0.75–0.81
+    /// of the floor). So 64 stays.
     static let maxPositions = 64
     /// Weight gradients from this many floats (2 MiB) take the fused path. In-process A/B, AMD EPYC
     /// Zen 3, 2 threads, m = 32, in place, OpenBLAS's path against fused: 4096² 19.5 → 16.6 ms,
