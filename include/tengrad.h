@@ -494,9 +494,9 @@ TENGRAD_NODISCARD tengrad_status tengrad_precondition(tengrad_preconditioner *p,
    in place into the gradients, with no copy.
    tengrad_precondition_prepare does all that can fail (the arguments, NaN/Inf in the gradient,
    Uᵀ·grad, the solve, the float32 bound) and records the layer's ⟨update, grad⟩ for
-   tengrad_kl_clip_factor; it writes no output, and on failure nothing changes. It keeps m doubles
-   per layer until the finish. A second prepare of the layer replaces the first; a curvature
-   update or tengrad_load_state drops it.
+   tengrad_kl_clip_factor; it writes no output, and on failure nothing changes. The layer keeps
+   m doubles for it (allocated at its first prepare, reused by later ones). A second prepare of
+   the layer replaces the first; a curvature update or tengrad_load_state drops it.
    tengrad_precondition_finish writes scale · (F + λI)^-1 grad (scale finite; 1 gives
    tengrad_precondition's bits) from the same gradient arrays, unchanged since the prepare (other
    layers' calls in between are fine). The outputs follow tengrad_precondition's rules (in place
