@@ -25,6 +25,19 @@ enum Arguments {
 
     /// `precondition` may write its updates over its gradients (the same arrays: in place) but not
     /// over part of them, over the other gradient, or the bias update over the weight update.
+    /// A precondition's gradients and update buffers, checked against the layer: sizes, the
+    /// bias present exactly when the layer has one, outputs in place or disjoint from the inputs.
+    static func update(
+        _ l: ExactBlock, _ weightGrad: UnsafeBufferPointer<Float>, _ biasGrad: UnsafeBufferPointer<Float>?,
+        _ weightUpdate: UnsafeMutableBufferPointer<Float>, _ biasUpdate: UnsafeMutableBufferPointer<Float>?
+    ) throws(TENGraDError) -> (UnsafePointer<Float>, UnsafePointer<Float>?, UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>?) {
+        let w = try base(weightGrad, count: l.dims.weightCount, "weight_grad")
+        let b = try bias(biasGrad, count: l.dims.biasCount, "bias_grad")
+        let (wu, bu) = try updateOutputs(l, weightUpdate, biasUpdate)
+        try checkInPlaceOrDisjoint(outputs: (wu, l.dims.weightCount), (bu, l.dims.biasCount), inputs: w, b)
+        return (w, b, wu, bu)
+    }
+
     static func checkInPlaceOrDisjoint(
         outputs weight: (UnsafeMutablePointer<Float>, Int), _ bias: (UnsafeMutablePointer<Float>?, Int),
         inputs weightGrad: UnsafePointer<Float>, _ biasGrad: UnsafePointer<Float>?

@@ -125,10 +125,7 @@ extension Preconditioner {
         weightUpdate: UnsafeMutableBufferPointer<Float>, biasUpdate: UnsafeMutableBufferPointer<Float>?
     ) throws(TENGraDError) {
         let l = try layer(id)
-        let w = try Arguments.base(weightGrad, count: l.dims.weightCount, "weight_grad")
-        let b = try Arguments.bias(biasGrad, count: l.dims.biasCount, "bias_grad")
-        let (wu, bu) = try Arguments.updateOutputs(l, weightUpdate, biasUpdate)
-        try Arguments.checkInPlaceOrDisjoint(outputs: (wu, l.dims.weightCount), (bu, l.dims.biasCount), inputs: w, b)
+        let (w, b, wu, bu) = try Arguments.update(l, weightGrad, biasGrad, weightUpdate, biasUpdate)
         try compute { () throws(TENGraDError) in
             try l.precondition(weightGrad: w, biasGrad: b, weightUpdate: wu, biasUpdate: bu, context: context)
         }
@@ -164,10 +161,7 @@ extension Preconditioner {
     ) throws(TENGraDError) {
         let l = try layer(id)
         guard scale.isFinite else { throw .invalid("scale must be finite, got \(scale)") }
-        let w = try Arguments.base(weightGrad, count: l.dims.weightCount, "weight_grad")
-        let b = try Arguments.bias(biasGrad, count: l.dims.biasCount, "bias_grad")
-        let (wu, bu) = try Arguments.updateOutputs(l, weightUpdate, biasUpdate)
-        try Arguments.checkInPlaceOrDisjoint(outputs: (wu, l.dims.weightCount), (bu, l.dims.biasCount), inputs: w, b)
+        let (w, b, wu, bu) = try Arguments.update(l, weightGrad, biasGrad, weightUpdate, biasUpdate)
         try compute { () throws(TENGraDError) in
             try l.finishPrecondition(weightGrad: w, biasGrad: b, scale: scale, weightUpdate: wu, biasUpdate: bu,
                                      context: context)

@@ -6,14 +6,16 @@ import Testing
 /// OpenBLAS path, in place against out of place, one thread against two, and refusals that leave
 /// the outputs as they were. On CPUs without AVX2 the kernels never run and these tests check the
 /// OpenBLAS path instead.
+/// Runs `body` with the fused path taken by linear layers of any size (or by none); also
+/// TwoPhaseTests'.
+func withFused<T>(_ on: Bool, _ body: () throws -> T) rethrows -> T {
+    let saved = FusedLinear.minWeights
+    FusedLinear.minWeights = on ? 0 : Int.max
+    defer { FusedLinear.minWeights = saved }
+    return try body()
+}
+
 @Suite(.serialized) struct FusedLinearTests {
-    /// Runs `body` with the fused path taken by layers of any size (or by none).
-    func withFused<T>(_ on: Bool, _ body: () throws -> T) rethrows -> T {
-        let saved = FusedLinear.minWeights
-        FusedLinear.minWeights = on ? 0 : Int.max
-        defer { FusedLinear.minWeights = saved }
-        return try body()
-    }
 
     // Row tiles of 48 and register tiles of 6 rows × 16 columns, 256-feature blocks: sizes on and
     // off every boundary, batch 1, positions past one panel of 16 and up to `maxPositions`. The

@@ -24,7 +24,7 @@ import Testing
 
     let m = 6, inFeatures = 9, outFeatures = 5
 
-    /// A linear layer with a snapshot taken the way `c` says; `FusedLinear.minWeights` set for it.
+    /// A linear layer with a snapshot taken the way `c` says (`withFused` around it sets the path).
     func layer(_ c: Case, seed: UInt64) throws -> (Preconditioner, Int, a: [Float], g: [Float], e: [Float]?) {
         var rng = SeededRandom(seed)
         let a = rng.array(m * inFeatures), g = rng.array(m * outFeatures)
@@ -40,13 +40,6 @@ import Testing
         }
         try p.updateCurvature(layer: id, batch: m, activations: a, outputGrads: g, gradScale: 0.5)
         return (p, id, a, g, e)
-    }
-
-    func withFused<T>(_ on: Bool, _ body: () throws -> T) rethrows -> T {
-        let saved = FusedLinear.minWeights
-        FusedLinear.minWeights = on ? 0 : Int.max
-        defer { FusedLinear.minWeights = saved }
-        return try body()
     }
 
     @Test(arguments: cases.indices)

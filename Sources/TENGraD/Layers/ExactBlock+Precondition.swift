@@ -107,21 +107,23 @@ extension ExactBlock {
         // Everything the products need, allocated before any output is written (the second phase
         // asks the workspace for the same sizes again: it only grows, so they are there).
         let products: PreparedUpdate.Products
+        let work: UnsafeMutablePointer<Float>  // the products' floats (the kept path's: 2m scratch)
         let w: UnsafeMutablePointer<Float>  // after the products' workspace: E⁻¹v when there is a base
         switch snap.data {
         case .perSample:
             // The float workspace is idle on this path: no allocation per reuse step.
-            let scratch = try context.workspace.floats(try checkedSum(try checkedProduct(2, m, what: "2·batch"), extra, what: "workspace"))
+            work = try context.workspace.floats(try checkedSum(try checkedProduct(2, m, what: "2·batch"), extra, what: "workspace"))
             products = .kept
-            w = scratch + 2 * m
+            w = work + 2 * m
         case .raw:
             if let fused {
-                w = try context.workspace.floats(fused.floats)  // not read: no base on this path
+                work = try context.workspace.floats(fused.floats)
                 products = .fused(fused)
+                w = work  // not read: no base on this path
                 break
             }
             let plan = try k.updatePlan(m: m, available: workspaceFloats(context, reserve: extra * 4))
-            let work = try context.workspace.floats(try checkedSum(plan.floats, extra, what: "workspace"))
+            work = try context.workspace.floats(try checkedSum(plan.floats, extra, what: "workspace"))
             products = .raw(chunk: plan.chunk, floats: plan.floats)
             w = work + plan.floats
         }
@@ -138,10 +140,8 @@ extension ExactBlock {
         var patches: Block?
         switch (snap.data, products) {
         case let (.perSample(u), _):
-            let scratch = try context.workspace.floats(2 * m + extra)
-            flops = k.projectKept(m: m, u: UnsafePointer(u.base), scale: s, weightGrad: vw, biasGrad: vb, into: t, tf: scratch)
+            flops = k.projectKept(m: m, u: UnsafePointer(u.base), scale: s, weightGrad: vw, biasGrad: vb, into: t, tf: work)
         case let (.raw(a, g), .fused(f)):
-            let work = try context.workspace.floats(f.floats)
             let sum = f.project(
                 v: vw, bias: vb, a: UnsafePointer(a.base), g: UnsafePointer(g.base), scale: s, positions: k.dims.positions,
                 into: t, work: work, sums: t + 2 * m)
@@ -149,8 +149,7 @@ extension ExactBlock {
             guard scanW.finite else { throw TENGraDError(.notFinite, "weight_grad contains NaN or Inf") }
             vNorm = scanW.sumSquares + scanB.sumSquares
             flops = 2 * Double(f.n) * Double(f.out) * Double(f.inFeatures + 1)
-        case let (.raw(a, g), .raw(chunk, floats)):
-            let work = try context.workspace.floats(floats + extra)
+        case let (.raw(a, g), .raw(chunk, _)):
             (flops, patches) = k.project(
                 m: m, a: UnsafePointer(a.base), g: UnsafePointer(g.base), scale: s, weightGrad: vw, biasGrad: vb, into: t,
                 chunk: chunk, work: work)

@@ -120,8 +120,7 @@ def test_step_writes_over_grad_itself(kl_clip):
     assert all(layer.updates is None for layer in pre._layers)
     if kl_clip:
         assert pre.last_nu < 1
-    # The same step through whole updates (grafting's path computes them first) at the graft's
-    # reference norm would differ; instead: the library's one-call precondition of the same .grad.
+    # Against an unclipped TENGraD on a copy (the one-call path's update) times ν.
     ref = tt.TENGraD(twin, damping=0.1)
     F.cross_entropy(twin(x), y).backward()
     ref.step()
