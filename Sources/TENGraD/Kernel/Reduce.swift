@@ -1,9 +1,18 @@
+import CCPU
+import CKernels
+
 /// The kernel's inner loops outside BLAS: float32 reductions, eight lanes at a time with two
 /// accumulators, the gradient's float64 sum of squares, and elementwise passes. A plain `for`
 /// loop over floats is not vectorized (the compiler keeps IEEE summation order) and runs at one
 /// add per FP-add latency; these reassociate, which float32 rounding of the GEMMs around them
-/// already makes immaterial. Callers accumulate float32 results in float64.
+/// already makes immaterial. Callers accumulate float32 results in float64. The gradient's
+/// passes (sum of squares, scaling) and the diagonal product run in AVX2 kernels of our own where
+/// the CPU has them (`wide`; the library is built for baseline x86-64, where these loops ran on
+/// 128-bit SSE2), else in the portable loops here.
 enum Reduce {
+    /// The AVX2 passes (Sources/CKernels/passes.c) run on this CPU.
+    static let wide = tengrad_cpu_vector_isa() >= Int32(TENGRAD_CPU_ISA_AVX2)
+
     /// Σ x_i.
     @inline(__always)
     static func sum(_ x: UnsafePointer<Float>, _ n: Int) -> Float {
@@ -68,8 +77,13 @@ enum Reduce {
     /// 4-lane accumulators. Finite exactly when every x_i is finite: the largest square is
     /// FLT_MAX² ≈ 1.2e77, so no count of finite squares overflows a double. 1.6–1.9× OpenBLAS's
     /// dsdot, which sums one product at a time (1M floats from L3 on an EPYC: 0.18 against
-    /// 0.27–0.33 ms).
+    /// 0.27–0.33 ms). With AVX2, eight 4-lane accumulators: 64K floats in L2, 9.6 → 3.4 µs.
     static func sumOfSquares(_ x: UnsafePointer<Float>, _ n: Int) -> Double {
+        wide ? tengrad_k_sum_squares(x, Int64(n)) : portableSumOfSquares(x, n)
+    }
+
+    /// `sumOfSquares` in portable Swift (CPUs without AVX2; the tests compare the two).
+    static func portableSumOfSquares(_ x: UnsafePointer<Float>, _ n: Int) -> Double {
         let raw = UnsafeRawPointer(x)
         var a = SIMD4<Double>(), b = SIMD4<Double>(), c = SIMD4<Double>(), d = SIMD4<Double>()
         var i = 0
@@ -107,6 +121,12 @@ enum Reduce {
 
     private static func scaleRun(_ x: UnsafePointer<Float>, by beta: Float, into y: UnsafeMutablePointer<Float>, _ n: Int) {
         if beta == 1 { return y.update(from: x, count: n) }
+        if wide { return tengrad_k_scale(x, beta, y, Int64(n)) }
+        portableScale(x, by: beta, into: y, n)
+    }
+
+    /// y_i = β x_i in portable Swift (CPUs without AVX2; the tests compare the two).
+    static func portableScale(_ x: UnsafePointer<Float>, by beta: Float, into y: UnsafeMutablePointer<Float>, _ n: Int) {
         let rx = UnsafeRawPointer(x), ry = UnsafeMutableRawPointer(y), b = SIMD8<Float>(repeating: beta)
         var i = 0
         while i + 16 <= n {
@@ -122,13 +142,24 @@ enum Reduce {
         }
     }
 
-    /// out_q = init_q + Σ_o t[o·n + q] g[q·ld + o] for q < n, summed over o = 0, 1, … in order (the
-    /// bits of a scalar loop): the diagonal of G·T with T channel-major (n per row) and G
-    /// position-major. Sixteen positions at a time, each 64 channels of their G rows copied
-    /// transposed into a 4 KiB tile first: a walk down G's columns touches one cache line per
-    /// element, and with a power-of-two leading dimension every line falls in the same L1 set
-    /// (measured: 1.4 ns per element at 128 × 1024, more than the GEMM that made T).
+    /// out_q = init_q + Σ_o t[o·n + q] g[q·ld + o] for q < n: the diagonal of G·T with T
+    /// channel-major (n per row) and G position-major. With AVX2, eight positions at a time, their
+    /// G rows transposed eight channels at a time in registers (two FMA chains).
     static func diagonalProduct(
+        t: UnsafePointer<Float>, n: Int, g: UnsafePointer<Float>, ld: Int, cols: Int,
+        into out: UnsafeMutablePointer<Float>
+    ) {
+        if wide { return tengrad_k_diagonal_product(t, Int64(n), g, Int64(ld), Int64(cols), out) }
+        portableDiagonalProduct(t: t, n: n, g: g, ld: ld, cols: cols, into: out)
+    }
+
+    /// `diagonalProduct` in portable Swift (CPUs without AVX2; the tests compare the two), summed
+    /// over o = 0, 1, … in order (the bits of a scalar loop). Sixteen positions at a time, each
+    /// 64 channels of their G rows copied transposed into a 4 KiB tile first: a walk down G's
+    /// columns touches one cache line per element, and with a power-of-two leading dimension
+    /// every line falls in the same L1 set (measured: 1.4 ns per element at 128 × 1024, more
+    /// than the GEMM that made T).
+    static func portableDiagonalProduct(
         t: UnsafePointer<Float>, n: Int, g: UnsafePointer<Float>, ld: Int, cols: Int,
         into out: UnsafeMutablePointer<Float>
     ) {

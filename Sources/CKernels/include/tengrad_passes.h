@@ -1,0 +1,23 @@
+/* AVX2 + FMA versions of the core's passes outside BLAS (the core's `Reduce`; docs/DESIGN.md §10):
+   the gradient's validation, the (1/λ) v pass and the diagonal of G·T that gives Uᵀv. The core
+   is built for baseline x86-64, where these ran on 128-bit SSE2; callers check the CPU first
+   (`Reduce.wide`). */
+#ifndef TENGRAD_PASSES_H
+#define TENGRAD_PASSES_H
+#include <stdint.h>
+
+/* Internal to libtengrad.so: none of these is exported (tengrad.h is the whole ABI). */
+#define TENGRAD_P_INTERNAL __attribute__((visibility("hidden")))
+
+/* Σ x[i]² in float64, each square exact: finite exactly when every x[i] is finite. */
+TENGRAD_P_INTERNAL double tengrad_k_sum_squares(const float *x, int64_t n);
+
+/* y[i] = beta · x[i]; y may be x. */
+TENGRAD_P_INTERNAL void tengrad_k_scale(const float *x, float beta, float *y, int64_t n);
+
+/* out[q] += Σ_o t[o·n + q] · g[q·ld + o] for q < n, o < cols: the diagonal of G·T with T
+   channel-major (n per row) and G position-major (row stride ld). */
+TENGRAD_P_INTERNAL void tengrad_k_diagonal_product(const float *t, int64_t n, const float *g, int64_t ld, int64_t cols,
+                                                   float *out);
+
+#endif

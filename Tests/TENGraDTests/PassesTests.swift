@@ -1,0 +1,101 @@
+import Testing
+@testable import TENGraD
+
+/// The passes outside BLAS (`Reduce`): the AVX2 kernels (Sources/CKernels/passes.c), where this
+/// CPU has them, against a float64 oracle and against the portable Swift loops.
+@Suite struct PassesTests {
+    /// Lengths that end in every tail: the 32-float block, the 4-float step, single floats.
+    static let lengths = [0, 1, 3, 4, 5, 31, 32, 33, 36, 37, 64, 100, 1027]
+
+    @Test func sumOfSquaresMatchesTheFloat64Loop() {
+        var rng = SeededRandom(21)
+        for n in PassesTests.lengths {
+            let v = rng.array(n).map { $0 * 1e3 }
+            var want = 0.0
+            for x in v { want += Double(x) * Double(x) }
+            let (got, portable) = v.withUnsafeBufferPointer { p in
+                (Reduce.sumOfSquares(p.baseAddress ?? UnsafePointer(bitPattern: 64)!, n),
+                 Reduce.portableSumOfSquares(p.baseAddress ?? UnsafePointer(bitPattern: 64)!, n))
+            }
+            // Exact squares, sums in another order: a few float64 roundings apart.
+            #expect(abs(got - want) <= 1e-14 * max(want, 1), "n = \(n)")
+            #expect(abs(portable - want) <= 1e-14 * max(want, 1), "n = \(n)")
+        }
+    }
+
+    /// A NaN or ±Inf at any position — every accumulator's lanes, the 4-float step, the scalar
+    /// tail — makes the sum non-finite; the largest finite floats do not.
+    @Test func sumOfSquaresFindsEveryNonFiniteEntry() {
+        let n = 71  // two 32-blocks, one 4-step, three single floats
+        let huge = [Float](repeating: Float.greatestFiniteMagnitude, count: n)
+        let sum = huge.withUnsafeBufferPointer { Reduce.sumOfSquares($0.baseAddress!, n) }
+        #expect(sum.isFinite && sum >= Double(n) * Double(Float.greatestFiniteMagnitude) * Double(Float.greatestFiniteMagnitude) * 0.999)
+        for index in 0..<n {
+            for bad in [Float.nan, .infinity, -.infinity] {
+                var v = [Float](repeating: 0.5, count: n)
+                v[index] = bad
+                let s = v.withUnsafeBufferPointer { Reduce.sumOfSquares($0.baseAddress!, n) }
+                #expect(!s.isFinite, "index \(index), \(bad)")
+            }
+        }
+    }
+
+    /// β x rounded once per entry: the same bits as the portable loop and a scalar product, out of
+    /// place and in place.
+    @Test func scaleIsOneRoundingPerEntry() {
+        var rng = SeededRandom(22)
+        for n in PassesTests.lengths where n > 0 {
+            let v = rng.array(n)
+            let beta: Float = 1 / 0.3
+            let want = v.map { beta * $0 }
+            var out = [Float](repeating: .nan, count: n), portable = out, inPlace = v
+            v.withUnsafeBufferPointer { x in
+                out.withUnsafeMutableBufferPointer { Reduce.scale(x.baseAddress!, by: beta, into: $0.baseAddress!, n) }
+                portable.withUnsafeMutableBufferPointer { Reduce.portableScale(x.baseAddress!, by: beta, into: $0.baseAddress!, n) }
+            }
+            inPlace.withUnsafeMutableBufferPointer { Reduce.scale(UnsafePointer($0.baseAddress!), by: beta, into: $0.baseAddress!, n) }
+            #expect(out == want && portable == want && inPlace == want, "n = \(n)")
+        }
+    }
+
+    /// out_q += Σ_o T[o, q] G[q, o] against float64, for position counts and channel counts that
+    /// end inside and outside the 8 × 8 blocks, with a leading dimension wider than the channels.
+    @Test func diagonalProductMatchesTheFloat64Oracle() {
+        var rng = SeededRandom(23)
+        for n in [1, 7, 8, 9, 16, 33] {
+            for cols in [1, 5, 8, 13, 64, 70] {
+                for ld in [cols, cols + 3] {
+                    let t = rng.array(cols * n), g = rng.array(n * ld), initial = rng.array(n)
+                    var want = [Double](repeating: 0, count: n), bound = [Double](repeating: 0, count: n)
+                    for q in 0..<n {
+                        want[q] = Double(initial[q])
+                        bound[q] = abs(Double(initial[q]))
+                        for o in 0..<cols {
+                            want[q] += Double(t[o * n + q]) * Double(g[q * ld + o])
+                            bound[q] += abs(Double(t[o * n + q]) * Double(g[q * ld + o]))
+                        }
+                    }
+                    var got = initial, portable = initial
+                    t.withUnsafeBufferPointer { tp in
+                        g.withUnsafeBufferPointer { gp in
+                            got.withUnsafeMutableBufferPointer {
+                                Reduce.diagonalProduct(t: tp.baseAddress!, n: n, g: gp.baseAddress!, ld: ld, cols: cols, into: $0.baseAddress!)
+                            }
+                            portable.withUnsafeMutableBufferPointer {
+                                Reduce.portableDiagonalProduct(
+                                    t: tp.baseAddress!, n: n, g: gp.baseAddress!, ld: ld, cols: cols, into: $0.baseAddress!)
+                            }
+                        }
+                    }
+                    // float32 accumulation of cols + 1 terms: |error| ≤ (cols + 1) ε Σ|terms|.
+                    let eps = Double(Float.ulpOfOne)
+                    for q in 0..<n {
+                        let tolerance = Double(cols + 1) * eps * bound[q]
+                        #expect(abs(Double(got[q]) - want[q]) <= tolerance, "n \(n) cols \(cols) ld \(ld) q \(q)")
+                        #expect(abs(Double(portable[q]) - want[q]) <= tolerance, "n \(n) cols \(cols) ld \(ld) q \(q)")
+                    }
+                }
+            }
+        }
+    }
+}
