@@ -90,6 +90,49 @@ let cases: [Case] = [(4, 6, 5), (40, 5, 3), (1, 7, 4), (12, 12, 12), (9, 1, 1)].
         }
     }
 
+    /// A memory limit that leaves room for a few samples per block: the factored Gram goes block
+    /// pair by block pair (diagonal blocks by syrk, the others by GEMM, each written on one side
+    /// of K and mirrored to the other), the last block short — still the oracle's answer, K
+    /// symmetric and the same Gram as one block would give to float32 rounding.
+    @Test(arguments: [true, false])
+    func factoredGramInSampleBlocksUnderAMemoryLimit(bias: Bool) throws {
+        let m = 24, inF = 12, outF = 10
+        var rng = SeededRandom(17)
+        let a = rng.array(m * inF), g = rng.array(m * outF)
+        let oracle = DenseOracle(activations: a, outputGrads: g, batch: m, inFeatures: inF, outFeatures: outF, bias: bias, scale: 1)
+        let want = oracle.solve(damping: 0.1, oracle.meanGradient)
+        func run(limit: Int?) throws -> (update: [Double], gram: [Double], workspace: Int) {
+            let p = Preconditioner()
+            let layer = try p.addLinear(inFeatures: inF, outFeatures: outF, bias: bias)
+            try p.setConvStrategy(layer: layer, .factored)
+            try p.setSnapshotRepresentation(layer: layer, .raw)
+            if let limit { try p.setMemoryLimit(limit) }
+            let (w, b) = try p.naturalGradient(layer: layer, batch: m, activations: a, outputGrads: g, gradScale: 1)
+            let gram = try p.layer(layer).snapshot!.system.gram
+            return (joined(w, b, out: outF, in: inF), Array(UnsafeBufferPointer(start: gram.base, count: m * m)),
+                    try p.stats(layer: layer).workspaceBytes)
+        }
+        let whole = try run(limit: nil)
+        // The smallest limit that runs: blocks of a few samples (a 12-sample block alone needs
+        // 4 · (2 · 12 · (in + out) + 2 · 12²) = 3264 bytes of workspace).
+        var blocked: (update: [Double], gram: [Double], workspace: Int)?
+        for limit in stride(from: 5_000, through: 100_000, by: 500) {
+            if let r = try? run(limit: limit) {
+                blocked = r
+                break
+            }
+        }
+        let r = try #require(blocked)
+        #expect(r.workspace < 3264)
+        for got in [whole, r] {
+            #expect(relativeError(got.update, want) <= tolerance)
+            let asymmetric = (0..<m).flatMap { i in (0..<i).filter { j in got.gram[i * m + j] != got.gram[j * m + i] } }
+            #expect(asymmetric.isEmpty)
+        }
+        let scale = whole.gram.map(abs).max()!
+        #expect(zip(r.gram, whole.gram).allSatisfy { abs($0 - $1) <= 1e-5 * scale })
+    }
+
     @Test func statsDescribeTheSnapshot() throws {
         var rng = SeededRandom(6)
         let p = Preconditioner()

@@ -124,7 +124,10 @@ struct BlockKernel {
                 // are symmetric (sum = diagonal + 2 × strict lower).
                 gramOverFeatures(pI, n: rows, features: P, into: mI)
                 gramOverFeatures(gI, n: rows, features: Cg, into: mG)
-                for li in 0..<ci {
+                if L == 1 {
+                    BlockKernel.addSinglePositionProducts(
+                        mI: mI, mG: mG, rows: ci, cols: ci, diagonal: true, one: one, at: (i0, i0), into: k, m: m)
+                } else { for li in 0..<ci {
                     for lj in 0...li {
                         var sum = 0.0
                         for l in 0..<L {
@@ -140,7 +143,7 @@ struct BlockKernel {
                         k[i * m + j] += sum
                         if i != j { k[j * m + i] += sum }
                     }
-                }
+                } }
                 flops += Double(rows) * Double(rows + 1) * Double(P + Cg) + 2 * Double(rows) * Double(rows)
                 var j0 = i0 + ci
                 while j0 < m {
@@ -150,7 +153,10 @@ struct BlockKernel {
                     let cols = cj * L
                     productOverFeatures(pI, pJ, rows: rows, cols: cols, features: P, into: mI)
                     productOverFeatures(gI, gJ, rows: rows, cols: cols, features: Cg, into: mG)
-                    for li in 0..<ci {
+                    if L == 1 {
+                        BlockKernel.addSinglePositionProducts(
+                            mI: mI, mG: mG, rows: ci, cols: cj, diagonal: false, one: one, at: (i0, j0), into: k, m: m)
+                    } else { for li in 0..<ci {
                         for lj in 0..<cj {
                             var sum = 0.0
                             for l in 0..<L {
@@ -161,7 +167,7 @@ struct BlockKernel {
                             k[i * m + j] += sum
                             k[j * m + i] += sum
                         }
-                    }
+                    } }
                     flops += 2 * Double(rows) * Double(cols) * Double(P + Cg + 1)
                     j0 += cj
                 }
@@ -169,6 +175,53 @@ struct BlockKernel {
             }
         }
         return flops
+    }
+
+    /// K += (M_I + one) ∘ M_G for one position per sample (linear layers), M row-major with `cols`
+    /// per row, for samples i0 + li and j0 + lj: the lower triangle when `diagonal` (an I = J
+    /// block, M_I and M_G lower triangles from syrk), else every pair; then mirrored. The same
+    /// float operations as the general loop at L = 1 — fl(x y) + y off the diagonal, fl(x + one) y
+    /// on it — without its per-pair dot products over L positions, which cost more than the pair
+    /// (256², m = 512: a fifth of the curvature update in `perf`).
+    private static func addSinglePositionProducts(
+        mI: UnsafePointer<Float>, mG: UnsafePointer<Float>, rows: Int, cols: Int, diagonal: Bool, one: Float,
+        at origin: (i0: Int, j0: Int), into k: UnsafeMutablePointer<Double>, m: Int
+    ) {
+        for li in 0..<rows {
+            let x = mI + li * cols, y = mG + li * cols, kRow = k + (origin.i0 + li) * m + origin.j0
+            let end = diagonal ? li : cols
+            if one == 0 {
+                for lj in 0..<end { kRow[lj] += Double(x[lj] * y[lj]) }
+            } else {
+                for lj in 0..<end { kRow[lj] += Double(x[lj] * y[lj] + y[lj]) }
+            }
+            if diagonal { kRow[li] += Double((x[li] + one) * y[li]) }
+        }
+        mirror(k, m: m, rows: origin.i0..<origin.i0 + rows, cols: origin.j0..<origin.j0 + cols, below: diagonal)
+    }
+
+    /// k[j][i] = k[i][j] for i in `rows`, j in `cols` (j < i only when `below`), in 8 × 8 tiles.
+    /// Exact for K += a symmetric addition written on one side: K is symmetric before (zero, or
+    /// earlier groups' symmetric sums), so both sides hold the same sum. Written entry by entry, the
+    /// transposed side took a cache line per entry, all lines of a column in one L1 set at
+    /// power-of-two m (256², m = 512: 90 % of the loop's samples on that store).
+    private static func mirror(_ k: UnsafeMutablePointer<Double>, m: Int, rows: Range<Int>, cols: Range<Int>, below: Bool) {
+        let tile = 8
+        for ib in stride(from: rows.lowerBound, to: rows.upperBound, by: tile) {
+            let iEnd = min(ib + tile, rows.upperBound)
+            for jb in stride(from: cols.lowerBound, to: cols.upperBound, by: tile) {
+                if below && jb >= iEnd { break }
+                let jEnd = min(jb + tile, cols.upperBound)
+                for i in ib..<iEnd {
+                    let last = below ? min(jEnd, i) : jEnd
+                    var j = jb
+                    while j < last {
+                        k[j * m + i] = k[i * m + j]
+                        j += 1
+                    }
+                }
+            }
+        }
     }
 
     // MARK: - Helpers
