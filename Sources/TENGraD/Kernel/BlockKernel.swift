@@ -127,23 +127,25 @@ struct BlockKernel {
                 if L == 1 {
                     BlockKernel.addSinglePositionProducts(
                         mI: mI, mG: mG, rows: ci, cols: ci, diagonal: true, one: one, at: (i0, i0), into: k, m: m)
-                } else { for li in 0..<ci {
-                    for lj in 0...li {
-                        var sum = 0.0
-                        for l in 0..<L {
-                            let row = (li * L + l) * rows + lj * L
-                            if li != lj {
-                                sum += Double(Reduce.shiftedDot(mI + row, plus: one, mG + row, L))
-                            } else {
-                                let strict = Reduce.shiftedDot(mI + row, plus: one, mG + row, l)
-                                sum += 2 * Double(strict) + Double((mI[row + l] + one) * mG[row + l])
+                } else {
+                    for li in 0..<ci {
+                        for lj in 0...li {
+                            var sum = 0.0
+                            for l in 0..<L {
+                                let row = (li * L + l) * rows + lj * L
+                                if li != lj {
+                                    sum += Double(Reduce.shiftedDot(mI + row, plus: one, mG + row, L))
+                                } else {
+                                    let strict = Reduce.shiftedDot(mI + row, plus: one, mG + row, l)
+                                    sum += 2 * Double(strict) + Double((mI[row + l] + one) * mG[row + l])
+                                }
                             }
+                            let i = i0 + li, j = i0 + lj
+                            k[i * m + j] += sum
+                            if i != j { k[j * m + i] += sum }
                         }
-                        let i = i0 + li, j = i0 + lj
-                        k[i * m + j] += sum
-                        if i != j { k[j * m + i] += sum }
                     }
-                } }
+                }
                 flops += Double(rows) * Double(rows + 1) * Double(P + Cg) + 2 * Double(rows) * Double(rows)
                 var j0 = i0 + ci
                 while j0 < m {
@@ -156,18 +158,20 @@ struct BlockKernel {
                     if L == 1 {
                         BlockKernel.addSinglePositionProducts(
                             mI: mI, mG: mG, rows: ci, cols: cj, diagonal: false, one: one, at: (i0, j0), into: k, m: m)
-                    } else { for li in 0..<ci {
-                        for lj in 0..<cj {
-                            var sum = 0.0
-                            for l in 0..<L {
-                                let row = (li * L + l) * cols + lj * L
-                                sum += Double(Reduce.shiftedDot(mI + row, plus: one, mG + row, L))
+                    } else {
+                        for li in 0..<ci {
+                            for lj in 0..<cj {
+                                var sum = 0.0
+                                for l in 0..<L {
+                                    let row = (li * L + l) * cols + lj * L
+                                    sum += Double(Reduce.shiftedDot(mI + row, plus: one, mG + row, L))
+                                }
+                                let i = i0 + li, j = j0 + lj
+                                k[i * m + j] += sum
+                                k[j * m + i] += sum
                             }
-                            let i = i0 + li, j = j0 + lj
-                            k[i * m + j] += sum
-                            k[j * m + i] += sum
                         }
-                    } }
+                    }
                     flops += 2 * Double(rows) * Double(cols) * Double(P + Cg + 1)
                     j0 += cj
                 }

@@ -77,7 +77,8 @@ enum Reduce {
     /// 4-lane accumulators. Finite exactly when every x_i is finite: the largest square is
     /// FLT_MAX² ≈ 1.2e77, so no count of finite squares overflows a double. 1.6–1.9× OpenBLAS's
     /// dsdot, which sums one product at a time (1M floats from L3 on an EPYC: 0.18 against
-    /// 0.27–0.33 ms). With AVX2, eight 4-lane accumulators: 64K floats in L2, 9.6 → 3.4 µs.
+    /// 0.27–0.33 ms). With AVX2, eight 4-lane accumulators: 9.6 → 4.5 µs in the 256², m = 32
+    /// precondition's profile (docs/DESIGN.md §10).
     static func sumOfSquares(_ x: UnsafePointer<Float>, _ n: Int) -> Double {
         wide ? tengrad_k_sum_squares(x, Int64(n)) : portableSumOfSquares(x, n)
     }
