@@ -54,8 +54,7 @@ void tengrad_k_pack_gradients(int64_t n, int64_t out, const float *g, int64_t ld
 }
 
 #if defined(__x86_64__)
-#include <immintrin.h>
-#define AVX2 __attribute__((target("avx2,fma")))
+#include "avx2.h"
 enum { KBLOCK = 256, CBLOCK = 256 };
 
 static int64_t take(int64_t *next) { return __atomic_fetch_add(next, 1, __ATOMIC_RELAXED); }
@@ -64,26 +63,9 @@ static int64_t take(int64_t *next) { return __atomic_fetch_add(next, 1, __ATOMIC
 
 /* 8 rows of 8 floats (row stride lda) transposed into 8 rows of 8 at stride 16. */
 AVX2 static inline void transpose8(const float *a, int64_t lda, float *out) {
-    __m256 r0 = _mm256_loadu_ps(a), r1 = _mm256_loadu_ps(a + lda);
-    __m256 r2 = _mm256_loadu_ps(a + 2 * lda), r3 = _mm256_loadu_ps(a + 3 * lda);
-    __m256 r4 = _mm256_loadu_ps(a + 4 * lda), r5 = _mm256_loadu_ps(a + 5 * lda);
-    __m256 r6 = _mm256_loadu_ps(a + 6 * lda), r7 = _mm256_loadu_ps(a + 7 * lda);
-    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    _mm256_storeu_ps(out + 0 * 16, _mm256_permute2f128_ps(s0, s4, 0x20));
-    _mm256_storeu_ps(out + 1 * 16, _mm256_permute2f128_ps(s1, s5, 0x20));
-    _mm256_storeu_ps(out + 2 * 16, _mm256_permute2f128_ps(s2, s6, 0x20));
-    _mm256_storeu_ps(out + 3 * 16, _mm256_permute2f128_ps(s3, s7, 0x20));
-    _mm256_storeu_ps(out + 4 * 16, _mm256_permute2f128_ps(s0, s4, 0x31));
-    _mm256_storeu_ps(out + 5 * 16, _mm256_permute2f128_ps(s1, s5, 0x31));
-    _mm256_storeu_ps(out + 6 * 16, _mm256_permute2f128_ps(s2, s6, 0x31));
-    _mm256_storeu_ps(out + 7 * 16, _mm256_permute2f128_ps(s3, s7, 0x31));
+    __m256 r[8];
+    transpose8x8(a, lda, r);
+    for (int k = 0; k < 8; k++) _mm256_storeu_ps(out + k * 16, r[k]);
 }
 
 /* Full panels in 8 × 8 blocks transposed in registers: a float at a time, the 16 rows read in

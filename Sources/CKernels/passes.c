@@ -5,8 +5,7 @@
 #include "tengrad_passes.h"
 
 #if defined(__x86_64__)
-#include <immintrin.h>
-#define AVX2 __attribute__((target("avx2,fma")))
+#include "avx2.h"
 
 AVX2 static inline __m256d squares4(const float *x, __m256d s) {
     __m256d d = _mm256_cvtps_pd(_mm_loadu_ps(x));
@@ -49,26 +48,6 @@ AVX2 void tengrad_k_scale(const float *x, float beta, float *y, int64_t n) {
     for (; i < n; i++) y[i] = beta * x[i];
 }
 
-/* Eight rows of eight floats (row stride ld) transposed: r[k] becomes column k. */
-AVX2 static inline void transpose8(const float *a, int64_t ld, __m256 r[8]) {
-    __m256 t[8], s[8];
-    for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_ps(a + k * ld);
-    for (int k = 0; k < 8; k += 2) {
-        t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
-        t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
-    }
-    for (int k = 0; k < 8; k += 4) {
-        s[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
-        s[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
-        s[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
-        s[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
-    }
-    for (int k = 0; k < 4; k++) {
-        r[k] = _mm256_permute2f128_ps(s[k], s[k + 4], 0x20);
-        r[k + 4] = _mm256_permute2f128_ps(s[k], s[k + 4], 0x31);
-    }
-}
-
 /* Eight positions at a time: their G rows, eight channels at a time, transposed in registers so
    that channel o's eight values meet T's row o (contiguous over the positions). Scalar loops for
    the last positions and channels. */
@@ -80,7 +59,7 @@ AVX2 void tengrad_k_diagonal_product(const float *t, int64_t n, const float *g, 
         int64_t o0 = 0;
         for (; o0 + 8 <= cols; o0 += 8) {
             __m256 c[8];
-            transpose8(rows + o0, ld, c);
+            transpose8x8(rows + o0, ld, c);
             const float *trow = t + o0 * n + q0;
             for (int k = 0; k < 8; k += 2) {
                 acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(trow + k * n), c[k], acc0);

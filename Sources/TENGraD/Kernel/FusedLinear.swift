@@ -1,4 +1,3 @@
-import CCPU
 import CKernels
 
 /// The linear precondition's two products in kernels of our own (Sources/CKernels, AVX2 + FMA;
@@ -8,8 +7,8 @@ import CKernels
 /// wrote it twice; here twice and once. For linear layers (one group, positions as rows, the
 /// activations a view) over at most `maxPositions` positions, on CPUs with AVX2 and FMA.
 struct FusedLinear {
-    /// The kernels run on this CPU.
-    static let available = tengrad_cpu_vector_isa() >= Int32(TENGRAD_CPU_ISA_AVX2)
+    /// The kernels run on this CPU (AVX2 and FMA: `Reduce.wide`).
+    static var available: Bool { Reduce.wide }
     /// Batch positions (samples × tokens) up to which the kernels replace OpenBLAS's GEMMs. The
     /// products grow with the positions, the passes saved do not: at 4096² with OpenBLAS's worker
     /// still spinning from a call just before (its default timeout; our second thread then shares

@@ -10,7 +10,8 @@ import CKernels
 /// the CPU has them (`wide`; the library is built for baseline x86-64, where these loops ran on
 /// 128-bit SSE2), else in the portable loops here.
 enum Reduce {
-    /// The AVX2 passes (Sources/CKernels/passes.c) run on this CPU.
+    /// The AVX2 + FMA kernels of Sources/CKernels run on this CPU: these passes (passes.c) and the
+    /// fused linear products (kernels.c, `FusedLinear.available`).
     static let wide = tengrad_cpu_vector_isa() >= Int32(TENGRAD_CPU_ISA_AVX2)
 
     /// Σ x_i.
