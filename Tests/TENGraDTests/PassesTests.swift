@@ -98,4 +98,56 @@ import Testing
             }
         }
     }
+    /// The gradients scaled per sample (w_q = Float(αs · x_{q / positions}), one rounding each) and
+    /// their column sums in order of q: the kernel gives the bits of the scalar expressions and of
+    /// the portable loops, for column counts in and out of the 8- and 16-float blocks, several
+    /// positions per sample, a row stride wider than the columns, and no sums.
+    @Test func scaledRowsAreTheScalarExpressions() {
+        var rng = SeededRandom(24)
+        for positions in [1, 3] {
+            for samples in [1, 2, 5] {
+                for cols in [1, 7, 8, 15, 16, 17, 40] {
+                    for (ldg, withSums) in [(cols, true), (cols + 5, true), (cols + 2, false)] {
+                        let rows = samples * positions
+                        let g = rng.array(rows * ldg), x = rng.array(samples).map { Double($0) * 3.7 }
+                        let alphaS = -1.0 / 0.3
+                        var want = [Float](repeating: 0, count: rows * cols), wantSums = [Float](repeating: 0, count: cols)
+                        for q in 0..<rows {
+                            let w = Float(alphaS * x[q / positions])
+                            for c in 0..<cols {
+                                want[q * cols + c] = w * g[q * ldg + c]
+                                wantSums[c] = q == 0 ? want[c] : wantSums[c] + want[q * cols + c]
+                            }
+                        }
+                        var out = [Float](repeating: .nan, count: rows * cols), sums = [Float](repeating: .nan, count: cols)
+                        var outP = out, sumsP = sums
+                        g.withUnsafeBufferPointer { gp in
+                            x.withUnsafeBufferPointer { xp in
+                                out.withUnsafeMutableBufferPointer { o in
+                                    sums.withUnsafeMutableBufferPointer { sp in
+                                        Reduce.scaledRows(rows, cols: cols, g: gp.baseAddress!, ldg: ldg, x: xp.baseAddress!, alphaS: alphaS,
+                                                          positions: positions, into: o.baseAddress!, sums: withSums ? sp.baseAddress! : nil)
+                                    }
+                                }
+                                outP.withUnsafeMutableBufferPointer { o in
+                                    sumsP.withUnsafeMutableBufferPointer { sp in
+                                        Reduce.portableScaledRows(
+                                            rows, cols: cols, g: gp.baseAddress!, ldg: ldg, x: xp.baseAddress!, alphaS: alphaS,
+                                            positions: positions, into: o.baseAddress!, sums: withSums ? sp.baseAddress! : nil)
+                                    }
+                                }
+                            }
+                        }
+                        let label = "positions \(positions) samples \(samples) cols \(cols) ldg \(ldg) sums \(withSums)"
+                        #expect(out == want && outP == want, "\(label)")
+                        if withSums {
+                            #expect(sums == wantSums && sumsP == wantSums, "\(label)")
+                        } else {
+                            #expect(sums.allSatisfy { $0.isNaN } && sumsP.allSatisfy { $0.isNaN }, "\(label): sums untouched")
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

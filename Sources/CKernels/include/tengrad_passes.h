@@ -1,5 +1,6 @@
 /* AVX2 + FMA versions of the core's passes outside BLAS (the core's `Reduce`; docs/DESIGN.md §10):
-   the gradient's validation, the (1/λ) v pass and the diagonal of G·T that gives Uᵀv. The core
+   the gradient's validation, the (1/λ) v pass, the diagonal of G·T that gives Uᵀv and the
+   gradients scaled per sample for U x. The core
    is built for baseline x86-64, where these ran on 128-bit SSE2; callers check the CPU first
    (`Reduce.wide`). */
 #ifndef TENGRAD_PASSES_H
@@ -19,5 +20,11 @@ TENGRAD_P_INTERNAL void tengrad_k_scale(const float *x, float beta, float *y, in
    channel-major (n per row) and G position-major (row stride ld). */
 TENGRAD_P_INTERNAL void tengrad_k_diagonal_product(const float *t, int64_t n, const float *g, int64_t ld, int64_t cols,
                                                    float *out);
+
+/* out[q·cols + c] = w_q · g[q·ldg + c] for q < rows, c < cols, where w_q = (float)(alpha_s ·
+   x[q / positions]): the gradients scaled per sample; with sums (non-null), also sums[c] =
+   Σ_q out[q·cols + c], summed in order of q. */
+TENGRAD_P_INTERNAL void tengrad_k_scaled_rows(int64_t rows, int64_t cols, const float *g, int64_t ldg, const double *x,
+                                              double alpha_s, int64_t positions, float *out, float *sums);
 
 #endif

@@ -95,16 +95,19 @@ extension BlockKernel {
             let firstBeta: Float = i0 == 0 ? beta : 1
             for group in 0..<dims.groups {
                 let patches = kept ?? geometry.patches(a, start: i0, count: cc, group: group, scratch: patchBuf)
-                // GS = the chunk's gradients scaled per sample, stored in the patches' layout.
-                for li in 0..<cc {
-                    let w = Float(alpha * s * x[i0 + li])
-                    let src = g + (i0 + li) * dims.outputSize
-                    if dims.positionMajor {
-                        for l in 0..<L {
-                            let from = src + l * Cout + group * Cg, to = gs + (li * L + l) * Cg
-                            for o in 0..<Cg { to[o] = w * from[o] }
-                        }
-                    } else {
+                // GS = the chunk's gradients scaled per sample, stored in the patches' layout;
+                // position-major, with the bias part's column sums (over contiguous rows, into the
+                // idle half of the workspace after GS, in the order of a strided walk: the same bits).
+                let sums = gs + Cg * n
+                if dims.positionMajor {
+                    // Rows of Cg at stride Cout: a sample's L positions, then the next sample's.
+                    Reduce.scaledRows(
+                        n, cols: Cg, g: g + i0 * dims.outputSize + group * Cg, ldg: Cout, x: x + i0, alphaS: alpha * s,
+                        positions: L, into: gs, sums: bias == nil ? nil : sums)
+                } else {
+                    for li in 0..<cc {
+                        let w = Float(alpha * s * x[i0 + li])
+                        let src = g + (i0 + li) * dims.outputSize
                         for o in 0..<Cg {
                             let from = src + (group * Cg + o) * L, to = gs + o * n + li * L
                             for l in 0..<L { to[l] = w * from[l] }
@@ -115,13 +118,6 @@ extension BlockKernel {
                 productOverPositions(
                     scaled, patches, rows: Cg, cols: P, count: n, beta: firstBeta, into: weight + group * Cg * P, ldc: P)
                 if let bias {
-                    // Position-major: the column sums over contiguous rows into the idle half of
-                    // the workspace after GS, in the order of a strided walk (the same bits).
-                    let sums = gs + Cg * n
-                    if dims.positionMajor {
-                        sums.update(from: gs, count: Cg)
-                        for q in 1..<max(n, 1) { Reduce.accumulate(gs + q * Cg, into: sums, Cg) }
-                    }
                     for o in 0..<Cg {
                         let sum = dims.positionMajor ? sums[o] : Reduce.sum(gs + o * n, n)
                         let j = group * Cg + o
