@@ -37,9 +37,19 @@ AVX2 double tengrad_k_sum_squares(const float *x, int64_t n) {
     return sum;
 }
 
-AVX2 void tengrad_k_scale(const float *x, float beta, float *y, int64_t n) {
+AVX2 void tengrad_k_scale(const float *x, float beta, float *y, int64_t n, int stream) {
     const __m256 b = _mm256_set1_ps(beta);
     int64_t i = 0;
+    if (stream) {
+        /* Stores that bypass the cache: no read of y's lines first (a third of the traffic). */
+        for (; i < n && ((uintptr_t)(y + i) & 31); i++) y[i] = beta * x[i];
+        for (; i + 16 <= n; i += 16) {
+            __m256 u = _mm256_loadu_ps(x + i), v = _mm256_loadu_ps(x + i + 8);
+            _mm256_stream_ps(y + i, _mm256_mul_ps(u, b));
+            _mm256_stream_ps(y + i + 8, _mm256_mul_ps(v, b));
+        }
+        _mm_sfence();
+    }
     for (; i + 16 <= n; i += 16) {
         __m256 u = _mm256_loadu_ps(x + i), v = _mm256_loadu_ps(x + i + 8);
         _mm256_storeu_ps(y + i, _mm256_mul_ps(u, b));
@@ -124,7 +134,8 @@ double tengrad_k_sum_squares(const float *x, int64_t n) {
     (void)n;
     return 0;
 }
-void tengrad_k_scale(const float *x, float beta, float *y, int64_t n) {
+void tengrad_k_scale(const float *x, float beta, float *y, int64_t n, int stream) {
+    (void)stream;
     (void)x;
     (void)beta;
     (void)y;

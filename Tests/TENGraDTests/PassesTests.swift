@@ -1,3 +1,4 @@
+import CKernels
 import Testing
 @testable import TENGraD
 
@@ -56,6 +57,36 @@ import Testing
             inPlace.withUnsafeMutableBufferPointer { Reduce.scale(UnsafePointer($0.baseAddress!), by: beta, into: $0.baseAddress!, n) }
             #expect(out == want && portable == want && inPlace == want, "n = \(n)")
         }
+    }
+
+    /// The stores around the cache (out of place, from 16 MiB): every alignment of the output
+    /// (the scalar lead-in up to 32 bytes, the streamed blocks, the tail) gives the scalar
+    /// product's bits; and one array past the threshold through `Reduce.scale`, in two halves.
+    @Test func streamedScaleIsOneRoundingPerEntry() {
+        var rng = SeededRandom(25)
+        let beta: Float = -1 / 0.7
+        if Reduce.wide {
+            for n in PassesTests.lengths {
+                let v = rng.array(n), want = v.map { beta * $0 }
+                for offset in 0..<8 {
+                    var out = [Float](repeating: .nan, count: n + 8)
+                    v.withUnsafeBufferPointer { x in
+                        out.withUnsafeMutableBufferPointer { tengrad_k_scale(x.baseAddress!, beta, $0.baseAddress! + offset, Int64(n), 1) }
+                    }
+                    #expect(Array(out[offset..<offset + n]) == want, "n \(n) offset \(offset)")
+                    #expect(out[..<offset].allSatisfy { $0.isNaN } && out[(offset + n)...].allSatisfy { $0.isNaN }, "n \(n) offset \(offset)")
+                }
+            }
+        }
+        let n = twoThreadArrayCount + 37
+        let v = rng.array(n)
+        var out = [Float](repeating: .nan, count: n + 1)
+        v.withUnsafeBufferPointer { x in
+            out.withUnsafeMutableBufferPointer { Reduce.scale(x.baseAddress!, by: beta, into: $0.baseAddress! + 1, n) }
+        }
+        var mismatches = 0
+        for i in 0..<n where out[i + 1] != beta * v[i] { mismatches += 1 }
+        #expect(mismatches == 0 && out[0].isNaN)
     }
 
     /// out_q += Σ_o T[o, q] G[q, o] against float64, for position counts and channel counts that

@@ -13,8 +13,9 @@
 /* Σ x[i]² in float64, each square exact: finite exactly when every x[i] is finite. */
 TENGRAD_P_INTERNAL double tengrad_k_sum_squares(const float *x, int64_t n);
 
-/* y[i] = beta · x[i]; y may be x. */
-TENGRAD_P_INTERNAL void tengrad_k_scale(const float *x, float beta, float *y, int64_t n);
+/* y[i] = beta · x[i]; y may be x. With stream (y not x), y's lines are written around the cache:
+   for arrays far larger than it, which the next pass reads from memory anyway. */
+TENGRAD_P_INTERNAL void tengrad_k_scale(const float *x, float beta, float *y, int64_t n, int stream);
 
 /* out[q] += Σ_o t[o·n + q] · g[q·ld + o] for q < n, o < cols: the diagonal of G·T with T
    channel-major (n per row) and G position-major (row stride ld). */

@@ -116,14 +116,24 @@ enum Reduce {
     /// on two threads of the library's own for large arrays (`inHalves`): 16M floats in 6.2 against 9.6 ms when OpenBLAS's idle
     /// worker sleeps soon (the Python binding's OPENBLAS_THREAD_TIMEOUT=20), 10.9 against 10.1 ms
     /// while it still spins for OpenBLAS's default 2^28 cycles after the call before.
+    ///
+    /// Out of place from `twoThreadArrayCount` floats (16 MiB), the AVX2 kernel writes around the
+    /// cache: GEMM then reads the update from memory either way, and the stores no longer read
+    /// y's lines first (a C driver, 4096², one thread, then the m = 128 GEMM: the pass 8.1 → 5.0
+    /// ms, with the GEMM 38.5 → 34.7; 1024², which stays in L3, even).
     static func scale(_ x: UnsafePointer<Float>, by beta: Float, into y: UnsafeMutablePointer<Float>, _ n: Int) {
         if beta == 1 && UnsafePointer(y) == x { return }  // nothing to do: no pass, no thread
-        inHalves(n) { _, range in scaleRun(x + range.lowerBound, by: beta, into: y + range.lowerBound, range.count) }
+        let stream = UnsafePointer(y) != x && n >= twoThreadArrayCount
+        inHalves(n) { _, range in
+            scaleRun(x + range.lowerBound, by: beta, into: y + range.lowerBound, range.count, stream: stream)
+        }
     }
 
-    private static func scaleRun(_ x: UnsafePointer<Float>, by beta: Float, into y: UnsafeMutablePointer<Float>, _ n: Int) {
+    private static func scaleRun(
+        _ x: UnsafePointer<Float>, by beta: Float, into y: UnsafeMutablePointer<Float>, _ n: Int, stream: Bool
+    ) {
         if beta == 1 { return y.update(from: x, count: n) }
-        if wide { return tengrad_k_scale(x, beta, y, Int64(n)) }
+        if wide { return tengrad_k_scale(x, beta, y, Int64(n), stream ? 1 : 0) }
         portableScale(x, by: beta, into: y, n)
     }
 
