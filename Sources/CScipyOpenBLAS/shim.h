@@ -41,6 +41,7 @@ static inline void cblas_ssyrk(enum CBLAS_ORDER order, enum CBLAS_UPLO uplo, enu
                                float *c, blasint ldc) {
     scipy_cblas_ssyrk(order, uplo, t, n, k, alpha, a, lda, beta, c, ldc);
 }
+static inline void cblas_sscal(blasint n, float alpha, float *x, blasint incx) { scipy_cblas_sscal(n, alpha, x, incx); }
 static inline void cblas_sgemv(enum CBLAS_ORDER order, enum CBLAS_TRANSPOSE t, blasint m, blasint n,
                                float alpha, const float *a, blasint lda, const float *x, blasint incx,
                                float beta, float *y, blasint incy) {

@@ -61,7 +61,8 @@ import Testing
 
     /// The stores around the cache (out of place, from 16 MiB): every alignment of the output
     /// (the scalar lead-in up to 32 bytes, the streamed blocks, the tail) gives the scalar
-    /// product's bits; and one array past the threshold through `Reduce.scale`, in two halves.
+    /// product's bits; and one array past the threshold through `Reduce.scale`, out of place (in
+    /// two halves) and in place (OpenBLAS's sscal): the same bits.
     @Test func streamedScaleIsOneRoundingPerEntry() {
         var rng = SeededRandom(25)
         let beta: Float = -1 / 0.7
@@ -84,9 +85,37 @@ import Testing
         v.withUnsafeBufferPointer { x in
             out.withUnsafeMutableBufferPointer { Reduce.scale(x.baseAddress!, by: beta, into: $0.baseAddress! + 1, n) }
         }
-        var mismatches = 0
-        for i in 0..<n where out[i + 1] != beta * v[i] { mismatches += 1 }
+        var inPlace = v
+        inPlace.withUnsafeMutableBufferPointer { Reduce.scale(UnsafePointer($0.baseAddress!), by: beta, into: $0.baseAddress!, n) }
+        var mismatches = 0, inPlaceMismatches = 0
+        for i in 0..<n {
+            if out[i + 1] != beta * v[i] { mismatches += 1 }
+            if inPlace[i] != beta * v[i] { inPlaceMismatches += 1 }
+        }
         #expect(mismatches == 0 && out[0].isNaN)
+        #expect(inPlaceMismatches == 0, "in place (OpenBLAS's sscal)")
+    }
+
+    /// A layer past the large-array threshold (2048², 4M weights): the out-of-place update (its
+    /// (1/λ)v streamed, in two halves) and the in-place one (OpenBLAS's sscal) have the same bits.
+    @Test func largeLayerInPlaceIsOutOfPlace() throws {
+        let n = 2048, m = 3
+        #expect(n * n >= twoThreadArrayCount)
+        var rng = SeededRandom(26)
+        let a = rng.array(m * n), g = rng.array(m * n), vw = rng.array(n * n), vb = rng.array(n)
+        let p = Preconditioner()
+        let layer = try p.addLinear(inFeatures: n, outFeatures: n, bias: true)
+        try p.updateCurvature(layer: layer, batch: m, activations: a, outputGrads: g, gradScale: Float(m))
+        let (w, b) = try p.precondition(layer: layer, weightGrad: vw, biasGrad: vb)
+        var inPlaceW = vw, inPlaceB = vb
+        try inPlaceW.withUnsafeMutableBufferPointer { wp in
+            try inPlaceB.withUnsafeMutableBufferPointer { bp in
+                try p.precondition(layer: layer, weightGrad: UnsafeBufferPointer(wp), biasGrad: UnsafeBufferPointer(bp),
+                                   weightUpdate: wp, biasUpdate: bp)
+            }
+        }
+        #expect(inPlaceW == w && inPlaceB == b)
+        #expect(w.allSatisfy { $0.isFinite } && w != vw)
     }
 
     /// out_q += Σ_o T[o, q] G[q, o] against float64, for position counts and channel counts that

@@ -112,6 +112,17 @@ enum BLAS {
         cblas_ssyrk(CblasRowMajor, CblasLower, trans ? CblasTrans : CblasNoTrans, i(n), i(k), 1, a, i(lda), 0, c, i(ldc))
     }
 
+    /// x = alpha · x over n floats, in calls of at most 2³⁰ (OpenBLAS spreads each over its
+    /// threads from about 1M floats). One rounding per entry, as `Reduce.scale`'s.
+    static func sscal(n: Int, alpha: Float, x: UnsafeMutablePointer<Float>) {
+        var done = 0
+        while done < n {
+            let count = min(n - done, 1 << 30)
+            cblas_sscal(i(count), alpha, x + done, 1)
+            done += count
+        }
+    }
+
     /// y = alpha · A · x + beta · y for row-major A[m×n] (row stride lda); `trans` uses Aᵀ (y has
     /// n entries). β = 0 overwrites y whatever it held (it is zeroed first: BLAS may keep NaN·0).
     static func sgemv(
