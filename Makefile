@@ -328,7 +328,10 @@ fuzz-smoke: ## Both fuzzers for 15 s each (part of `make test`)
 
 bench: build ## Benchmark table (not a test): seconds, GFLOP/s, ratio to OpenBLAS sgemm
 	swift build -c release --product tengrad-bench $(SWIFT_FLAGS)
-	$(RELEASE_DIR)/tengrad-bench
+	@# OpenBLAS's idle workers spin 2^OPENBLAS_THREAD_TIMEOUT cycles after each call, sharing a core
+	@# with our own second thread: the README's setting for C and Swift programs (and the Python
+	@# binding's) is 20, unless you set another.
+	OPENBLAS_THREAD_TIMEOUT=$${OPENBLAS_THREAD_TIMEOUT:-20} $(RELEASE_DIR)/tengrad-bench
 	@echo; echo "== TENGraD vs numpy (authors' style) vs KFAC inverse update, one BLAS thread per pool"
 	OPENBLAS_NUM_THREADS=1 $(PYTHON) benchmarks/compare.py
 	@echo; echo "== the same with two BLAS threads per pool (numpy's and ours contend for 2 cores)"

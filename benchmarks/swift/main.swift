@@ -3,7 +3,8 @@
 // For m ∈ {32, 128, 512} and in = out ∈ {256, 1024, 4096}: seconds per natural_gradient,
 // update_curvature and precondition, their GFLOP/s (flops of the docs/DESIGN.md §2 algorithm), and the ratio
 // to a floor measured in the same run: the precondition's two OpenBLAS GEMMs alone, timed in
-// alternating rounds with the in-place precondition. Each time is the median of several repetitions.
+// alternating rounds with the precondition out of place and in place. Each time is the median of
+// several repetitions.
 //
 //   tengrad-bench [--quick] [--linear-only | --conv-only] [--size m,n]
 #if ScipyOpenBLAS
@@ -37,26 +38,23 @@ func measure(_ body: () throws -> Void) rethrows -> Double {
     return times[times.count / 2]
 }
 
-/// Medians of `a` and `b` timed in alternating rounds (about 0.6 s, 5 to 31 rounds); `prepare`
-/// runs untimed before each `a`.
-func pairedMedians(prepare: () -> Void = {}, _ a: () throws -> Void, _ b: () throws -> Void) rethrows -> (Double, Double) {
+/// Medians of `body(0)`, …, `body(count − 1)` timed in alternating rounds (at least 9 rounds, then
+/// up to 31 within about 1.5 s); `prepare` runs untimed before each round. Bodies compared in one
+/// round see the same drift of a shared machine.
+func alternatingMedians(_ count: Int, prepare: () -> Void = {}, _ body: (Int) throws -> Void) rethrows -> [Double] {
     prepare()
-    try a()
-    try b()
-    var ta: [Double] = [], tb: [Double] = []
+    for k in 0..<count { try body(k) }  // warm-up
+    var times = [[Double]](repeating: [], count: count)
     let start = now()
-    while ta.count < 5 || (ta.count < 31 && now() - start < 0.6) {
+    while times[0].count < 9 || (times[0].count < 31 && now() - start < 1.5) {
         prepare()
-        var t0 = now()
-        try a()
-        ta.append(now() - t0)
-        t0 = now()
-        try b()
-        tb.append(now() - t0)
+        for k in 0..<count {
+            let t0 = now()
+            try body(k)
+            times[k].append(now() - t0)
+        }
     }
-    ta.sort()
-    tb.sort()
-    return (ta[ta.count / 2], tb[tb.count / 2])
+    return times.map { $0.sorted()[$0.count / 2] }
 }
 
 struct LCG {
@@ -81,17 +79,20 @@ let onlySize: (Int, Int)? = CommandLine.arguments.firstIndex(of: "--size").flatM
 let batches = onlySize.map { [$0.0] } ?? (quick ? [32, 128] : [32, 128, 512])
 let widths = onlySize.map { [$0.1] } ?? (quick ? [256, 1024] : [256, 1024, 4096])
 let threads = getenv("OPENBLAS_NUM_THREADS").map { String(cString: $0) } ?? "default"
+/// OpenBLAS's idle workers spin 2^this many cycles after each threaded call (read at its load;
+/// 28 when unset): the README's setting for C and Swift programs, and the Python binding's, is 20.
+let spin = getenv("OPENBLAS_THREAD_TIMEOUT").map { String(cString: $0) } ?? "unset: 28"
 
 let blas = BLASInfo.current
 print("CPU: \(blas.cpuModel) (family \(blas.cpuFamily) model \(blas.cpuModelNumber), \(blas.cpuISA.name)); "
       + "BLAS: \(blas.library) \(blas.version) (\(blas.build)), core \(blas.core) (\(blas.coreISA.name)"
       + (blas.isGenericFallback ? ", GENERIC FALLBACK" : "") + "), \(blas.threads) thread(s)\n")
 if runLinear {
-print("TENGraD linear-layer benchmark (OPENBLAS_NUM_THREADS=\(threads)); bias on; λ = 0.1")
+print("TENGraD linear-layer benchmark (OPENBLAS_NUM_THREADS=\(threads), OPENBLAS_THREAD_TIMEOUT=\(spin)); bias on; λ = 0.1")
 print("GFLOP/s count the docs/DESIGN.md §2 algorithm: Grams m(m+1)(in+out), Cholesky m³/3, GEMMs 2·m·in·out each")
 print("floor = GFLOP/s of the precondition's two GEMMs alone (V·A and C += Gᵀ·A, OpenBLAS, timed in alternating")
-print("rounds with the in-place precondition); ratio = ours ÷ floor; in place = the precondition's ratio with the")
-print("update written over the gradient (the in-place call: no copy)\n")
+print("rounds with the precondition out of place and in place); ratio = ours ÷ floor; in place = the precondition's")
+print("ratio with the update written over the gradient (the in-place call: no copy)\n")
 let header = ["m", "in=out", "natgrad s", "GFLOP/s", "ratio", "curv s", "GFLOP/s", "precond s", "GFLOP/s", "ratio", "in place", "floor GF/s"]
 print(header.map { $0.padding(11) }.joined())
 
@@ -125,38 +126,43 @@ for n in widths {
                 try measure { try p.updateCurvature(layer: layer, batch: m, activations: ap, outputGrads: gp, gradScale: Float(m)) }
             }
         }
-        let tPre = try vw.withUnsafeBufferPointer { vp in
+        // Out of place, in place (the update written over the gradient, as the PyTorch integration
+        // does) and the floor — the precondition's two GEMMs alone, V·A (out×in·in×m) and C += Gᵀ·A
+        // (out×m·m×in) — timed in alternating rounds, so drifting load on a shared machine affects
+        // all three alike. The in-place gradient is restored (untimed) before each round: updates
+        // written over it would grow by up to 1/λ per call.
+        var inPlaceW = vw, inPlaceB = vb
+        var vaProduct = [Float](repeating: 0, count: outF * m)
+        let medians = try vw.withUnsafeBufferPointer { vp in
             try vb.withUnsafeBufferPointer { bp in
-                try uw.withUnsafeMutableBufferPointer { wp in
+                try uw.withUnsafeMutableBufferPointer { uwp in
                     try ub.withUnsafeMutableBufferPointer { ubp in
-                        try measure { try p.precondition(layer: layer, weightGrad: vp, biasGrad: bp, weightUpdate: wp, biasUpdate: ubp) }
+                        try inPlaceW.withUnsafeMutableBufferPointer { wp in
+                            try inPlaceB.withUnsafeMutableBufferPointer { ibp in
+                                try alternatingMedians(3, prepare: {
+                                    _ = wp.update(from: vw)
+                                    _ = ibp.update(from: vb)
+                                }) { k in
+                                    switch k {
+                                    case 0:
+                                        try p.precondition(layer: layer, weightGrad: vp, biasGrad: bp, weightUpdate: uwp, biasUpdate: ubp)
+                                    case 1:
+                                        try p.precondition(layer: layer, weightGrad: UnsafeBufferPointer(wp),
+                                                           biasGrad: UnsafeBufferPointer(ibp), weightUpdate: wp, biasUpdate: ibp)
+                                    default:
+                                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(outF), Int32(m), Int32(inF), 1,
+                                                    vw, Int32(inF), a, Int32(inF), 0, &vaProduct, Int32(m))
+                                        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(outF), Int32(inF), Int32(m), 1,
+                                                    g, Int32(outF), a, Int32(inF), 1, &c, Int32(inF))
+                                    }
+                                }
+                            }
+                        }
                     }
                 }
             }
         }
-        // In place (update written over the gradient, as the PyTorch integration does), timed in
-        // alternating rounds with the floor: the precondition's two GEMMs alone, V·A (out×in·in×m)
-        // and C += Gᵀ·A (out×m·m×in), so drifting load on a shared machine affects both alike.
-        // The gradient is restored (untimed) before each call: updates written over it would grow
-        // by up to 1/λ per call.
-        var inPlaceW = vw, inPlaceB = vb
-        var vaProduct = [Float](repeating: 0, count: outF * m)
-        let (tIn, tFloor) = try inPlaceW.withUnsafeMutableBufferPointer { wp in
-            try inPlaceB.withUnsafeMutableBufferPointer { bp in
-                try pairedMedians(prepare: {
-                    _ = wp.update(from: vw)
-                    _ = bp.update(from: vb)
-                }, {
-                    try p.precondition(layer: layer, weightGrad: UnsafeBufferPointer(wp), biasGrad: UnsafeBufferPointer(bp),
-                                       weightUpdate: wp, biasUpdate: bp)
-                }, {
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(outF), Int32(m), Int32(inF), 1,
-                                vw, Int32(inF), a, Int32(inF), 0, &vaProduct, Int32(m))
-                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(outF), Int32(inF), Int32(m), 1,
-                                g, Int32(outF), a, Int32(inF), 1, &c, Int32(inF))
-                })
-            }
-        }
+        let (tPre, tIn, tFloor) = (medians[0], medians[1], medians[2])
         let dm = Double(m), di = Double(inF), dout = Double(outF)
         let fCurv = dm * (dm + 1) * (di + dout) + dm * dm * dm / 3
         let fNG = fCurv + 2 * dm * di * dout
