@@ -29,8 +29,9 @@ func inHalves(_ n: Int, _ body: (Int, Range<Int>) -> Void) {
 /// runs on any CPU the process may use but the caller's current one: left to itself the
 /// scheduler wakes it beside the caller when another core looks busy, and on two cores
 /// OpenBLAS's worker, spinning after its last call, keeps the other core looking busy (a
-/// two-thread job then ran at one thread's speed; pinned away it runs at two, the spinning
-/// worker yielding to it). docs/DESIGN.md §8.
+/// two-thread job then ran at one thread's speed; pinned away, a short job runs at two, Linux
+/// running the woken thread first, while a long one shares that core with the worker until its
+/// spin times out: it spins on `nop`s, never yielding). docs/DESIGN.md §8.
 func onTwoThreads(_ body: (Int) -> Void) {
     final class Job {
         let body: (Int) -> Void
