@@ -127,6 +127,34 @@ AVX2 void tengrad_k_scaled_rows(int64_t rows, int64_t cols, const float *g, int6
     }
 }
 
+/* k[j·m + i] = k[i·m + j] for i in [i0, i1), j in [j0, j1), only j < i when below: 4 × 4 blocks
+   transposed in registers, so each line of the written side is stored once per block rather
+   than a double at a time (at power-of-two m its rows share one L1 set). Copies: exact. */
+AVX2 void tengrad_k_mirror(double *k, int64_t m, int64_t i0, int64_t i1, int64_t j0, int64_t j1, int below) {
+    for (int64_t i = i0; i < i1; i += 4) {
+        const int64_t ie = i + 4 <= i1 ? i + 4 : i1;
+        const int64_t jl = below && ie < j1 ? ie : j1;
+        for (int64_t j = j0; j < jl; j += 4) {
+            const int64_t je = j + 4 <= jl ? j + 4 : jl;
+            if (ie - i == 4 && je - j == 4 && (!below || j + 4 <= i)) {
+                const double *s = k + i * m + j;
+                const __m256d r0 = _mm256_loadu_pd(s), r1 = _mm256_loadu_pd(s + m);
+                const __m256d r2 = _mm256_loadu_pd(s + 2 * m), r3 = _mm256_loadu_pd(s + 3 * m);
+                const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
+                const __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
+                double *d = k + j * m + i;
+                _mm256_storeu_pd(d, _mm256_permute2f128_pd(t0, t2, 0x20));
+                _mm256_storeu_pd(d + m, _mm256_permute2f128_pd(t1, t3, 0x20));
+                _mm256_storeu_pd(d + 2 * m, _mm256_permute2f128_pd(t0, t2, 0x31));
+                _mm256_storeu_pd(d + 3 * m, _mm256_permute2f128_pd(t1, t3, 0x31));
+            } else {
+                for (int64_t a = i; a < ie; a++)
+                    for (int64_t b = j; b < je && (!below || b < a); b++) k[b * m + a] = k[a * m + b];
+            }
+        }
+    }
+}
+
 #else
 /* Not x86-64: the core never calls these (its CPU check fails). */
 double tengrad_k_sum_squares(const float *x, int64_t n) {
@@ -160,5 +188,14 @@ void tengrad_k_scaled_rows(int64_t rows, int64_t cols, const float *g, int64_t l
     (void)positions;
     (void)out;
     (void)sums;
+}
+void tengrad_k_mirror(double *k, int64_t m, int64_t i0, int64_t i1, int64_t j0, int64_t j1, int below) {
+    (void)k;
+    (void)m;
+    (void)i0;
+    (void)i1;
+    (void)j0;
+    (void)j1;
+    (void)below;
 }
 #endif

@@ -118,6 +118,29 @@ import Testing
         #expect(w.allSatisfy { $0.isFinite } && w != vw)
     }
 
+    /// The Gram's mirror copies one side onto the other exactly as the portable tiles do, for
+    /// diagonal blocks (only below the diagonal) and off-diagonal ones, at offsets and sizes in
+    /// and out of the 4 × 4 blocks, and touches nothing else.
+    @Test func mirrorMatchesThePortableTiles() {
+        var rng = SeededRandom(27)
+        for m in [1, 5, 8, 13, 32, 37] {
+            var regions: [(Range<Int>, Range<Int>, Bool)] = [(0..<m, 0..<m, true)]
+            if m >= 5 { regions += [(1..<m, 1..<m, true), (3..<m, 0..<3, false), (m / 2..<m, 0..<m / 2, false)] }
+            if m >= 13 { regions += [(8..<13, 1..<8, false), (4..<m - 1, 4..<m - 1, true)] }
+            for (rows, cols, below) in regions {
+                let start = rng.array(m * m).map { Double($0) }
+                var got = start, want = start
+                got.withUnsafeMutableBufferPointer { BlockKernel.mirror($0.baseAddress!, m: m, rows: rows, cols: cols, below: below) }
+                want.withUnsafeMutableBufferPointer {
+                    BlockKernel.portableMirror($0.baseAddress!, m: m, rows: rows, cols: cols, below: below)
+                }
+                var scalar = start
+                for i in rows { for j in cols where !below || j < i { scalar[j * m + i] = scalar[i * m + j] } }
+                #expect(got == want && got == scalar, "m \(m) rows \(rows) cols \(cols) below \(below)")
+            }
+        }
+    }
+
     /// out_q += Σ_o T[o, q] G[q, o] against float64, for position counts and channel counts that
     /// end inside and outside the 8 × 8 blocks, with a leading dimension wider than the channels.
     @Test func diagonalProductMatchesTheFloat64Oracle() {

@@ -1,6 +1,6 @@
 /* AVX2 + FMA versions of the core's passes outside BLAS (the core's `Reduce`; docs/DESIGN.md §10):
-   the gradient's validation, the (1/λ) v pass, the diagonal of G·T that gives Uᵀv and the
-   gradients scaled per sample for U x. The core
+   the gradient's validation, the (1/λ) v pass, the diagonal of G·T that gives Uᵀv, the
+   gradients scaled per sample for U x and the Gram's mirror. The core
    is built for baseline x86-64, where these ran on 128-bit SSE2; callers check the CPU first
    (`Reduce.wide`). */
 #ifndef TENGRAD_PASSES_H
@@ -27,5 +27,9 @@ TENGRAD_P_INTERNAL void tengrad_k_diagonal_product(const float *t, int64_t n, co
    Σ_q out[q·cols + c], summed in order of q. */
 TENGRAD_P_INTERNAL void tengrad_k_scaled_rows(int64_t rows, int64_t cols, const float *g, int64_t ldg, const double *x,
                                               double alpha_s, int64_t positions, float *out, float *sums);
+
+/* k[j·m + i] = k[i·m + j] for i0 ≤ i < i1, j0 ≤ j < j1 (only j < i when below): one side of a
+   symmetric m × m matrix copied onto the other. The two regions must not overlap. */
+TENGRAD_P_INTERNAL void tengrad_k_mirror(double *k, int64_t m, int64_t i0, int64_t i1, int64_t j0, int64_t j1, int below);
 
 #endif
