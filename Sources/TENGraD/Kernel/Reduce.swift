@@ -125,7 +125,8 @@ enum Reduce {
     /// In place from the same size, OpenBLAS's `sscal` on its own threads: the call follows a GEMM
     /// (Uᵀv's, or the previous layer's), after which OpenBLAS's worker spins on the other core and
     /// takes the job at once, where our helper had to share that core with it (`tengrad-bench
-    /// --size 128,4096`, 8 alternating runs: in place 0.81–0.87 → 0.84–0.91 of the floor).
+    /// --size 128,4096`, the builds before and after in six alternating runs: in place 0.81–0.86 →
+    /// 0.85–0.90 of the floor).
     static func scale(_ x: UnsafePointer<Float>, by beta: Float, into y: UnsafeMutablePointer<Float>, _ n: Int) {
         if beta == 1 && UnsafePointer(y) == x { return }  // nothing to do: no pass, no thread
         if UnsafePointer(y) == x && n >= twoThreadArrayCount { return BLAS.sscal(n: n, alpha: beta, x: y) }
