@@ -103,27 +103,15 @@ AVX2 void tengrad_k_scaled_rows(int64_t rows, int64_t cols, const float *g, int6
         const float *row = g + q * ldg;
         float *dst = out + q * cols;
         int64_t c = 0;
-        if (!sums) {
-            for (; c + 16 <= cols; c += 16) {
-                _mm256_storeu_ps(dst + c, _mm256_mul_ps(_mm256_loadu_ps(row + c), b));
-                _mm256_storeu_ps(dst + c + 8, _mm256_mul_ps(_mm256_loadu_ps(row + c + 8), b));
-            }
-        } else if (q == 0) {
-            for (; c + 8 <= cols; c += 8) {
-                const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(row + c), b);
-                _mm256_storeu_ps(dst + c, y);
-                _mm256_storeu_ps(sums + c, y);
-            }
-            for (; c < cols; c++) sums[c] = dst[c] = w * row[c];
-        } else {
-            for (; c + 8 <= cols; c += 8) {
-                const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(row + c), b);
-                _mm256_storeu_ps(dst + c, y);
-                _mm256_storeu_ps(sums + c, _mm256_add_ps(_mm256_loadu_ps(sums + c), y));
-            }
-            for (; c < cols; c++) sums[c] += dst[c] = w * row[c];
+        for (; c + 8 <= cols; c += 8) {
+            const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(row + c), b);
+            _mm256_storeu_ps(dst + c, y);
+            if (sums) _mm256_storeu_ps(sums + c, q == 0 ? y : _mm256_add_ps(_mm256_loadu_ps(sums + c), y));
         }
-        for (; c < cols; c++) dst[c] = w * row[c];
+        for (; c < cols; c++) {
+            dst[c] = w * row[c];
+            if (sums) sums[c] = q == 0 ? dst[c] : sums[c] + dst[c];
+        }
     }
 }
 

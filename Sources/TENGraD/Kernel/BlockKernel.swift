@@ -205,10 +205,9 @@ struct BlockKernel {
         mirror(k, m: m, rows: origin.i0..<origin.i0 + rows, cols: origin.j0..<origin.j0 + cols, below: diagonal)
     }
 
-    /// k[j][i] = k[i][j] for i in `rows`, j in `cols` (j < i only when `below`), in 8 × 8 tiles.
-    /// Exact for K += a symmetric addition written on one side: K is symmetric before (zero, or
-    /// earlier groups' symmetric sums), so both sides hold the same sum. Written entry by entry, the
-    /// transposed side took a cache line per entry, all lines of a column in one L1 set at
+    /// k[j][i] = k[i][j] for i in `rows`, j in `cols` (j < i only when `below`). Exact for K += a
+    /// symmetric addition written on one side: K is symmetric before (zero, or earlier groups'
+    /// symmetric sums), so both sides hold the same sum. Written entry by entry, the transposed side took a cache line per entry, all lines of a column in one L1 set at
     /// power-of-two m (256², m = 512: 90 % of the loop's samples on that store). In 8 × 8 tiles it
     /// was still 55 % of them (both sides' rows in one or two sets); with AVX2, 4 × 4 blocks
     /// transposed in registers (`tengrad_k_mirror`), each written line stored once per block.
@@ -221,7 +220,7 @@ struct BlockKernel {
         portableMirror(k, m: m, rows: rows, cols: cols, below: below)
     }
 
-    /// `mirror` in portable Swift (CPUs without AVX2; the tests compare the two).
+    /// `mirror` in portable Swift, in 8 × 8 tiles (CPUs without AVX2; the tests compare the two).
     static func portableMirror(_ k: UnsafeMutablePointer<Double>, m: Int, rows: Range<Int>, cols: Range<Int>, below: Bool) {
         let tile = 8
         for ib in stride(from: rows.lowerBound, to: rows.upperBound, by: tile) {

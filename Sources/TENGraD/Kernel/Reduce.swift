@@ -128,9 +128,10 @@ enum Reduce {
     /// --size 128,4096`, the builds before and after in six alternating runs: in place 0.81–0.86 →
     /// 0.85–0.90 of the floor).
     static func scale(_ x: UnsafePointer<Float>, by beta: Float, into y: UnsafeMutablePointer<Float>, _ n: Int) {
-        if beta == 1 && UnsafePointer(y) == x { return }  // nothing to do: no pass, no thread
-        if UnsafePointer(y) == x && n >= twoThreadArrayCount { return BLAS.sscal(n: n, alpha: beta, x: y) }
-        let stream = UnsafePointer(y) != x && n >= twoThreadArrayCount
+        let inPlace = UnsafePointer(y) == x, large = n >= twoThreadArrayCount
+        if beta == 1 && inPlace { return }  // nothing to do: no pass, no thread
+        if inPlace && large { return BLAS.sscal(n: n, alpha: beta, x: y) }
+        let stream = large  // out of place here
         inHalves(n) { _, range in
             scaleRun(x + range.lowerBound, by: beta, into: y + range.lowerBound, range.count, stream: stream)
         }
