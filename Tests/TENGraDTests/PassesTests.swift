@@ -181,6 +181,7 @@ import Testing
             }
         }
     }
+
     /// The gradients scaled per sample (w_q = Float(αs · x_{q / positions}), one rounding each) and
     /// their column sums in order of q: the kernel gives the bits of the scalar expressions and of
     /// the portable loops, for column counts in and out of the 8- and 16-float blocks, several

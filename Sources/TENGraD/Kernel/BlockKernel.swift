@@ -207,10 +207,11 @@ struct BlockKernel {
 
     /// k[j][i] = k[i][j] for i in `rows`, j in `cols` (j < i only when `below`). Exact for K += a
     /// symmetric addition written on one side: K is symmetric before (zero, or earlier groups'
-    /// symmetric sums), so both sides hold the same sum. Written entry by entry, the transposed side took a cache line per entry, all lines of a column in one L1 set at
-    /// power-of-two m (256², m = 512: 90 % of the loop's samples on that store). In 8 × 8 tiles it
-    /// was still 55 % of them (both sides' rows in one or two sets); with AVX2, 4 × 4 blocks
-    /// transposed in registers (`tengrad_k_mirror`), each written line stored once per block.
+    /// symmetric sums), so both sides hold the same sum. Written entry by entry, the transposed
+    /// side took a cache line per entry, all lines of a column in one L1 set at power-of-two m
+    /// (256², m = 512: 90 % of the loop's samples on that store). In 8 × 8 tiles it was still 55 %
+    /// of them (both sides' rows in one or two sets); with AVX2, 4 × 4 blocks transposed in
+    /// registers (`tengrad_k_mirror`), each written line stored once per block.
     static func mirror(_ k: UnsafeMutablePointer<Double>, m: Int, rows: Range<Int>, cols: Range<Int>, below: Bool) {
         if Reduce.wide {
             return tengrad_k_mirror(

@@ -131,9 +131,8 @@ enum Reduce {
         let inPlace = UnsafePointer(y) == x, large = n >= twoThreadArrayCount
         if beta == 1 && inPlace { return }  // nothing to do: no pass, no thread
         if inPlace && large { return BLAS.sscal(n: n, alpha: beta, x: y) }
-        let stream = large  // out of place here
-        inHalves(n) { _, range in
-            scaleRun(x + range.lowerBound, by: beta, into: y + range.lowerBound, range.count, stream: stream)
+        inHalves(n) { _, range in  // streamed when large (out of place here)
+            scaleRun(x + range.lowerBound, by: beta, into: y + range.lowerBound, range.count, stream: large)
         }
     }
 
